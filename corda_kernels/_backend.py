@@ -1,0 +1,109 @@
+"""Which implementation of an op runs on which device.
+
+Every op has a pure-torch ``reference`` (the specification, valid everywhere) and may have faster
+backends: ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``cuda`` (the compiled
+``corda_kernels._C`` extension) and ``cpu`` (a tuned torch composition). ``CORDA_KERNELS_BACKEND``
+forces one for every op (``auto`` by default); a forced backend that cannot run the call raises
+instead of silently falling back, so bug reports and tests know what ran.
+
+When a fast backend is missing (Triton not installed, extension not built) the op falls back to the
+reference and says so once through :mod:`logging`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("corda_kernels")
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+ENV_BACKEND = "CORDA_KERNELS_BACKEND"
+
+_warned: set[str] = set()
+
+
+def info_once(key: str, message: str) -> None:
+    """Log ``message`` at INFO level the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.info(message)
+
+
+def warn_once(key: str, message: str) -> None:
+    """Log ``message`` at WARNING level the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+def requested_backend() -> str:
+    """The backend forced by ``CORDA_KERNELS_BACKEND`` (``auto`` when unset)."""
+    name = os.environ.get(ENV_BACKEND, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_BACKEND}={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        warn_once("triton-missing", f"Triton is not usable ({exc}); ops fall back to torch.")
+        return False
+    return True
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on tensors of ``device``."""
+    if not triton_importable():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpreted()
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled ``corda_kernels._C`` module, or None when it was not built."""
+    try:
+        return importlib.import_module("corda_kernels._C")
+    except ImportError as exc:
+        info_once("ext-missing", f"corda_kernels._C is not built ({exc}); using Triton/torch paths.")
+        return None
+
+
+def extension_has_cuda() -> bool:
+    ext = extension()
+    return bool(ext is not None and getattr(ext, "built_with_cuda", lambda: False)())
+
+
+def choose(op: str, device: torch.device, available: dict[str, bool], preference: tuple[str, ...]) -> str:
+    """Pick the backend for one call of ``op`` on ``device``.
+
+    ``available`` maps backend name -> whether it can run this call; ``preference`` is the measured
+    order for ``device`` (fastest first). ``reference`` is always available.
+    """
+    forced = requested_backend()
+    if forced != "auto":
+        if forced == "reference" or available.get(forced, False):
+            return forced
+        raise RuntimeError(
+            f"{ENV_BACKEND}={forced} but the {forced} backend of {op} cannot run on {device} "
+            f"(available here: {', '.join(k for k, v in available.items() if v) or 'reference'})"
+        )
+    for name in preference:
+        if available.get(name, False):
+            return name
+    info_once(f"{op}-{device.type}-reference", f"{op} on {device.type}: using the pure-torch reference.")
+    return "reference"

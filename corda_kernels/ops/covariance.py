@@ -1,0 +1,229 @@
+"""Streaming input covariance: ``cov += x_selᵀ x_sel`` in fp32, and its finalization.
+
+Public calls:
+
+- :func:`covariance_update` ``(cov, x, token_mask=None) -> cov``: ``cov`` is a ``(d, d)`` fp32
+  accumulator updated in place; ``x`` is ``(..., d)`` bf16/fp16/fp32 (any strides); ``token_mask``
+  is an optional bool tensor of shape ``x.shape[:-1]`` whose False rows (padding) are skipped.
+  By default only the upper triangle (diagonal included) is accumulated, which is all the GPU
+  kernel computes; :func:`finalize_covariance` mirrors it and divides by the token count.
+- :class:`CovarianceAccumulator`: an accumulator that also counts tokens, with a state dict.
+
+Backends (see :mod:`corda_kernels._backend`): ``triton`` (CUDA, or CPU under the interpreter),
+``cuda`` (cuBLAS with fp32 output and beta = 1, from ``corda_kernels._C``), ``cpu`` (chunked
+upper-triangle BLAS) and ``reference``. The op is registered as ``corda_kernels::covariance_update``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from ..kernels import covariance_cpu
+from ..kernels.reference import covariance as reference
+
+FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
+# GPU preference, fastest first (measured per device in bench/; re-checked on every GPU session).
+_CUDA_PREFERENCE = ("triton", "cuda", "reference")
+_CPU_PREFERENCE = ("cpu", "reference")
+# cuBLAS column-block width for the triangle decomposition.
+_CUBLAS_BLOCK = 1024
+
+
+def _check(cov: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor], name: str) -> None:
+    where = f" ({name})" if name else ""
+    if not isinstance(cov, torch.Tensor) or not isinstance(x, torch.Tensor):
+        raise TypeError(f"covariance_update{where}: cov and x must be tensors")
+    if cov.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"covariance_update{where}: cov must be float32 (the fp32 accumulator), got {cov.dtype}")
+    if x.dtype not in FLOAT_INPUTS:
+        raise TypeError(f"covariance_update{where}: x must be bf16, fp16 or fp32 activations, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"covariance_update{where}: x must have shape (..., d), got a 0-d tensor")
+    d = x.shape[-1]
+    if cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"covariance_update{where}: cov must be a square (d, d) matrix, got {tuple(cov.shape)}")
+    if cov.shape[0] != d:
+        raise ValueError(
+            f"covariance_update{where}: feature size mismatch: x has d={d} (shape {tuple(x.shape)}) but cov is "
+            f"{tuple(cov.shape)}"
+        )
+    if cov.device != x.device:
+        raise ValueError(f"covariance_update{where}: cov is on {cov.device} but x is on {x.device}")
+    if token_mask is not None:
+        if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
+            got = token_mask.dtype if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__
+            raise TypeError(f"covariance_update{where}: token_mask must be a bool tensor, got {got}")
+        if tuple(token_mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"covariance_update{where}: token_mask shape {tuple(token_mask.shape)} must equal x.shape[:-1] = "
+                f"{tuple(x.shape[:-1])}"
+            )
+        if token_mask.device != x.device:
+            raise ValueError(f"covariance_update{where}: token_mask is on {token_mask.device} but x is on {x.device}")
+
+
+def _check_finite(x: torch.Tensor, token_mask: Optional[torch.Tensor], name: str) -> None:
+    """One read of ``x``: a row holding NaN or ±Inf has a non-finite fp32 sum of |values|."""
+    row_sums = x.reshape(-1, x.shape[-1]).abs().sum(dim=-1, dtype=torch.float32) if x.numel() else None
+    if row_sums is None:
+        return
+    bad = ~torch.isfinite(row_sums)
+    if token_mask is not None:
+        bad &= token_mask.reshape(-1)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        where = f" in {name}" if name else ""
+        raise FloatingPointError(
+            f"covariance_update: x{where} holds NaN or Inf in {rows.numel()} token row(s) (first flat row "
+            f"{int(rows[0])} of {row_sums.numel()}); the covariance was not updated"
+        )
+
+
+def _available(cov: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> dict[str, bool]:
+    on_cuda = x.device.type == "cuda"
+    return {
+        "triton": cov.dtype == torch.float32 and _backend.triton_runs_on(x.device),
+        "cuda": on_cuda
+        and token_mask is None
+        and cov.dtype == torch.float32
+        and cov.is_contiguous()
+        and _backend.extension_has_cuda(),
+        "cpu": x.device.type == "cpu",
+    }
+
+
+@torch.library.custom_op("corda_kernels::covariance_update", mutates_args={"cov"})
+def _covariance_update_op(cov: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor], upper_only: bool) -> None:
+    preference = _CUDA_PREFERENCE if x.device.type == "cuda" else _CPU_PREFERENCE
+    backend = _backend.choose("covariance_update", x.device, _available(cov, x, token_mask), preference)
+    if backend == "triton":
+        from ..kernels import covariance_triton
+
+        covariance_triton.covariance_update(cov, x, token_mask, upper_only)
+    elif backend == "cuda":
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        _backend.extension().covariance_update_cublas(cov, rows, upper_only, _CUBLAS_BLOCK)
+    elif backend == "cpu":
+        covariance_cpu.covariance_update(cov, x, token_mask, upper_only)
+    else:
+        reference.covariance_update(cov, x, token_mask, upper_only)
+
+
+@_covariance_update_op.register_fake
+def _(cov, x, token_mask, upper_only):
+    return None
+
+
+def covariance_update(
+    cov: torch.Tensor,
+    x: torch.Tensor,
+    token_mask: Optional[torch.Tensor] = None,
+    *,
+    upper_only: bool = True,
+    check_finite: bool = True,
+    name: str = "",
+) -> torch.Tensor:
+    """Accumulate ``x_selᵀ x_sel`` into ``cov`` in place and return ``cov``.
+
+    Args:
+        cov: ``(d, d)`` float32 accumulator (float64 is accepted for exact oracles).
+        x: ``(..., d)`` bf16/fp16/fp32 activations, any leading dims and strides.
+        token_mask: optional bool tensor of shape ``x.shape[:-1]``; False rows are excluded.
+        upper_only: accumulate only entries with ``i <= j`` (the strict lower triangle of ``cov`` is
+            left untouched; :func:`finalize_covariance` mirrors it). False adds the full square.
+        check_finite: raise :class:`FloatingPointError` before touching ``cov`` if a selected row
+            of ``x`` holds NaN/Inf (one extra read of ``x``).
+        name: a label (e.g. the layer name) used in error messages.
+    """
+    _check(cov, x, token_mask, name)
+    if check_finite:
+        _check_finite(x, token_mask, name)
+    _covariance_update_op(cov, x, token_mask, upper_only)
+    return cov
+
+
+def symmetrize_(cov: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Mirror the upper triangle of a square matrix onto its lower triangle, in place.
+
+    Works block by block, so the extra memory is one ``(block, block)`` tile, not a second matrix.
+    """
+    d = cov.shape[0]
+    for i0 in range(0, d, block):
+        i1 = min(d, i0 + block)
+        diag = cov[i0:i1, i0:i1]
+        diag.copy_(diag.triu() + diag.triu(1).mT)
+        if i1 < d:
+            cov[i1:, i0:i1].copy_(cov[i0:i1, i1:].mT)
+    return cov
+
+
+def finalize_covariance(cov: torch.Tensor, count: int, *, upper_only: bool = True, inplace: bool = False) -> torch.Tensor:
+    """The per-token mean covariance: symmetric ``cov / count``.
+
+    ``upper_only`` says how ``cov`` was accumulated (mirror the upper triangle when True).
+    """
+    if count <= 0:
+        raise ValueError(
+            "finalize_covariance: no tokens were accumulated (count=0); every calibration row was padding or "
+            "the data was empty"
+        )
+    out = cov if inplace else cov.clone()
+    if upper_only:
+        symmetrize_(out)
+    return out.div_(count)
+
+
+class CovarianceAccumulator:
+    """An fp32 ``(d, d)`` covariance accumulator that counts the tokens it has seen.
+
+    >>> acc = CovarianceAccumulator(4096, device="cuda")
+    >>> for hidden, mask in batches:   # hidden: (B, S, 4096) bf16, mask: (B, S) bool
+    ...     acc.update(hidden, mask)
+    >>> C = acc.finalize()              # symmetric, divided by acc.count
+    """
+
+    def __init__(self, dim: int, device=None, *, upper_only: bool = True, name: str = ""):
+        self.cov = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.count = 0
+        self.upper_only = upper_only
+        self.name = name
+
+    @property
+    def dim(self) -> int:
+        return self.cov.shape[0]
+
+    def update(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, *, check_finite: bool = True) -> int:
+        """Add ``x``'s selected rows; returns how many rows were added."""
+        covariance_update(
+            self.cov, x, token_mask, upper_only=self.upper_only, check_finite=check_finite, name=self.name
+        )
+        added = int(token_mask.sum()) if token_mask is not None else x.numel() // max(x.shape[-1], 1)
+        self.count += added
+        return added
+
+    def merge_(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
+        """Add another accumulator's sums and counts (e.g. from another data shard)."""
+        if other.dim != self.dim or other.upper_only != self.upper_only:
+            raise ValueError(f"cannot merge accumulators of dim {other.dim} into dim {self.dim}")
+        self.cov += other.cov.to(self.cov.device)
+        self.count += other.count
+        return self
+
+    def finalize(self) -> torch.Tensor:
+        """Symmetric per-token mean covariance (a new tensor; the accumulator keeps its sums)."""
+        return finalize_covariance(self.cov, self.count, upper_only=self.upper_only)
+
+    def state_dict(self) -> dict:
+        return {"cov": self.cov, "count": torch.tensor(self.count, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        cov = state["cov"]
+        if tuple(cov.shape) != tuple(self.cov.shape):
+            raise ValueError(f"covariance state of shape {tuple(cov.shape)} does not fit an accumulator of dim {self.dim}")
+        self.cov.copy_(cov)
+        self.count = int(state["count"])
