@@ -1,0 +1,283 @@
+"""Stage 1, calibrate: stream each target layer's input covariance over calibration batches.
+
+``calibrate(model, batches)`` hooks every target linear layer, runs the model on each batch and
+adds the layer's input rows (padding excluded through ``attention_mask``) into an fp32
+accumulator with :func:`corda_kernels.covariance_update`. Layers that receive the *same input
+tensor* in a forward pass (q/k/v after one norm, gate/up) share one accumulator: the sharing is
+detected at run time from tensor identity, not from layer names, so it holds for any architecture.
+
+The result is a :class:`Calibration`: per shared input, the per-token mean covariance
+``C = Σ x xᵀ / n_tokens`` (fp32, symmetric), plus token counts and the module -> group map.
+
+Normalization (the one deliberate difference from PEFT): PEFT's ``preprocess_corda`` scales each
+forward call's input by ``1 / |max(x)|``, sums per call and divides by the number of calls, and
+does not skip padding. ``normalization="peft"`` reproduces that (batch size 1 as PEFT requires);
+the default ``"token_mean"`` is the plain per-token covariance. CorDA's adapter product
+``U·S·Vᵀ`` is invariant to a global scale of C; only the split between A and B changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import _backend
+from .integrations import hf
+from .ops.covariance import CovarianceAccumulator, covariance_update, finalize_covariance
+
+NORMALIZATIONS = ("token_mean", "peft")
+
+
+@dataclass
+class Calibration:
+    """Covariances of target layers' inputs.
+
+    covariances: group -> ``(d, d)`` fp32 symmetric covariance (the group is named after its first
+    layer); groups: module name -> group; token_counts: group -> tokens seen (forward calls for
+    ``normalization="peft"``).
+    """
+
+    covariances: dict[str, torch.Tensor]
+    groups: dict[str, str]
+    token_counts: dict[str, int]
+    normalization: str = "token_mean"
+    batches: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def covariance(self, module_name: str) -> torch.Tensor:
+        if module_name not in self.groups:
+            raise KeyError(
+                f"no covariance for layer {module_name!r}; calibrated layers: {hf.named(self.groups)}"
+            )
+        return self.covariances[self.groups[module_name]]
+
+    def per_module(self) -> dict[str, torch.Tensor]:
+        """``{module name: C}``, the layout of PEFT's CorDA ``covariance_file``."""
+        return {name: self.covariances[group] for name, group in self.groups.items()}
+
+    def save(self, path: str) -> None:
+        """Write ``covariances.safetensors`` and ``calibration.json`` into directory ``path``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        tensors = {group: c.contiguous().cpu() for group, c in self.covariances.items()}
+        save_file(tensors, os.path.join(path, "covariances.safetensors"))
+        manifest = {
+            "groups": self.groups,
+            "token_counts": self.token_counts,
+            "normalization": self.normalization,
+            "batches": self.batches,
+            "meta": self.meta,
+        }
+        with open(os.path.join(path, "calibration.json"), "w") as fh:
+            json.dump(manifest, fh, indent=1)
+
+    @classmethod
+    def load(cls, path: str, device=None) -> "Calibration":
+        from safetensors.torch import load_file
+
+        with open(os.path.join(path, "calibration.json")) as fh:
+            manifest = json.load(fh)
+        tensors = load_file(os.path.join(path, "covariances.safetensors"), device=str(device or "cpu"))
+        missing = set(manifest["groups"].values()) - set(tensors)
+        if missing:
+            raise ValueError(f"calibration at {path} is incomplete: no covariance for groups {sorted(missing)}")
+        return cls(
+            covariances=tensors,
+            groups=manifest["groups"],
+            token_counts=manifest["token_counts"],
+            normalization=manifest["normalization"],
+            batches=manifest["batches"],
+            meta=manifest.get("meta", {}),
+        )
+
+
+class CovarianceRecorder:
+    """Forward pre-hooks that route each target's input to its group's accumulator.
+
+    On the first batch a layer whose input tensor *is* a tensor another layer already received in
+    this forward pass joins that layer's group; on later batches the grouping is enforced (a group
+    member receiving a different tensor than its group in the same pass is an error, never a
+    silent mix). Tensors are tracked with weak references, so no activation is kept alive.
+    """
+
+    def __init__(self, targets: Mapping[str, nn.Module], *, normalization: str = "token_mean", upper_only: bool = True):
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        self.targets = dict(targets)
+        self.normalization = normalization
+        self.upper_only = upper_only
+        self.groups: dict[str, str] = {}
+        self.accumulators: dict[str, CovarianceAccumulator] = {}
+        self.batch_index = 0
+        self._mask: Optional[torch.Tensor] = None
+        self._seen: dict[str, weakref.ref] = {}  # group -> input tensor of this forward pass
+        self._handles: list = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def __enter__(self) -> "CovarianceRecorder":
+        for name, module in self.targets.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def start_batch(self, index: int, attention_mask: Optional[torch.Tensor]) -> None:
+        self.batch_index = index
+        self._mask = None if attention_mask is None else attention_mask.bool()
+        self._seen.clear()
+
+    # -- the hook ------------------------------------------------------------------------------
+    def _hook(self, name: str):
+        def hook(module, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise TypeError(f"layer {name}: expected a tensor as first input, got {type(args[0]).__name__ if args else 'nothing'}")
+            self.record(name, args[0])
+
+        return hook
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        group = self.groups.get(name)
+        if group is None:  # first batch: join the group whose input is this very tensor, if any
+            group = next((g for g, ref in self._seen.items() if ref() is x), name)
+            self.groups[name] = group
+        ref = self._seen.get(group)
+        if ref is not None:
+            if ref() is x:
+                return  # another layer of this group already accumulated this tensor
+            if group != name:
+                raise RuntimeError(
+                    f"layer {name} shared its input with {group} on the first batch but received a different tensor "
+                    f"in batch {self.batch_index}; calibrate these layers separately (target_modules)"
+                )
+        self._seen[group] = weakref.ref(x)
+        self._accumulate(group, name, x)
+
+    def _accumulate(self, group: str, name: str, x: torch.Tensor) -> None:
+        acc = self.accumulators.get(group)
+        d = x.shape[-1]
+        if acc is None:
+            acc = CovarianceAccumulator(d, device=x.device, upper_only=self.upper_only, name=group)
+            self.accumulators[group] = acc
+        where = f"layer {name} (batch {self.batch_index})"
+        if self.normalization == "peft":
+            scale = float(x.max().abs())
+            delta = torch.zeros_like(acc.cov)
+            covariance_update(delta, x, upper_only=self.upper_only, name=where)
+            acc.cov.add_(delta, alpha=1.0 / scale**2 if scale > 0 else 1.0)
+            acc.count += 1
+            return
+        mask = self._mask
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+            _backend.warn_once(
+                f"mask-{name}",
+                f"layer {name}: input shape {tuple(x.shape)} does not line up with attention_mask "
+                f"{tuple(mask.shape)}; its padding tokens cannot be excluded",
+            )
+            mask = None
+        if mask is not None and mask.device != x.device:
+            mask = mask.to(x.device)
+        covariance_update(acc.cov, x, mask, upper_only=self.upper_only, name=where)
+        acc.count += int(mask.sum()) if mask is not None else x.numel() // max(d, 1)
+
+    # -- result --------------------------------------------------------------------------------
+    def result(self) -> Calibration:
+        never = [n for n in self.targets if n not in self.groups]
+        if never:
+            raise RuntimeError(f"target layers never ran during calibration: {hf.named(never)}")
+        covariances, counts = {}, {}
+        for group, acc in self.accumulators.items():
+            if acc.count == 0:
+                raise ValueError(
+                    f"layer {group} saw no tokens: every calibration token was padding (attention_mask all 0)"
+                )
+            covariances[group] = finalize_covariance(acc.cov, acc.count, upper_only=self.upper_only, inplace=True)
+            counts[group] = acc.count
+        return Calibration(covariances, dict(self.groups), counts, self.normalization, self.batch_index + 1)
+
+
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _check_batch(model: nn.Module, batch, index: int) -> None:
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError(
+            f"calibration batch {index} must be a dict with 'input_ids' (and 'attention_mask'), like a tokenizer's "
+            f"output; got {type(batch).__name__}"
+        )
+    ids = batch["input_ids"]
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and ids.shape[-1] > limit:
+        raise ValueError(
+            f"calibration batch {index} has sequences of {ids.shape[-1]} tokens but the model allows at most {limit} "
+            "(max_position_embeddings); truncate the calibration text"
+        )
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    target_modules: hf.TargetSpec = None,
+    *,
+    exclude_modules: hf.TargetSpec = None,
+    normalization: str = "token_mean",
+    max_batches: Optional[int] = None,
+    progress: bool = True,
+) -> Calibration:
+    """Collect the input covariance of every target layer of ``model`` over ``batches``.
+
+    Args:
+        model: a Hugging Face model (any device placement, fp32/fp16/bf16).
+        batches: iterable of dicts like a tokenizer's output (``input_ids`` ``(B, S)``, optional
+            ``attention_mask`` ``(B, S)``; any batch size). Padding tokens are excluded.
+        target_modules: names (suffix match) or a regex (full match); default: every linear layer
+            in the model's block stacks (see :func:`corda_kernels.integrations.hf.find_targets`).
+        normalization: ``"token_mean"`` (default) or ``"peft"`` (PEFT's per-call max scaling).
+        max_batches: stop after this many batches.
+        progress: show a tqdm bar of batches and tokens.
+    """
+    targets = hf.find_targets(model, target_modules, exclude_modules)
+    for name, module in targets.items():
+        hf.check_adaptable(name, module)
+    device = hf.input_device(model)
+    was_training = model.training
+    model.eval()
+    recorder = CovarianceRecorder(targets, normalization=normalization)
+    tokens = 0
+    index = -1
+    total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
+    bar = tqdm(total=total, desc="calibrate", unit="batch", disable=not progress)
+    try:
+        with recorder:
+            for index, batch in enumerate(batches):
+                if max_batches is not None and index >= max_batches:
+                    index -= 1
+                    break
+                _check_batch(model, batch, index)
+                batch = _to_device(batch, device)
+                mask = batch.get("attention_mask")
+                recorder.start_batch(index, mask)
+                model(**batch)
+                tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                bar.update(1)
+                bar.set_postfix(tokens=tokens)
+    finally:
+        bar.close()
+        model.train(was_training)
+    if index < 0:
+        raise ValueError("calibration data is empty: `batches` yielded no batch")
+    result = recorder.result()
+    result.meta["tokens"] = tokens
+    return result

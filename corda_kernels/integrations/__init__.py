@@ -1,0 +1,1 @@
+"""Model-library plumbing kept apart from the kernels: Hugging Face targets and loading, PEFT."""

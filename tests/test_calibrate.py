@@ -1,0 +1,159 @@
+"""calibrate(): shared inputs detected at run time, padding excluded, PEFT-compatible mode, errors."""
+
+import pytest
+import torch
+
+import corda_kernels as ck
+from corda_kernels.calibrate import Calibration
+from models import tiny_bert, tiny_gpt2, tiny_llama, token_batches
+
+
+def _captured_inputs(model, batches, names):
+    """Inputs each named layer received, with the batch's attention mask."""
+    seen = {n: [] for n in names}
+    handles = []
+    for n in names:
+        def hook(mod, args, n=n):
+            seen[n].append(args[0].detach().clone())
+        handles.append(model.get_submodule(n).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_shared_inputs_share_one_covariance():
+    model = tiny_llama(layers=2)
+    cal = ck.calibrate(model, token_batches(128), progress=False)
+    assert len(cal.groups) == 14 and len(cal.covariances) == 8
+    for i in range(2):
+        p = f"model.layers.{i}."
+        q, k, v = (cal.groups[p + f"self_attn.{x}_proj"] for x in "qkv")
+        assert q == k == v
+        assert cal.groups[p + "mlp.gate_proj"] == cal.groups[p + "mlp.up_proj"]
+        assert len({q, cal.groups[p + "self_attn.o_proj"], cal.groups[p + "mlp.gate_proj"], cal.groups[p + "mlp.down_proj"]}) == 4
+    assert "lm_head" not in cal.groups
+
+
+def test_padding_excluded_and_per_token_mean():
+    model = tiny_llama()
+    batches = token_batches(128, n_batches=2, batch=3, seq=10)
+    cal = ck.calibrate(model, batches, progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    xs = _captured_inputs(model, batches, [name])[name]
+    rows = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(xs, batches)]).double()
+    expected = rows.T @ rows / rows.shape[0]
+    torch.testing.assert_close(cal.covariance(name).double(), expected, rtol=1e-5, atol=1e-7)
+    assert cal.token_counts[cal.groups[name]] == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert torch.equal(cal.covariance(name), cal.covariance(name).T)
+
+
+def test_batch_size_does_not_change_the_result():
+    """Padded batches of 3 give the covariances of unpadded batches of 1 (padding really excluded)."""
+    model = tiny_llama()
+    padded = token_batches(128, n_batches=2, batch=3, seq=10, seed=4)
+    singles = []
+    for b in padded:
+        for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+            n = int(mask.sum())
+            singles.append({"input_ids": ids[None, :n], "attention_mask": mask[None, :n]})
+    a = ck.calibrate(model, padded, progress=False)
+    b = ck.calibrate(model, singles, progress=False)
+    assert a.groups == b.groups and a.token_counts == b.token_counts
+    for g in a.covariances:
+        torch.testing.assert_close(a.covariances[g], b.covariances[g], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,shared", [(tiny_gpt2, 0), (tiny_bert, 2)], ids=["gpt2-conv1d", "bert"])
+def test_other_architectures(make, shared):
+    model = make()
+    cal = ck.calibrate(model, token_batches(100, seq=8), progress=False)
+    # GPT-2's fused c_attn shares nothing; BERT's query/key/value share one input per layer.
+    assert len(cal.groups) - len(cal.covariances) == shared * 2
+    for name, module in model.named_modules():
+        if name in cal.groups:
+            in_features = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
+            assert cal.covariance(name).shape == (in_features, in_features)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    model32 = tiny_llama()
+    model16 = tiny_llama(dtype=dtype)
+    batches = token_batches(128, n_batches=1)
+    c32 = ck.calibrate(model32, batches, progress=False)
+    c16 = ck.calibrate(model16, batches, progress=False)
+    for g, c in c16.covariances.items():
+        assert c.dtype == torch.float32
+        rel = (c - c32.covariances[g]).norm() / c32.covariances[g].norm()
+        assert rel < 0.05, g
+
+
+def test_peft_normalization_matches_peft():
+    from peft import LoraConfig
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import calib_cov_distribution
+
+    model = tiny_llama()
+    batches = token_batches(128, n_batches=3, batch=1, seq=9, pad_last=False)
+    ours = ck.calibrate(model, batches, normalization="peft", progress=False)
+    config = LoraConfig(init_lora_weights="corda", target_modules=list(ours.groups), corda_config=CordaConfig())
+
+    def run_model():
+        for b in batches:
+            model(**b)
+
+    with torch.no_grad():
+        calib_cov_distribution(model, config, run_model, None, None)
+    for name in ours.groups:
+        peft_cov = model.get_submodule(name).covariance_matrix
+        torch.testing.assert_close(ours.covariance(name), peft_cov, rtol=1e-5, atol=1e-7)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_llama(layers=1)
+    cal = ck.calibrate(model, token_batches(128, n_batches=1), progress=False)
+    cal.save(str(tmp_path))
+    back = Calibration.load(str(tmp_path))
+    assert back.groups == cal.groups and back.token_counts == cal.token_counts
+    for g in cal.covariances:
+        assert torch.equal(back.covariances[g], cal.covariances[g])
+    assert set(back.per_module()) == set(cal.groups)
+
+
+def test_nan_input_names_layer_and_batch():
+    model = tiny_llama()
+    batches = token_batches(128, n_batches=3, pad_last=False)
+    bad_token = next(int(t) for t in batches[1]["input_ids"].flatten() if t not in batches[0]["input_ids"])
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bad_token] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"model\.layers\.0\.self_attn\.q_proj \(batch 1\)"):
+        ck.calibrate(model, batches, progress=False)
+
+
+def test_bad_data_is_refused():
+    model = tiny_llama(layers=1)
+    with pytest.raises(ValueError, match="empty"):
+        ck.calibrate(model, [], progress=False)
+    padding = token_batches(128, n_batches=1)
+    padding[0]["attention_mask"].zero_()
+    with pytest.raises(ValueError, match="saw no tokens"):
+        ck.calibrate(model, padding, progress=False)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ck.calibrate(model, [{"input_ids": torch.zeros(1, 300, dtype=torch.long)}], progress=False)
+    with pytest.raises(TypeError, match="input_ids"):
+        ck.calibrate(model, [torch.zeros(1, 4, dtype=torch.long)], progress=False)
+    with pytest.raises(ValueError, match=r"matched no .*close names: \['q_proj'"):
+        ck.calibrate(model, token_batches(128, n_batches=1), target_modules=["q_prj"], progress=False)
+    with pytest.raises(ValueError, match="normalization"):
+        ck.calibrate(model, token_batches(128, n_batches=1), normalization="max", progress=False)
+
+
+def test_targets_by_regex_and_max_batches():
+    model = tiny_llama()
+    cal = ck.calibrate(model, token_batches(128, n_batches=4), target_modules=r".*\.mlp\.(up|down)_proj",
+                       max_batches=2, progress=False)
+    assert sorted(n.split(".", 2)[2] for n in cal.groups) == ["0.mlp.down_proj", "0.mlp.up_proj", "1.mlp.down_proj", "1.mlp.up_proj"]
+    assert cal.batches == 2
