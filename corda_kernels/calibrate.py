@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _backend
+from .checkpoint import CalibrationCheckpoint, CheckpointMismatch, model_fingerprint, update_data_fingerprint
 from .integrations import hf
 from .ops.covariance import CovarianceAccumulator, covariance_update, finalize_covariance
 
@@ -190,6 +191,26 @@ class CovarianceRecorder:
         covariance_update(acc.cov, x, mask, upper_only=self.upper_only, name=where)
         acc.count += int(mask.sum()) if mask is not None else x.numel() // max(d, 1)
 
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for group, acc in self.accumulators.items():
+            out[f"cov/{group}"] = acc.cov
+            out[f"count/{group}"] = torch.tensor(acc.count, dtype=torch.int64)
+        return out
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], groups: Mapping[str, str]) -> None:
+        self.groups = dict(groups)
+        for key, cov in tensors.items():
+            if not key.startswith("cov/"):
+                continue
+            group = key[4:]
+            device = self.targets[group].weight.device
+            acc = CovarianceAccumulator(cov.shape[0], device=device, upper_only=self.upper_only, name=group)
+            acc.cov.copy_(cov)
+            acc.count = int(tensors[f"count/{group}"])
+            self.accumulators[group] = acc
+
     # -- result --------------------------------------------------------------------------------
     def result(self) -> Calibration:
         never = [n for n in self.targets if n not in self.groups]
@@ -235,6 +256,8 @@ def calibrate(
     normalization: str = "token_mean",
     max_batches: Optional[int] = None,
     progress: bool = True,
+    checkpoint_dir: Optional[str] = None,
+    checkpoint_every: int = 50,
 ) -> Calibration:
     """Collect the input covariance of every target layer of ``model`` over ``batches``.
 
@@ -247,25 +270,54 @@ def calibrate(
         normalization: ``"token_mean"`` (default) or ``"peft"`` (PEFT's per-call max scaling).
         max_batches: stop after this many batches.
         progress: show a tqdm bar of batches and tokens.
+        checkpoint_dir: save the running state there every ``checkpoint_every`` batches and at the
+            end (atomically; see :mod:`corda_kernels.checkpoint`). Re-running the same call after a
+            crash resumes from it and gives the same covariances as an uninterrupted run; a
+            checkpoint of another model, target set, normalization or data is refused.
     """
     targets = hf.find_targets(model, target_modules, exclude_modules)
     for name, module in targets.items():
         hf.check_adaptable(name, module)
     device = hf.input_device(model)
+    recorder = CovarianceRecorder(targets, normalization=normalization)
+    checkpoint, resume = None, None
+    if checkpoint_dir is not None:
+        identity = {"model": model_fingerprint(model), "targets": sorted(targets), "normalization": normalization}
+        checkpoint = CalibrationCheckpoint(checkpoint_dir, identity)
+        resume = checkpoint.load()
+        if resume is not None:
+            recorder.load_state(resume["tensors"], resume["groups"])
+            torch.set_rng_state(resume["tensors"]["rng"])
+    skip = resume["batches_done"] if resume else 0
+    tokens = resume["tokens"] if resume else 0
+    fingerprint = ""
+    done = 0
     was_training = model.training
     model.eval()
-    recorder = CovarianceRecorder(targets, normalization=normalization)
-    tokens = 0
-    index = -1
     total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
     bar = tqdm(total=total, desc="calibrate", unit="batch", disable=not progress)
+
+    def save():
+        extra = {"groups": recorder.groups, "tokens": tokens}
+        tensors = {**recorder.state_tensors(), "rng": torch.get_rng_state()}
+        checkpoint.save(tensors=tensors, batches_done=done, data_fingerprint=fingerprint, extra=extra)
+
     try:
         with recorder:
             for index, batch in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
-                    index -= 1
                     break
                 _check_batch(model, batch, index)
+                fingerprint = update_data_fingerprint(fingerprint, batch)
+                done = index + 1
+                if index < skip:  # already in the checkpoint: only re-hash the data
+                    if done == skip and fingerprint != resume["data_fingerprint"]:
+                        raise CheckpointMismatch(
+                            f"checkpoint {checkpoint_dir} was written for different calibration data (the first {skip} "
+                            "batches differ); use another checkpoint_dir or delete it to start over"
+                        )
+                    bar.update(1)
+                    continue
                 batch = _to_device(batch, device)
                 mask = batch.get("attention_mask")
                 recorder.start_batch(index, mask)
@@ -273,11 +325,21 @@ def calibrate(
                 tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
                 bar.update(1)
                 bar.set_postfix(tokens=tokens)
+                if checkpoint is not None and done % checkpoint_every == 0:
+                    save()
     finally:
         bar.close()
         model.train(was_training)
-    if index < 0:
+    if done == 0:
         raise ValueError("calibration data is empty: `batches` yielded no batch")
+    if done < skip:
+        raise CheckpointMismatch(
+            f"calibration data ended after {done} batches but checkpoint {checkpoint_dir} has {skip}; it belongs to "
+            "other data"
+        )
+    if checkpoint is not None and done > skip:
+        save()
+    recorder.batch_index = done - 1
     result = recorder.result()
     result.meta["tokens"] = tokens
     return result
