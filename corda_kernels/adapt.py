@@ -1,0 +1,158 @@
+"""Stage 3, adapt: swap each target linear layer for a :class:`LowRankLinear`.
+
+``apply(model, method, ...)`` finds the targets, decomposes them (nothing is modified until every
+layer's factors exist), then replaces each layer by a ``LowRankLinear`` holding the frozen
+residual ``W' = W − scale·B·A`` (formed in fp32 from the factors as stored, then cast once, so the
+adapted model reproduces the original right after initialization) and the trainable factors.
+If anything fails while swapping, the layers already swapped are put back: the model is left as it
+was.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from . import decompose as _decompose
+from .integrations import hf
+from .methods import InitMethod, LayerInit, make_method
+from .nn import LowRankLinear
+
+
+def _pattern_value(pattern: Optional[Mapping[str, float]], name: str, default):
+    """PEFT's rank/alpha_pattern lookup: the first key matching the end of the module name."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def refuse_adapted(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            raise ValueError(
+                f"model already carries corda_kernels adapters (e.g. {name}); merge or unload them first "
+                "(corda_kernels.merge / corda_kernels.unload)"
+            )
+        if type(module).__module__.startswith("peft.") and hasattr(module, "lora_A"):
+            raise ValueError(
+                f"model already carries PEFT LoRA layers (e.g. {name}); apply corda_kernels to the base model, "
+                "or use corda_kernels.patch_peft to run an existing PeftModel on our kernels"
+            )
+
+
+def _refuse_tied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    for name, module in targets.items():
+        names = owners.get(id(module.weight), [])
+        others = [n for n in names if n != f"{name}.weight"]
+        if others:
+            raise ValueError(
+                f"layer {name}'s weight is tied to {others[0]}; replacing it by a residual would change that module "
+                "too. Exclude the layer (exclude_modules) or untie the weights first"
+            )
+
+
+def build_module(module: nn.Module, init: LayerInit, dropout: float) -> LowRankLinear:
+    """A ``LowRankLinear`` for ``module`` with ``init``'s factors and the residual weight."""
+    weight = hf.weight_matrix(module).detach()
+    dtype = weight.dtype
+    A, B = init.A.to(dtype), init.B.to(dtype)
+    diag = init.diag.to(dtype) if init.diag is not None else None
+    layer = LowRankLinear(
+        weight.clone() if init.subtract else weight.contiguous(),
+        A,
+        B,
+        bias=module.bias.detach() if module.bias is not None else None,
+        scale=init.scale,
+        diag=diag,
+        row_index=init.row_index,
+        col_index=init.col_index,
+        trainable=init.trainable,
+        dropout=dropout,
+    )
+    if init.subtract:
+        with torch.no_grad():
+            residual = weight.float() - layer.delta_weight()
+            layer.weight.copy_(residual.to(dtype))
+    layer.source_layout = "conv1d" if hf.is_conv1d(module) else "linear"
+    layer.init_stats = dict(init.stats)
+    return layer
+
+
+def apply(
+    model: nn.Module,
+    method="corda",
+    *,
+    rank: int = 8,
+    alpha: Optional[float] = None,
+    covariances=None,
+    target_modules: hf.TargetSpec = None,
+    exclude_modules: hf.TargetSpec = None,
+    rank_pattern: Optional[Mapping[str, int]] = None,
+    alpha_pattern: Optional[Mapping[str, float]] = None,
+    use_rslora: bool = False,
+    dropout: float = 0.0,
+    seed: int = 0,
+    max_batch_bytes: Optional[int] = None,
+    progress: bool = True,
+    **method_options,
+) -> nn.Module:
+    """Initialize adapters with ``method`` and swap them into ``model`` (in place; returns it).
+
+    Args:
+        method: ``"corda"`` (options ``mode="ipa"|"kpa"``, ``damp``), ``"pissa"``, ``"milora"``, or an
+            :class:`~corda_kernels.methods.InitMethod`.
+        rank, alpha: adapter rank and LoRA alpha (scaling ``alpha / rank``); ``alpha`` defaults to
+            ``rank`` (scaling 1, as the CorDA and PiSSA papers use; PEFT's default is 8).
+        covariances: the :class:`~corda_kernels.calibrate.Calibration` for CorDA; its layers are
+            the default targets.
+        target_modules / exclude_modules: PEFT-style selection (names or a regex).
+        rank_pattern / alpha_pattern: per-layer overrides, PEFT semantics.
+        dropout: dropout on the adapter input during training.
+        seed: seed of randomized decompositions and random initializations.
+    """
+    method: InitMethod = make_method(method, **method_options)
+    refuse_adapted(model)
+    if target_modules is None and covariances is not None and hasattr(covariances, "groups"):
+        target_modules = list(covariances.groups)
+    targets = hf.find_targets(model, target_modules, exclude_modules)
+    for name, module in targets.items():
+        hf.check_adaptable(name, module)
+    _refuse_tied(model, targets)
+    ranks = {n: _pattern_value(rank_pattern, n, rank) for n in targets}
+    alphas = {n: _pattern_value(alpha_pattern, n, alpha if alpha is not None else ranks[n]) for n in targets}
+
+    method.prepare(model, targets)
+    inits = _decompose.decompose(
+        targets,
+        method,
+        ranks=ranks,
+        alphas=alphas,
+        use_rslora=use_rslora,
+        covariances=covariances,
+        seed=seed,
+        max_batch_bytes=max_batch_bytes,
+        progress=progress,
+    )
+    swapped: list[tuple[str, nn.Module]] = []
+    try:
+        for name, init in inits.items():
+            old = targets[name]
+            hf.set_submodule(model, name, build_module(old, init, dropout))
+            swapped.append((name, old))
+    except BaseException:
+        for name, old in reversed(swapped):
+            hf.set_submodule(model, name, old)
+        raise
+    # Like PEFT: only the adapters train.
+    keep = {id(p) for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters() if p.requires_grad}
+    for param in model.parameters():
+        if id(param) not in keep:
+            param.requires_grad_(False)
+    return model

@@ -1,0 +1,143 @@
+"""Stage 2, decompose: run an initialization method over all target layers, batched and bounded.
+
+Layers with the same weight shape, rank and device are stacked and decomposed together (one
+batched randomized SVD / eigensolver call instead of one per layer), in chunks whose working set
+stays under ``max_batch_bytes``. A chunk that runs out of GPU memory is retried in halves; a single
+layer that still does not fit raises with the layer named. Nothing in the model is modified here:
+the result is a ``{name: LayerInit}`` map of small factors.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .integrations import hf
+from .methods.base import InitMethod, LayerInit
+
+# Default working-set bound per chunk: this fraction of free GPU memory, or this many bytes on CPU.
+GPU_FRACTION = 0.25
+CPU_BYTES = 2 << 30
+
+
+def _bytes_per_layer(out_f: int, in_f: int, with_cov: bool) -> int:
+    # W, a same-size product/temporary, the factors; C, its damped copy and Cholesky factor.
+    return 4 * (3 * out_f * in_f + (3 * in_f * in_f if with_cov else 0))
+
+
+def _budget(device: torch.device, max_batch_bytes: Optional[int]) -> int:
+    if max_batch_bytes is not None:
+        return max_batch_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_FRACTION)
+    return CPU_BYTES
+
+
+def scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """LoRA scaling: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), as PEFT defines it."""
+    return alpha / (rank**0.5 if use_rslora else rank)
+
+
+def check_rank(name: str, module: nn.Module, rank: int) -> None:
+    in_f, out_f = hf.in_out_features(module)
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r} for layer {name}")
+    if rank > min(in_f, out_f):
+        raise ValueError(
+            f"rank {rank} exceeds layer {name}'s smaller dimension ({out_f}x{in_f}); use rank <= {min(in_f, out_f)} "
+            "or a rank_pattern for that layer"
+        )
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def decompose(
+    targets: Mapping[str, nn.Module],
+    method: InitMethod,
+    *,
+    ranks: Mapping[str, int],
+    alphas: Mapping[str, float],
+    use_rslora: bool = False,
+    covariances=None,
+    seed: int = 0,
+    max_batch_bytes: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, LayerInit]:
+    """Initial adapters of every target layer.
+
+    Args:
+        targets: name -> linear-like module.
+        method: the initialization recipe.
+        ranks, alphas: per-layer rank and LoRA alpha.
+        covariances: a :class:`~corda_kernels.calibrate.Calibration` (or ``{name: C}``) when the
+            method needs input covariances.
+        max_batch_bytes: working-set bound per chunk (default: a quarter of free GPU memory, 2 GiB
+            on CPU).
+    """
+    if method.needs_covariance and covariances is None:
+        raise ValueError(f"method {method.describe()} needs input covariances: pass covariances=calibrate(model, batches)")
+    buckets: dict[tuple, list[str]] = defaultdict(list)
+    for name, module in targets.items():
+        check_rank(name, module, ranks[name])
+        w = hf.weight_matrix(module)
+        buckets[(tuple(w.shape), ranks[name], alphas[name], w.device)].append(name)
+
+    results: dict[str, LayerInit] = {}
+    bar = tqdm(total=len(targets), desc=f"decompose ({method.describe()})", unit="layer", disable=not progress)
+    try:
+        for (shape, rank, alpha, device), names in buckets.items():
+            per_layer = _bytes_per_layer(shape[0], shape[1], method.needs_covariance)
+            chunk = max(1, _budget(device, max_batch_bytes) // per_layer)
+            start = 0
+            while start < len(names):
+                part = names[start : start + chunk]
+                try:
+                    inits = _run_chunk(targets, method, part, rank, scaling(alpha, rank, use_rslora), covariances, seed)
+                except Exception as exc:
+                    if not _is_oom(exc):
+                        raise
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if chunk == 1:
+                        raise RuntimeError(
+                            f"out of memory decomposing layer {part[0]} ({shape[0]}x{shape[1]}, rank {rank}) on {device} "
+                            "even on its own; free memory on that device or move the model to a larger one"
+                        ) from exc
+                    chunk = max(1, chunk // 2)
+                    continue
+                results.update(zip(part, inits))
+                start += len(part)
+                bar.update(len(part))
+    finally:
+        bar.close()
+    return results
+
+
+def covariance_for(covariances, name: str) -> torch.Tensor:
+    if isinstance(covariances, Mapping):
+        if name not in covariances:
+            raise KeyError(f"no covariance for layer {name!r}; covariances has {hf.named(covariances)}")
+        return covariances[name]
+    return covariances.covariance(name)
+
+
+@torch.no_grad()
+def _run_chunk(targets, method: InitMethod, names, rank, scale, covariances, seed) -> list[LayerInit]:
+    weights = torch.stack([hf.weight_matrix(targets[n]).detach().float() for n in names])
+    covs = None
+    if method.needs_covariance:
+        covs = torch.stack([covariance_for(covariances, n).to(weights.device, torch.float32) for n in names])
+        in_f = weights.shape[-1]
+        if covs.shape[-1] != in_f:
+            raise ValueError(
+                f"covariance of {names[0]} is {tuple(covs.shape[-2:])} but the layer has {in_f} input features; "
+                "were the covariances collected on another model?"
+            )
+    return method.init_batch(weights, covs, rank, scale, names, seed)

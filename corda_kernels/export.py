@@ -1,0 +1,175 @@
+"""Stage 4, export: back to plain Hugging Face weights, or to a PEFT LoRA adapter.
+
+- :func:`merge` folds every adapter into its layer (``W' + scale·delta``) and restores plain
+  ``nn.Linear`` / ``Conv1D`` modules: ``save_pretrained`` then writes an ordinary checkpoint.
+- :func:`unload` drops the adapters and keeps the frozen residual ``W'`` (the base model PEFT needs
+  for CorDA/PiSSA adapters); :func:`save_residual_model` saves it without changing ``model``.
+- :func:`save_peft_adapter` writes ``adapter_config.json`` + ``adapter_model.safetensors`` that
+  ``peft.PeftModel.from_pretrained(residual_base, path)`` loads with the same outputs. With
+  ``initial=`` (a directory written by this function right after ``apply``) it writes instead the
+  conversion PEFT offers for PiSSA/CorDA: a rank-2r LoRA ``[A | A₀], [B | −B₀]`` that applies to
+  the original, unmodified base weights.
+Row/column index sets and SiVA's diagonal are expanded into dense LoRA factors on export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections import Counter
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .integrations import hf
+from .nn import LowRankLinear
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapters(model: nn.Module) -> dict[str, LowRankLinear]:
+    found = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    if not found:
+        raise ValueError(f"{type(model).__name__} carries no corda_kernels adapters (LowRankLinear layers)")
+    return found
+
+
+def _plain_layer(layer: LowRankLinear, weight: torch.Tensor) -> nn.Module:
+    """An ``nn.Linear`` (or ``Conv1D`` if the layer came from one) holding ``weight`` ``(out, in)``."""
+    bias = layer.bias
+    if getattr(layer, "source_layout", "linear") == "conv1d":
+        plain = hf.Conv1D(weight.shape[0], weight.shape[1])
+        plain.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        plain.bias = nn.Parameter(bias.detach().clone() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device), requires_grad=False)
+        return plain
+    plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return plain
+
+
+def merged_weight(layer: LowRankLinear) -> torch.Tensor:
+    """``W' + scale·delta`` computed in fp32 and cast once to the weight dtype."""
+    with torch.no_grad():
+        if getattr(layer, "merged", False):
+            return layer.weight.detach().clone()
+        return (layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype)
+
+
+@contextlib.contextmanager
+def plain_layers(model: nn.Module, kind: str) -> Iterator[nn.Module]:
+    """Temporarily replace adapters by plain layers (``kind``: "merged" or "residual")."""
+    layers = adapters(model)
+    for name, layer in layers.items():
+        weight = merged_weight(layer) if kind == "merged" else layer.weight.detach()
+        hf.set_submodule(model, name, _plain_layer(layer, weight))
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            hf.set_submodule(model, name, layer)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer, in place; the model becomes a plain HF model."""
+    for name, layer in adapters(model).items():
+        hf.set_submodule(model, name, _plain_layer(layer, merged_weight(layer)))
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop the adapters, keeping the frozen residual weights, in place."""
+    for name, layer in adapters(model).items():
+        hf.set_submodule(model, name, _plain_layer(layer, layer.weight.detach()))
+    return model
+
+
+def save_merged_model(model: nn.Module, path: str, **save_kwargs) -> None:
+    """``save_pretrained`` of the merged model, leaving ``model`` unchanged."""
+    with plain_layers(model, "merged"):
+        model.save_pretrained(path, **save_kwargs)
+
+
+def save_residual_model(model: nn.Module, path: str, **save_kwargs) -> None:
+    """``save_pretrained`` of the residual base (adapters dropped), leaving ``model`` unchanged."""
+    with plain_layers(model, "residual"):
+        model.save_pretrained(path, **save_kwargs)
+
+
+def dense_factors(layer: LowRankLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT-style dense ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` with ``diag`` folded in A."""
+    with torch.no_grad():
+        A, B = layer.A.detach(), layer.B.detach()
+        if layer.diag is not None:
+            A = A * layer.diag.detach().unsqueeze(1)
+        if layer.col_index is not None:
+            dense = A.new_zeros(A.shape[0], layer.in_features)
+            dense[:, layer.col_index] = A
+            A = dense
+        if layer.row_index is not None:
+            dense = B.new_zeros(layer.out_features, B.shape[1])
+            dense[layer.row_index] = B
+            B = dense
+        return A.contiguous(), B.contiguous()
+
+
+def _lora_config(layers: dict[str, LowRankLinear], base_model_name_or_path: Optional[str], rank_mult: int):
+    try:
+        from peft import LoraConfig
+    except ImportError as exc:  # pragma: no cover - peft is an optional dependency
+        raise ImportError("saving a PEFT adapter needs `pip install peft`") from exc
+    ranks = {n: layer.rank * rank_mult for n, layer in layers.items()}
+    alphas = {n: layer.scale * ranks[n] for n, layer in layers.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    dropouts = {float(getattr(layer, "dropout", 0.0)) for layer in layers.values()}
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(layers),
+        rank_pattern={n: v for n, v in ranks.items() if v != r},
+        alpha_pattern={n: v for n, v in alphas.items() if v != alpha},
+        lora_dropout=max(dropouts),
+        bias="none",
+        init_lora_weights=True,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def save_peft_adapter(
+    model: nn.Module, path: str, *, base_model_name_or_path: Optional[str] = None, initial: Optional[str] = None
+) -> None:
+    """Write a PEFT LoRA adapter of ``model``'s adapters to directory ``path``.
+
+    Without ``initial`` the adapter applies to the residual base (:func:`save_residual_model`).
+    With ``initial`` (an adapter saved by this function right after ``apply``) it is converted to
+    apply to the original base weights (rank doubles, scaling kept), as PEFT's
+    ``path_initial_model_for_weight_conversion`` does.
+    """
+    from safetensors.torch import load_file, save_file
+
+    layers = adapters(model)
+    tensors = {}
+    for name, layer in layers.items():
+        A, B = dense_factors(layer)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
+    if initial is not None:
+        start = load_file(os.path.join(initial, ADAPTER_WEIGHTS))
+        missing = sorted(k for k in tensors if k not in start)
+        if missing:
+            raise ValueError(f"initial adapter at {initial} lacks {missing[0]} (and {len(missing) - 1} more); was it saved from this model?")
+        for key in list(tensors):
+            t0 = start[key].to(tensors[key].dtype)
+            tensors[key] = torch.cat([tensors[key], t0], 0) if ".lora_A." in key else torch.cat([tensors[key], -t0], 1)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config = _lora_config(layers, base_model_name_or_path, 2 if initial is not None else 1)
+    os.makedirs(path, exist_ok=True)
+    config.save_pretrained(path)
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(path, "corda_kernels.json"), "w") as fh:
+        json.dump({"applies_to": "original base" if initial else "residual base", "layers": len(layers)}, fh)

@@ -1,0 +1,79 @@
+"""What an initialization method decides for a layer, and the interface every method implements.
+
+A method sees a *batch* of same-shape layers at once (weights stacked ``(L, out, in)`` in fp32 on
+their device, and their input covariances when it needs them) and returns one :class:`LayerInit`
+per layer. The engine in :mod:`corda_kernels.decompose` does the batching, memory bounds and
+progress; the adapter module swap happens in :mod:`corda_kernels.adapt`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class LayerInit:
+    """Initial adapter of one layer (fp32 tensors on the layer's device).
+
+    The adapted layer computes ``x·W'ᵀ + scale·scatter_rows((gather_cols(x)·Aᵀ ⊙ diag)·Bᵀ)`` where
+    ``W' = W − scale·delta`` when ``subtract`` (CorDA, PiSSA, MiLoRA, SiVA: the adapter carries a
+    part of W and the model is unchanged at init) and ``W' = W`` otherwise (LoRA-style, delta = 0).
+    """
+
+    A: torch.Tensor  # (r, n_cols)
+    B: torch.Tensor  # (n_rows, r)
+    scale: float
+    subtract: bool = True
+    diag: Optional[torch.Tensor] = None  # (r,)
+    row_index: Optional[torch.Tensor] = None  # (n_rows,) int64 output features
+    col_index: Optional[torch.Tensor] = None  # (n_cols,) int64 input features
+    trainable: tuple[str, ...] = ("A", "B")
+    stats: dict = field(default_factory=dict)  # e.g. {"energy": fraction of energy in the adapter}
+
+
+class InitMethod(ABC):
+    """Base class of initialization recipes; subclasses set ``name`` and implement ``init_batch``."""
+
+    name: ClassVar[str] = ""
+    needs_covariance: ClassVar[bool] = False
+    subtracts: ClassVar[bool] = True
+
+    def prepare(self, model, targets) -> None:
+        """Model-level work before decomposition (e.g. Partial-LoRA's few-shot sparsity ratios).
+
+        ``targets``: name -> module of the layers to adapt. Default: nothing.
+        """
+
+    @abstractmethod
+    def init_batch(
+        self,
+        weights: torch.Tensor,
+        covariances: Optional[torch.Tensor],
+        rank: int,
+        scale: float,
+        names: Sequence[str],
+        seed: int,
+    ) -> list[LayerInit]:
+        """``weights``: ``(L, out, in)`` fp32; ``covariances``: ``(L, in, in)`` fp32 or None."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+def split_singular_values(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float):
+    """PEFT's factor split of ``U·diag(S)·Vh`` for a layer with LoRA scaling ``scale``.
+
+    ``A = sqrt(S/scale)·Vh`` ``(…, r, in)`` and ``B = U·sqrt(S/scale)`` ``(…, out, r)``, so that
+    ``scale·B·A = U·diag(S)·Vh``.
+    """
+    root = (S / scale).clamp_min(0).sqrt()
+    return root.unsqueeze(-1) * Vh, U * root.unsqueeze(-2)
+
+
+def energy_fraction(S: torch.Tensor, total: torch.Tensor) -> list[float]:
+    """Per-matrix ``Σ S² / total`` where ``total`` is the squared Frobenius norm of the matrix."""
+    return (S.double().square().sum(-1) / total.double().clamp_min(1e-300)).tolist()

@@ -1,0 +1,60 @@
+"""PiSSA and MiLoRA: adapters from the plain SVD of W (PEFT ``init_lora_weights="pissa"``).
+
+PiSSA puts the largest r singular triplets of W in the adapter (randomized SVD, or the exact SVD
+with ``svd="exact"``, which is what PEFT's ``"pissa"`` computes); MiLoRA the smallest r (an exact
+method). Factors: ``A = sqrt(S/scale)·Vh_r``, ``B = U_r·sqrt(S/scale)``, residual ``W − scale·B·A``.
+``stats["energy"]`` is the fraction of ``‖W‖_F²`` held by the adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..ops.exact_svd import smallest_singular_triplets
+from ..ops.randomized_svd import randomized_svd
+from .base import InitMethod, LayerInit, energy_fraction, split_singular_values
+
+
+def _top_exact(weights: torch.Tensor, rank: int):
+    U, S, Vh = torch.linalg.svd(weights, full_matrices=False)
+    return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+
+
+class _SVDInit(InitMethod):
+    largest: bool = True
+
+    def __init__(self, svd: str = "randomized"):
+        if svd not in ("randomized", "exact"):
+            raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
+        self.svd = svd
+
+    def init_batch(
+        self,
+        weights: torch.Tensor,
+        covariances: Optional[torch.Tensor],
+        rank: int,
+        scale: float,
+        names: Sequence[str],
+        seed: int,
+    ) -> list[LayerInit]:
+        if not self.largest:
+            U, S, Vh = smallest_singular_triplets(weights, rank)
+        elif self.svd == "exact":
+            U, S, Vh = _top_exact(weights, rank)
+        else:
+            U, S, Vh = randomized_svd(weights, rank, seed=seed)
+        A, B = split_singular_values(U, S, Vh, scale)
+        energy = energy_fraction(S, weights.square().sum((-2, -1)))
+        return [LayerInit(A=A[i], B=B[i], scale=scale, stats={"energy": energy[i]}) for i in range(len(names))]
+
+
+class PiSSA(_SVDInit):
+    name = "pissa"
+    largest = True
+
+
+class MiLoRA(_SVDInit):
+    name = "milora"
+    largest = False
