@@ -1,0 +1,367 @@
+"""Triton kernels of the fused low-rank linear op: three tile kernels serve forward and backward.
+
+Notation as in :mod:`corda_kernels.kernels.reference.lowrank_linear` (``s`` = scale, ``d`` = diag).
+
+- ``_project_kernel``: ``U[m, :] = (1/(1-p)) Σ_j keep(m, j) G[m, idx[j]] F[j, :]``, a skinny
+  ``(N, r)`` GEMM that gathers the columns of ``G`` by index inside its loads. Forward:
+  ``u = drop(x_c) · Aᵀ``; backward: ``g = dy_r · B``. One program per ``(BLOCK_M, BLOCK_R)`` tile.
+- ``_fused_gemm_kernel``: ``C = X · Wt (+ bias) + scatter_n(lowrank)``, where, for output column
+  ``n`` whose inverse-map entry ``j = inv[n]`` is not -1, ``lowrank[m, n] = Σ_k (T[m, k] s d_k)
+  F[j, k]`` (times ``keep(m, j)/(1-p)`` when dropout applies there). The low-rank term runs as
+  ``ceil(r / BLOCK_K)`` extra K-iterations on the same accumulator after the main K loop (a second
+  accumulator, masked once, when dropout applies), so no ``(N, d_out)`` intermediate and no
+  separate scale/add pass exist. Forward: ``y = x · Wᵀ + b + scatter_rows((u ⊙ s d) · B_rᵀ)``
+  with ``inv`` mapping output features to rows of ``B``; backward:
+  ``dx = dy · W + scatter_cols(keep ⊙ ((g ⊙ s d) · A_c))/(1-p)`` with ``inv`` mapping input
+  features to columns of ``A``. Output tiles are visited in L2-friendly groups of ``GROUP_M``.
+- ``_gram_kernel``: ``C[p, :] = c Σ_m keep(m, p) G[m, idx[p]] (H[m, :] ⊙ v)``, a reduction over
+  tokens, split over a third grid axis with fp32 atomics when the grid would be too small.
+  ``dB = dy_rᵀ (u ⊙ s d)`` and ``dAᵀ = drop(x_c)ᵀ (g ⊙ s d)``.
+
+``u`` and ``g`` are fp32 ``(N, r)``; ``T ⊙ s d`` is rounded to the input dtype right before its
+``tl.dot`` (as a same-dtype torch composition rounds it). Every ``tl.dot`` accumulates in fp32;
+fp32 inputs use ``input_precision="ieee"``. The dropout mask is the hash of
+:func:`~corda_kernels.kernels.reference.lowrank_linear.dropout_keep` in uint32 arithmetic, so the
+backward regenerates it instead of saving it. dweight (a plain GEMM) is left to torch/cuBLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpreted
+from .reference.lowrank_linear import DROPOUT_BITS, dropout_threshold
+
+
+@triton.jit
+def _mix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x1B873593
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _keep(seed_ptr, offs_m, offs_j, threshold, DROP_SHIFT: tl.constexpr):
+    """The (len(offs_m), len(offs_j)) dropout keep-mask of tokens offs_m, compact columns offs_j."""
+    seed_h = _mix32(tl.load(seed_ptr).to(tl.uint32))
+    row_h = _mix32(seed_h ^ offs_m.to(tl.uint32))
+    col_h = _mix32(offs_j.to(tl.uint32))
+    h = _mix32(row_h[:, None] ^ col_h[None, :])
+    return (h >> DROP_SHIFT).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _project_kernel(
+    g_ptr, idx_ptr, f_ptr, u_ptr, seed_ptr,
+    M, J, R,
+    stride_gm, stride_gk, stride_fj, stride_fr, stride_um, stride_ur,
+    threshold, inv_keep,
+    HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROP_SHIFT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    rows = offs_m.to(tl.int64) * stride_gm
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for j0 in range(0, J, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = offs_j < J
+        if HAS_INDEX:
+            cols = tl.load(idx_ptr + offs_j, mask=j_ok, other=0)
+        else:
+            cols = offs_j
+        g = tl.load(
+            g_ptr + rows[:, None] + cols.to(tl.int64)[None, :] * stride_gk,
+            mask=m_ok[:, None] & j_ok[None, :], other=0.0,
+        )  # fmt: skip
+        if HAS_DROPOUT:
+            g = tl.where(_keep(seed_ptr, offs_m, offs_j, threshold, DROP_SHIFT), g, tl.zeros_like(g))
+        f = tl.load(
+            f_ptr + offs_j.to(tl.int64)[:, None] * stride_fj + offs_r[None, :] * stride_fr,
+            mask=j_ok[:, None] & r_ok[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(g, f, acc, input_precision=PRECISION, out_dtype=tl.float32)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+    tl.store(u_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _fused_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, t_ptr, v_ptr, f_ptr, inv_ptr, seed_ptr, out_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_tm, stride_tr, stride_fj, stride_fr,
+    stride_om, stride_on,
+    threshold, inv_keep,
+    HAS_BIAS: tl.constexpr, HAS_INV: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROP_SHIFT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_cols + offs_k.to(tl.int64)[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+
+    # Low-rank term: extra K-iterations over r, with the factor's rows gathered through inv.
+    if HAS_INV:
+        j = tl.load(inv_ptr + offs_n, mask=n_ok, other=-1)
+        f_ok = n_ok & (j >= 0)
+        j = tl.maximum(j, 0)
+    else:
+        j = offs_n
+        f_ok = n_ok
+    if HAS_DROPOUT:
+        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        low = acc
+    t_rows = t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm
+    f_cols = f_ptr + j.to(tl.int64)[None, :] * stride_fj
+    for k0 in range(0, R, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < R
+        v = tl.load(v_ptr + offs_k, mask=k_ok, other=0.0)
+        t = tl.load(t_rows + offs_k[None, :] * stride_tr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        t = (t * v[None, :]).to(x_ptr.dtype.element_ty)
+        f = tl.load(f_cols + offs_k[:, None] * stride_fr, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+        low = tl.dot(t, f, low, input_precision=PRECISION, out_dtype=tl.float32)
+    if HAS_DROPOUT:
+        keep = _keep(seed_ptr, offs_m, j, threshold, DROP_SHIFT) & f_ok[None, :]
+        acc += tl.where(keep, low * inv_keep, 0.0)
+    else:
+        acc = low
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gram_kernel(
+    g_ptr, idx_ptr, h_ptr, v_ptr, seed_ptr, c_ptr,
+    M, P, R, tokens_per_split,
+    stride_gm, stride_gk, stride_hm, stride_hr, stride_cp, stride_cr,
+    threshold, out_scale,
+    HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROP_SHIFT: tl.constexpr, ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    p_ok = offs_p < P
+    r_ok = offs_r < R
+    if HAS_INDEX:
+        cols = tl.load(idx_ptr + offs_p, mask=p_ok, other=0)
+    else:
+        cols = offs_p
+    g_cols = g_ptr + cols.to(tl.int64)[None, :] * stride_gk
+    v = tl.load(v_ptr + offs_r, mask=r_ok, other=0.0)
+    m_begin = tl.program_id(2) * tokens_per_split
+    m_end = tl.minimum(M, m_begin + tokens_per_split)
+    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        g = tl.load(g_cols + offs_m.to(tl.int64)[:, None] * stride_gm, mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            g = tl.where(_keep(seed_ptr, offs_m, offs_p, threshold, DROP_SHIFT), g, tl.zeros_like(g))
+        h = tl.load(
+            h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+            mask=m_ok[:, None] & r_ok[None, :], other=0.0,
+        )  # fmt: skip
+        h = (h * v[None, :]).to(g_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(g), h, acc, input_precision=PRECISION, out_dtype=tl.float32)
+    acc = acc * out_scale
+    c_ptrs = c_ptr + offs_p.to(tl.int64)[:, None] * stride_cp + offs_r[None, :] * stride_cr
+    c_ok = p_ok[:, None] & r_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(c_ptrs, acc, mask=c_ok)
+    else:
+        tl.store(c_ptrs, acc, mask=c_ok)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_config(dtype: torch.dtype, r: int, device: torch.device) -> dict:
+    """Tile sizes and warps per kernel.
+
+    GPU: 128x128 output tiles with K slices of 64 (16-bit) / 32 (fp32), 8 warps, 3 stages for the
+    fused GEMM; 64-token tiles and r padded to a power of two (at most 128 per program) for the
+    skinny kernels. The interpreter gets 16-wide tiles (it executes every lane in numpy).
+    """
+    if triton_interpreted() or device.type != "cuda":
+        return dict(bm=16, bn=16, bk=16, br=16, warps=1, stages=1, group_m=2)
+    bk = 32 if dtype == torch.float32 else 64
+    br = min(128, max(16, triton.next_power_of_2(r)))
+    return dict(bm=128, bn=128, bk=bk, br=br, warps=8, stages=3, group_m=8)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dropout_args(seed: Optional[torch.Tensor], dropout: float, dummy: torch.Tensor):
+    if seed is None or dropout == 0.0:
+        return dummy, False, 0, 1.0
+    return seed, True, dropout_threshold(dropout), 1.0 / (1.0 - dropout)
+
+
+def inverse_map(index: Optional[torch.Tensor], size: int) -> Optional[torch.Tensor]:
+    """int32 ``(size,)`` map from a feature to its position in ``index``, or -1 (None: identity)."""
+    if index is None:
+        return None
+    inv = torch.full((size,), -1, dtype=torch.int32, device=index.device)
+    return inv.index_copy_(0, index, torch.arange(index.numel(), dtype=torch.int32, device=index.device))
+
+
+def _project(out, g, index, n_idx, f, f_strides, seed, dropout, cfg):
+    """out (M, R) fp32 = drop(g[:, index]) @ f, f viewed as (n_idx, R) through f_strides."""
+    M, R = out.shape
+    seed_arg, has_drop, threshold, inv_keep = _dropout_args(seed, dropout, out)
+    bm = min(cfg["bm"], 64)
+    grid = (triton.cdiv(M, bm), triton.cdiv(R, cfg["br"]))
+    _project_kernel[grid](
+        g, index if index is not None else out, f, out, seed_arg,
+        M, n_idx, R,
+        g.stride(0), g.stride(1), f_strides[0], f_strides[1], out.stride(0), out.stride(1),
+        threshold, inv_keep,
+        HAS_INDEX=index is not None, HAS_DROPOUT=has_drop, DROP_SHIFT=32 - DROPOUT_BITS,
+        PRECISION=_precision(g.dtype), BLOCK_M=bm, BLOCK_J=cfg["bk"], BLOCK_R=cfg["br"],
+        num_warps=min(cfg["warps"], 4), num_stages=cfg["stages"],
+    )  # fmt: skip
+
+
+def _fused_gemm(out, x, w_strides, w, bias, t, v, f, f_strides, inv, seed, dropout, cfg):
+    """out (M, N) = x (M, K) @ Wt (K, N) + bias + lowrank (see the module docstring)."""
+    M, N = out.shape
+    K = x.shape[1]
+    seed_arg, has_drop, threshold, inv_keep = _dropout_args(seed, dropout, out)
+    grid = (triton.cdiv(M, cfg["bm"]) * triton.cdiv(N, cfg["bn"]),)
+    _fused_gemm_kernel[grid](
+        x, w, bias if bias is not None else out, t, v, f, inv if inv is not None else out, seed_arg, out,
+        M, N, K, t.shape[1],
+        x.stride(0), x.stride(1), w_strides[0], w_strides[1], t.stride(0), t.stride(1), f_strides[0], f_strides[1],
+        out.stride(0), out.stride(1),
+        threshold, inv_keep,
+        HAS_BIAS=bias is not None, HAS_INV=inv is not None, HAS_DROPOUT=has_drop, DROP_SHIFT=32 - DROPOUT_BITS,
+        PRECISION=_precision(x.dtype), BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"],
+        GROUP_M=cfg["group_m"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )  # fmt: skip
+
+
+def _gram(out, out_strides, g, index, h, v, seed, dropout, cfg):
+    """out (P, R), a zeroed fp32 buffer viewed through out_strides, = drop(g[:, index])ᵀ @ (h ⊙ v)."""
+    M = g.shape[0]
+    P, R = index.numel() if index is not None else g.shape[1], h.shape[1]
+    seed_arg, has_drop, threshold, inv_keep = _dropout_args(seed, dropout, h)
+    bp = bm = min(cfg["bm"], 64)
+    tiles = triton.cdiv(P, bp) * triton.cdiv(R, cfg["br"])
+    split = max(1, min(triton.cdiv(2 * _sm_count(g.device), tiles), M // (8 * bm)))
+    per_split = triton.cdiv(M, split)
+    _gram_kernel[(triton.cdiv(P, bp), triton.cdiv(R, cfg["br"]), split)](
+        g, index if index is not None else h, h, v, seed_arg, out,
+        M, P, R, per_split,
+        g.stride(0), g.stride(1), h.stride(0), h.stride(1), out_strides[0], out_strides[1],
+        threshold, inv_keep,
+        HAS_INDEX=index is not None, HAS_DROPOUT=has_drop, DROP_SHIFT=32 - DROPOUT_BITS, ATOMIC=split > 1,
+        PRECISION=_precision(g.dtype), BLOCK_P=bp, BLOCK_R=cfg["br"], BLOCK_M=bm,
+        num_warps=min(cfg["warps"], 4), num_stages=cfg["stages"],
+    )  # fmt: skip
+
+
+def _diag_scale(diag: Optional[torch.Tensor], scale: float, r: int, device) -> torch.Tensor:
+    if diag is None:
+        return torch.full((r,), scale, dtype=torch.float32, device=device)
+    return diag.to(torch.float32) * scale
+
+
+def forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale):
+    """``(y, u)``: ``y`` ``(..., out)`` in ``x.dtype``, ``u = drop(x_c) · Aᵀ`` ``(N, r)`` fp32."""
+    out_f, in_f = weight.shape
+    r = A.shape[0]
+    x2 = x.reshape(-1, in_f)
+    N = x2.shape[0]
+    u = torch.empty(N, r, dtype=torch.float32, device=x.device)
+    y = torch.empty(N, out_f, dtype=x.dtype, device=x.device)
+    if N > 0:
+        cfg = launch_config(x.dtype, r, x.device)
+        _project(u, x2, col_index, A.shape[1], A, (A.stride(1), A.stride(0)), seed, dropout, cfg)
+        if out_f > 0:
+            v = _diag_scale(diag, scale, r, x.device)
+            inv = inverse_map(row_index, out_f)
+            _fused_gemm(y, x2, (weight.stride(1), weight.stride(0)), weight, bias, u, v, B, B.stride(), inv, None, 0.0, cfg)
+    return y.reshape(*x.shape[:-1], out_f), u
+
+
+def backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, dropout, scale, needs):
+    """``[dx, dweight, dA, dB, ddiag, dbias]`` for the inputs flagged in ``needs`` (None otherwise)."""
+    need_x, need_w, need_a, need_b, need_d, need_bias = needs
+    out_f, in_f = weight.shape
+    r = A.shape[0]
+    dy2 = dy.reshape(-1, out_f)
+    N = dy2.shape[0]
+    cfg = launch_config(dy.dtype, r, dy.device)
+    v = _diag_scale(diag, scale, r, dy.device)
+    grads: list[Optional[torch.Tensor]] = [None] * 6
+    g = None
+    if need_x or need_a or need_d:
+        g = torch.empty(N, r, dtype=torch.float32, device=dy.device)
+        if N > 0:
+            _project(g, dy2, row_index, B.shape[0], B, B.stride(), None, 0.0, cfg)
+    if need_x:
+        dx = torch.empty(N, in_f, dtype=dy.dtype, device=dy.device)
+        if N > 0 and in_f > 0:
+            inv = inverse_map(col_index, in_f)
+            f_strides = (A.stride(1), A.stride(0))
+            _fused_gemm(dx, dy2, weight.stride(), weight, None, g, v, A, f_strides, inv, seed, dropout, cfg)
+        grads[0] = dx.reshape(dy.shape[:-1] + (in_f,))
+    x2 = None if x is None else x.reshape(-1, in_f)
+    if need_w:
+        grads[1] = dy2.T @ x2
+    if need_a:
+        dA = torch.zeros(A.shape, dtype=torch.float32, device=A.device)
+        if N > 0 and A.shape[1] > 0:
+            _gram(dA, (dA.stride(1), dA.stride(0)), x2, col_index, g, v, seed, dropout, cfg)
+        grads[2] = dA.to(A.dtype)
+    if need_b:
+        dB = torch.zeros(B.shape, dtype=torch.float32, device=B.device)
+        if N > 0 and B.shape[0] > 0:
+            _gram(dB, dB.stride(), dy2, row_index, u, v, None, 0.0, cfg)
+        grads[3] = dB.to(B.dtype)
+    if need_d:
+        grads[4] = (scale * (g * u).sum(0)).to(diag.dtype)
+    if need_bias:
+        grads[5] = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
+    return grads

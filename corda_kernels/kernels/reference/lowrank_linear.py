@@ -1,0 +1,181 @@
+"""Reference (specification) of the fused low-rank linear op, its gradients and its dropout mask.
+
+With ``x`` viewed as ``(N, in)``, ``x_c = x[:, col_index]`` (all columns when None) and
+``B_r`` placed at output features ``row_index`` (all rows when None)::
+
+    u = (x_c ⊙ keep / (1 - p)) · Aᵀ                       (N, r)   in the accumulation dtype
+    t = u ⊙ (scale · diag)                                (N, r)
+    y = x · weightᵀ + bias,  y[:, row_index] += t · Bᵀ    (N, out) cast to x.dtype
+
+The accumulation dtype is float64 for float64 inputs and float32 otherwise; this module computes
+everything in it (inputs upcast), so it is also the precision oracle. ``keep`` is the dropout mask
+of :func:`dropout_keep` (all True without dropout). Shapes: ``weight (out, in)``, ``A (r, n_cols)``,
+``B (n_rows, r)``, ``diag (r,)``, ``bias (out,)``, indices int64.
+
+The gradients (``s = scale``, ``d = diag`` or ones, ``g = dy[:, row_index] · B``)::
+
+    dB = s · dy_rᵀ · (u ⊙ d)        dA = s · (g ⊙ d)ᵀ · drop(x_c)      ddiag = s · Σ_N g ⊙ u
+    dx = dy · weight,  dx[:, col_index] += s · ((g ⊙ d) · A) ⊙ keep / (1 - p)
+    dweight = dyᵀ · x               dbias = Σ_N dy
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_M32 = 0xFFFFFFFF
+# keep iff the top 24 bits of the element hash are >= round(p * 2**24).
+DROPOUT_BITS = 24
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 tensors holding values in [0, 2**32).
+
+    Both multipliers are below 2**31, so every product fits in int64 before it is masked; the
+    Triton kernels compute the same function in uint32 arithmetic.
+    """
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x1B873593) & _M32
+    return h ^ (h >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    return int(round(p * (1 << DROPOUT_BITS)))
+
+
+def dropout_keep(seed: int, n_tokens: int, n_cols: int, p: float, device=None) -> torch.Tensor:
+    """The ``(n_tokens, n_cols)`` bool keep-mask of dropout probability ``p`` for ``seed``.
+
+    Element ``(m, j)`` (token ``m``, compact column ``j``) is kept iff
+    ``mix(mix(mix(seed) ^ m) ^ mix(j)) >> 8 >= round(p · 2**24)``: a pure function of
+    ``(seed, m, j)``, so every backend (and a backward pass) regenerates the same mask.
+    """
+    seed_h = _mix32(torch.tensor(int(seed) & _M32, dtype=torch.int64, device=device))
+    row_h = _mix32(seed_h ^ torch.arange(n_tokens, dtype=torch.int64, device=device))
+    col_h = _mix32(torch.arange(n_cols, dtype=torch.int64, device=device))
+    h = _mix32(row_h[:, None] ^ col_h[None, :])
+    return (h >> (32 - DROPOUT_BITS)) >= dropout_threshold(p)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _diag_scale(diag: Optional[torch.Tensor], scale: float, r: int, acc: torch.dtype, device) -> torch.Tensor:
+    d = torch.ones(r, dtype=acc, device=device) if diag is None else diag.to(acc)
+    return d * scale
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    row_index: Optional[torch.Tensor],
+    col_index: Optional[torch.Tensor],
+    diag: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor],
+    dropout: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, u)``: ``y`` of shape ``(..., out)`` in ``x.dtype``; ``u`` of shape ``(N, r)`` in the
+    accumulation dtype. Differentiable by torch autograd (the gradients' specification)."""
+    acc = accumulation_dtype(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1]).to(acc)
+    xc = x2 if col_index is None else x2[:, col_index]
+    if keep is not None:
+        xc = xc * keep / (1.0 - dropout)
+    u = xc @ A.to(acc).T
+    t = u * _diag_scale(diag, scale, A.shape[0], acc, x.device)
+    y = x2 @ weight.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    low = t @ B.to(acc).T
+    if row_index is None:
+        y = y + low
+    else:
+        y = y.index_add(1, row_index, low)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0]), u
+
+
+def lowrank_linear(x, weight, A, B, *, scale=1.0, bias=None, row_index=None, col_index=None, diag=None, keep=None, dropout=0.0):
+    """The op's output ``y`` (see the module docstring); ``keep`` replays a dropout mask."""
+    return forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale)[0]
+
+
+def backward(
+    dy: torch.Tensor,
+    x: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    diag: Optional[torch.Tensor],
+    u: Optional[torch.Tensor],
+    row_index: Optional[torch.Tensor],
+    col_index: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor],
+    dropout: float,
+    scale: float,
+    needs: tuple[bool, bool, bool, bool, bool, bool],
+) -> list[Optional[torch.Tensor]]:
+    """``[dx, dweight, dA, dB, ddiag, dbias]`` for the inputs flagged in ``needs`` (None otherwise).
+
+    ``x`` is only read for dweight/dA and ``u`` only for dB/ddiag, so callers save them only then.
+    """
+    need_x, need_w, need_a, need_b, need_d, need_bias = needs
+    acc = u.dtype if u is not None else accumulation_dtype(dy.dtype)
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(acc)
+    ds = _diag_scale(diag, scale, A.shape[0], acc, dy.device)
+    dy_r = dy2 if row_index is None else dy2[:, row_index]
+    g = dy_r @ B.to(acc)
+    h = g * ds
+    x2 = xc = None
+    if x is not None:
+        x2 = x.reshape(-1, x.shape[-1]).to(acc)
+        xc = x2 if col_index is None else x2[:, col_index]
+        if keep is not None:
+            xc = xc * keep / (1.0 - dropout)
+    grads: list[Optional[torch.Tensor]] = [None] * 6
+    if need_x:
+        dx = dy2 @ weight.to(acc)
+        low = h @ A.to(acc)
+        if keep is not None:
+            low = low * keep / (1.0 - dropout)
+        dx = dx + low if col_index is None else dx.index_add(1, col_index, low)
+        grads[0] = dx.reshape(dy.shape[:-1] + (weight.shape[1],)).to(dy.dtype)
+    if need_w:
+        grads[1] = (dy2.T @ x2).to(weight.dtype)
+    if need_a:
+        grads[2] = (h.T @ xc).to(A.dtype)
+    if need_b:
+        grads[3] = (dy_r.T @ (u * ds)).to(B.dtype)
+    if need_d:
+        grads[4] = (scale * (g * u).sum(0)).to(diag.dtype)
+    if need_bias:
+        grads[5] = dy2.sum(0).to(weight.dtype)
+    return grads
+
+
+def delta_weight(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    scale: float = 1.0,
+    diag: Optional[torch.Tensor] = None,
+    row_index: Optional[torch.Tensor] = None,
+    col_index: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The dense ``(out, in)`` update ``scale · scatter(B · diag(d) · A)`` computed in ``dtype``."""
+    core = (B.to(dtype) * _diag_scale(diag, scale, A.shape[0], dtype, A.device)) @ A.to(dtype)
+    if row_index is not None:
+        core = torch.zeros(out_features, core.shape[1], dtype=dtype, device=A.device).index_copy_(0, row_index, core)
+    if col_index is not None:
+        core = torch.zeros(out_features, in_features, dtype=dtype, device=A.device).index_copy_(1, col_index, core)
+    return core
