@@ -1,0 +1,164 @@
+"""``LowRankLinear``: a frozen linear layer plus a (partial, diagonal-scaled) low-rank adapter.
+
+``y = x·Wᵀ + b + s · scatter_rows((drop(x[..., col_index])·Aᵀ ⊙ diag) · Bᵀ)`` through the fused
+op :func:`corda_kernels.ops.lowrank_linear.lowrank_linear`. ``W`` is the frozen base (the residual
+``W − s·B·A`` for CorDA / PiSSA / SiVA), ``A (r, n_cols)`` and ``B (n_rows, r)`` are compact over
+the selected input / output features (Partial-LoRA), ``diag (r,)`` is SiVA's trainable diagonal.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..ops.lowrank_linear import check_factors, delta_weight, lowrank_linear
+
+_FACTORS = ("A", "B", "diag")
+
+
+class LowRankLinear(nn.Module):
+    """A linear layer ``(..., in) -> (..., out)`` with a fused low-rank adapter.
+
+    State: ``weight (out, in)`` and ``bias (out,)`` are frozen parameters; ``A``, ``B`` and
+    ``diag`` are trainable parameters when named in ``trainable`` and persistent buffers otherwise
+    (asymmetric LoRA: ``trainable=("B",)``; SiVA: ``trainable=("diag",)``); ``row_index`` and
+    ``col_index`` are persistent int64 buffers (or None); ``merged_state`` is a persistent bool
+    buffer mirroring :attr:`merged`, so a merged module's state dict loads as merged.
+
+    Dropout (probability ``dropout``) applies to the adapter's input in training mode only.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        *,
+        bias: Optional[torch.Tensor] = None,
+        scale: float = 1.0,
+        diag: Optional[torch.Tensor] = None,
+        row_index: Optional[torch.Tensor] = None,
+        col_index: Optional[torch.Tensor] = None,
+        trainable: Union[str, Iterable[str]] = ("A", "B"),
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
+        unknown = [name for name in trainable if name not in _FACTORS]
+        if unknown:
+            raise ValueError(f"LowRankLinear: trainable may name {_FACTORS}, got {unknown}")
+        if "diag" in trainable and diag is None:
+            raise ValueError("LowRankLinear: trainable names 'diag' but no diag was given")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LowRankLinear: dropout must be in [0, 1), got {dropout}")
+        check_factors(weight, A, B, bias=bias, row_index=row_index, col_index=col_index, diag=diag)
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        for name, tensor in zip(_FACTORS, (A, B, diag)):
+            if tensor is not None and name in trainable:
+                self.register_parameter(name, nn.Parameter(tensor.detach()))
+            else:
+                self.register_buffer(name, None if tensor is None else tensor.detach())
+        self.register_buffer("row_index", row_index)
+        self.register_buffer("col_index", col_index)
+        self.register_buffer("merged_state", torch.zeros((), dtype=torch.bool, device=weight.device))
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+        self.trainable = trainable
+        self.merged = False
+        self.register_load_state_dict_post_hook(LowRankLinear._after_load)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return lowrank_linear(
+            x, self.weight, self.A, self.B, scale=self.scale, bias=self.bias, row_index=self.row_index,
+            col_index=self.col_index, diag=self.diag, dropout=self.dropout if self.training else 0.0,
+            validate_indices=False,
+        )  # fmt: skip
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense fp32 ``(out, in)`` update ``scale · scatter(B · diag · A)``."""
+        return delta_weight(
+            self.A, self.B, self.out_features, self.in_features, scale=self.scale, diag=self.diag,
+            row_index=self.row_index, col_index=self.col_index,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def merge(self) -> "LowRankLinear":
+        """Add the update into ``weight`` in place (fp32 sum, one cast); forward becomes plain linear."""
+        if not self.merged:
+            self.weight.copy_(self.weight.float() + self.delta_weight())
+            self._set_merged(True)
+        return self
+
+    @torch.no_grad()
+    def unmerge(self) -> "LowRankLinear":
+        """Subtract the update from ``weight`` again (exact in fp32; one rounding in 16-bit dtypes)."""
+        if self.merged:
+            self.weight.copy_(self.weight.float() - self.delta_weight())
+            self._set_merged(False)
+        return self
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new ``nn.Linear`` holding the merged weight (this module is left as it is)."""
+        merged = self.weight.float() if self.merged else self.weight.float() + self.delta_weight()
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=self.weight.device, dtype=self.weight.dtype,
+        )  # fmt: skip
+        linear.weight.copy_(merged)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, A: torch.Tensor, B: torch.Tensor, *, residual: Optional[torch.Tensor] = None, **kwargs
+    ) -> "LowRankLinear":
+        """Wrap ``linear``: its weight (or ``residual``, e.g. ``W − s·B·A``) becomes the frozen base and
+        its bias the frozen bias; ``kwargs`` are the other constructor options."""
+        if residual is not None and tuple(residual.shape) != tuple(linear.weight.shape):
+            raise ValueError(
+                f"LowRankLinear.from_linear: residual {tuple(residual.shape)} must have the linear's weight shape "
+                f"{tuple(linear.weight.shape)}"
+            )
+        weight = linear.weight if residual is None else residual
+        return cls(weight, A, B, bias=linear.bias, **kwargs)
+
+    def _set_merged(self, merged: bool) -> None:
+        self.merged = merged
+        self.merged_state.fill_(merged)
+
+    @staticmethod
+    def _after_load(module: "LowRankLinear", incompatible_keys) -> None:
+        check_factors(
+            module.weight, module.A, module.B, bias=module.bias, row_index=module.row_index,
+            col_index=module.col_index, diag=module.diag,
+        )  # fmt: skip
+        module.merged = bool(module.merged_state)
+
+    def extra_repr(self) -> str:
+        rows = "all" if self.row_index is None else f"{self.row_index.numel()}/{self.out_features}"
+        cols = "all" if self.col_index is None else f"{self.col_index.numel()}/{self.in_features}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"scale={self.scale:g}, rows={rows}, cols={cols}, diag={self.diag is not None}, "
+            f"trainable={self.trainable}, dropout={self.dropout:g}, bias={self.bias is not None}, merged={self.merged}"
+        )
