@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _backend
+from . import _backend, distributed
 from .checkpoint import CalibrationCheckpoint, CheckpointMismatch, model_fingerprint, update_data_fingerprint
 from .integrations import hf
 from .ops.covariance import CovarianceAccumulator, covariance_update, finalize_covariance
@@ -258,6 +258,8 @@ def calibrate(
     progress: bool = True,
     checkpoint_dir: Optional[str] = None,
     checkpoint_every: int = 50,
+    process_group=None,
+    shard: str = "stride",
 ) -> Calibration:
     """Collect the input covariance of every target layer of ``model`` over ``batches``.
 
@@ -274,16 +276,48 @@ def calibrate(
             end (atomically; see :mod:`corda_kernels.checkpoint`). Re-running the same call after a
             crash resumes from it and gives the same covariances as an uninterrupted run; a
             checkpoint of another model, target set, normalization or data is refused.
+        process_group: data-parallel calibration (see :mod:`corda_kernels.distributed`): by default
+            the default group when ``torch.distributed`` is initialized (every rank must call), a
+            ``ProcessGroup``, or False for a single process. Ranks' sums and token counts are
+            all-reduced before finalization: every rank returns the same Calibration. Checkpoints
+            go to ``checkpoint_dir/rank-<r>``.
+        shard: how ranks split ``batches``: ``"stride"`` (default; every rank gets the same
+            ``batches`` and runs batches ``rank, rank + world, ...``, so the result is that of one
+            process over all of them, ``max_batches`` counting shared batches) or ``"local"``
+            (``batches`` is this rank's own shard; ``max_batches`` applies per rank).
     """
+    group = distributed.resolve_group(process_group)
     targets = hf.find_targets(model, target_modules, exclude_modules)
     for name, module in targets.items():
         hf.check_adaptable(name, module)
-    device = hf.input_device(model)
     recorder = CovarianceRecorder(targets, normalization=normalization)
-    checkpoint, resume = None, None
+    checkpoint = None
     if checkpoint_dir is not None:
         identity = {"model": model_fingerprint(model), "targets": sorted(targets), "normalization": normalization}
-        checkpoint = CalibrationCheckpoint(checkpoint_dir, identity)
+        identity.update(distributed.checkpoint_identity(group, shard))
+        checkpoint = CalibrationCheckpoint(distributed.rank_checkpoint_dir(checkpoint_dir, group), identity)
+    with distributed.collective_errors(group, "calibrate"):
+        if group is not None:
+            batches, max_batches = distributed.shard_batches(batches, group, shard, max_batches)
+            progress = progress and distributed.rank_and_world(group)[0] == 0
+        done, tokens = _stream(model, recorder, batches, max_batches, progress, checkpoint, checkpoint_every)
+    if group is not None:
+        done, tokens = distributed.all_reduce_recorder(recorder, group, done, tokens)
+    if done == 0:
+        raise ValueError("calibration data is empty: `batches` yielded no batch")
+    recorder.batch_index = done - 1
+    result = recorder.result()
+    result.meta["tokens"] = tokens
+    return result
+
+
+def _stream(model, recorder: CovarianceRecorder, batches, max_batches, progress, checkpoint, checkpoint_every):
+    """Run ``model`` over ``batches`` into ``recorder`` (resuming from / saving to ``checkpoint``);
+    returns (batches done, tokens seen)."""
+    device = hf.input_device(model)
+    checkpoint_dir = checkpoint.directory if checkpoint is not None else None
+    resume = None
+    if checkpoint is not None:
         resume = checkpoint.load()
         if resume is not None:
             recorder.load_state(resume["tensors"], resume["groups"])
@@ -330,8 +364,6 @@ def calibrate(
     finally:
         bar.close()
         model.train(was_training)
-    if done == 0:
-        raise ValueError("calibration data is empty: `batches` yielded no batch")
     if done < skip:
         raise CheckpointMismatch(
             f"calibration data ended after {done} batches but checkpoint {checkpoint_dir} has {skip}; it belongs to "
@@ -339,7 +371,4 @@ def calibrate(
         )
     if checkpoint is not None and done > skip:
         save()
-    recorder.batch_index = done - 1
-    result = recorder.result()
-    result.meta["tokens"] = tokens
-    return result
+    return done, tokens

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .integrations import hf
 from .methods.base import InitMethod, LayerInit
 
@@ -69,6 +70,7 @@ def decompose(
     seed: int = 0,
     max_batch_bytes: Optional[int] = None,
     progress: bool = True,
+    process_group=None,
 ) -> dict[str, LayerInit]:
     """Initial adapters of every target layer.
 
@@ -80,7 +82,17 @@ def decompose(
             method needs input covariances.
         max_batch_bytes: working-set bound per chunk (default: a quarter of free GPU memory, 2 GiB
             on CPU).
+        process_group: split the layers across a ``torch.distributed`` group, balanced by cost, and
+            broadcast each result from its owner (see :mod:`corda_kernels.distributed`): by default
+            the default group when ``torch.distributed`` is initialized (every rank must call), a
+            ``ProcessGroup``, or False for one process. Every rank returns every layer's init.
     """
+    group = distributed.resolve_group(process_group)
+    if group is not None:
+        return distributed.decompose_sharded(
+            targets, method, group, ranks=ranks, alphas=alphas, use_rslora=use_rslora, covariances=covariances,
+            seed=seed, max_batch_bytes=max_batch_bytes, progress=progress,
+        )  # fmt: skip
     if method.needs_covariance and covariances is None:
         raise ValueError(f"method {method.describe()} needs input covariances: pass covariances=calibrate(model, batches)")
     buckets: dict[tuple, list[str]] = defaultdict(list)
