@@ -101,6 +101,7 @@ def apply(
     seed: int = 0,
     max_batch_bytes: Optional[int] = None,
     progress: bool = True,
+    process_group=None,
     **method_options,
 ) -> nn.Module:
     """Initialize adapters with ``method`` and swap them into ``model`` (in place; returns it).
@@ -116,6 +117,10 @@ def apply(
         rank_pattern / alpha_pattern: per-layer overrides, PEFT semantics.
         dropout: dropout on the adapter input during training.
         seed: seed of randomized decompositions and random initializations.
+        process_group: decompose the layers sharded across a ``torch.distributed`` group and
+            broadcast the factors, so every rank builds the same adapters (see
+            :func:`corda_kernels.decompose.decompose`; default: the default group when initialized,
+            every rank must call; False for one process).
     """
     method: InitMethod = make_method(method, **method_options)
     refuse_adapted(model)
@@ -139,6 +144,7 @@ def apply(
         seed=seed,
         max_batch_bytes=max_batch_bytes,
         progress=progress,
+        process_group=process_group,
     )
     swapped: list[tuple[str, nn.Module]] = []
     try:
