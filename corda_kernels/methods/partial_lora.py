@@ -36,7 +36,9 @@ SNIP uses the summed next-token NLL, or ``loss(model, batch) -> scalar tensor``.
 Options: ``few_shot=batches``, ``margin=0.9``, ``score="svd"|"snip"``, ``metric``, ``loss``, or
 ``densities=`` a ratio in (0, 1] (uniform) or ``{layer name: ratio}`` to skip the derivation.
 After ``prepare`` the method keeps ``ratios`` ({name: p_l}), and for SVD ``subspace_ranks``
-({name: k_l}) and ``base_metric``.
+({name: k_l}) and ``base_metric``; each adapted layer also carries ``init_stats["density"]``.
+:func:`corda_kernels.methods.parameters.trainable_parameter_report` compares the trainable
+parameters with dense LoRA's.
 """
 
 from __future__ import annotations
