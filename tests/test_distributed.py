@@ -177,6 +177,28 @@ def scenario_fsdp(rank, out_dir):
     return {"losses": losses, "trainable": trainable}
 
 
+def scenario_fsdp1(rank, out_dir):
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+    wrap = functools.partial(FSDP, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    try:  # frozen residual + trainable factors in one module: FSDP1 flat parameters refuse them
+        wrap(_adapted_model(None), use_orig_params=False)
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
+    model = wrap(_adapted_model(None), use_orig_params=True)
+    losses = _train(model, slice(2 * rank, 2 * rank + 2))
+    with FSDP.summon_full_params(model):
+        trainable = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                     for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    return {"refused": refused, "losses": losses, "trainable": trainable}
+
+
 @contextlib.contextmanager
 def _small_buckets(nbytes=1024):
     saved, distributed.BUCKET_BYTES = distributed.BUCKET_BYTES, nbytes
@@ -186,7 +208,7 @@ def _small_buckets(nbytes=1024):
         distributed.BUCKET_BYTES = saved
 
 
-SCENARIOS = [scenario_calibration, scenario_resume, scenario_decompose, scenario_ddp, scenario_fsdp]
+SCENARIOS = [scenario_calibration, scenario_resume, scenario_decompose, scenario_ddp, scenario_fsdp, scenario_fsdp1]
 
 
 def _worker(out_dir):
@@ -396,10 +418,13 @@ def test_ddp_training_matches_one_process_on_the_whole_batch(run):
     assert mean == pytest.approx(losses, rel=1e-5)
 
 
-def test_fsdp2_training_matches_one_process(run):
-    ranks = run["fsdp"]
+@pytest.mark.parametrize("scenario", ["fsdp", "fsdp1"])
+def test_fsdp_training_matches_one_process(run, scenario):
+    ranks = run[scenario]
     if "skipped" in ranks[0]:
         pytest.skip(ranks[0]["skipped"])
+    if scenario == "fsdp1":
+        assert "requires_grad" in (ranks[0]["refused"] or "")  # hence use_orig_params=True
     _assert_identical(ranks[0]["trainable"], ranks[1]["trainable"])
     model, losses = _single_process_training()
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
