@@ -13,7 +13,8 @@ Notation as in :mod:`corda_kernels.kernels.reference.lowrank_linear` (``s`` = sc
   separate scale/add pass exist. Forward: ``y = x · Wᵀ + b + scatter_rows((u ⊙ s d) · B_rᵀ)``
   with ``inv`` mapping output features to rows of ``B``; backward:
   ``dx = dy · W + scatter_cols(keep ⊙ ((g ⊙ s d) · A_c))/(1-p)`` with ``inv`` mapping input
-  features to columns of ``A``. Output tiles are visited in L2-friendly groups of ``GROUP_M``.
+  features to columns of ``A``. Output tiles are visited in L2-friendly groups of ``GROUP_M``;
+  on CUDA the tile shape is autotuned per (out, in, r, flags), not per token count.
 - ``_gram_kernel``: ``C[p, :] = c Σ_m keep(m, p) G[m, idx[p]] (H[m, :] ⊙ v)``, a reduction over
   tokens, split over a third grid axis with fp32 atomics when the grid would be too small.
   ``dB = dy_rᵀ (u ⊙ s d)`` and ``dAᵀ = drop(x_c)ᵀ (g ⊙ s d)``.
@@ -48,12 +49,14 @@ def _mix32(h):
 
 
 @triton.jit
-def _keep(seed_ptr, offs_m, offs_j, threshold, DROP_SHIFT: tl.constexpr):
-    """The (len(offs_m), len(offs_j)) dropout keep-mask of tokens offs_m, compact columns offs_j."""
-    seed_h = _mix32(tl.load(seed_ptr).to(tl.uint32))
-    row_h = _mix32(seed_h ^ offs_m.to(tl.uint32))
-    col_h = _mix32(offs_j.to(tl.uint32))
-    h = _mix32(row_h[:, None] ^ col_h[None, :])
+def _row_hash(seed_ptr, offs_m):
+    return _mix32(_mix32(tl.load(seed_ptr).to(tl.uint32)) ^ offs_m.to(tl.uint32))
+
+
+@triton.jit
+def _keep(row_h, offs_j, threshold, DROP_SHIFT: tl.constexpr):
+    """The (len(row_h), len(offs_j)) dropout keep-mask of hashed tokens row_h, compact columns offs_j."""
+    h = _mix32(row_h[:, None] ^ _mix32(offs_j.to(tl.uint32))[None, :])
     return (h >> DROP_SHIFT).to(tl.int32) >= threshold
 
 
@@ -71,6 +74,8 @@ def _project_kernel(
     m_ok = offs_m < M
     r_ok = offs_r < R
     rows = offs_m.to(tl.int64) * stride_gm
+    if HAS_DROPOUT:
+        row_h = _row_hash(seed_ptr, offs_m)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for j0 in range(0, J, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
@@ -84,7 +89,7 @@ def _project_kernel(
             mask=m_ok[:, None] & j_ok[None, :], other=0.0,
         )  # fmt: skip
         if HAS_DROPOUT:
-            g = tl.where(_keep(seed_ptr, offs_m, offs_j, threshold, DROP_SHIFT), g, tl.zeros_like(g))
+            g = tl.where(_keep(row_h, offs_j, threshold, DROP_SHIFT), g, tl.zeros_like(g))
         f = tl.load(
             f_ptr + offs_j.to(tl.int64)[:, None] * stride_fj + offs_r[None, :] * stride_fr,
             mask=j_ok[:, None] & r_ok[None, :], other=0.0,
@@ -153,7 +158,7 @@ def _fused_gemm_kernel(
         f = tl.load(f_cols + offs_k[:, None] * stride_fr, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
         low = tl.dot(t, f, low, input_precision=PRECISION, out_dtype=tl.float32)
     if HAS_DROPOUT:
-        keep = _keep(seed_ptr, offs_m, j, threshold, DROP_SHIFT) & f_ok[None, :]
+        keep = _keep(_row_hash(seed_ptr, offs_m), j, threshold, DROP_SHIFT) & f_ok[None, :]
         acc += tl.where(keep, low * inv_keep, 0.0)
     else:
         acc = low
@@ -191,7 +196,7 @@ def _gram_kernel(
         m_ok = offs_m < m_end
         g = tl.load(g_cols + offs_m.to(tl.int64)[:, None] * stride_gm, mask=m_ok[:, None] & p_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            g = tl.where(_keep(seed_ptr, offs_m, offs_p, threshold, DROP_SHIFT), g, tl.zeros_like(g))
+            g = tl.where(_keep(_row_hash(seed_ptr, offs_m), offs_p, threshold, DROP_SHIFT), g, tl.zeros_like(g))
         h = tl.load(
             h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr,
             mask=m_ok[:, None] & r_ok[None, :], other=0.0,
@@ -215,17 +220,46 @@ def _sm_count(device: torch.device) -> int:
 
 
 def launch_config(dtype: torch.dtype, r: int, device: torch.device) -> dict:
-    """Tile sizes and warps per kernel.
+    """Fixed tile sizes: the skinny kernels on every device, the fused GEMM in the interpreter.
 
-    GPU: 128x128 output tiles with K slices of 64 (16-bit) / 32 (fp32), 8 warps, 3 stages for the
-    fused GEMM; 64-token tiles and r padded to a power of two (at most 128 per program) for the
-    skinny kernels. The interpreter gets 16-wide tiles (it executes every lane in numpy).
+    GPU: K slices of 64 (16-bit) / 32 (fp32), r padded to a power of two (at most 128 per program),
+    64-wide token / feature tiles for the skinny kernels (the projection narrows its token tile until
+    the grid fills the GPU). The fused GEMM is autotuned there (:data:`_GEMM_CONFIGS`). The
+    interpreter gets 16-wide tiles (it executes every lane in numpy).
     """
     if triton_interpreted() or device.type != "cuda":
         return dict(bm=16, bn=16, bk=16, br=16, warps=1, stages=1, group_m=2)
     bk = 32 if dtype == torch.float32 else 64
     br = min(128, max(16, triton.next_power_of_2(r)))
-    return dict(bm=128, bn=128, bk=bk, br=br, warps=8, stages=3, group_m=8)
+    return dict(bm=64, bk=bk, br=br, warps=4, stages=3)
+
+
+# Fused-GEMM candidates on CUDA: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); 16-bit inputs try the
+# BLOCK_K = 64 ones, fp32 the BLOCK_K = 32 ones (the others overflow shared memory). The token count
+# is not in the key, so a new sequence length does not re-tune.
+_GEMM_CONFIGS = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (128, 128, 32, 8, 4),
+    (64, 128, 32, 4, 4),
+]
+
+
+def _configs_for_dtype(configs, named_args, **kwargs):
+    block_k = 32 if named_args["x_ptr"].dtype == torch.float32 else 64
+    return [c for c in configs if c.kwargs["BLOCK_K"] == block_k]
+
+
+_fused_gemm_tuned = triton.autotune(
+    [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=st)
+        for m, n, k, w, st in _GEMM_CONFIGS
+    ],
+    key=["N", "K", "R", "HAS_BIAS", "HAS_INV", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _configs_for_dtype},
+)(_fused_gemm_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -250,16 +284,17 @@ def _project(out, g, index, n_idx, f, f_strides, seed, dropout, cfg):
     """out (M, R) fp32 = drop(g[:, index]) @ f, f viewed as (n_idx, R) through f_strides."""
     M, R = out.shape
     seed_arg, has_drop, threshold, inv_keep = _dropout_args(seed, dropout, out)
-    bm = min(cfg["bm"], 64)
-    grid = (triton.cdiv(M, bm), triton.cdiv(R, cfg["br"]))
-    _project_kernel[grid](
+    bm, r_blocks = cfg["bm"], triton.cdiv(R, cfg["br"])
+    while bm > 16 and triton.cdiv(M, bm) * r_blocks < _sm_count(g.device):
+        bm //= 2
+    _project_kernel[(triton.cdiv(M, bm), r_blocks)](
         g, index if index is not None else out, f, out, seed_arg,
         M, n_idx, R,
         g.stride(0), g.stride(1), f_strides[0], f_strides[1], out.stride(0), out.stride(1),
         threshold, inv_keep,
         HAS_INDEX=index is not None, HAS_DROPOUT=has_drop, DROP_SHIFT=32 - DROPOUT_BITS,
         PRECISION=_precision(g.dtype), BLOCK_M=bm, BLOCK_J=cfg["bk"], BLOCK_R=cfg["br"],
-        num_warps=min(cfg["warps"], 4), num_stages=cfg["stages"],
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
 
 
@@ -268,16 +303,28 @@ def _fused_gemm(out, x, w_strides, w, bias, t, v, f, f_strides, inv, seed, dropo
     M, N = out.shape
     K = x.shape[1]
     seed_arg, has_drop, threshold, inv_keep = _dropout_args(seed, dropout, out)
-    grid = (triton.cdiv(M, cfg["bm"]) * triton.cdiv(N, cfg["bn"]),)
-    _fused_gemm_kernel[grid](
+    args = (
         x, w, bias if bias is not None else out, t, v, f, inv if inv is not None else out, seed_arg, out,
         M, N, K, t.shape[1],
         x.stride(0), x.stride(1), w_strides[0], w_strides[1], t.stride(0), t.stride(1), f_strides[0], f_strides[1],
         out.stride(0), out.stride(1),
         threshold, inv_keep,
+    )  # fmt: skip
+    flags = dict(
         HAS_BIAS=bias is not None, HAS_INV=inv is not None, HAS_DROPOUT=has_drop, DROP_SHIFT=32 - DROPOUT_BITS,
-        PRECISION=_precision(x.dtype), BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"],
-        GROUP_M=cfg["group_m"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+        PRECISION=_precision(x.dtype),
+    )  # fmt: skip
+    if "bn" not in cfg:  # CUDA: autotuned tiles
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _fused_gemm_tuned[grid](*args, **flags)
+        return
+    grid = (triton.cdiv(M, cfg["bm"]) * triton.cdiv(N, cfg["bn"]),)
+    _fused_gemm_kernel[grid](
+        *args, **flags, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"], GROUP_M=cfg["group_m"],
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
 
 
@@ -286,7 +333,7 @@ def _gram(out, out_strides, g, index, h, v, seed, dropout, cfg):
     M = g.shape[0]
     P, R = index.numel() if index is not None else g.shape[1], h.shape[1]
     seed_arg, has_drop, threshold, inv_keep = _dropout_args(seed, dropout, h)
-    bp = bm = min(cfg["bm"], 64)
+    bp = bm = cfg["bm"]
     tiles = triton.cdiv(P, bp) * triton.cdiv(R, cfg["br"])
     split = max(1, min(triton.cdiv(2 * _sm_count(g.device), tiles), M // (8 * bm)))
     per_split = triton.cdiv(M, split)
@@ -297,7 +344,7 @@ def _gram(out, out_strides, g, index, h, v, seed, dropout, cfg):
         threshold, inv_keep,
         HAS_INDEX=index is not None, HAS_DROPOUT=has_drop, DROP_SHIFT=32 - DROPOUT_BITS, ATOMIC=split > 1,
         PRECISION=_precision(g.dtype), BLOCK_P=bp, BLOCK_R=cfg["br"], BLOCK_M=bm,
-        num_warps=min(cfg["warps"], 4), num_stages=cfg["stages"],
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
 
 
