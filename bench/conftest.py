@@ -46,10 +46,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median(bench) -> float:
+    """Median seconds of a session entry (pytest-benchmark keeps ``Metadata`` whose ``stats`` is a
+    ``Stats``; a fixture's ``stats`` is the ``Metadata`` itself)."""
+    stats = getattr(bench, "stats", None)
+    stats = getattr(stats, "stats", stats)
+    return getattr(stats, "median", None)
+
+
 def _ratio_table(benchmarks) -> list[str]:
     groups: dict[str, list] = {}
     for b in benchmarks:
-        if b.stats is None or getattr(b.stats, "stats", None) is None:
+        if _median(b) is None:
             continue
         groups.setdefault(b.group, []).append(b)
     lines = [
@@ -62,10 +70,8 @@ def _ratio_table(benchmarks) -> list[str]:
     for group, items in sorted(groups.items()):
         anchors = [b for b in items if str(b.extra_info.get("impl", "")).startswith("anchor:")]
         for b in sorted(items, key=lambda b: str(b.extra_info.get("impl"))):
-            median = b.stats.stats.median
-            ratios = ", ".join(
-                f"{a.extra_info['impl'][7:]}: {a.stats.stats.median / median:.2f}x" for a in anchors if a is not b
-            )
+            median = _median(b)
+            ratios = ", ".join(f"{a.extra_info['impl'][7:]}: {_median(a) / median:.2f}x" for a in anchors if a is not b)
             flops = b.extra_info.get("flops")
             tflops = f"{flops / median / 1e12:.1f}" if flops else ""
             lines.append(f"| {group} | {b.extra_info.get('impl')} | {median * 1e3:.3f} | {ratios} | {tflops} |")
