@@ -79,3 +79,36 @@ def test_train_then_export(method, batch, tmp_path):
         ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_partial_lora_on_real_text():
+    """SmolLM2-135M (GGUF, offline): Partial-LoRA ratios from a few-shot batch of real text on a few
+    layers, then AdamW steps on that text lower the loss."""
+    from corda_kernels.integrations.loading import load_model, load_texts
+    from corda_kernels.integrations.loading import token_batches as text_batches
+    from corda_kernels.methods import PartialLoRA
+
+    try:
+        model, tokenizer = load_model(None, None)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    data = text_batches(tokenizer, load_texts("builtin")[:2], 32, 2)[0]
+    batch = {**data, "labels": data["input_ids"].masked_fill(data["attention_mask"] == 0, -100)}
+    method = PartialLoRA([batch])
+    targets = ["model.layers.10.self_attn.v_proj", "model.layers.10.mlp.down_proj"]
+    apply(model, method, rank=8, alpha=16, target_modules=targets, progress=False)
+    assert set(method.ratios) == set(targets) and all(0 < r <= 1 for r in method.ratios.values())
+    report = trainable_parameter_report(model)
+    assert report.trainable < report.dense_lora or all(r == 1 for r in method.ratios.values())
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
