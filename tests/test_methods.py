@@ -38,6 +38,20 @@ def _layers(model):
 
 
 @pytest.fixture(scope="module")
+def adapted():
+    """``adapted(case, seed=0, **apply_options)``: adapted models shared by the read-only tests."""
+    cache = {}
+
+    def get(case, seed=0, **kwargs):
+        key = (case, seed, repr(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = _adapted(case, seed, **kwargs)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
 def batch():
     return token_batches(128, n_batches=1)[0]
 
@@ -52,8 +66,8 @@ def test_registry():
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_outputs_at_init_equal_original(case, original, batch):
-    model = _adapted(case)
+def test_outputs_at_init_equal_original(case, original, batch, adapted):
+    model = adapted(case)
     assert len(_layers(model)) == 14
     with torch.no_grad():
         delta = (model(**batch).logits - original(**batch).logits).abs().max()
@@ -61,8 +75,8 @@ def test_outputs_at_init_equal_original(case, original, batch):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_trainable_counts_and_freezing(case):
-    model = _adapted(case)
+def test_trainable_counts_and_freezing(case, adapted):
+    model = adapted(case)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     report = trainable_parameter_report(model)
     assert report.other_trainable == 0
@@ -110,16 +124,16 @@ def test_lora_matches_peft(original, batch):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_asymmetric_orthonormal_rows():
-    for layer in _layers(_adapted("asymmetric")).values():
+def test_asymmetric_orthonormal_rows(adapted):
+    for layer in _layers(adapted("asymmetric")).values():
         eye = torch.eye(RANK)
         torch.testing.assert_close(layer.A @ layer.A.T, eye, atol=1e-6, rtol=0)
         assert not layer.B.any()
 
 
 @pytest.mark.parametrize("case", ["siva", "siva-perc"])
-def test_siva_residual_and_smallest_values(case, original):
-    model = _adapted(case)
+def test_siva_residual_and_smallest_values(case, original, adapted):
+    model = adapted(case)
     for name, layer in _layers(model).items():
         W = original.get_submodule(name).weight.detach()
         k = RANK if case == "siva" else round(0.1 * min(W.shape))
@@ -136,9 +150,10 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("case", ["lora", "asymmetric", "partial_lora"])
-def test_deterministic_per_seed_and_layer(case):
-    first, again, other = (_layers(_adapted(case, seed=s)) for s in (0, 0, 1))
-    subset = _layers(_adapted(case, target_modules=["v_proj"]))
+def test_deterministic_per_seed_and_layer(case, adapted):
+    first, other = _layers(adapted(case)), _layers(adapted(case, seed=1))
+    again = _layers(_adapted(case))
+    subset = _layers(adapted(case, target_modules=["v_proj"]))
     assert set(subset) == {n for n in first if n.endswith("v_proj")}
     for name, layer in first.items():
         assert _same(layer.A, again[name].A) and not _same(layer.A, other[name].A)
