@@ -43,7 +43,8 @@ class ParameterReport:
         lines = [f"{'layer':<48} {'shape':>11} {'rank':>5} {'trainable':>10} {'dense LoRA':>10} {'ratio':>6}"]
         for name, p in self.layers.items():
             shape = f"{p.shape[0]}x{p.shape[1]}"
-            lines.append(f"{name:<48} {shape:>11} {p.rank:>5} {p.trainable:>10} {p.dense_lora:>10} {p.trainable / p.dense_lora:>6.3f}")
+            ratio = p.trainable / p.dense_lora
+            lines.append(f"{name:<48} {shape:>11} {p.rank:>5} {p.trainable:>10} {p.dense_lora:>10} {ratio:>6.3f}")
         lines.append(f"{'total':<48} {'':>11} {'':>5} {self.trainable:>10} {self.dense_lora:>10} {self.fraction:>6.3f}")
         if self.other_trainable:
             lines.append(f"other trainable parameters: {self.other_trainable}")

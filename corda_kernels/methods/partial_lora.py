@@ -152,7 +152,9 @@ class PartialLoRA(InitMethod):
         if score not in SCORES:
             raise ValueError(f"Partial-LoRA score must be one of {SCORES}, got {score!r}")
         if not callable(metric) and metric not in METRICS:
-            raise ValueError(f"Partial-LoRA metric must be one of {METRICS} or a callable(model, batches) -> float, got {metric!r}")
+            raise ValueError(
+                f"Partial-LoRA metric must be one of {METRICS} or a callable(model, batches) -> float, got {metric!r}"
+            )
         if densities is None:
             if isinstance(few_shot, Mapping):
                 few_shot = [few_shot]
