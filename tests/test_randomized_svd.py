@@ -1,0 +1,191 @@
+"""randomized_svd against fp64 torch.linalg.svd.
+
+Test matrices have a known, well-separated spectrum (random singular vectors), so the top
+singular vectors are determined up to sign and the defaults recover them to fp32 accuracy; a wrong
+index, a lost transpose or a swapped U/V shows up as an O(1) error.
+"""
+
+import pytest
+import torch
+
+from corda_kernels.ops.randomized_svd import default_oversample, randomized_svd
+from svd_helpers import align_signs, with_spectrum
+
+
+def geometric(m, n, batch=(), seed=0, ratio=0.6, dtype=torch.float64):
+    k = min(m, n)
+    return with_spectrum(m, n, ratio ** torch.arange(k, dtype=torch.float64), batch, seed, dtype)
+
+
+def assert_matches_svd(A, U, S, Vh, rank, rtol):
+    U0, S0, Vh0 = torch.linalg.svd(A.double(), full_matrices=False)
+    U0, S0, Vh0 = U0[..., :rank], S0[..., :rank], Vh0[..., :rank, :]
+    scale = S0[..., :1]
+    assert bool(((S.double() - S0).abs() <= rtol * scale).all())
+    sign = align_signs(U.double(), U0)
+    torch.testing.assert_close(U.double() * sign, U0, atol=rtol * 10, rtol=0)
+    torch.testing.assert_close(Vh.double() * sign.mT, Vh0, atol=rtol * 10, rtol=0)
+    # The product is sign-free.
+    torch.testing.assert_close((U.double() * S.double()[..., None, :]) @ Vh.double(), (U0 * S0[..., None, :]) @ Vh0,
+                               atol=rtol * 10 * float(scale.max()), rtol=0)
+
+
+@pytest.mark.parametrize(
+    "m,n,rank",
+    [(200, 150, 5), (150, 200, 5), (130, 130, 1), (211, 113, 3), (113, 211, 16)],
+    ids=["tall", "wide", "rank1", "odd-tall", "odd-wide"],
+)
+def test_matches_fp64_svd(m, n, rank):
+    """Defaults, sketch narrower than min(m, n): the randomized path."""
+    A = geometric(m, n, dtype=torch.float64)
+    assert rank + default_oversample(rank) < min(m, n)
+    U, S, Vh = randomized_svd(A, rank)
+    assert U.shape == (m, rank) and S.shape == (rank,) and Vh.shape == (rank, n)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float64
+    assert bool((S[:-1] >= S[1:]).all()), "S must be descending"
+    assert_matches_svd(A, U, S, Vh, rank, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "m,n,rank,oversample",
+    [(40, 30, 5, 4), (30, 40, 5, 4), (33, 17, 1, 0), (17, 33, 3, 2)],
+    ids=["tall", "wide", "rank1-no-oversampling", "odd-wide"],
+)
+def test_small_sketch(m, n, rank, oversample):
+    A = geometric(m, n, seed=1, dtype=torch.float64)
+    U, S, Vh = randomized_svd(A, rank, oversample=oversample, n_iter=12)
+    assert U.shape == (m, rank) and Vh.shape == (rank, n)
+    assert_matches_svd(A, U, S, Vh, rank, rtol=1e-6)
+
+
+@pytest.mark.parametrize("m,n,rank", [(40, 30, 5), (50, 20, 20), (20, 50, 20)], ids=["l>k", "rank=n", "rank=m"])
+def test_sketch_spanning_everything_is_the_exact_svd(m, n, rank):
+    A = geometric(m, n, seed=2, dtype=torch.float32)
+    U, S, Vh = randomized_svd(A, rank)
+    U0, S0, Vh0 = torch.linalg.svd(A, full_matrices=False)
+    assert torch.equal(U, U0[:, :rank]) and torch.equal(S, S0[:rank]) and torch.equal(Vh, Vh0[:rank])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_inputs_compute_in_fp32(dtype):
+    A = geometric(48, 36).to(dtype)
+    U, S, Vh = randomized_svd(A, 6)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    # Against the SVD of the very matrix given (its rounding to bf16/fp16 is part of the input).
+    assert_matches_svd(A.float(), U, S, Vh, 6, rtol=2e-5)
+    torch.testing.assert_close(U.mT @ U, torch.eye(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(Vh @ Vh.mT, torch.eye(6), atol=1e-5, rtol=0)
+
+
+def test_batched_equals_per_matrix():
+    A = geometric(24, 36, batch=(2, 3), seed=1, dtype=torch.float32)
+    U, S, Vh = randomized_svd(A, 4, oversample=4, n_iter=8)
+    assert U.shape == (2, 3, 24, 4) and S.shape == (2, 3, 4) and Vh.shape == (2, 3, 4, 36)
+    for i in range(2):
+        for j in range(3):
+            u, s, vh = randomized_svd(A[i, j], 4, oversample=4, n_iter=8)
+            torch.testing.assert_close(S[i, j], s, atol=1e-5, rtol=1e-5)
+            sign = align_signs(U[i, j], u)
+            torch.testing.assert_close(U[i, j] * sign, u, atol=1e-4, rtol=0)
+            torch.testing.assert_close(Vh[i, j] * sign.mT, vh, atol=1e-4, rtol=0)
+    assert_matches_svd(A, U, S, Vh, 4, rtol=2e-5)
+
+
+def flat(m=60, n=80, seed=3):
+    """A flat spectrum: one sketch without power iterations leaves a visibly seed-dependent result."""
+    return with_spectrum(m, n, torch.linspace(1.0, 0.5, min(m, n)), seed=seed, dtype=torch.float32)
+
+
+def test_deterministic_under_seed_and_generator():
+    A = flat()
+    kw = dict(oversample=3, n_iter=1)
+    first = randomized_svd(A, 5, seed=7, **kw)
+    again = randomized_svd(A, 5, seed=7, **kw)
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+    via_generator = randomized_svd(A, 5, generator=torch.Generator().manual_seed(7), **kw)
+    for x, y in zip(first, via_generator):
+        assert torch.equal(x, y)
+    other = randomized_svd(A, 5, seed=8, **kw)
+    assert not torch.equal(first[1], other[1])
+
+
+def test_independent_sketch_per_batch_element():
+    A = flat()
+    twins = torch.stack([A, A])
+    _, S, _ = randomized_svd(twins, 5, oversample=0, n_iter=0)
+    # Same matrix, different sketches: a one-shot sketch of a flat spectrum differs visibly.
+    assert (S[0] - S[1]).abs().max() > 1e-3
+    # With enough iterations both converge to the same (exact) values.
+    _, S, _ = randomized_svd(twins, 5, oversample=20, n_iter=30)
+    S0 = torch.linalg.svdvals(A.double())[:5]
+    torch.testing.assert_close(S.double(), S0.expand(2, 5), atol=1e-4, rtol=0)
+
+
+def test_non_contiguous_input():
+    base = geometric(36, 28, seed=4, dtype=torch.float32)
+    A = base.T  # a transposed view: (28, 36)
+    assert not A.is_contiguous()
+    U, S, Vh = randomized_svd(A, 5, oversample=5, n_iter=8)
+    assert_matches_svd(A, U, S, Vh, 5, rtol=2e-5)
+    assert U.is_contiguous() and Vh.is_contiguous()
+
+
+def test_default_accuracy_on_a_flat_power_law():
+    """The documented target: relative excess Frobenius error <= 1e-4 vs the exact truncated SVD."""
+    m, n, r = 300, 200, 16
+    s = torch.arange(1, 201, dtype=torch.float64) ** -0.5
+    A = with_spectrum(m, n, s, seed=5, dtype=torch.float32)
+    U, S, Vh = randomized_svd(A, r)
+    err = (A.double() - (U.double() * S.double()) @ Vh.double()).norm()
+    opt = s[r:].square().sum().sqrt()
+    assert (err - opt) / opt <= 1e-4
+
+
+@pytest.mark.parametrize("rank", [0, 31, -1, 2.0, True])
+def test_bad_rank(rank):
+    with pytest.raises(ValueError, match=r"rank must be an int in 1\.\.min\(m, n\) = 1\.\.30 .*\(40, 30\)"):
+        randomized_svd(torch.randn(40, 30), rank)
+
+
+@pytest.mark.parametrize(
+    "A,kwargs,exc,match",
+    [
+        (torch.ones(5, 4, dtype=torch.int64), {}, TypeError, "bf16, fp16, fp32 or fp64"),
+        (torch.ones(5, 4, dtype=torch.complex64), {}, TypeError, "complex64"),
+        (torch.ones(5), {}, ValueError, r"shape \(\.\.\., m, n\)"),
+        (torch.ones(2, 0, 4), {}, ValueError, "empty"),
+        (torch.ones(5, 4), {"oversample": -1}, ValueError, "oversample"),
+        (torch.ones(5, 4), {"n_iter": 1.5}, ValueError, "n_iter"),
+        ([[1.0, 2.0]], {}, TypeError, "tensor"),
+    ],
+    ids=["int", "complex", "1d", "empty", "oversample", "n_iter", "list"],
+)
+def test_bad_input(A, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        randomized_svd(A, 1, **kwargs)
+
+
+def test_non_finite_input_names_the_matrix():
+    A = torch.randn(3, 4, 6, 5)
+    A[2, 1, 0, 3] = float("nan")
+    A[0, 3, 1, 1] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"A of shape \(3, 4, 6, 5\) holds NaN or Inf in 2 of 12 matrices "
+                                                 r"\(first at batch index \(0, 3\)\)"):
+        randomized_svd(A, 2)
+    with pytest.raises(FloatingPointError, match="holds NaN or Inf"):
+        randomized_svd(A[2, 1], 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_gpu_llama_shapes(m, n, cuda_device):
+    s = torch.arange(1, 4097, dtype=torch.float64) ** -0.5
+    A = with_spectrum(m, n, s, batch=(2,), dtype=torch.float32, device=cuda_device)
+    U, S, Vh = randomized_svd(A, 64, seed=1)
+    again = randomized_svd(A, 64, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip((U, S, Vh), again))
+    err = (A.double() - (U.double() * S.double()[..., None, :]) @ Vh.double()).flatten(-2).norm(dim=-1)
+    opt = s[64:].square().sum().sqrt().to(cuda_device)
+    assert bool((((err - opt) / opt) <= 1e-4).all())
+    torch.testing.assert_close(S[0].double().cpu(), s[:64], rtol=2e-3, atol=0)
