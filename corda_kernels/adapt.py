@@ -22,7 +22,7 @@ from .methods import InitMethod, LayerInit, make_method
 from .nn import LowRankLinear
 
 
-def _pattern_value(pattern: Optional[Mapping[str, float]], name: str, default):
+def pattern_value(pattern: Optional[Mapping[str, float]], name: str, default):
     """PEFT's rank/alpha_pattern lookup: the first key matching the end of the module name."""
     for key, value in (pattern or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
@@ -44,7 +44,7 @@ def refuse_adapted(model: nn.Module) -> None:
             )
 
 
-def _refuse_tied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
+def refuse_tied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
     owners: dict[int, list[str]] = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(pname)
@@ -129,9 +129,9 @@ def apply(
     targets = hf.find_targets(model, target_modules, exclude_modules)
     for name, module in targets.items():
         hf.check_adaptable(name, module)
-    _refuse_tied(model, targets)
-    ranks = {n: _pattern_value(rank_pattern, n, rank) for n in targets}
-    alphas = {n: _pattern_value(alpha_pattern, n, alpha if alpha is not None else ranks[n]) for n in targets}
+    refuse_tied(model, targets)
+    ranks = {n: pattern_value(rank_pattern, n, rank) for n in targets}
+    alphas = {n: pattern_value(alpha_pattern, n, alpha if alpha is not None else ranks[n]) for n in targets}
 
     method.prepare(model, targets)
     inits = _decompose.decompose(
@@ -146,6 +146,16 @@ def apply(
         progress=progress,
         process_group=process_group,
     )
+    swap_in(model, targets, inits, dropout)
+    freeze_all_but_adapters(model)
+    return model
+
+
+def swap_in(
+    model: nn.Module, targets: Mapping[str, nn.Module], inits: Mapping[str, LayerInit], dropout: float
+) -> list[tuple[str, nn.Module]]:
+    """Replace each target by its ``LowRankLinear``; returns ``(name, replaced module)`` pairs (the
+    undo log). On any failure the layers already swapped are put back before re-raising."""
     swapped: list[tuple[str, nn.Module]] = []
     try:
         for name, init in inits.items():
@@ -153,12 +163,20 @@ def apply(
             hf.set_submodule(model, name, build_module(old, init, dropout))
             swapped.append((name, old))
     except BaseException:
-        for name, old in reversed(swapped):
-            hf.set_submodule(model, name, old)
+        restore(model, swapped)
         raise
-    # Like PEFT: only the adapters train.
+    return swapped
+
+
+def restore(model: nn.Module, swapped: list[tuple[str, nn.Module]]) -> None:
+    """Undo :func:`swap_in`: put the replaced modules back, last first."""
+    for name, old in reversed(swapped):
+        hf.set_submodule(model, name, old)
+
+
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """Like PEFT: only the adapters' trainable factors keep ``requires_grad``."""
     keep = {id(p) for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters() if p.requires_grad}
     for param in model.parameters():
         if id(param) not in keep:
             param.requires_grad_(False)
-    return model

@@ -1,0 +1,192 @@
+"""Block-wise calibrate -> decompose -> adapt, with memory bounded by one block.
+
+Whole-model calibration holds every layer's covariance at once (about 22 GB in fp32 for a 7B
+Llama, 330 GB for 70B). ``apply_blockwise`` instead, as GPTQ-style tools do:
+
+1. runs the model once per batch up to the first block of its stack and caches what enters it
+   (hidden states and the block's keyword inputs: masks, rotary embeddings), on the execution
+   device or offloaded to CPU;
+2. for each block in turn: runs the cached batches through that block alone, accumulating the
+   covariances of its target layers; decomposes and swaps the block's layers; frees the
+   covariances; and keeps the block's outputs as the next block's cached inputs.
+
+Peak memory is one block's weights + its covariances + the cached hidden states, independent of
+the number of blocks. The covariances are those of whole-model calibration (the same inputs reach
+each block), so the adapters agree with ``apply(model, covariances=calibrate(model, batches))``
+within fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import adapt as _adapt
+from . import decompose as _decompose
+from .calibrate import CovarianceRecorder, _check_batch, _to_device
+from .integrations import hf
+from .methods import make_method
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are known."""
+
+
+def _move(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, batches: Sequence[Mapping], store: Optional[str] = None, progress: bool = True
+) -> list[tuple[tuple, dict, Optional[torch.Tensor]]]:
+    """``(args, kwargs, attention_mask)`` entering ``block`` for each batch (``store``: device for
+    the cache, e.g. ``"cpu"`` to offload; default: where they were computed)."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = hf.input_device(model)
+    extra = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+    cache = []
+    try:
+        for index, batch in enumerate(tqdm(batches, desc="capture block inputs", disable=not progress)):
+            _check_batch(model, batch, index)
+            batch = _to_device(batch, device)
+            try:
+                model(**batch, **extra)
+            except _StopForward:
+                pass
+            if len(captured) != index + 1:
+                raise RuntimeError(f"the first block never ran for batch {index}: is it part of {type(model).__name__}?")
+            args, kwargs = captured[-1]
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            mask = batch.get("attention_mask")
+            if store is not None:
+                args, kwargs = _move(args, store), _move(kwargs, store)
+            cache.append((args, kwargs, mask))
+    finally:
+        handle.remove()
+    if not cache:
+        raise ValueError("calibration data is empty: `batches` yielded no batch")
+    return cache
+
+
+def apply_blockwise(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    method="corda",
+    *,
+    rank: int = 8,
+    alpha: Optional[float] = None,
+    target_modules: hf.TargetSpec = None,
+    exclude_modules: hf.TargetSpec = None,
+    rank_pattern: Optional[Mapping[str, int]] = None,
+    alpha_pattern: Optional[Mapping[str, float]] = None,
+    use_rslora: bool = False,
+    dropout: float = 0.0,
+    normalization: str = "token_mean",
+    offload: Optional[str] = None,
+    execution_device=None,
+    seed: int = 0,
+    max_batch_bytes: Optional[int] = None,
+    progress: bool = True,
+    **method_options,
+) -> nn.Module:
+    """Calibrate, decompose and adapt ``model`` one block at a time (in place; returns it).
+
+    Same arguments as :func:`corda_kernels.calibrate` + :func:`corda_kernels.apply`, plus:
+        offload: device for the cached hidden states between blocks (e.g. ``"cpu"``).
+        execution_device: run each block there (moved in, adapted, moved back to where it lives),
+            for models whose blocks live on the CPU; default: each block runs where it is.
+
+    Every target must live inside the model's (single) stack of blocks.
+    """
+    method = make_method(method, **method_options)
+    _adapt.refuse_adapted(model)
+    stacks = hf.block_stacks(model)
+    if len(stacks) != 1:
+        raise ValueError(
+            f"block-wise calibration needs exactly one stack of blocks; {type(model).__name__} has "
+            f"{[name for name, _ in stacks]}. Use calibrate() + apply() for this model"
+        )
+    stack_name, stack = stacks[0]
+    targets = hf.find_targets(model, target_modules, exclude_modules)
+    outside = [n for n in targets if not n.startswith(stack_name + ".")]
+    if outside:
+        raise ValueError(f"block-wise calibration adapts layers inside {stack_name} only; outside it: {hf.named(outside)}")
+    for name, module in targets.items():
+        hf.check_adaptable(name, module)
+    _adapt.refuse_tied(model, targets)
+    ranks = {n: _adapt.pattern_value(rank_pattern, n, rank) for n in targets}
+    alphas = {n: _adapt.pattern_value(alpha_pattern, n, alpha if alpha is not None else ranks[n]) for n in targets}
+    for name, module in targets.items():
+        _decompose.check_rank(name, module, ranks[name])
+    method.prepare(model, targets)
+
+    was_training = model.training
+    model.eval()
+    undo: list[tuple[str, nn.Module, torch.device]] = []  # replaced layers, parked on the CPU
+    try:
+        cache = capture_block_inputs(model, stack[0], batches, store=offload, progress=progress)
+        for index, block in enumerate(tqdm(stack, desc="blocks", disable=not progress)):
+            prefix = f"{stack_name}.{index}."
+            block_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
+            home = next(block.parameters()).device
+            device = torch.device(execution_device) if execution_device is not None else home
+            block.to(device)
+            cache, covariances = _run_block(block, block_targets, cache, device, offload, normalization)
+            if covariances is not None:
+                inits = _decompose.decompose(
+                    block_targets, method, ranks=ranks, alphas=alphas, use_rslora=use_rslora,
+                    covariances=covariances, seed=seed, max_batch_bytes=max_batch_bytes, progress=False,
+                )  # fmt: skip
+                del covariances
+                for name, old in _adapt.swap_in(model, block_targets, inits, dropout):
+                    undo.append((name, old.to("cpu"), home))
+            block.to(home)
+    except BaseException:
+        _adapt.restore(model, [(name, old.to(home)) for name, old, home in undo])
+        raise
+    finally:
+        model.train(was_training)
+    _adapt.freeze_all_but_adapters(model)
+    return model
+
+
+@torch.no_grad()
+def _run_block(block, targets, cache, device, offload, normalization):
+    """Run the cached batches through ``block``: (the next block's cache, the block's Calibration
+    or None when it has no targets)."""
+    recorder = CovarianceRecorder(targets, normalization=normalization)
+    out_cache = []
+    with recorder:
+        for b, (args, kwargs, mask) in enumerate(cache):
+            recorder.start_batch(b, mask.to(device) if mask is not None else None)
+            out = block(*_move(args, device), **_move(kwargs, device))
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if offload is not None:
+                hidden = hidden.to(offload)
+            if args:
+                args = (hidden,) + tuple(args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": hidden}
+            out_cache.append((args, kwargs, mask))
+    if not targets:
+        return out_cache, None
+    recorder.batch_index = len(cache) - 1
+    return out_cache, recorder.result()

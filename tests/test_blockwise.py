@@ -1,0 +1,66 @@
+"""apply_blockwise: the same adapters as whole-model calibration, one block in memory at a time."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import corda_kernels as ck
+from corda_kernels.methods import MiLoRA
+from models import tiny_llama, token_batches
+
+
+def _adapters(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, ck.LowRankLinear)}
+
+
+def _whole_model(model, batches, **kw):
+    ref = copy.deepcopy(model)
+    cal = ck.calibrate(ref, batches, progress=False)
+    return ck.apply(ref, "corda", covariances=cal, progress=False, **kw)
+
+
+@pytest.mark.parametrize("mode", ["kpa", "ipa"])
+@pytest.mark.parametrize("offload", [None, "cpu"])
+def test_same_adapters_as_whole_model(mode, offload):
+    model = tiny_llama(layers=3)
+    batches = token_batches(128, n_batches=3, batch=2, seq=12)
+    ref = _whole_model(model, batches, mode=mode, rank=4)
+    blockwise = ck.apply_blockwise(copy.deepcopy(model), batches, "corda", mode=mode, rank=4, offload=offload, progress=False)
+    ours, theirs = _adapters(blockwise), _adapters(ref)
+    assert ours.keys() == theirs.keys() and len(ours) == 21
+    for name, layer in ours.items():
+        other = theirs[name]
+        torch.testing.assert_close(layer.weight, other.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.B @ layer.A, other.B @ other.A, rtol=0, atol=1e-6)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(blockwise(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+    assert all(not p.requires_grad for n, p in blockwise.named_parameters() if not n.endswith((".A", ".B")))
+
+
+def test_failure_leaves_model_unchanged():
+    class FailOnThirdBlock(MiLoRA):
+        def init_batch(self, weights, covariances, rank, scale, names, seed):
+            if names[0].startswith("model.layers.2."):
+                raise RuntimeError("decomposition failed")
+            return super().init_batch(weights, covariances, rank, scale, names, seed)
+
+    model = tiny_llama(layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="decomposition failed"):
+        ck.apply_blockwise(model, token_batches(128, n_batches=2), FailOnThirdBlock(), rank=4, progress=False)
+    assert not _adapters(model)
+    assert all(isinstance(model.get_submodule(f"model.layers.{i}.mlp.up_proj"), nn.Linear) for i in range(3))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_targets_outside_the_stack_are_refused():
+    model = tiny_llama(layers=2)
+    with pytest.raises(ValueError, match="inside model.layers only"):
+        ck.apply_blockwise(model, token_batches(128, n_batches=1), "corda", rank=2, target_modules=["lm_head", "q_proj"],
+                           progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        ck.apply_blockwise(model, [], "corda", rank=2, progress=False)
