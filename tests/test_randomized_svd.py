@@ -189,3 +189,15 @@ def test_gpu_llama_shapes(m, n, cuda_device):
     opt = s[64:].square().sum().sqrt().to(cuda_device)
     assert bool((((err - opt) / opt) <= 1e-4).all())
     torch.testing.assert_close(S[0].double().cpu(), s[:64], rtol=2e-3, atol=0)
+
+
+def test_per_matrix_seeds_make_results_batch_independent():
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(3, 40, 30, generator=g) @ torch.diag(torch.logspace(0, -3, 30))
+    batched = randomized_svd(A, 5, oversample=2, n_iter=1, seed=[7, 8, 9])
+    for i, s in enumerate([7, 8, 9]):
+        alone = randomized_svd(A[i], 5, oversample=2, n_iter=1, seed=[s])
+        for got, want in zip(batched, alone):
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="2 seeds for a batch of 3"):
+        randomized_svd(A, 5, oversample=2, seed=[1, 2])

@@ -15,7 +15,7 @@ import torch
 
 from ..ops.exact_svd import smallest_singular_triplets
 from ..ops.randomized_svd import randomized_svd
-from .base import InitMethod, LayerInit, energy_fraction, split_singular_values
+from .base import InitMethod, LayerInit, energy_fraction, layer_seed, split_singular_values
 
 
 class ASVD(InitMethod):
@@ -45,7 +45,7 @@ class ASVD(InitMethod):
         s = rms.clamp_min(self.eps * rms.amax(-1, keepdim=True).clamp_min(1e-30)).pow(self.alpha)  # (L, in)
         scaled = weights * s.unsqueeze(-2)
         if self.mode == "ipa":
-            U, S, Vh = randomized_svd(scaled, rank, seed=seed)
+            U, S, Vh = randomized_svd(scaled, rank, seed=[layer_seed(seed, n) for n in names])
         else:
             U, S, Vh = smallest_singular_triplets(scaled, rank)
         A, B = split_singular_values(U, S, Vh / s.unsqueeze(-2), scale)

@@ -8,6 +8,7 @@ progress; the adapter module swap happens in :mod:`corda_kernels.adapt`.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Sequence
@@ -77,3 +78,10 @@ def split_singular_values(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, sc
 def energy_fraction(S: torch.Tensor, total: torch.Tensor) -> list[float]:
     """Per-matrix ``Σ S² / total`` where ``total`` is the squared Frobenius norm of the matrix."""
     return (S.double().square().sum(-1) / total.double().clamp_min(1e-300)).tolist()
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for one layer: hash of ``(seed, name)``. Randomized steps seeded this
+    way give a layer the same result whichever other layers share its batch, process or block."""
+    digest = hashlib.blake2b(f"{int(seed)}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops.co_svd import co_svd
-from .base import InitMethod, LayerInit, energy_fraction, split_singular_values
+from .base import InitMethod, LayerInit, energy_fraction, layer_seed, split_singular_values
 
 MODES = ("ipa", "kpa")
 # Accepted spellings: the paper's IPA/KPA and PEFT's "ipm"/"kpm".
@@ -53,7 +53,8 @@ class CorDA(InitMethod):
         if covariances is None:
             raise ValueError(f"CorDA needs the input covariance of {names[0]}: pass covariances=calibrate(model, ...)")
         method = self.svd if self.mode == "ipa" else "exact"
-        result = co_svd(weights, covariances, rank, mode=self.mode, damp=self.damp, seed=seed, method=method, name=names[0])
+        seeds = [layer_seed(seed, n) for n in names]
+        result = co_svd(weights, covariances, rank, mode=self.mode, damp=self.damp, seed=seeds, method=method, name=names[0])
         A, B = split_singular_values(result.U, result.S, result.V.mT, scale)
         mean_diag = covariances.diagonal(dim1=-2, dim2=-1).mean(-1)
         shift = (result.damp.to(weights.dtype) * mean_diag).view(-1, 1, 1)

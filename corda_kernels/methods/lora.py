@@ -9,20 +9,18 @@ not depend on which other layers are adapted or on the global RNG state.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .base import InitMethod, LayerInit
+from .base import InitMethod, LayerInit, layer_seed
 
 
 def layer_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator seeded by a stable 63-bit hash of ``(seed, name)``."""
-    digest = hashlib.blake2b(f"{int(seed)}:{name}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    """A CPU generator seeded by :func:`~corda_kernels.methods.base.layer_seed`."""
+    return torch.Generator().manual_seed(layer_seed(seed, name))
 
 
 def kaiming_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:

@@ -18,7 +18,7 @@ Everything is batched over leading dims (layers of one shape decomposed together
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -185,7 +185,7 @@ def co_svd(
     growth: float = 2.0,
     oversample: Optional[int] = None,
     n_iter: Optional[int] = None,
-    seed: int = 0,
+    seed: Union[int, Sequence[int]] = 0,
     name: str = "",
 ) -> CoSVD:
     """CorDA's context-oriented SVD of ``W`` under the input covariance ``C``.
@@ -198,7 +198,7 @@ def co_svd(
         mode: ``"ipa"`` (instruction-previewed: the largest ``r``; PEFT's ``"ipm"``) or ``"kpa"``
             (knowledge-preserved: the smallest ``r``; PEFT's ``"kpm"``).
         method: ``"randomized"`` (ipa default: :func:`randomized_svd` with ``oversample``,
-            ``n_iter``, ``seed``) or ``"exact"`` (ipa: full SVD cropped, for comparisons; kpa:
+            ``n_iter``, ``seed``: an int or one per matrix) or ``"exact"`` (ipa: full SVD cropped, for comparisons; kpa:
             always :func:`smallest_singular_triplets`).
         damp, growth: see :func:`damp_covariance` (one damp per distinct ``C``).
         name: a label (e.g. the layer) used in error messages.

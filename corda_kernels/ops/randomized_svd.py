@@ -7,7 +7,7 @@ factorizations on cuSOLVER through ``torch.linalg``; every step is batched over 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -16,7 +16,7 @@ from ._matrix_checks import check_finite, check_matrix, check_rank, compute_dtyp
 # Defaults measured in bench/tune_randomized_svd.py (results in bench/RESULTS_decompose.md): real
 # weights have flat spectra, and a wide sketch converges in fewer (sequential) iterations.
 MIN_OVERSAMPLE = 96
-DEFAULT_N_ITER = 8
+DEFAULT_N_ITER = 10
 
 
 def default_oversample(rank: int) -> int:
@@ -30,7 +30,7 @@ def randomized_svd(
     *,
     oversample: Optional[int] = None,
     n_iter: Optional[int] = None,
-    seed: int = 0,
+    seed: Union[int, Sequence[int]] = 0,
     generator: Optional[torch.Generator] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top ``rank`` singular triplets of every matrix in ``A``, by randomized subspace iteration.
@@ -40,9 +40,11 @@ def randomized_svd(
         rank: ``r`` in ``1..min(m, n)``.
         oversample: extra sketch columns ``p`` (default ``max(96, 2 r)``); the sketch has
             ``l = min(r + p, min(m, n))`` columns.
-        n_iter: power (subspace) iterations ``q`` (default 8); each multiplies by ``A A^T`` once
+        n_iter: power (subspace) iterations ``q`` (default 10); each multiplies by ``A A^T`` once
             and re-orthonormalizes (QR) after both products.
-        seed: seeds a generator on ``A``'s device (ignored when ``generator`` is given).
+        seed: seeds a generator on ``A``'s device (ignored when ``generator`` is given); or one seed
+            per matrix (flattened batch order), so that each matrix's sketch, hence its result,
+            does not depend on the batch it is computed in.
         generator: the source of the Gaussian sketch, on ``A``'s device.
 
     Returns:
@@ -81,19 +83,28 @@ def randomized_svd(
     if width == min(A.shape[-2:]):
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         return U[..., :rank].contiguous(), S[..., :rank].contiguous(), Vh[..., :rank, :].contiguous()
-    if generator is None:
-        generator = torch.Generator(device=A.device).manual_seed(seed)
-    M, omega, transposed = _sketch(A, width, generator)
+    M, omega, transposed = _sketch(A, width, generator, seed)
     for Q in _subspace_iterates(M, omega, n_iter):
         pass
     return _factors(M, Q, rank, transposed)
 
 
-def _sketch(A: torch.Tensor, width: int, generator: torch.Generator):
+def _sketch(A: torch.Tensor, width: int, generator: Optional[torch.Generator], seed):
     """``M`` (``A`` or ``A^T``, whichever has fewer rows), an independent Gaussian ``Ω`` per matrix."""
     transposed = A.shape[-2] > A.shape[-1]
     M = A.mT if transposed else A
-    omega = torch.randn(*M.shape[:-2], M.shape[-1], width, generator=generator, dtype=A.dtype, device=A.device)
+    shape = (M.shape[-1], width)
+    if generator is None and not isinstance(seed, int):
+        seeds = list(seed)
+        count = M[..., 0, 0].numel()
+        if len(seeds) != count:
+            raise ValueError(f"randomized_svd: {len(seeds)} seeds for a batch of {count} matrices")
+        draws = [torch.randn(shape, generator=torch.Generator(device=A.device).manual_seed(int(s)), dtype=A.dtype,
+                             device=A.device) for s in seeds]
+        return M, torch.stack(draws).reshape(*M.shape[:-2], *shape), transposed
+    if generator is None:
+        generator = torch.Generator(device=A.device).manual_seed(seed)
+    omega = torch.randn(*M.shape[:-2], *shape, generator=generator, dtype=A.dtype, device=A.device)
     return M, omega, transposed
 
 
