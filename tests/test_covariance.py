@@ -263,3 +263,28 @@ def test_gpu_masked_bf16_3d(force_backend, cuda_device):
     ck.covariance_update(cov, x, mask)
     gram, bound = oracle(x, mask)
     assert bool(((cov.double() - gram).abs() <= RTOL * bound).all())
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_backend_layouts(force_backend, cuda_device, monkeypatch):
+    """cuBLAS path beyond test_gpu_matches_fp64: full square, rows whose stride exceeds d (the GEMMs
+    read x in place with ld = row stride), fp32 with TF32 switched on globally (must stay fp32), and an
+    empty input."""
+    from corda_kernels import _backend
+
+    if not _backend.extension_has_cuda():
+        pytest.skip("corda_kernels._C was built without CUDA")
+    force_backend("cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    wide = torch.randn(700, 1300, device=cuda_device)
+    for dtype, upper_only in [(torch.bfloat16, False), (torch.float16, True), (torch.float32, True)]:
+        x = wide.to(dtype)[:, 5:1205]  # (700, 1200), row stride 1300; crosses the 1024-column block
+        assert x.stride() == (1300, 1)
+        start = torch.randn(1200, 1200, device=cuda_device)
+        cov = start.clone()
+        ck.covariance_update(cov, x, upper_only=upper_only)
+        assert_close_to_oracle(cov, start, x, upper_only=upper_only)
+    cov = torch.randn(64, 64, device=cuda_device)
+    before = cov.clone()
+    ck.covariance_update(cov, torch.empty(0, 64, device=cuda_device, dtype=torch.bfloat16))
+    assert torch.equal(cov, before)
