@@ -2,52 +2,64 @@
 
 Rows are processed ``chunk_rows`` at a time, so the fp32 copy of ``x`` never exceeds one chunk
 (about ``CHUNK_BYTES``). Masked-out rows are dropped per chunk with ``index_select``. From
-``d >= BLOCKED_FROM`` the Gram matrix is built column block by column block: block ``j`` adds
-``X[:, :j0]ᵀ X[:, j0:j1]`` into ``cov[:j0, j0:j1]`` (all above the diagonal) and the diagonal block
-through a small ``(b, b)`` temporary, so BLAS does about ``(1 + BLOCK / d) / 2`` of the FLOPs of the
-full square. Narrower ``d`` uses one GEMM into a temporary and adds its upper triangle.
+``d >= BLOCKED_FROM`` the Gram matrix is built in column blocks of width ``b = block_width(d)``
+(``min(BLOCK, d / MIN_BLOCKS)``, a multiple of 16): block ``j`` adds ``X[:, :j0]ᵀ X[:, j0:j1]`` into
+``cov[:j0, j0:j1]`` (all above the diagonal, one GEMM per block), and the diagonal blocks are done
+together, one batched GEMM into a ``(d / b, b, b)`` temporary whose upper triangles are added through
+a strided view of ``cov``. BLAS does about ``(1 + b / d) / 2`` of the FLOPs of the full square.
+Narrower ``d`` uses one GEMM into a temporary and adds its upper triangle.
 
-How the constants were chosen (2026-11-22, AMD EPYC (Zen 4, AVX-512), 2 cores, torch 2.13.0+cpu with
-MKL; the 2 cores were shared with other jobs, load average 5-9, so wall-clock times swung by 2-10x
-from minute to minute). The robust figure is the CPU time of the calling thread with
+Measurements (2026-11-22, AMD EPYC (Zen 4, AVX-512), 2 cores, torch 2.13.0+cpu with MKL). The two
+cores were shared with other jobs (load average 4-9), so wall-clock times swung by 2-10x from minute
+to minute; constants were chosen on the CPU time of the calling thread with
 ``torch.set_num_threads(1)`` (``time.thread_time``: time spent descheduled is not counted), best of
-3-9 runs, variants interleaved. ms per call, and the ratio against PEFT's fp32 path
-``cov.addmm_(x.float().t(), x.float())`` (full square, one GEMM):
+3 runs, implementations interleaved. ms per call and the ratio against PEFT's fp32 path
+``cov.addmm_(x.float().t(), x.float())`` (the full square in one GEMM):
 
-=====  ======  =====  =======  ========  ===============  ===============
-d      tokens  dtype  PEFT     tmp+triu  blocked b=256    blocked b=512
-=====  ======  =====  =======  ========  ===============  ===============
-576    2048    fp32   13.6     14.1      11.1 (1.22x)     13.4 (1.02x)
-576    2048    bf16   13.8     14.5      11.5 (1.20x)     16.3 (0.87x)
-576    8192    fp32   55.1     55.9      43.4 (1.27x)     51.2 (1.06x)
-576    8192    bf16   57.9     57.3      45.1 (1.29x)     60.2 (0.92x)
-1536   2048    fp32   100.5    103.2     65.9 (1.53x)     70.3 (1.43x)
-1536   2048    bf16   103.1    104.9     67.6 (1.53x)     72.4 (1.42x)
-1536   8192    fp32   410.3    413.6     258.8 (1.59x)    277.8 (1.48x)
-1536   8192    bf16   436.7    435.1     277.0 (1.58x)    297.9 (1.47x)
-2048   2048    fp32   183.8    188.6     114.6 (1.60x)    123.6 (1.49x)
-2048   2048    bf16   186.5    189.6     117.9 (1.58x)    125.0 (1.49x)
-2048   8192    fp32   760.3    756.3     447.2 (1.70x)    474.7 (1.60x)
-2048   8192    bf16   786.8    794.4     502.5 (1.57x)    519.3 (1.52x)
-4096   2048    fp32   731.0    784.8     444.5 (1.64x)    443.9 (1.65x)
-4096   2048    bf16   741.0    784.6     449.8 (1.65x)    454.9 (1.63x)
-4096   8192    fp32   2888.0   --        1778.2 (1.62x)   --
-4096   8192    bf16   2980.0   --        1797.7 (1.66x)   --
-=====  ======  =====  =======  ========  ===============  ===============
+=====  ======  =====  =======  ===============  ===============
+d      tokens  dtype  PEFT     GEMM+triu        this module
+=====  ======  =====  =======  ===============  ===============
+576    2048    fp32   13.3     13.7 (0.98x)     9.8 (1.36x)
+576    2048    bf16   13.5     14.0 (0.97x)     9.9 (1.37x)
+576    8192    fp32   53.0     53.5 (0.99x)     38.7 (1.37x)
+576    8192    bf16   53.9     54.4 (0.99x)     39.4 (1.37x)
+1536   2048    fp32   95.9     100.7 (0.95x)    63.0 (1.52x)
+1536   2048    bf16   97.6     99.4 (0.98x)     63.2 (1.55x)
+1536   8192    fp32   388.1    401.9 (0.97x)    247.5 (1.57x)
+1536   8192    bf16   415.4    414.6 (1.00x)    270.0 (1.54x)
+2048   2048    fp32   180.1    189.0 (0.95x)    110.7 (1.63x)
+2048   2048    bf16   182.9    189.0 (0.97x)    113.0 (1.62x)
+2048   8192    fp32   712.8    723.2 (0.99x)    435.7 (1.64x)
+2048   8192    bf16   742.3    748.9 (0.99x)    466.0 (1.59x)
+4096   2048    fp32   697.4    741.4 (0.94x)    409.5 (1.70x)
+4096   2048    bf16   713.8    765.7 (0.93x)    426.0 (1.68x)
+4096   8192    fp32   2786.9   2805.7 (0.99x)   1634.9 (1.70x)
+4096   8192    bf16   2879.8   2926.4 (0.98x)   1704.1 (1.69x)
+=====  ======  =====  =======  ===============  ===============
 
-- ``tmp+triu`` (one GEMM into a temporary, then ``cov += triu(tmp)``) costs 0-7% more than PEFT's
-  in-place GEMM; it is the path only below ``BLOCKED_FROM``. Blocking with b=256 wins from d=384
-  (2 blocks: 1.07-1.15x at d=384, 1.14-1.23x at d=512) up; b=128 gains another 5-10% at d<=576 but
-  loses 10% at d=4096; b=1024 gives 1.21-1.53x at d>=1536; b=256 ties b=384/512 at d=4096.
+How the constants came out of it (same method, other variants):
+
+- Block width: with per-block diagonal GEMMs, b=256 gave 1.20-1.29x at d=576 and 1.53-1.70x at
+  d>=1536; b=128 was 5-10% better at d<=576 but 10% worse at d=4096; b=512 0.87-1.65x; b=1024
+  1.21-1.53x at d>=1536. With the batched diagonal: a quarter of d beat b=256 at d<=576 (d=576:
+  1.38x vs 1.24x; d=384: 1.40x vs 1.17x; d=256: 1.34x vs 0.98x) and b=256 beat a quarter at
+  d>=1536 (d=4096: 1.72x vs 1.50x), hence ``min(256, d / 4)``; ``BLOCKED_FROM = 256`` is the
+  smallest width measured (below it one GEMM into a temporary, 0-3% behind PEFT).
+- Batching the diagonal blocks is for the 2-thread case: every torch call is an OpenMP fork/join,
+  and on the loaded machine each one could wait a scheduler quantum (~10 ms). The per-block version
+  (~4 calls per block) measured 0.19-0.53x of PEFT's single call at d 576-2048 (2k tokens, wall
+  clock, 2 threads) where the batched one measured 0.30x, 1.10x and 1.36x in the same run. At small d
+  (<= 576) on a loaded machine any path that leaves the lower triangle alone (>= 2 calls) can lose
+  to PEFT's one call: GEMM+triu measured 0.28-0.85x there. On an idle machine a fork/join costs
+  microseconds and the single-thread ratios above apply.
+- The same grid with 2 threads, wall clock on the loaded machine (best of 5), this module vs PEFT:
+  d=576 0.26-0.86x, d=1536 0.93-1.40x, d=2048 1.18-1.52x, d=4096 1.31-1.96x (GEMM+triu: 0.33-1.21x).
 - ``CHUNK_BYTES`` of 16, 30, 64 or 256 MiB: within 5% of each other (d 2048/4096, 2k/8k tokens,
   fp32/bf16), so 64 MiB stays as the memory bound.
-- With 2 threads on the loaded machine, each torch call is an OpenMP fork/join that can wait a
-  scheduler quantum; the blocked path makes ~4 calls per block and measured anywhere from 0.13x to
-  1.41x of PEFT's single GEMM depending on the moment (one run: 0.13-0.46x at d 576/1536, 1.08-1.41x
-  at d=2048 with 8k tokens and at d=4096; a run minutes later: 0.77-1.29x at d 576/1536). On an
-  idle machine the fork/join costs microseconds and the single-thread ratios above apply. (Running
-  the blocks inside one ``at::parallel_for`` in C++ was tried and dropped: MKL called from inside
-  the parallel region spent 10-20x the CPU time of the same GEMMs called serially.)
+- Tried and dropped: running the blocks inside one ``at::parallel_for`` in C++ (one fork/join in
+  all) -- MKL called from inside the parallel region spent 10-20x the CPU time of the same GEMMs
+  called serially. torch 2.13 has no bf16 x bf16 -> fp32 GEMM on the CPU (``mm(..., out_dtype=)``
+  is CUDA-only), so bf16 inputs are upcast per chunk.
 """
 
 from __future__ import annotations
@@ -58,9 +70,16 @@ import torch
 
 # fp32 rows upcast per chunk (bounds the extra memory; 16-256 MiB measured equal).
 CHUNK_BYTES = 64 << 20
-# Column-block width of the triangle, and the width from which blocking beats one GEMM (see above).
+# Triangle column blocks: width min(BLOCK, d / MIN_BLOCKS rounded up to 16), from d >= BLOCKED_FROM.
 BLOCK = 256
-BLOCKED_FROM = 384
+MIN_BLOCKS = 4
+BLOCKED_FROM = 256
+
+
+def block_width(d: int) -> int:
+    """Column-block width used for ``d`` features (see the module docstring for the measurements)."""
+    quarter = -(-d // MIN_BLOCKS)
+    return max(1, min(BLOCK, -(-quarter // 16) * 16))
 
 
 def _accumulate_rows(cov: torch.Tensor, rows: torch.Tensor, upper_only: bool) -> None:
@@ -71,12 +90,23 @@ def _accumulate_rows(cov: torch.Tensor, rows: torch.Tensor, upper_only: bool) ->
     if d < BLOCKED_FROM:
         cov.add_(torch.mm(rows.t(), rows).triu_())
         return
-    for j0 in range(0, d, BLOCK):
-        j1 = min(d, j0 + BLOCK)
-        cols = rows[:, j0:j1]
-        if j0 > 0:
-            cov[:j0, j0:j1].addmm_(rows[:, :j0].t(), cols)
-        cov[j0:j1, j0:j1].add_(torch.mm(cols.t(), cols).triu_())
+    b = block_width(d)
+    # Off-diagonal panels, straight into cov: cov[:j0, j0:j1] += X[:, :j0]ᵀ X[:, j0:j1] (rows < j0 <= cols).
+    for j0 in range(b, d, b):
+        j1 = min(d, j0 + b)
+        cov[:j0, j0:j1].addmm_(rows[:, :j0].t(), rows[:, j0:j1])
+    # Diagonal blocks: the full ones in one batched GEMM, one triu and one add through a strided view
+    # of cov's diagonal blocks (per-block calls cost a fork/join each), then the narrower last block.
+    full = d // b
+    if full:
+        xb = rows[:, : full * b].unflatten(1, (full, b)).transpose(0, 1)  # (full, n, b) view
+        s0, s1 = cov.stride()
+        diag = cov.as_strided((full, b, b), (b * (s0 + s1), s0, s1), cov.storage_offset())
+        diag.add_(torch.bmm(xb.transpose(1, 2), xb).triu_())
+    if full * b < d:
+        t0 = full * b
+        cols = rows[:, t0:]
+        cov[t0:, t0:].add_(torch.mm(cols.t(), cols).triu_())
 
 
 def covariance_update(
