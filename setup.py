@@ -37,7 +37,7 @@ CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 CUDA_DEFINE_MACROS = [("CORDA_WITH_CUDA", "1")]
 CUDA_LIBRARIES = ["cublas"]
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"  # +PTX: newer GPUs (e.g. Blackwell) JIT the sm_90 PTX
 # Headers that torch's ATen/cuda/CUDAContext.h pulls in besides the toolkit's own.
 CUDA_LIBRARY_HEADERS = ("cublas_v2.h", "cublasLt.h", "cusparse.h", "cusolverDn.h")
 
