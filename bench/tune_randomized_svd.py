@@ -76,7 +76,7 @@ def oversample(spec: str, r: int) -> int:
 def sweep(A, r, p, iters, seed):
     """randomized_svd's own steps, evaluated after every power iteration in ``iters`` (one run)."""
     width = min(r + p, *A.shape[-2:])
-    M, omega, transposed = rs._sketch(A, width, torch.Generator().manual_seed(seed))
+    M, omega, transposed = rs._sketch(A, width, None, seed)
     for q, Q in enumerate(rs._subspace_iterates(M, omega, max(iters))):
         if q in iters:
             yield rs._factors(M, Q, r, transposed)
