@@ -105,7 +105,9 @@ def _covariance_update_op(cov: torch.Tensor, x: torch.Tensor, token_mask: Option
         covariance_triton.covariance_update(cov, x, token_mask, upper_only)
     elif backend == "cuda":
         rows = x.reshape(-1, x.shape[-1])
-        if rows.stride(-1) != 1:
+        # cuBLAS reads rows with unit feature stride and a row stride >= d (expanded or overlapping
+        # rows, e.g. from .expand(), are copied).
+        if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]):
             rows = rows.contiguous()
         _backend.extension().covariance_update_cublas(cov, rows, upper_only, _CUBLAS_BLOCK)
     elif backend == "cpu":
