@@ -267,7 +267,7 @@ def svd_components(
     method: Optional[str] = None,
     oversample: Optional[int] = None,
     n_iter: Optional[int] = None,
-    seed: int = 0,
+    seed: Union[int, Sequence[int]] = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top ``r`` (PiSSA) or bottom ``r`` (MiLoRA, SiVA) singular triplets of ``W (..., m, n)``.
 
