@@ -17,6 +17,8 @@ from ._matrix_checks import check_finite, check_matrix, check_rank, compute_dtyp
 # weights have flat spectra, and a wide sketch converges in fewer (sequential) iterations.
 MIN_OVERSAMPLE = 96
 DEFAULT_N_ITER = 10
+# Sketches wider than this fraction of min(m, n) cost as much as the exact SVD, which is returned.
+EXACT_FROM = 0.25
 
 
 def default_oversample(rank: int) -> int:
@@ -55,8 +57,10 @@ def randomized_svd(
     orthonormalized basis the shorter one (``M = A`` when ``m <= n``, else ``M = A^T``):
     ``Q = qr(M Ω)``; ``q`` times ``Q = qr(M qr(M^T Q))``; then ``svd(Q^T M)``. Every matrix of the
     batch gets its own independent Gaussian sketch ``Ω``, drawn in one call, so the result is
-    deterministic for a given ``seed``, batch shape and device. When ``l = min(m, n)`` the sketch
-    spans everything and the exact SVD is returned.
+    deterministic for a given ``seed``, batch shape and device. When ``l > min(m, n) / 4``
+    (``EXACT_FROM``) the ``2q + 1`` products cost as much as a full SVD (measured in
+    bench/bench_decompose.py: 0.51x of ``torch.linalg.svd`` at 1536x576, r = 64), so the exact SVD
+    is returned instead: more accurate at no extra cost.
 
     Default accuracy (bench/tune_randomized_svd.py, tables in bench/RESULTS_decompose.md), with
     ``A*_r`` the exact truncated SVD and ranks 8..128:
@@ -84,7 +88,7 @@ def randomized_svd(
     n_iter = DEFAULT_N_ITER if n_iter is None else n_iter
     A = A.to(compute_dtype(A))
     width = min(rank + oversample, *A.shape[-2:])
-    if width == min(A.shape[-2:]):
+    if width > EXACT_FROM * min(A.shape[-2:]):
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         return U[..., :rank].contiguous(), S[..., :rank].contiguous(), Vh[..., :rank, :].contiguous()
     M, omega, transposed = _sketch(A, width, generator, seed)
