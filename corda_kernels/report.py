@@ -63,20 +63,20 @@ def discard_report(
     base = perplexity(model, heldout_batches)
     results = {name: {0: base} for name in METHODS}
     runs = [(m, r) for m in METHODS for r in discards if r > 0]
-    try:
-        for method_name, r in tqdm(runs, desc="discard report", disable=not progress):
-            ranks = {n: min(r, min(originals[n].shape)) for n in targets}
-            inits = decompose(targets, METHODS[method_name](), ranks=ranks, alphas=ranks,
-                              covariances=covariances, seed=seed, progress=False)
+    for method_name, r in tqdm(runs, desc="discard report", disable=not progress):
+        ranks = {n: min(r, min(originals[n].shape)) for n in targets}
+        inits = decompose(targets, METHODS[method_name](), ranks=ranks, alphas=ranks,
+                          covariances=covariances, seed=seed, progress=False)
+        try:
             with torch.no_grad():
                 for name, init in inits.items():
                     residual = originals[name].float() - init.scale * (init.B @ init.A)
                     hf.weight_matrix(targets[name]).copy_(residual.to(originals[name].dtype))
             results[method_name][r] = perplexity(model, heldout_batches)
-    finally:
-        with torch.no_grad():
-            for name, weight in originals.items():
-                hf.weight_matrix(targets[name]).copy_(weight)
+        finally:  # every run decomposes the original weights
+            with torch.no_grad():
+                for name, weight in originals.items():
+                    hf.weight_matrix(targets[name]).copy_(weight)
     ranks_sorted = sorted({0, *discards})
     lines = ["| discarded r | " + " | ".join(METHODS) + " |", "| --- |" + " --- |" * len(METHODS)]
     for r in ranks_sorted:
