@@ -73,7 +73,7 @@ def _ratio_table(benchmarks) -> list[str]:
             median = _median(b)
             ratios = ", ".join(f"{a.extra_info['impl'][7:]}: {_median(a) / median:.2f}x" for a in anchors if a is not b)
             flops = b.extra_info.get("flops")
-            tflops = f"{flops / median / 1e12:.1f}" if flops else ""
+            tflops = f"{flops / median / 1e12:.3g}" if flops else ""
             lines.append(f"| {group} | {b.extra_info.get('impl')} | {median * 1e3:.3f} | {ratios} | {tflops} |")
     return lines
 
