@@ -18,6 +18,7 @@ the default ``"token_mean"`` is the plain per-token covariance. CorDA's adapter 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import weakref
@@ -100,6 +101,10 @@ class Calibration:
         )
 
 
+class StopForward(Exception):
+    """Raised after the last target layer of a forward pass when the rest need not run."""
+
+
 class CovarianceRecorder:
     """Forward pre-hooks that route each target's input to its group's accumulator.
 
@@ -121,11 +126,19 @@ class CovarianceRecorder:
         self._mask: Optional[torch.Tensor] = None
         self._seen: dict[str, weakref.ref] = {}  # group -> input tensor of this forward pass
         self._handles: list = []
+        # Early stop: once every target has run as often as in the first batch, the rest of the
+        # forward (final norm, lm_head: ~20% of an LLM's FLOPs) is skipped.
+        self.stop_early = False
+        self._calls: dict[str, int] = {}
+        self._expected: Optional[dict[str, int]] = None
+        self._remaining = 0
+        self.probing = False
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> "CovarianceRecorder":
         for name, module in self.targets.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+            self._handles.append(module.register_forward_hook(self._after))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -134,9 +147,31 @@ class CovarianceRecorder:
         self._handles.clear()
 
     def start_batch(self, index: int, attention_mask: Optional[torch.Tensor]) -> None:
+        if self._expected is None and self._calls:
+            self._expected = dict(self._calls)  # the first batch ran the whole forward
         self.batch_index = index
         self._mask = None if attention_mask is None else attention_mask.bool()
         self._seen.clear()
+        self._calls = {}
+        self._remaining = sum(self._expected.values()) if self._expected else -1
+
+    def probe(self, model: nn.Module, batch: Mapping) -> None:
+        """Learn how often each target runs per forward from a 2-token slice of ``batch``, so that
+        every real batch can stop after the last target (nothing is recorded)."""
+        ids = batch["input_ids"]
+        tiny = {
+            k: (v[:1, :2] if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape[:2] else v) for k, v in batch.items()
+        }
+        self.probing, self._calls, self._remaining = True, {}, -1
+        try:
+            model(**tiny)
+        finally:
+            self.probing = False
+        self._expected = dict(self._calls)
+
+    def _after(self, module, args, output):
+        if self.stop_early and self._remaining == 0:
+            raise StopForward
 
     # -- the hook ------------------------------------------------------------------------------
     def _hook(self, name: str):
@@ -148,6 +183,10 @@ class CovarianceRecorder:
         return hook
 
     def record(self, name: str, x: torch.Tensor) -> None:
+        self._calls[name] = self._calls.get(name, 0) + 1
+        self._remaining -= 1
+        if self.probing:
+            return
         group = self.groups.get(name)
         if group is None:  # first batch: join the group whose input is this very tensor, if any
             group = next((g for g, ref in self._seen.items() if ref() is x), name)
@@ -326,6 +365,8 @@ def _stream(model, recorder: CovarianceRecorder, batches, max_batches, progress,
     tokens = resume["tokens"] if resume else 0
     fingerprint = ""
     done = 0
+    # accelerate's offload hooks move weights back after a module's forward: never cut one short.
+    recorder.stop_early = not any(hasattr(m, "_hf_hook") for m in model.modules())
     was_training = model.training
     model.eval()
     total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
@@ -338,6 +379,13 @@ def _stream(model, recorder: CovarianceRecorder, batches, max_batches, progress,
 
     try:
         with recorder:
+            if recorder.stop_early:
+                batches = iter(batches)
+                first = next(batches, None)
+                if first is not None:
+                    _check_batch(model, first, 0)
+                    recorder.probe(model, _to_device(first, device))
+                    batches = itertools.chain([first], batches)
             for index, batch in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
                     break
@@ -355,7 +403,10 @@ def _stream(model, recorder: CovarianceRecorder, batches, max_batches, progress,
                 batch = _to_device(batch, device)
                 mask = batch.get("attention_mask")
                 recorder.start_batch(index, mask)
-                model(**batch)
+                try:
+                    model(**batch)
+                except StopForward:
+                    pass
                 tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
                 bar.update(1)
                 bar.set_postfix(tokens=tokens)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .integrations import hf
-from .methods.base import InitMethod, LayerInit
+from .methods.base import InitMethod, LayerCovariances, LayerInit
 
 # Default working-set bound per chunk: this fraction of free GPU memory, or this many bytes on CPU.
 GPU_FRACTION = 0.25
@@ -145,11 +145,25 @@ def _run_chunk(targets, method: InitMethod, names, rank, scale, covariances, see
     weights = torch.stack([hf.weight_matrix(targets[n]).detach().float() for n in names])
     covs = None
     if method.needs_covariance:
-        covs = torch.stack([covariance_for(covariances, n).to(weights.device, torch.float32) for n in names])
-        in_f = weights.shape[-1]
-        if covs.shape[-1] != in_f:
+        covs = _layer_covariances(covariances, names, weights.shape[-1], weights.device)
+    return method.init_batch(weights, covs, rank, scale, names, seed)
+
+
+def _layer_covariances(covariances, names, in_features: int, device) -> LayerCovariances:
+    """The layers' covariances, each shared one (same tensor: q/k/v, gate/up) stored once."""
+    unique: list[torch.Tensor] = []
+    slot: dict[int, int] = {}
+    index = []
+    for name in names:
+        c = covariance_for(covariances, name)
+        if c.shape[-1] != in_features:
             raise ValueError(
-                f"covariance of {names[0]} is {tuple(covs.shape[-2:])} but the layer has {in_f} input features; "
+                f"covariance of {name} is {tuple(c.shape[-2:])} but the layer has {in_features} input features; "
                 "were the covariances collected on another model?"
             )
-    return method.init_batch(weights, covs, rank, scale, names, seed)
+        if id(c) not in slot:
+            slot[id(c)] = len(unique)
+            unique.append(c)
+        index.append(slot[id(c)])
+    stacked = torch.stack([c.to(device, torch.float32) for c in unique])
+    return LayerCovariances(stacked, torch.tensor(index, dtype=torch.int64, device=device))

@@ -157,3 +157,20 @@ def test_targets_by_regex_and_max_batches():
                        max_batches=2, progress=False)
     assert sorted(n.split(".", 2)[2] for n in cal.groups) == ["0.mlp.down_proj", "0.mlp.up_proj", "1.mlp.down_proj", "1.mlp.up_proj"]
     assert cal.batches == 2
+
+
+def test_forward_stops_after_the_last_target():
+    """Every batch stops after the last target (norm, lm_head skipped); only the 2-token probe that
+    counts the targets' calls per forward runs the whole model."""
+    model = tiny_llama()
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    batches = token_batches(128, n_batches=3)
+    cal = ck.calibrate(model, batches, progress=False)
+    assert len(calls) == 1
+    model.lm_head._forward_hooks.clear()
+    with_lm_head = ck.calibrate(model, batches, target_modules=["q_proj", "lm_head"], progress=False)
+    assert "lm_head" in with_lm_head.groups
+    for g in cal.covariances:
+        if g in with_lm_head.covariances:
+            assert torch.equal(cal.covariances[g], with_lm_head.covariances[g])

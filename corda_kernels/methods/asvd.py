@@ -15,7 +15,7 @@ import torch
 
 from ..ops.exact_svd import smallest_singular_triplets
 from ..ops.randomized_svd import randomized_svd
-from .base import InitMethod, LayerInit, energy_fraction, layer_seed, split_singular_values
+from .base import InitMethod, LayerCovariances, LayerInit, energy_fraction, layer_seed, split_singular_values
 
 
 class ASVD(InitMethod):
@@ -33,7 +33,7 @@ class ASVD(InitMethod):
     def init_batch(
         self,
         weights: torch.Tensor,
-        covariances: Optional[torch.Tensor],
+        covariances: Optional[LayerCovariances],
         rank: int,
         scale: float,
         names: Sequence[str],
@@ -41,7 +41,7 @@ class ASVD(InitMethod):
     ) -> list[LayerInit]:
         if covariances is None:
             raise ValueError(f"ASVD needs the input covariance of {names[0]}")
-        rms = covariances.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        rms = covariances.diagonals().clamp_min(0).sqrt()
         s = rms.clamp_min(self.eps * rms.amax(-1, keepdim=True).clamp_min(1e-30)).pow(self.alpha)  # (L, in)
         scaled = weights * s.unsqueeze(-2)
         if self.mode == "ipa":

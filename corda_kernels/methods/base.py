@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -36,6 +36,21 @@ class LayerInit:
     stats: dict = field(default_factory=dict)  # e.g. {"energy": fraction of energy in the adapter}
 
 
+class LayerCovariances(NamedTuple):
+    """Input covariances of a batch of L layers, each distinct one stored once.
+
+    ``unique (G, in, in)`` fp32 and ``index (L,)`` int64: layer ``i`` has covariance
+    ``unique[index[i]]`` (q/k/v share one, gate/up share one).
+    """
+
+    unique: torch.Tensor
+    index: torch.Tensor
+
+    def diagonals(self) -> torch.Tensor:
+        """``(L, in)``: each layer's covariance diagonal (per-channel mean square)."""
+        return self.unique.diagonal(dim1=-2, dim2=-1)[self.index]
+
+
 class InitMethod(ABC):
     """Base class of initialization recipes; subclasses set ``name`` and implement ``init_batch``."""
 
@@ -53,13 +68,14 @@ class InitMethod(ABC):
     def init_batch(
         self,
         weights: torch.Tensor,
-        covariances: Optional[torch.Tensor],
+        covariances: Optional[LayerCovariances],
         rank: int,
         scale: float,
         names: Sequence[str],
         seed: int,
     ) -> list[LayerInit]:
-        """``weights``: ``(L, out, in)`` fp32; ``covariances``: ``(L, in, in)`` fp32 or None."""
+        """``weights``: ``(L, out, in)`` fp32; ``covariances``: the layers' :class:`LayerCovariances`
+        (None unless ``needs_covariance``)."""
 
     def describe(self) -> str:
         return self.name

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops.co_svd import co_svd
-from .base import InitMethod, LayerInit, energy_fraction, layer_seed, split_singular_values
+from .base import InitMethod, LayerCovariances, LayerInit, energy_fraction, layer_seed, split_singular_values
 
 MODES = ("ipa", "kpa")
 # Accepted spellings: the paper's IPA/KPA and PEFT's "ipm"/"kpm".
@@ -44,7 +44,7 @@ class CorDA(InitMethod):
     def init_batch(
         self,
         weights: torch.Tensor,
-        covariances: Optional[torch.Tensor],
+        covariances: Optional[LayerCovariances],
         rank: int,
         scale: float,
         names: Sequence[str],
@@ -54,12 +54,10 @@ class CorDA(InitMethod):
             raise ValueError(f"CorDA needs the input covariance of {names[0]}: pass covariances=calibrate(model, ...)")
         method = self.svd if self.mode == "ipa" else "exact"
         seeds = [layer_seed(seed, n) for n in names]
-        result = co_svd(weights, covariances, rank, mode=self.mode, damp=self.damp, seed=seeds, method=method, name=names[0])
+        result = co_svd(weights, covariances.unique, rank, mode=self.mode, damp=self.damp, seed=seeds, method=method,
+                        cov_index=covariances.index, name=names[0])
         A, B = split_singular_values(result.U, result.S, result.V.mT, scale)
-        mean_diag = covariances.diagonal(dim1=-2, dim2=-1).mean(-1)
-        shift = (result.damp.to(weights.dtype) * mean_diag).view(-1, 1, 1)
-        total = (weights @ covariances + shift * weights).square().sum((-2, -1))
-        energy = energy_fraction(result.S, total)
+        energy = energy_fraction(result.S, result.energy)
         damp = result.damp.tolist()
         return [
             LayerInit(A=A[i], B=B[i], scale=scale, stats={"energy": energy[i], "damp": damp[i]})

@@ -32,6 +32,16 @@ METHODS = ("randomized", "exact")
 # Largest |C - C^T| accepted, relative to max |diag C|: rounding of a Gram product, not a
 # half-filled (upper-triangle-only) accumulator.
 SYMMETRY_TOL = 1e-4
+# Sketch for W·C_d (ipa). Its spectrum is steep (power-law exponent 1.0-2.1 against 0.1-0.9 for raw
+# weights), so a narrower sketch and fewer iterations than randomized_svd's defaults reach the 1e-4
+# targets. Measured on SmolLM2's W·C (bench/RESULTS_decompose.md, worst of 21 matrices x 2 seeds) at
+# p = 40: q = 1 (r = 8), 2 (r = 16, 32), 4 (r = 64, 128); we use one iteration more for margin. Work
+# (2q + 2)(r + p) at r = 16 is 448 against 1344 with the raw-weight defaults (p = 96, q = 10).
+CO_SVD_OVERSAMPLE = 40
+
+
+def co_svd_n_iter(rank: int) -> int:
+    return 2 if rank <= 8 else 3 if rank <= 32 else 5
 
 
 class DampedCovariance(NamedTuple):
@@ -47,13 +57,16 @@ class CoSVD(NamedTuple):
     """``W ≈ U · diag(S) · V^T`` restricted to ``r`` components of the SVD of ``W · C_d``.
 
     ``U (..., out, r)`` orthonormal, ``S (..., r)`` descending, ``V (..., in, r)`` = ``C_d^{-1}``
-    times the right singular vectors (PEFT's ``V_WC``; not orthonormal), ``damp (...)`` fp64.
+    times the right singular vectors (PEFT's ``V_WC``; not orthonormal), ``damp (...)`` fp64,
+    ``energy (...)`` fp64 ``||W · C_d||_F^2`` (so ``sum(S**2) / energy`` is the share the r
+    components hold).
     """
 
     U: torch.Tensor
     S: torch.Tensor
     V: torch.Tensor
     damp: torch.Tensor
+    energy: torch.Tensor  # (...) fp64: ||W · C_d||_F^2, the total the r components are a part of
 
 
 def _where(name: str) -> str:
@@ -186,6 +199,7 @@ def co_svd(
     oversample: Optional[int] = None,
     n_iter: Optional[int] = None,
     seed: Union[int, Sequence[int]] = 0,
+    cov_index: Optional[torch.Tensor] = None,
     name: str = "",
 ) -> CoSVD:
     """CorDA's context-oriented SVD of ``W`` under the input covariance ``C``.
@@ -197,10 +211,15 @@ def co_svd(
         rank: ``r`` in ``1..min(out, in)``.
         mode: ``"ipa"`` (instruction-previewed: the largest ``r``; PEFT's ``"ipm"``) or ``"kpa"``
             (knowledge-preserved: the smallest ``r``; PEFT's ``"kpm"``).
-        method: ``"randomized"`` (ipa default: :func:`randomized_svd` with ``oversample``,
-            ``n_iter``, ``seed``: an int or one per matrix) or ``"exact"`` (ipa: full SVD cropped, for comparisons; kpa:
-            always :func:`smallest_singular_triplets`).
+        method: ``"randomized"`` (ipa default: :func:`randomized_svd` with ``oversample`` (default
+            ``CO_SVD_OVERSAMPLE``), ``n_iter`` (default :func:`co_svd_n_iter`), ``seed``: an int or
+            one per matrix) or
+            ``"exact"`` (ipa: full SVD cropped, for comparisons; kpa: always
+            :func:`smallest_singular_triplets`).
         damp, growth: see :func:`damp_covariance` (one damp per distinct ``C``).
+        cov_index: for a batch of layers whose inputs are shared (q/k/v, gate/up): ``C`` is then
+            ``(G, in, in)``, the G distinct covariances, and matrix ``i`` of ``W``'s ``(L, out, in)``
+            batch uses ``C[cov_index[i]]``; each distinct covariance is damped and factored once.
         name: a label (e.g. the layer) used in error messages.
 
     Math (PEFT's ``collect_eigens_for_layer`` + ``crop_corda_eigens``): ``C_d`` = damped ``C``;
@@ -225,8 +244,16 @@ def co_svd(
             f"{op}{_where(name)}: C must be (..., in, in) with in = W.shape[-1] = {W.shape[-1]}; got W "
             f"{tuple(W.shape)} and C {tuple(C.shape)}"
         )
+    if cov_index is not None:
+        if W.dim() != 3 or C.dim() != 3 or tuple(cov_index.shape) != (W.shape[0],) or cov_index.dtype != torch.int64:
+            raise ValueError(
+                f"{op}{_where(name)}: with cov_index, W must be (L, out, in), C (G, in, in) and cov_index an int64 (L,) "
+                f"tensor; got W {tuple(W.shape)}, C {tuple(C.shape)}, cov_index {tuple(cov_index.shape)} {cov_index.dtype}"
+            )
+        if W.shape[0] and not (0 <= int(cov_index.min()) and int(cov_index.max()) < C.shape[0]):
+            raise ValueError(f"{op}{_where(name)}: cov_index must lie in [0, {C.shape[0]})")
     try:
-        batch = torch.broadcast_shapes(W.shape[:-2], C.shape[:-2])
+        batch = torch.broadcast_shapes(W.shape[:-2], C.shape[:-2]) if cov_index is None else W.shape[:-2]
     except RuntimeError:
         batch = None
     if batch != W.shape[:-2]:
@@ -240,22 +267,31 @@ def co_svd(
 
     out_dtype = compute_dtype(W)
     Cd, L, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=torch.float64, name=name)
+    if cov_index is not None:
+        index = cov_index.to(C.device)
+        Cd, L, damps = Cd[index], L[index], damps[index]
     if mode == "ipa":
         dtype = torch.float64 if torch.float64 in (W.dtype, C.dtype) else torch.float32
         WC = W.to(dtype) @ Cd.to(dtype)
+        energy = WC.double().square().sum((-2, -1))
         if method == "exact":
             U, S, Vh = torch.linalg.svd(WC, full_matrices=False)
             U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
         else:
+            n_iter = co_svd_n_iter(rank) if n_iter is None else n_iter
+            oversample = CO_SVD_OVERSAMPLE if oversample is None else oversample
             U, S, Vh = randomized_svd(WC, rank, oversample=oversample, n_iter=n_iter, seed=seed)
     else:
-        U, S, Vh = smallest_singular_triplets(W.double() @ Cd.double(), rank)
+        WC = W.double() @ Cd.double()
+        energy = WC.square().sum((-2, -1))
+        U, S, Vh = smallest_singular_triplets(WC, rank)
     V = torch.cholesky_solve(Vh.mT.double(), L)
     return CoSVD(
         U.to(out_dtype).contiguous(),
         S.to(out_dtype).contiguous(),
         V.to(out_dtype).contiguous(),
         damps.expand(batch).clone() if damps.shape != batch else damps,
+        energy,
     )
 
 

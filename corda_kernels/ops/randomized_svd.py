@@ -17,8 +17,10 @@ from ._matrix_checks import check_finite, check_matrix, check_rank, compute_dtyp
 # weights have flat spectra, and a wide sketch converges in fewer (sequential) iterations.
 MIN_OVERSAMPLE = 96
 DEFAULT_N_ITER = 10
-# Sketches wider than this fraction of min(m, n) cost as much as the exact SVD, which is returned.
-EXACT_FROM = 0.25
+# Cost model for choosing the exact SVD: the randomized method makes 2q + 2 passes over A with l
+# columns (~4 (q + 1) m n l flops), a divide-and-conquer SVD ~EXACT_COST m n k. Break-even measured
+# on CPU at l/k = 0.22 with q = 10 (1376x512, bench/bench_decompose.py) gives EXACT_COST = 10.
+EXACT_COST = 10.0
 
 
 def default_oversample(rank: int) -> int:
@@ -57,10 +59,9 @@ def randomized_svd(
     orthonormalized basis the shorter one (``M = A`` when ``m <= n``, else ``M = A^T``):
     ``Q = qr(M Ω)``; ``q`` times ``Q = qr(M qr(M^T Q))``; then ``svd(Q^T M)``. Every matrix of the
     batch gets its own independent Gaussian sketch ``Ω``, drawn in one call, so the result is
-    deterministic for a given ``seed``, batch shape and device. When ``l > min(m, n) / 4``
-    (``EXACT_FROM``) the ``2q + 1`` products cost as much as a full SVD (measured in
-    bench/bench_decompose.py: 0.51x of ``torch.linalg.svd`` at 1536x576, r = 64), so the exact SVD
-    is returned instead: more accurate at no extra cost.
+    deterministic for a given ``seed``, batch shape and device. When the passes would cost more than
+    a full SVD (``4 (q + 1) l > EXACT_COST · min(m, n)``; e.g. l > 0.23 min(m, n) at q = 10,
+    measured in bench/bench_decompose.py) the exact SVD is returned instead: more accurate for less.
 
     Default accuracy (bench/tune_randomized_svd.py, tables in bench/RESULTS_decompose.md), with
     ``A*_r`` the exact truncated SVD and ranks 8..128:
@@ -88,7 +89,9 @@ def randomized_svd(
     n_iter = DEFAULT_N_ITER if n_iter is None else n_iter
     A = A.to(compute_dtype(A))
     width = min(rank + oversample, *A.shape[-2:])
-    if width > EXACT_FROM * min(A.shape[-2:]):
+    if generator is None and not isinstance(seed, int) and len(seed) != A[..., 0, 0].numel():
+        raise ValueError(f"{op}: {len(seed)} seeds for a batch of {A[..., 0, 0].numel()} matrices")
+    if 4 * (n_iter + 1) * width > EXACT_COST * min(A.shape[-2:]):
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         return U[..., :rank].contiguous(), S[..., :rank].contiguous(), Vh[..., :rank, :].contiguous()
     M, omega, transposed = _sketch(A, width, generator, seed)
@@ -104,9 +107,6 @@ def _sketch(A: torch.Tensor, width: int, generator: Optional[torch.Generator], s
     shape = (M.shape[-1], width)
     if generator is None and not isinstance(seed, int):
         seeds = list(seed)
-        count = M[..., 0, 0].numel()
-        if len(seeds) != count:
-            raise ValueError(f"randomized_svd: {len(seeds)} seeds for a batch of {count} matrices")
         draws = [torch.randn(shape, generator=torch.Generator(device=A.device).manual_seed(int(s)), dtype=A.dtype,
                              device=A.device) for s in seeds]
         return M, torch.stack(draws).reshape(*M.shape[:-2], *shape), transposed
