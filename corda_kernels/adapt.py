@@ -107,8 +107,10 @@ def apply(
     """Initialize adapters with ``method`` and swap them into ``model`` (in place; returns it).
 
     Args:
-        method: ``"corda"`` (options ``mode="ipa"|"kpa"``, ``damp``), ``"pissa"``, ``"milora"``, or an
-            :class:`~corda_kernels.methods.InitMethod`.
+        method: ``"corda"`` (options ``mode="ipa"|"kpa"``, ``damp``, ``svd``), ``"pissa"`` (``svd``),
+            ``"milora"``, ``"lora"``, ``"asymmetric"``, ``"siva"`` (``perc``), ``"partial_lora"``
+            (``few_shot``, ``margin``, ``score``, ``metric``, ``densities``), or an
+            :class:`~corda_kernels.methods.InitMethod`; see README.md for what each trains.
         rank, alpha: adapter rank and LoRA alpha (scaling ``alpha / rank``); ``alpha`` defaults to
             ``rank`` (scaling 1, as the CorDA and PiSSA papers use; PEFT's default is 8).
         covariances: the :class:`~corda_kernels.calibrate.Calibration` for CorDA; its layers are

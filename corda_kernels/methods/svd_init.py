@@ -58,3 +58,6 @@ class PiSSA(_SVDInit):
 class MiLoRA(_SVDInit):
     name = "milora"
     largest = False
+
+    def __init__(self):
+        super().__init__(svd="exact")
