@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _backend, distributed
+from . import storage as _storage
 from .checkpoint import CalibrationCheckpoint, CheckpointMismatch, model_fingerprint, update_data_fingerprint
 from .integrations import hf
 from .ops.covariance import CovarianceAccumulator, covariance_update, finalize_covariance
@@ -41,9 +42,11 @@ NORMALIZATIONS = ("token_mean", "peft")
 class Calibration:
     """Covariances of target layers' inputs.
 
-    covariances: group -> ``(d, d)`` fp32 symmetric covariance (the group is named after its first
-    layer); groups: module name -> group; token_counts: group -> tokens seen (forward calls for
-    ``normalization="peft"``).
+    covariances: group -> the stored covariance (the group is named after its first layer): a
+    ``(d, d)`` fp32 symmetric matrix, or with ``storage="packed"`` its upper triangle as a 1-D
+    ``d (d + 1) / 2`` tensor (see :mod:`corda_kernels.storage`); use :meth:`covariance` for the
+    full matrix. groups: module name -> group; token_counts: group -> tokens seen (forward calls
+    for ``normalization="peft"``).
     """
 
     covariances: dict[str, torch.Tensor]
@@ -52,17 +55,32 @@ class Calibration:
     normalization: str = "token_mean"
     batches: int = 0
     meta: dict = field(default_factory=dict)
+    storage: str = "full"
 
-    def covariance(self, module_name: str) -> torch.Tensor:
+    def covariance(self, module_name: str, device=None) -> torch.Tensor:
+        """The full ``(d, d)`` fp32 covariance of a layer's input, on ``device`` (default: where it
+        is kept). With ``storage="full"`` on its own device this is the stored tensor itself;
+        otherwise a new tensor (unpacked / copied) on every call."""
+        return _storage.expand(self.covariances[self.group(module_name)], self.storage, device)
+
+    def group(self, module_name: str) -> str:
+        """The group (shared input) of a layer: layers of one group have one covariance."""
         if module_name not in self.groups:
             raise KeyError(
                 f"no covariance for layer {module_name!r}; calibrated layers: {hf.named(self.groups)}"
             )
-        return self.covariances[self.groups[module_name]]
+        return self.groups[module_name]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored covariances."""
+        return sum(c.numel() * c.element_size() for c in self.covariances.values())
 
     def per_module(self) -> dict[str, torch.Tensor]:
-        """``{module name: C}``, the layout of PEFT's CorDA ``covariance_file``."""
-        return {name: self.covariances[group] for name, group in self.groups.items()}
+        """``{module name: C}``, the layout of PEFT's CorDA ``covariance_file`` (full matrices: with
+        ``storage="packed"`` every group is unpacked, once)."""
+        full = {group: _storage.expand(c, self.storage) for group, c in self.covariances.items()}
+        return {name: full[group] for name, group in self.groups.items()}
 
     def save(self, path: str) -> None:
         """Write ``covariances.safetensors`` and ``calibration.json`` into directory ``path``."""
@@ -77,12 +95,14 @@ class Calibration:
             "normalization": self.normalization,
             "batches": self.batches,
             "meta": self.meta,
+            "storage": self.storage,
         }
         with open(os.path.join(path, "calibration.json"), "w") as fh:
             json.dump(manifest, fh, indent=1)
 
     @classmethod
     def load(cls, path: str, device=None) -> "Calibration":
+        """Read a :meth:`save` d calibration (in the storage it was saved with) onto ``device``."""
         from safetensors.torch import load_file
 
         with open(os.path.join(path, "calibration.json")) as fh:
@@ -98,6 +118,7 @@ class Calibration:
             normalization=manifest["normalization"],
             batches=manifest["batches"],
             meta=manifest.get("meta", {}),
+            storage=manifest.get("storage", "full"),
         )
 
 
@@ -251,7 +272,10 @@ class CovarianceRecorder:
             self.accumulators[group] = acc
 
     # -- result --------------------------------------------------------------------------------
-    def result(self) -> Calibration:
+    def result(self, storage: str = "full", offload: Optional[str] = None) -> Calibration:
+        """Finalize every accumulator in place (single use) and keep it as ``storage`` / ``offload``
+        (see :mod:`corda_kernels.storage`); each full accumulator is released as soon as its stored
+        form exists."""
         never = [n for n in self.targets if n not in self.groups]
         if never:
             raise RuntimeError(f"target layers never ran during calibration: {hf.named(never)}")
@@ -261,9 +285,12 @@ class CovarianceRecorder:
                 raise ValueError(
                     f"layer {group} saw no tokens: every calibration token was padding (attention_mask all 0)"
                 )
-            covariances[group] = finalize_covariance(acc.cov, acc.count, upper_only=self.upper_only, inplace=True)
+            full = finalize_covariance(acc.cov, acc.count, upper_only=self.upper_only, inplace=True)
+            acc.cov = None
+            covariances[group] = _storage.keep(full, storage, offload)
             counts[group] = acc.count
-        return Calibration(covariances, dict(self.groups), counts, self.normalization, self.batch_index + 1)
+        return Calibration(covariances, dict(self.groups), counts, self.normalization, self.batch_index + 1,
+                           storage=storage)
 
 
 def _to_device(batch: Mapping, device: torch.device) -> dict:
@@ -299,6 +326,8 @@ def calibrate(
     checkpoint_every: int = 50,
     process_group=None,
     shard: str = "stride",
+    storage: str = "full",
+    offload: Optional[str] = None,
 ) -> Calibration:
     """Collect the input covariance of every target layer of ``model`` over ``batches``.
 
@@ -324,7 +353,14 @@ def calibrate(
             ``batches`` and runs batches ``rank, rank + world, ...``, so the result is that of one
             process over all of them, ``max_batches`` counting shared batches) or ``"local"``
             (``batches`` is this rank's own shard; ``max_batches`` applies per rank).
+        storage: how each finalized covariance is kept: ``"full"`` ``(d, d)`` (default) or
+            ``"packed"``, its upper triangle (half the bytes; unpacked per decomposition chunk).
+            Accumulation is always into full ``(d, d)`` buffers, so calibration's own peak is
+            unchanged; what is held afterwards (through decomposition) is halved.
+        offload: ``"cpu"`` keeps the finalized covariances in CPU memory (pinned when CUDA is
+            available); decomposition moves one chunk's to the layers' device at a time.
     """
+    _storage.check_options(storage, offload)
     group = distributed.resolve_group(process_group)
     targets = hf.find_targets(model, target_modules, exclude_modules)
     for name, module in targets.items():
@@ -345,7 +381,7 @@ def calibrate(
     if done == 0:
         raise ValueError("calibration data is empty: `batches` yielded no batch")
     recorder.batch_index = done - 1
-    result = recorder.result()
+    result = recorder.result(storage, offload)
     result.meta["tokens"] = tokens
     return result
 

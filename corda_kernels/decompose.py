@@ -150,20 +150,29 @@ def _run_chunk(targets, method: InitMethod, names, rank, scale, covariances, see
 
 
 def _layer_covariances(covariances, names, in_features: int, device) -> LayerCovariances:
-    """The layers' covariances, each shared one (same tensor: q/k/v, gate/up) stored once."""
-    unique: list[torch.Tensor] = []
-    slot: dict[int, int] = {}
+    """The layers' covariances as fp32 on ``device``, each shared one stored (and so damped) once:
+    layers of one calibration group (q/k/v, gate/up), or for a plain ``{name: C}`` mapping layers
+    given the same tensor. Packed / offloaded covariances are expanded one at a time."""
+    grouped = hasattr(covariances, "group")
+    firsts: dict = {}  # shared input -> (slot, first layer, its tensor when already fetched)
     index = []
     for name in names:
-        c = covariance_for(covariances, name)
-        if c.shape[-1] != in_features:
+        c = None
+        if grouped:
+            key = covariances.group(name)
+        else:
+            c = covariance_for(covariances, name)
+            key = id(c)
+        if key not in firsts:
+            firsts[key] = (len(firsts), name, c)
+        index.append(firsts[key][0])
+    stacked = torch.empty(len(firsts), in_features, in_features, dtype=torch.float32, device=device)
+    for slot, name, c in firsts.values():
+        c = covariances.covariance(name, device) if c is None else c
+        if tuple(c.shape) != (in_features, in_features):
             raise ValueError(
                 f"covariance of {name} is {tuple(c.shape[-2:])} but the layer has {in_features} input features; "
                 "were the covariances collected on another model?"
             )
-        if id(c) not in slot:
-            slot[id(c)] = len(unique)
-            unique.append(c)
-        index.append(slot[id(c)])
-    stacked = torch.stack([c.to(device, torch.float32) for c in unique])
+        stacked[slot].copy_(c)
     return LayerCovariances(stacked, torch.tensor(index, dtype=torch.int64, device=device))
