@@ -102,6 +102,7 @@ def apply(
     max_batch_bytes: Optional[int] = None,
     progress: bool = True,
     process_group=None,
+    cache_dir: Optional[str] = None,
     **method_options,
 ) -> nn.Module:
     """Initialize adapters with ``method`` and swap them into ``model`` (in place; returns it).
@@ -123,6 +124,9 @@ def apply(
             broadcast the factors, so every rank builds the same adapters (see
             :func:`corda_kernels.decompose.decompose`; default: the default group when initialized,
             every rank must call; False for one process).
+        cache_dir: a directory caching each layer's decomposition (see :mod:`corda_kernels.cache`):
+            layers whose weights, covariance and settings are unchanged are read back, not
+            decomposed again.
     """
     method: InitMethod = make_method(method, **method_options)
     refuse_adapted(model)
@@ -147,6 +151,7 @@ def apply(
         max_batch_bytes=max_batch_bytes,
         progress=progress,
         process_group=process_group,
+        cache_dir=cache_dir,
     )
     swap_in(model, targets, inits, dropout)
     freeze_all_but_adapters(model)

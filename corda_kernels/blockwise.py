@@ -105,6 +105,7 @@ def apply_blockwise(
     seed: int = 0,
     max_batch_bytes: Optional[int] = None,
     progress: bool = True,
+    cache_dir: Optional[str] = None,
     **method_options,
 ) -> nn.Module:
     """Calibrate, decompose and adapt ``model`` one block at a time (in place; returns it).
@@ -113,6 +114,8 @@ def apply_blockwise(
         offload: device for the cached hidden states between blocks (e.g. ``"cpu"``).
         execution_device: run each block there (moved in, adapted, moved back to where it lives),
             for models whose blocks live on the CPU; default: each block runs where it is.
+        cache_dir: cache each layer's decomposition there (see :mod:`corda_kernels.cache`); the
+            blocks are still run (their outputs feed the next block), only decompositions are saved.
 
     Every target must live inside the model's (single) stack of blocks.
     """
@@ -154,6 +157,7 @@ def apply_blockwise(
                 inits = _decompose.decompose(
                     block_targets, method, ranks=ranks, alphas=alphas, use_rslora=use_rslora,
                     covariances=covariances, seed=seed, max_batch_bytes=max_batch_bytes, progress=False,
+                    cache_dir=cache_dir,
                 )  # fmt: skip
                 del covariances
                 for name, old in _adapt.swap_in(model, block_targets, inits, dropout):

@@ -87,6 +87,7 @@ def decompose(
     max_batch_bytes: Optional[int] = None,
     progress: bool = True,
     process_group=None,
+    cache_dir: Optional[str] = None,
 ) -> dict[str, LayerInit]:
     """Initial adapters of every target layer.
 
@@ -102,15 +103,24 @@ def decompose(
             broadcast each result from its owner (see :mod:`corda_kernels.distributed`): by default
             the default group when ``torch.distributed`` is initialized (every rank must call), a
             ``ProcessGroup``, or False for one process. Every rank returns every layer's init.
+        cache_dir: keep each layer's init there (see :mod:`corda_kernels.cache`): a layer whose
+            method, options, rank, scaling, seed, name, weights and covariance are unchanged is
+            read back instead of decomposed; with a process group each rank caches the layers it
+            owns.
     """
     group = distributed.resolve_group(process_group)
     if group is not None:
         return distributed.decompose_sharded(
             targets, method, group, ranks=ranks, alphas=alphas, use_rslora=use_rslora, covariances=covariances,
-            seed=seed, max_batch_bytes=max_batch_bytes, progress=progress,
+            seed=seed, max_batch_bytes=max_batch_bytes, progress=progress, cache_dir=cache_dir,
         )  # fmt: skip
     if method.needs_covariance and covariances is None:
         raise ValueError(f"method {method.describe()} needs input covariances: pass covariances=calibrate(model, batches)")
+    if cache_dir is not None:
+        return _decompose_cached(
+            targets, method, cache_dir, ranks=ranks, alphas=alphas, use_rslora=use_rslora, covariances=covariances,
+            seed=seed, max_batch_bytes=max_batch_bytes, progress=progress,
+        )  # fmt: skip
     buckets: dict[tuple, list[str]] = defaultdict(list)
     for name, module in targets.items():
         check_rank(name, module, ranks[name])
@@ -147,6 +157,28 @@ def decompose(
     finally:
         bar.close()
     return results
+
+
+def _decompose_cached(targets, method: InitMethod, cache_dir: str, *, ranks, alphas, use_rslora, covariances, **options):
+    """:func:`decompose` of the layers missing from the cache at ``cache_dir``, the others read back."""
+    from .cache import DecompositionCache
+
+    cache = DecompositionCache(cache_dir, method, options["seed"], covariances)
+    keys, hits = {}, {}
+    for name, module in targets.items():
+        check_rank(name, module, ranks[name])
+        keys[name] = cache.key(name, module, ranks[name], scaling(alphas[name], ranks[name], use_rslora))
+        init = cache.load(keys[name], name, hf.weight_matrix(module).device)
+        if init is not None:
+            hits[name] = init
+    todo = {name: module for name, module in targets.items() if name not in hits}
+    fresh = {}
+    if todo:
+        fresh = decompose(todo, method, ranks=ranks, alphas=alphas, use_rslora=use_rslora, covariances=covariances,
+                          process_group=False, **options)
+        for name, init in fresh.items():
+            cache.store(keys[name], name, init)
+    return {name: hits[name] if name in hits else fresh[name] for name in targets}
 
 
 def covariance_for(covariances, name: str) -> torch.Tensor:
