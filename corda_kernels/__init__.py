@@ -14,6 +14,7 @@ from .blockwise import apply_blockwise
 from .calibrate import Calibration, calibrate
 from .export import merge, save_merged_model, save_peft_adapter, save_residual_model, unload
 from .integrations.peft_patch import patch_peft, unpatch_peft
+from .memory import MemoryEstimate, estimate_memory
 from .nn import LowRankLinear
 from .ops import CovarianceAccumulator, covariance_update, finalize_covariance, symmetrize_
 from .ops.co_svd import co_svd, damp_covariance
@@ -28,12 +29,14 @@ __all__ = [
     "Calibration",
     "CovarianceAccumulator",
     "LowRankLinear",
+    "MemoryEstimate",
     "apply",
     "apply_blockwise",
     "calibrate",
     "co_svd",
     "covariance_update",
     "damp_covariance",
+    "estimate_memory",
     "finalize_covariance",
     "lowrank_linear",
     "merge",

@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--discard", default="0,16,64,128", help="comma-separated numbers of smallest components")
     report.add_argument("--eval", default="heldout", help="held-out text: 'heldout' (built-in) or a file")
     report.add_argument("--eval-samples", type=int, default=32)
+    estimate = sub.add_parser("estimate", help="peak memory of an init run, estimated before running it (no weights read)")
+    _common(estimate)
+    estimate.add_argument("--method", default="corda", help="corda, pissa or milora")
+    estimate.add_argument("--mode", default="ipa", choices=["ipa", "kpa"], help="CorDA mode")
+    estimate.add_argument("--rank", type=int, default=8)
+    estimate.add_argument("--blockwise", action="store_true", help="block-wise calibration (apply_blockwise)")
+    estimate.add_argument("--offload", choices=["cpu"], help="block-wise: hidden-state cache; else: covariances")
+    estimate.add_argument("--storage", default="full", choices=["full", "packed"], help="finalized covariances")
     return parser
 
 
@@ -193,10 +201,26 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from .memory import estimate_memory, meta_model
+
+    model = meta_model(args.model, args.gguf_file, args.dtype)
+    texts = loading.load_texts(args.calib)[: args.samples]
+    batch_size = min(args.batch_size, len(texts))
+    options = {"mode": args.mode} if args.method == "corda" else {}
+    estimate = estimate_memory(model, batch_size=batch_size, seq_len=args.seq_len, n_batches=-(-len(texts) // batch_size),
+                               method=args.method, rank=args.rank, blockwise=args.blockwise, offload=args.offload,
+                               storage=args.storage, target_modules=_targets(args.targets), device=args.device,
+                               **options)  # fmt: skip
+    print(estimate.summary())
+    print(f"(sequences counted at --seq-len {args.seq_len} tokens: an upper bound when the texts are shorter)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"init": cmd_init, "report": cmd_report}[args.command](args)
+        return {"init": cmd_init, "report": cmd_report, "estimate": cmd_estimate}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"corda-kernels {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,337 @@
+"""Peak memory of a calibrate -> decompose -> adapt run, estimated before running it.
+
+``estimate_memory(model, batch_size=, seq_len=, n_batches=, ...)`` returns a :class:`MemoryEstimate`:
+for each phase of the run, the bytes each item holds and where (the model's device, or ``"cpu"``
+for what is offloaded), and the peak. The model may live on the ``meta`` device (built from its
+config, no weights loaded: :func:`meta_model`); pass ``device=`` for where the run would happen.
+
+What is counted (all from shapes and dtypes; no calibration is run):
+
+- weights: the model's parameters and buffers.
+- covariances: one fp32 ``(d, d)`` accumulator per distinct target input (layers given the same
+  tensor share one, as in calibration: q/k/v, gate/up; found by a 2-token forward, on the meta
+  device when the model is there); kept after calibration in the chosen ``storage`` / ``offload``.
+  Whole-model: every group at once. Block-wise: one block's.
+- activations: one block's forward on one batch (calibration stops after the last target, so no
+  logits): ``tokens · dtype · (Σ out_features of the block's targets + 2 · hidden)``, the attention
+  mask (and scores for eager attention), and the covariance update's temporaries (an fp32 copy of
+  the selected rows, the NaN check's ``|x|``, a ``(d, 256)`` block).
+- hidden-state cache (block-wise): every batch's input to the current block (its hidden states
+  and attention mask); the hidden states twice while a block runs (inputs and outputs).
+- decomposition: the largest chunk's working set as :mod:`corda_kernels.decompose` sizes it
+  (``_bytes_per_layer`` per layer, at most ``max_batch_bytes`` per chunk, plus ``_bytes_per_chunk``).
+- residual copies + adapters: the new residual weight of every swapped layer, its factors and one
+  layer's fp32 temporaries; ``apply`` holds the old weights until it returns. Block-wise keeps the
+  replaced layers (on the CPU) to restore the model if a later block fails: "undo copies".
+
+Measured against peak RSS on CPU (tests/test_memory.py, bench/RESULTS_blockwise.md). Not counted:
+allocator slack (glibc may keep freed blocks: RSS above live bytes, by up to ~45% in block-wise
+runs with the default malloc settings), the Python/torch runtime, tokenizers and data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from . import decompose as _decompose
+from .adapt import pattern_value
+from .integrations import hf
+from .methods import make_method
+from .storage import check_options, packed_size
+
+MiB = 2**20
+_WHOLE = ("calibrate", "decompose", "swap")
+_BLOCKWISE = ("capture", "run block", "decompose block", "swap block")
+
+
+@dataclass
+class MemoryEstimate:
+    """``phases``: phase -> {(item, where): bytes}, ``where`` a device string (``"cpu"``,
+    ``"cuda:0"``); ``device``: where the run computes; ``title`` and ``notes`` describe the run."""
+
+    phases: dict[str, dict[tuple[str, str], int]]
+    device: str
+    title: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def total(self, phase: str, where: Optional[str] = None, *, exclude: tuple = ()) -> int:
+        where = where or self.device
+        return sum(b for (item, w), b in self.phases[phase].items() if w == where and item not in exclude)
+
+    def peak_phase(self, where: Optional[str] = None) -> str:
+        return max(self.phases, key=lambda phase: self.total(phase, where))
+
+    def peak_bytes(self, where: Optional[str] = None) -> int:
+        """The largest total of any phase on ``where`` (default: the compute device)."""
+        return max(self.total(phase, where) for phase in self.phases)
+
+    def extra_bytes(self, where: Optional[str] = None) -> int:
+        """Peak above the loaded model (every item but the weights) on ``where``."""
+        return max(self.total(phase, where, exclude=("weights",)) for phase in self.phases)
+
+    @property
+    def locations(self) -> list[str]:
+        found = {w for items in self.phases.values() for (_, w) in items}
+        return sorted(found, key=lambda w: (w != self.device, w))
+
+    def summary(self) -> str:
+        """A printable table: items x phases in MiB, totals and the peak per location."""
+        rows = sorted({key for items in self.phases.values() for key in items},
+                      key=lambda k: (self.locations.index(k[1]), _ORDER.index(k[0]) if k[0] in _ORDER else 99))
+        names = list(self.phases)
+        width = max(12, *(len(n) for n in names))
+        lines = [self.title, "", f"{'MiB':<28}{'where':<8}" + "".join(f"{n:>{width + 2}}" for n in names)]
+        for item, where in rows:
+            cells = "".join(f"{self.phases[n].get((item, where), 0) / MiB:>{width + 2},.1f}" for n in names)
+            lines.append(f"{item:<28}{where:<8}" + cells)
+        for where in self.locations:
+            cells = "".join(f"{self.total(n, where) / MiB:>{width + 2},.1f}" for n in names)
+            lines.append(f"{'total':<28}{where:<8}" + cells)
+        lines.append("")
+        for where in self.locations:
+            lines.append(f"peak on {where}: {self.peak_bytes(where) / MiB:,.1f} MiB in '{self.peak_phase(where)}' "
+                         f"({self.extra_bytes(where) / MiB:,.1f} MiB above the loaded model)")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+_ORDER = ["weights", "covariances", "activations", "hidden-state cache", "decomposition",
+          "residual copies + adapters", "undo copies"]  # fmt: skip
+
+
+def meta_model(model: Optional[str], gguf_file: Optional[str] = None, dtype: str = "fp32") -> nn.Module:
+    """A Hugging Face causal LM built from its config on the ``meta`` device (no weights read):
+    a hub id / path, or the embedded SmolLM2 default when ``model`` is None."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .integrations import loading
+
+    if model is None:
+        model, gguf_file = loading.default_model_location()
+    config = AutoConfig.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=loading.DTYPES[dtype]).eval()
+
+
+def _input_groups(model: nn.Module, targets: Mapping[str, nn.Module]) -> Optional[dict[str, str]]:
+    """layer -> group (the first layer given the same input tensor) from a 2-token forward, or None
+    when the model cannot run one."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    groups: dict[str, str] = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0] if args else None
+            group = next((g for g, t in seen if t is x), name)
+            groups.setdefault(name, group)
+            if group == name:
+                seen.append((name, x))
+
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in targets.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=hf.input_device(model)))
+    except Exception:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: groups.get(name, name) for name in targets}
+
+
+def _block_of(name: str, stacks: list[str]) -> str:
+    for stack in stacks:
+        if name.startswith(stack + "."):
+            return stack + "." + name[len(stack) + 1 :].split(".", 1)[0]
+    return "(outside the blocks)"
+
+
+class _Layers:
+    """Shapes of the targets, their groups and blocks."""
+
+    def __init__(self, model, targets, groups, ranks):
+        self.shape = {n: hf.in_out_features(m) for n, m in targets.items()}  # (in, out)
+        self.weight_size = {n: hf.weight_matrix(m).element_size() for n, m in targets.items()}
+        self.groups, self.ranks = groups, ranks
+        stacks = [name for name, _ in hf.block_stacks(model)]
+        self.blocks: dict[str, list[str]] = defaultdict(list)
+        for name in targets:
+            self.blocks[_block_of(name, stacks)].append(name)
+
+    def cov_dims(self, names) -> list[int]:
+        """``d`` of each distinct covariance of ``names``."""
+        return [self.shape[n][0] for n in {self.groups[n]: n for n in names}.values()]
+
+    def target_bytes(self, names) -> int:
+        return sum(self.shape[n][0] * self.shape[n][1] * self.weight_size[n] for n in names)
+
+    def swap_bytes(self, names) -> int:
+        """New residuals, factors (weight dtype and fp32) and one layer's fp32 build temporaries."""
+        factors = sum(self.ranks[n] * sum(self.shape[n]) * (self.weight_size[n] + 4) for n in names)
+        temps = max((2 * 4 * self.shape[n][0] * self.shape[n][1] for n in names), default=0)
+        return self.target_bytes(names) + factors + temps
+
+
+def _activations(layers: _Layers, names, tokens: int, act: int, attention: int) -> int:
+    """One block's transient forward memory on one batch plus the covariance update's temporaries."""
+    outputs = sum(layers.shape[n][1] for n in names)
+    hidden = layers.shape[names[0]][0]
+    widest = max(layers.shape[n][0] for n in names)
+    update = tokens * widest * (act + 4) + widest * 256 * 4
+    return tokens * act * (outputs + 2 * hidden) + attention + update
+
+
+def _working_set(layers: _Layers, names, needs_cov: bool, budget: Optional[int]) -> int:
+    """The largest decomposition chunk over ``names``' buckets (same shape and rank)."""
+    buckets: dict[tuple, int] = defaultdict(int)
+    for n in names:
+        buckets[(layers.shape[n], layers.ranks[n])] += 1
+    largest = 0
+    for ((in_f, out_f), _), count in buckets.items():
+        per_layer = _decompose._bytes_per_layer(out_f, in_f, needs_cov)
+        per_chunk = _decompose._bytes_per_chunk(out_f, in_f, needs_cov)
+        chunk = count if budget is None else max(1, (budget - per_chunk) // per_layer)
+        largest = max(largest, min(count, chunk) * per_layer + per_chunk)
+    return largest
+
+
+def estimate_memory(
+    model: nn.Module,
+    *,
+    batch_size: int,
+    seq_len: int,
+    n_batches: int,
+    method="corda",
+    rank: int = 8,
+    blockwise: bool = False,
+    offload: Optional[str] = None,
+    storage: str = "full",
+    target_modules: hf.TargetSpec = None,
+    exclude_modules: hf.TargetSpec = None,
+    rank_pattern: Optional[Mapping[str, int]] = None,
+    max_batch_bytes: Optional[int] = None,
+    device=None,
+    **method_options,
+) -> MemoryEstimate:
+    """Estimate the peak memory of calibrating and adapting ``model`` (see the module docstring).
+
+    Args:
+        model: the model as it will be run (its weights may be on the ``meta`` device).
+        batch_size, seq_len, n_batches: calibration batches (``seq_len``: the padded length, an
+            upper bound when texts are shorter).
+        method, rank, rank_pattern, target_modules, exclude_modules, max_batch_bytes,
+            method_options: as for :func:`corda_kernels.apply`.
+        blockwise: estimate :func:`corda_kernels.apply_blockwise` instead of ``calibrate`` + ``apply``.
+        offload: ``"cpu"``: block-wise, the hidden-state cache; whole-model, the finalized
+            covariances (``calibrate(offload="cpu")``).
+        storage: ``"full"`` or ``"packed"`` finalized covariances (whole-model; ``calibrate(storage=)``).
+        device: where the run computes (default: the model's input device; ``meta`` counts as CPU).
+    """
+    check_options(storage, offload)
+    for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_batches", n_batches)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"estimate_memory: {label} must be a positive integer, got {value!r}")
+    method = make_method(method, **method_options)
+    targets = hf.find_targets(model, target_modules, exclude_modules)
+    ranks = {n: pattern_value(rank_pattern, n, rank) for n in targets}
+    home = torch.device(device) if device is not None else hf.input_device(model)
+    home = "cpu" if home.type == "meta" else str(home)
+    notes = []
+
+    weights: dict[str, int] = defaultdict(int)
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        where = home if tensor.device.type == "meta" else str(tensor.device)
+        weights[where] += tensor.numel() * tensor.element_size()
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    act = floating[0].element_size() if floating else 4
+
+    groups = _input_groups(model, targets)
+    if groups is None:
+        groups = {n: n for n in targets}
+        notes.append("a 2-token forward failed, so no shared inputs were assumed: covariances are an upper bound")
+    layers = _Layers(model, targets, groups, ranks)
+
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    eager = getattr(config, "_attn_implementation", None) == "eager"
+    tokens = batch_size * seq_len
+    mask = batch_size * seq_len**2 * (act if eager else 1)  # (B, 1, S, S); eager attention adds its scores
+    attention = mask + (2 * batch_size * heads * seq_len**2 * act if eager else 0)
+
+    budget = max_batch_bytes
+    if budget is None and home == "cpu":
+        budget = _decompose.CPU_BYTES
+    elif budget is None and torch.cuda.is_available():
+        budget = _decompose._budget(torch.device(home), None)
+    elif budget is None:
+        notes.append(f"no CUDA here to read {home}'s free memory: decomposition chunks assumed unbounded")
+
+    needs_cov = method.needs_covariance
+    base = {("weights", w): b for w, b in weights.items()}
+    names = list(targets)
+    stored = offload if (offload and not blockwise) else home
+    cov_full = sum(4 * d * d for d in layers.cov_dims(names))
+    cov_kept = sum(4 * (packed_size(d) if storage == "packed" else d * d) for d in layers.cov_dims(names))
+    mode = "block-wise (apply_blockwise)" if blockwise else "whole-model (calibrate + apply)"
+    title = (f"Memory estimate: {type(model).__name__}, {method.describe()} rank {rank}, {mode}, {len(names)} "
+             f"target layers, {n_batches} batches x {batch_size} x {seq_len} tokens, on {home}")
+    if blockwise:
+        phases = _blockwise_phases(layers, base, home, offload or home, n_batches, tokens, act, mask, attention,
+                                   needs_cov, budget)
+    else:
+        block_acts = [_activations(layers, b, tokens, act, attention) for b in layers.blocks.values()]
+        phases = {
+            "calibrate": {**base, ("covariances", home): cov_full, ("activations", home): max(block_acts)},
+            "decompose": {**base, ("covariances", stored): cov_kept,
+                          ("decomposition", home): _working_set(layers, names, needs_cov, budget)},
+            "swap": {**base, ("covariances", stored): cov_kept,
+                     ("residual copies + adapters", home): layers.swap_bytes(names)},
+        }  # fmt: skip
+        if not needs_cov:
+            del phases["calibrate"]
+            for phase in phases.values():
+                phase.pop(("covariances", stored))
+    for phase in phases.values():
+        for key in [k for k, v in phase.items() if v == 0 and k[0] != "weights"]:
+            del phase[key]
+    return MemoryEstimate(phases, home, title, notes)
+
+
+def _blockwise_phases(layers: _Layers, base, home, cache_at, n_batches, tokens, act, mask, attention, needs_cov,
+                      budget):
+    """Per phase, the worst block (the replaced layers of earlier blocks accumulate as undo copies)."""
+    hidden = layers.shape[next(iter(layers.shape))][0]
+    per_batch_hidden = tokens * hidden * act
+    cache = n_batches * (per_batch_hidden + mask)
+    phases = {"capture": {**base, ("hidden-state cache", cache_at): cache,
+                          ("activations", home): 2 * per_batch_hidden + attention}}  # fmt: skip
+    undo_at = "cpu"
+    undo = 0
+    for phase in _BLOCKWISE[1:]:
+        phases[phase] = dict(base)
+    for names in layers.blocks.values():
+        covs = sum(4 * d * d for d in layers.cov_dims(names))
+        candidates = {
+            "run block": {("undo copies", undo_at): undo, ("hidden-state cache", cache_at): cache + n_batches * per_batch_hidden,
+                          ("covariances", home): covs,
+                          ("activations", home): _activations(layers, names, tokens, act, attention)},
+            "decompose block": {("undo copies", undo_at): undo, ("hidden-state cache", cache_at): cache,
+                                ("covariances", home): covs,
+                                ("decomposition", home): _working_set(layers, names, needs_cov, budget)},
+        }  # fmt: skip
+        undo += layers.target_bytes(names)
+        swap_new = layers.swap_bytes(names) - layers.target_bytes(names)  # the residuals replace the old weights
+        candidates["swap block"] = {("undo copies", undo_at): undo, ("hidden-state cache", cache_at): cache,
+                                    ("residual copies + adapters", home): swap_new}  # fmt: skip
+        for phase, items in candidates.items():
+            if sum(items.values()) >= sum(v for k, v in phases[phase].items() if k[0] != "weights"):
+                phases[phase] = {**base, **items}
+    return phases

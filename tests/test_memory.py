@@ -1,0 +1,123 @@
+"""estimate_memory: itemized peaks that match measured RSS, shared covariances counted once, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import corda_kernels as ck
+from corda_kernels import cli
+from corda_kernels.integrations import loading
+from models import tiny_llama, token_batches
+
+# Big enough that covariances, weights and decomposition dominate the runtime's noise.
+SHAPE = dict(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=4, vocab=1000)
+DATA = dict(n_batches=4, batch=4, seq=128)
+
+# Child process: warm up every code path on a tiny model (lazy initializations are not the run's
+# memory), load the model, reset the peak RSS (/proc/self/clear_refs, Linux >= 4.0), run, report.
+# MALLOC_MMAP_THRESHOLD_ makes glibc return freed blocks to the OS, so RSS follows live bytes, what
+# the estimate counts (with the default settings it keeps freed blocks up to 32 MiB, RSS then runs
+# up to ~45% above live bytes in block-wise runs: bench/RESULTS_blockwise.md).
+CHILD = """
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+import corda_kernels as ck
+from models import tiny_llama, token_batches
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key))
+
+blockwise = {blockwise!r}
+warm = token_batches(128, n_batches=1)
+ck.apply(tiny_llama(layers=1), "corda", rank=2, covariances=ck.calibrate(tiny_llama(layers=1), warm, progress=False),
+         progress=False)
+ck.apply_blockwise(tiny_llama(layers=1), warm, "corda", rank=2, progress=False)
+model = tiny_llama(**{shape!r})
+batches = token_batches({vocab}, **{data!r})
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+if blockwise:
+    ck.apply_blockwise(model, batches, "corda", rank=8, progress=False)
+else:
+    ck.apply(model, "corda", rank=8, covariances=ck.calibrate(model, batches, progress=False), progress=False)
+print(json.dumps({{"increase": status("VmHWM") - base}}))
+"""
+
+
+def _start(blockwise: bool) -> subprocess.Popen:
+    """The child for one configuration, one thread (the two run side by side)."""
+    code = CHILD.format(tests=os.path.dirname(__file__), blockwise=blockwise, shape=SHAPE, vocab=SHAPE["vocab"], data=DATA)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _increase(child: subprocess.Popen) -> int:
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])["increase"]
+
+
+def _meta_model():
+    with torch.device("meta"):
+        return tiny_llama(**SHAPE)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_estimate_matches_measured_peak_rss():
+    children = {blockwise: _start(blockwise) for blockwise in (False, True)}
+    estimates = {}
+    for blockwise, child in children.items():
+        estimate = ck.estimate_memory(_meta_model(), batch_size=DATA["batch"], seq_len=DATA["seq"],
+                                      n_batches=DATA["n_batches"], rank=8, blockwise=blockwise)
+        estimates[blockwise] = estimate.extra_bytes()
+        measured = _increase(child)
+        assert abs(estimates[blockwise] / measured - 1) <= 0.35, (blockwise, estimates[blockwise], measured)
+    assert estimates[True] < 0.6 * estimates[False]
+
+
+def test_items_match_what_calibration_holds():
+    model = tiny_llama(layers=2)
+    batches = token_batches(128, n_batches=2, batch=2, seq=12)
+    full = ck.calibrate(model, batches, progress=False)
+    packed = ck.calibrate(model, batches, progress=False, storage="packed")
+    estimate = ck.estimate_memory(model, batch_size=2, seq_len=12, n_batches=2)
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    assert estimate.phases["calibrate"][("weights", "cpu")] == weights
+    assert estimate.phases["calibrate"][("covariances", "cpu")] == full.nbytes  # q/k/v and gate/up counted once
+    assert estimate.peak_bytes() == weights + estimate.extra_bytes()
+    packed_estimate = ck.estimate_memory(model, batch_size=2, seq_len=12, n_batches=2, storage="packed")
+    assert packed_estimate.phases["decompose"][("covariances", "cpu")] == packed.nbytes
+
+    # A GPU run planned from a meta model: offloaded covariances are host memory, the rest device memory.
+    with torch.device("meta"):
+        meta = tiny_llama(layers=2)
+    gpu = ck.estimate_memory(meta, batch_size=2, seq_len=12, n_batches=2, offload="cpu", device="cuda:0",
+                             max_batch_bytes=1 << 30)
+    assert gpu.locations == ["cuda:0", "cpu"]
+    assert gpu.phases["decompose"][("covariances", "cpu")] == full.nbytes
+    assert gpu.phases["calibrate"][("covariances", "cuda:0")] == full.nbytes
+    text = gpu.summary()
+    assert "peak on cuda:0" in text and "peak on cpu" in text and "decomposition" in text
+
+    pissa = ck.estimate_memory(model, batch_size=2, seq_len=12, n_batches=2, method="pissa")
+    assert list(pissa.phases) == ["decompose", "swap"]
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        ck.estimate_memory(model, batch_size=0, seq_len=12, n_batches=2)
+
+
+def test_cli_estimate(capsys):
+    try:
+        loading.default_model_location()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert cli.main(["estimate", "--samples", "16", "--seq-len", "64", "--blockwise", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "block-wise" in printed and "210 target layers" in printed and "undo copies" in printed
+    assert "peak on cpu" in printed
