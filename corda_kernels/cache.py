@@ -129,7 +129,9 @@ class DecompositionCache:
             if key not in self._cov_digests:
                 self._cov_digests[key] = covariance_digest(cal.covariances[key], cal.storage)
             return self._cov_digests[key]
-        c = cal[name]
+        from .decompose import covariance_for
+
+        c = covariance_for(cal, name)
         if id(c) not in self._cov_digests:
             self._cov_digests[id(c)] = covariance_digest(c)
         return self._cov_digests[id(c)]
@@ -165,8 +167,10 @@ class DecompositionCache:
             fields = dict(manifest["fields"], trainable=tuple(manifest["fields"]["trainable"]))
             return LayerInit(**tensors, **fields)
         except Exception as exc:  # any damage: recompute
-            warnings.warn(f"decomposition cache entry of layer {name} ({manifest_path}) is damaged ({exc}); recomputing",
-                          stacklevel=2)
+            warnings.warn(
+                f"decomposition cache entry of layer {name} ({manifest_path}) is damaged ({exc}); recomputing",
+                stacklevel=2,
+            )
             return None
 
     def store(self, key: str, name: str, init: LayerInit) -> None:
@@ -175,7 +179,8 @@ class DecompositionCache:
 
         tensors_path, manifest_path = self._paths(key)
         os.makedirs(os.path.dirname(tensors_path), exist_ok=True)
-        tensors = {f: getattr(init, f).detach().contiguous().cpu() for f in _TENSOR_FIELDS if getattr(init, f) is not None}
+        tensors = {f: getattr(init, f).detach().contiguous().cpu() for f in _TENSOR_FIELDS
+                   if getattr(init, f) is not None}  # fmt: skip
         fields = {f.name: getattr(init, f.name) for f in dataclasses.fields(init) if f.name not in _TENSOR_FIELDS}
         fields["trainable"] = list(fields["trainable"])
         try:

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--discard", default="0,16,64,128", help="comma-separated numbers of smallest components")
     report.add_argument("--eval", default="heldout", help="held-out text: 'heldout' (built-in) or a file")
     report.add_argument("--eval-samples", type=int, default=32)
-    estimate = sub.add_parser("estimate", help="peak memory of an init run, estimated before running it (no weights read)")
+    estimate = sub.add_parser("estimate", help="peak memory of an init run, estimated beforehand (reads no weights)")
     _common(estimate)
     estimate.add_argument("--method", default="corda", help="corda, pissa or milora")
     estimate.add_argument("--mode", default="ipa", choices=["ipa", "kpa"], help="CorDA mode")
@@ -208,7 +208,8 @@ def cmd_estimate(args) -> int:
     texts = loading.load_texts(args.calib)[: args.samples]
     batch_size = min(args.batch_size, len(texts))
     options = {"mode": args.mode} if args.method == "corda" else {}
-    estimate = estimate_memory(model, batch_size=batch_size, seq_len=args.seq_len, n_batches=-(-len(texts) // batch_size),
+    n_batches = -(-len(texts) // batch_size)
+    estimate = estimate_memory(model, batch_size=batch_size, seq_len=args.seq_len, n_batches=n_batches,
                                method=args.method, rank=args.rank, blockwise=args.blockwise, offload=args.offload,
                                storage=args.storage, target_modules=_targets(args.targets), device=args.device,
                                **options)  # fmt: skip

@@ -159,7 +159,7 @@ def decompose(
     return results
 
 
-def _decompose_cached(targets, method: InitMethod, cache_dir: str, *, ranks, alphas, use_rslora, covariances, **options):
+def _decompose_cached(targets, method: InitMethod, cache_dir, *, ranks, alphas, use_rslora, covariances, **options):
     """:func:`decompose` of the layers missing from the cache at ``cache_dir``, the others read back."""
     from .cache import DecompositionCache
 

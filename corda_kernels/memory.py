@@ -320,7 +320,8 @@ def _blockwise_phases(layers: _Layers, base, home, cache_at, n_batches, tokens, 
     for names in layers.blocks.values():
         covs = sum(4 * d * d for d in layers.cov_dims(names))
         candidates = {
-            "run block": {("undo copies", undo_at): undo, ("hidden-state cache", cache_at): cache + n_batches * per_batch_hidden,
+            "run block": {("undo copies", undo_at): undo,
+                          ("hidden-state cache", cache_at): cache + n_batches * per_batch_hidden,
                           ("covariances", home): covs,
                           ("activations", home): _activations(layers, names, tokens, act, attention)},
             "decompose block": {("undo copies", undo_at): undo, ("hidden-state cache", cache_at): cache,
