@@ -14,8 +14,8 @@ from corda_kernels.integrations import loading
 from models import tiny_llama, token_batches
 
 # Big enough that covariances, weights and decomposition dominate the runtime's noise.
-SHAPE = dict(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=4, vocab=1000)
-DATA = dict(n_batches=4, batch=4, seq=128)
+SHAPE = dict(hidden=1024, intermediate=2048, layers=3, heads=16, kv_heads=4, vocab=1000)
+DATA = dict(n_batches=3, batch=4, seq=128)
 
 # Child process: warm up every code path on a tiny model (lazy initializations are not the run's
 # memory), load the model, reset the peak RSS (/proc/self/clear_refs, Linux >= 4.0), run, report.
