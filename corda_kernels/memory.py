@@ -25,7 +25,7 @@ What is counted (all from shapes and dtypes; no calibration is run):
   replaced layers (on the CPU) to restore the model if a later block fails: "undo copies".
 
 Measured against peak RSS on CPU (tests/test_memory.py, bench/RESULTS_blockwise.md). Not counted:
-allocator slack (glibc may keep freed blocks: RSS above live bytes, by up to ~45% in block-wise
+allocator slack (glibc may keep freed blocks: RSS above live bytes, by 20-46% in block-wise
 runs with the default malloc settings), the Python/torch runtime, tokenizers and data.
 """
 

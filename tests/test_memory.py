@@ -21,7 +21,7 @@ DATA = dict(n_batches=3, batch=4, seq=128)
 # memory), load the model, reset the peak RSS (/proc/self/clear_refs, Linux >= 4.0), run, report.
 # MALLOC_MMAP_THRESHOLD_ makes glibc return freed blocks to the OS, so RSS follows live bytes, what
 # the estimate counts (with the default settings it keeps freed blocks up to 32 MiB, RSS then runs
-# up to ~45% above live bytes in block-wise runs: bench/RESULTS_blockwise.md).
+# 20-46% above live bytes in block-wise runs: bench/RESULTS_blockwise.md).
 CHILD = """
 import json, sys
 import torch
