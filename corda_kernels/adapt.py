@@ -132,13 +132,9 @@ def apply(
     refuse_adapted(model)
     if target_modules is None and covariances is not None and hasattr(covariances, "groups"):
         target_modules = list(covariances.groups)
-    targets = hf.find_targets(model, target_modules, exclude_modules)
-    for name, module in targets.items():
-        hf.check_adaptable(name, module)
-    refuse_tied(model, targets)
-    ranks = {n: pattern_value(rank_pattern, n, rank) for n in targets}
-    alphas = {n: pattern_value(alpha_pattern, n, alpha if alpha is not None else ranks[n]) for n in targets}
-
+    targets, ranks, alphas = prepare_targets(
+        model, target_modules, exclude_modules, rank, alpha, rank_pattern, alpha_pattern
+    )
     method.prepare(model, targets)
     inits = _decompose.decompose(
         targets,
@@ -156,6 +152,20 @@ def apply(
     swap_in(model, targets, inits, dropout)
     freeze_all_but_adapters(model)
     return model
+
+
+def prepare_targets(model, target_modules, exclude_modules, rank, alpha, rank_pattern, alpha_pattern):
+    """``(targets, ranks, alphas)``: the layers to adapt, each checked (float weight, not tied, rank
+    within its shape), with its rank and alpha after ``rank_pattern`` / ``alpha_pattern``."""
+    targets = hf.find_targets(model, target_modules, exclude_modules)
+    for name, module in targets.items():
+        hf.check_adaptable(name, module)
+    refuse_tied(model, targets)
+    ranks = {n: pattern_value(rank_pattern, n, rank) for n in targets}
+    alphas = {n: pattern_value(alpha_pattern, n, alpha if alpha is not None else ranks[n]) for n in targets}
+    for name, module in targets.items():
+        _decompose.check_rank(name, module, ranks[name])
+    return targets, ranks, alphas
 
 
 def swap_in(

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import adapt as _adapt
 from . import decompose as _decompose
 from .calibrate import CovarianceRecorder, _check_batch, _to_device
+from .export import merged_weight, plain_layer
 from .integrations import hf
 from .methods import make_method
 
@@ -106,6 +107,7 @@ def apply_blockwise(
     max_batch_bytes: Optional[int] = None,
     progress: bool = True,
     cache_dir: Optional[str] = None,
+    undo: str = "cpu",
     **method_options,
 ) -> nn.Module:
     """Calibrate, decompose and adapt ``model`` one block at a time (in place; returns it).
@@ -116,6 +118,10 @@ def apply_blockwise(
             for models whose blocks live on the CPU; default: each block runs where it is.
         cache_dir: cache each layer's decomposition there (see :mod:`corda_kernels.cache`); the
             blocks are still run (their outputs feed the next block), only decompositions are saved.
+        undo: how a failure puts back the blocks already adapted. ``"cpu"`` keeps each replaced
+            layer on the CPU (exact; host memory grows with depth by the target weights).
+            ``"reconstruct"`` keeps nothing and rebuilds each layer as ``W' + s·B·A`` in fp32, cast
+            once (within one rounding of the original in its dtype; host memory stays flat).
 
     Every target must live inside the model's (single) stack of blocks.
     """
@@ -128,22 +134,19 @@ def apply_blockwise(
             f"{[name for name, _ in stacks]}. Use calibrate() + apply() for this model"
         )
     stack_name, stack = stacks[0]
-    targets = hf.find_targets(model, target_modules, exclude_modules)
+    targets, ranks, alphas = _adapt.prepare_targets(
+        model, target_modules, exclude_modules, rank, alpha, rank_pattern, alpha_pattern
+    )
     outside = [n for n in targets if not n.startswith(stack_name + ".")]
     if outside:
         raise ValueError(f"block-wise calibration adapts layers inside {stack_name} only; outside it: {hf.named(outside)}")
-    for name, module in targets.items():
-        hf.check_adaptable(name, module)
-    _adapt.refuse_tied(model, targets)
-    ranks = {n: _adapt.pattern_value(rank_pattern, n, rank) for n in targets}
-    alphas = {n: _adapt.pattern_value(alpha_pattern, n, alpha if alpha is not None else ranks[n]) for n in targets}
-    for name, module in targets.items():
-        _decompose.check_rank(name, module, ranks[name])
+    if undo not in ("cpu", "reconstruct"):
+        raise ValueError(f"undo must be 'cpu' or 'reconstruct', got {undo!r}")
     method.prepare(model, targets)
 
     was_training = model.training
     model.eval()
-    undo: list[tuple[str, nn.Module, torch.device]] = []  # replaced layers, parked on the CPU
+    undo_log: list[tuple[str, Optional[nn.Module], torch.device]] = []  # (name, replaced layer or None, home)
     try:
         cache = capture_block_inputs(model, stack[0], batches, store=offload, progress=progress)
         for index, block in enumerate(tqdm(stack, desc="blocks", disable=not progress)):
@@ -161,15 +164,24 @@ def apply_blockwise(
                 )  # fmt: skip
                 del covariances
                 for name, old in _adapt.swap_in(model, block_targets, inits, dropout):
-                    undo.append((name, old.to("cpu"), home))
+                    undo_log.append((name, old.to("cpu") if undo == "cpu" else None, home))
             block.to(home)
     except BaseException:
-        _adapt.restore(model, [(name, old.to(home)) for name, old, home in undo])
+        _undo(model, undo_log)
         raise
     finally:
         model.train(was_training)
     _adapt.freeze_all_but_adapters(model)
     return model
+
+
+def _undo(model: nn.Module, undo_log) -> None:
+    """Put back every adapted layer: the parked original, or one rebuilt from the adapter."""
+    for name, old, home in reversed(undo_log):
+        if old is None:
+            layer = model.get_submodule(name)
+            old = plain_layer(layer, merged_weight(layer))
+        hf.set_submodule(model, name, old.to(home))
 
 
 @torch.no_grad()

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"init": cmd_init, "report": cmd_report, "estimate": cmd_estimate}[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
         print(f"corda-kernels {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -36,7 +36,7 @@ def adapters(model: nn.Module) -> dict[str, LowRankLinear]:
     return found
 
 
-def _plain_layer(layer: LowRankLinear, weight: torch.Tensor) -> nn.Module:
+def plain_layer(layer: LowRankLinear, weight: torch.Tensor) -> nn.Module:
     """An ``nn.Linear`` (or ``Conv1D`` if the layer came from one) holding ``weight`` ``(out, in)``."""
     bias = layer.bias
     if getattr(layer, "source_layout", "linear") == "conv1d":
@@ -65,7 +65,7 @@ def plain_layers(model: nn.Module, kind: str) -> Iterator[nn.Module]:
     layers = adapters(model)
     for name, layer in layers.items():
         weight = merged_weight(layer) if kind == "merged" else layer.weight.detach()
-        hf.set_submodule(model, name, _plain_layer(layer, weight))
+        hf.set_submodule(model, name, plain_layer(layer, weight))
     try:
         yield model
     finally:
@@ -76,14 +76,14 @@ def plain_layers(model: nn.Module, kind: str) -> Iterator[nn.Module]:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its layer, in place; the model becomes a plain HF model."""
     for name, layer in adapters(model).items():
-        hf.set_submodule(model, name, _plain_layer(layer, merged_weight(layer)))
+        hf.set_submodule(model, name, plain_layer(layer, merged_weight(layer)))
     return model
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Drop the adapters, keeping the frozen residual weights, in place."""
     for name, layer in adapters(model).items():
-        hf.set_submodule(model, name, _plain_layer(layer, layer.weight.detach()))
+        hf.set_submodule(model, name, plain_layer(layer, layer.weight.detach()))
     return model
 
 
