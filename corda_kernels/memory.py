@@ -214,6 +214,7 @@ def estimate_memory(
     blockwise: bool = False,
     offload: Optional[str] = None,
     storage: str = "full",
+    undo: str = "cpu",
     target_modules: hf.TargetSpec = None,
     exclude_modules: hf.TargetSpec = None,
     rank_pattern: Optional[Mapping[str, int]] = None,
@@ -233,6 +234,8 @@ def estimate_memory(
         offload: ``"cpu"``: block-wise, the hidden-state cache; whole-model, the finalized
             covariances (``calibrate(offload="cpu")``).
         storage: ``"full"`` or ``"packed"`` finalized covariances (whole-model; ``calibrate(storage=)``).
+        undo: block-wise, ``apply_blockwise(undo=)``: ``"cpu"`` counts the parked originals,
+            ``"reconstruct"`` none.
         device: where the run computes (default: the model's input device; ``meta`` counts as CPU).
     """
     check_options(storage, offload)
@@ -284,8 +287,8 @@ def estimate_memory(
     title = (f"Memory estimate: {type(model).__name__}, {method.describe()} rank {rank}, {mode}, {len(names)} "
              f"target layers, {n_batches} batches x {batch_size} x {seq_len} tokens, on {home}")
     if blockwise:
-        phases = _blockwise_phases(layers, base, home, offload or home, n_batches, tokens, act, mask, attention,
-                                   needs_cov, budget)
+        phases = _blockwise_phases(layers, base, home, offload or home, undo == "cpu", n_batches, tokens, act, mask,
+                                   attention, needs_cov, budget)
     else:
         block_acts = [_activations(layers, b, tokens, act, attention) for b in layers.blocks.values()]
         phases = {
@@ -305,8 +308,8 @@ def estimate_memory(
     return MemoryEstimate(phases, home, title, notes)
 
 
-def _blockwise_phases(layers: _Layers, base, home, cache_at, n_batches, tokens, act, mask, attention, needs_cov,
-                      budget):
+def _blockwise_phases(layers: _Layers, base, home, cache_at, keep_undo, n_batches, tokens, act, mask, attention,
+                      needs_cov, budget):
     """Per phase, the worst block (the replaced layers of earlier blocks accumulate as undo copies)."""
     hidden = layers.shape[next(iter(layers.shape))][0]
     per_batch_hidden = tokens * hidden * act
@@ -328,7 +331,7 @@ def _blockwise_phases(layers: _Layers, base, home, cache_at, n_batches, tokens, 
                                 ("covariances", home): covs,
                                 ("decomposition", home): _working_set(layers, names, needs_cov, budget)},
         }  # fmt: skip
-        undo += layers.target_bytes(names)
+        undo += layers.target_bytes(names) if keep_undo else 0
         swap_new = layers.swap_bytes(names) - layers.target_bytes(names)  # the residuals replace the old weights
         candidates["swap block"] = {("undo copies", undo_at): undo, ("hidden-state cache", cache_at): cache,
                                     ("residual copies + adapters", home): swap_new}  # fmt: skip
