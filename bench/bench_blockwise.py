@@ -73,7 +73,7 @@ def child(spec) -> dict:
     ck.apply_blockwise(tiny_llama(layers=1), warm, "corda", rank=2, progress=False)
     model, batches = _load(spec)
     blockwise = spec["mode"] == "blockwise"
-    options = {k: spec[k] for k in ("offload", "storage") if spec.get(k)}
+    options = {k: spec[k] for k in ("offload", "storage", "undo") if spec.get(k)}
     estimate = ck.estimate_memory(model, batch_size=max(b["input_ids"].shape[0] for b in batches),
                                   seq_len=max(b["input_ids"].shape[1] for b in batches), n_batches=len(batches),
                                   rank=8, blockwise=blockwise, **options)  # fmt: skip
@@ -144,15 +144,18 @@ def scaling_table(depths) -> list[str]:
              f"{RANDOM_DATA['batch']} x {RANDOM_DATA['seq']} tokens; CorDA-IPA rank 8. Peak RSS above the loaded "
              "model (estimate in parentheses), MiB.\n",
              "| blocks | whole: time (s) | whole: peak | block-wise: time (s) | block-wise: peak | "
-             "block-wise, glibc returning freed memory\u00b9: peak | of which undo copies (estimated) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "block-wise, glibc returning freed memory\u00b9: peak | of which undo copies (estimated) | "
+             "block-wise, `undo=\"reconstruct\"`, glibc returning freed memory\u00b9: peak |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for blocks in depths:
         w = run({"model": "random", "blocks": blocks, "mode": "whole"})
         b = run({"model": "random", "blocks": blocks, "mode": "blockwise"})
         f = run({"model": "random", "blocks": blocks, "mode": "blockwise"}, RETURN_FREED)
+        r = run({"model": "random", "blocks": blocks, "mode": "blockwise", "undo": "reconstruct"}, RETURN_FREED)
         lines.append(f"| {blocks} | {w['seconds']:.1f} | {_mib(w['peak_above_model'])} ({_mib(w['estimate'])}) | "
                      f"{b['seconds']:.1f} | {_mib(b['peak_above_model'])} ({_mib(b['estimate'])}) | "
-                     f"{_mib(f['peak_above_model'])} | {_mib(b['undo'])} |")
+                     f"{_mib(f['peak_above_model'])} | {_mib(b['undo'])} | "
+                     f"{_mib(r['peak_above_model'])} ({_mib(r['estimate'])}) |")
     return lines
 
 
