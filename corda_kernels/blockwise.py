@@ -163,8 +163,8 @@ def apply_blockwise(
                     cache_dir=cache_dir,
                 )  # fmt: skip
                 del covariances
-                for name, old in _adapt.swap_in(model, block_targets, inits, dropout):
-                    undo_log.append((name, old.to("cpu") if undo == "cpu" else None, home))
+                _swap_block(model, targets, inits, dropout, undo, home, undo_log)
+                del inits, block_targets
             block.to(home)
     except BaseException:
         _undo(model, undo_log)
@@ -173,6 +173,14 @@ def apply_blockwise(
         model.train(was_training)
     _adapt.freeze_all_but_adapters(model)
     return model
+
+
+def _swap_block(model, targets, inits, dropout, undo, home, undo_log) -> None:
+    """Swap a block's layers in and log them; each replaced layer leaves ``targets`` and lives on
+    only in the undo log (parked on the CPU) or not at all (``undo="reconstruct"``)."""
+    for name, old in _adapt.swap_in(model, {n: targets[n] for n in inits}, inits, dropout):
+        undo_log.append((name, old.to("cpu") if undo == "cpu" else None, home))
+        del targets[name]
 
 
 def _undo(model: nn.Module, undo_log) -> None:

@@ -1,6 +1,8 @@
 """apply_blockwise: the same adapters as whole-model calibration, one block in memory at a time."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -62,6 +64,30 @@ def test_failure_leaves_model_unchanged(undo):
             assert torch.equal(before[k], after[k]), k
         else:  # rebuilt as W' + s·B·A in fp32: within one rounding
             torch.testing.assert_close(after[k], before[k], rtol=2e-7, atol=2e-7)
+
+
+class RecordReplacedAlive(MiLoRA):
+    """Records, when block 2 is decomposed, which of block 0's original layers are still alive."""
+
+    def __init__(self, originals):
+        super().__init__()
+        self.originals, self.alive = originals, None
+
+    def init_batch(self, weights, covariances, rank, scale, names, seed):
+        if names[0].startswith("model.layers.2.") and self.alive is None:
+            gc.collect()
+            self.alive = [ref() is not None for ref in self.originals]
+        return super().init_batch(weights, covariances, rank, scale, names, seed)
+
+
+@pytest.mark.parametrize("undo", ["cpu", "reconstruct"])
+def test_replaced_layers_are_released_unless_kept_for_undo(undo):
+    model = tiny_llama(layers=3)
+    originals = [weakref.ref(m) for n, m in model.named_modules() if n.startswith("model.layers.0.") and isinstance(m, nn.Linear)]
+    method = RecordReplacedAlive(originals)
+    ck.apply_blockwise(model, token_batches(128, n_batches=2), method, rank=4, undo=undo, progress=False)
+    assert len(method.alive) == 7
+    assert all(method.alive) if undo == "cpu" else not any(method.alive)
 
 
 def test_targets_outside_the_stack_are_refused():
