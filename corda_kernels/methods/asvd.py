@@ -15,7 +15,7 @@ import torch
 
 from ..ops.exact_svd import smallest_singular_triplets
 from ..ops.randomized_svd import randomized_svd
-from .base import InitMethod, LayerCovariances, LayerInit, energy_fraction, layer_seed, split_singular_values
+from .base import InitMethod, LayerCovariances, LayerInit, component_inits, layer_seed
 
 
 class ASVD(InitMethod):
@@ -48,6 +48,4 @@ class ASVD(InitMethod):
             U, S, Vh = randomized_svd(scaled, rank, seed=[layer_seed(seed, n) for n in names])
         else:
             U, S, Vh = smallest_singular_triplets(scaled, rank)
-        A, B = split_singular_values(U, S, Vh / s.unsqueeze(-2), scale)
-        energy = energy_fraction(S, scaled.square().sum((-2, -1)))
-        return [LayerInit(A=A[i], B=B[i], scale=scale, stats={"energy": energy[i]}) for i in range(len(names))]
+        return component_inits(U, S, Vh / s.unsqueeze(-2), scale, scaled.square().sum((-2, -1)))

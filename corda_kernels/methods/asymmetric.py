@@ -9,12 +9,9 @@ the base weight is unchanged. Trainable parameters per layer: ``out·r``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 
-from .base import InitMethod, LayerInit
-from .lora import layer_generator
+from .lora import LoRA
 
 
 def orthonormal_rows(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -26,29 +23,9 @@ def orthonormal_rows(rank: int, in_features: int, generator: torch.Generator) ->
     return (Q * signs).T.contiguous().float()
 
 
-class Asymmetric(InitMethod):
+class Asymmetric(LoRA):
     """``ΔW = scale·B·A`` with ``A`` frozen random orthonormal rows and ``B = 0`` trained."""
 
     name = "asymmetric"
-    subtracts = False
-
-    def init_batch(
-        self,
-        weights: torch.Tensor,
-        covariances: Optional[torch.Tensor],
-        rank: int,
-        scale: float,
-        names: Sequence[str],
-        seed: int,
-    ) -> list[LayerInit]:
-        _, out_f, in_f = weights.shape
-        return [
-            LayerInit(
-                A=orthonormal_rows(rank, in_f, layer_generator(seed, name)).to(weights.device),
-                B=weights.new_zeros(out_f, rank),
-                scale=scale,
-                subtract=False,
-                trainable=("B",),
-            )
-            for name in names
-        ]
+    trainable = ("B",)
+    draw_A = staticmethod(orthonormal_rows)

@@ -91,6 +91,19 @@ def split_singular_values(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, sc
     return root.unsqueeze(-1) * Vh, U * root.unsqueeze(-2)
 
 
+def component_inits(U, S, Vh, scale: float, total: torch.Tensor, **stats: list) -> list[LayerInit]:
+    """One :class:`LayerInit` per matrix of a batch adapted with the components ``U·diag(S)·Vh``
+    (``(L, out, r)``, ``(L, r)``, ``(L, r, in)``): PEFT's split (:func:`split_singular_values`),
+    ``stats["energy"]`` the share ``Σ S² / total`` (``total (L,)``: squared Frobenius norms), and any
+    further per-matrix ``stats`` lists."""
+    A, B = split_singular_values(U, S, Vh, scale)
+    energy = energy_fraction(S, total)
+    return [
+        LayerInit(A=A[i], B=B[i], scale=scale, stats={"energy": energy[i], **{k: v[i] for k, v in stats.items()}})
+        for i in range(A.shape[0])
+    ]
+
+
 def energy_fraction(S: torch.Tensor, total: torch.Tensor) -> list[float]:
     """Per-matrix ``Σ S² / total`` where ``total`` is the squared Frobenius norm of the matrix."""
     return (S.double().square().sum(-1) / total.double().clamp_min(1e-300)).tolist()

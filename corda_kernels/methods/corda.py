@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops.co_svd import co_svd
-from .base import InitMethod, LayerCovariances, LayerInit, energy_fraction, layer_seed, split_singular_values
+from .base import InitMethod, LayerCovariances, LayerInit, component_inits, layer_seed
 
 MODES = ("ipa", "kpa")
 # Accepted spellings: the paper's IPA/KPA and PEFT's "ipm"/"kpm".
@@ -56,10 +56,4 @@ class CorDA(InitMethod):
         seeds = [layer_seed(seed, n) for n in names]
         result = co_svd(weights, covariances.unique, rank, mode=self.mode, damp=self.damp, seed=seeds, method=method,
                         cov_index=covariances.index, name=names[0])
-        A, B = split_singular_values(result.U, result.S, result.V.mT, scale)
-        energy = energy_fraction(result.S, result.energy)
-        damp = result.damp.tolist()
-        return [
-            LayerInit(A=A[i], B=B[i], scale=scale, stats={"energy": energy[i], "damp": damp[i]})
-            for i in range(len(names))
-        ]
+        return component_inits(result.U, result.S, result.V.mT, scale, result.energy, damp=result.damp.tolist())

@@ -31,10 +31,15 @@ def kaiming_A(rank: int, in_features: int, generator: torch.Generator) -> torch.
 
 
 class LoRA(InitMethod):
-    """``ΔW = scale·B·A`` with ``A`` Kaiming-uniform and ``B = 0``; both trained."""
+    """``ΔW = scale·B·A`` with ``A`` Kaiming-uniform and ``B = 0``; both trained.
+
+    Subclasses that keep ``B = 0`` and the base weight change ``draw_A`` (``(rank, in_features,
+    generator) -> (rank, in_features)`` fp32 CPU) and ``trainable``."""
 
     name = "lora"
     subtracts = False
+    trainable: tuple[str, ...] = ("A", "B")
+    draw_A = staticmethod(kaiming_A)
 
     def init_batch(
         self,
@@ -48,10 +53,11 @@ class LoRA(InitMethod):
         _, out_f, in_f = weights.shape
         return [
             LayerInit(
-                A=kaiming_A(rank, in_f, layer_generator(seed, name)).to(weights.device),
+                A=self.draw_A(rank, in_f, layer_generator(seed, name)).to(weights.device),
                 B=weights.new_zeros(out_f, rank),
                 scale=scale,
                 subtract=False,
+                trainable=self.trainable,
             )
             for name in names
         ]

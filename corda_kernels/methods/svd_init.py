@@ -14,7 +14,7 @@ import torch
 
 from ..ops.exact_svd import smallest_singular_triplets
 from ..ops.randomized_svd import randomized_svd
-from .base import InitMethod, LayerInit, energy_fraction, layer_seed, split_singular_values
+from .base import InitMethod, LayerInit, component_inits, layer_seed
 
 
 def _top_exact(weights: torch.Tensor, rank: int):
@@ -45,9 +45,7 @@ class _SVDInit(InitMethod):
             U, S, Vh = _top_exact(weights, rank)
         else:
             U, S, Vh = randomized_svd(weights, rank, seed=[layer_seed(seed, n) for n in names])
-        A, B = split_singular_values(U, S, Vh, scale)
-        energy = energy_fraction(S, weights.square().sum((-2, -1)))
-        return [LayerInit(A=A[i], B=B[i], scale=scale, stats={"energy": energy[i]}) for i in range(len(names))]
+        return component_inits(U, S, Vh, scale, weights.square().sum((-2, -1)))
 
 
 class PiSSA(_SVDInit):
