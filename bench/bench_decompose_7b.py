@@ -49,7 +49,7 @@ def build_model(args, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.blocks,
-                         num_attention_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=256)  # fmt: skip
+                         num_attention_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=4096)  # fmt: skip
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(args.dtype)

@@ -25,3 +25,16 @@ def test_decompose_7b_stand_in():
     pytest.importorskip("peft")
     anchor = b7.time_peft(args, calibration, torch.device("cpu"))
     assert anchor["layers"] == 7 and anchor["extrapolated"] == pytest.approx(2 * anchor["seconds"])
+
+
+def test_blockwise_7b_stand_in():
+    import bench_blockwise_7b as bw
+
+    args = bw.parse(["--device", "cpu", "--blocks", "2", "--hidden", "64", "--intermediate", "160", "--heads", "2",
+                     "--rank", "4", "--vocab", "100", "--samples", "4", "--seq-len", "16", "--batch-size", "2"])  # fmt: skip
+    device = torch.device("cpu")
+    assert bw.ours_blockwise(args, device)["layers"] == 14
+    assert bw.ours_whole(args, device)["covariances"] == 8  # q/k/v and gate/up share theirs
+    assert bw.estimate(args, blockwise=True) > 0 and bw.estimate(args, blockwise=False) > 0
+    pytest.importorskip("peft")
+    assert bw.peft_whole(args, device)["covariances"] == 14  # one per module
