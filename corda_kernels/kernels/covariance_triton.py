@@ -96,24 +96,30 @@ def _sm_count(device: torch.device) -> int:
 
 
 def launch_config(d: int, n_tokens: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes, warps/stages and split factor for one call.
-
-    GPU defaults are a Hopper/Ampere-safe heuristic (128x128 tiles, K slices of 64 for 16-bit and 32
-    for fp32); the interpreter gets small tiles because it executes every lane in numpy.
-    """
+    """Tile sizes, warps/stages and split factor for one call on ``device`` (the interpreter gets
+    small tiles because it executes every lane in numpy)."""
     if triton_interpreted() or device.type != "cuda":
-        block_d, block_k, warps, stages = 16, 16, 1, 1
-    else:
-        block_d = 128 if d > 64 else 64
-        block_k = 32 if dtype == torch.float32 else 64
-        warps, stages = 8, 3
-    n_tiles = triton.cdiv(d, block_d)
+        return _with_split(dict(block_d=16, block_k=16, num_warps=1, num_stages=1), d, n_tokens, 4)
+    return gpu_config(d, n_tokens, dtype, _sm_count(device))
+
+
+def gpu_config(d: int, n_tokens: int, dtype: torch.dtype, sm_count: int) -> dict:
+    """The CUDA launch configuration: a Hopper/Ampere-safe heuristic (128x128 tiles, K slices of 64
+    for 16-bit and 32 for fp32, 8 warps, 3 stages), the token range split when the tiles alone
+    would leave SMs idle."""
+    block_d = 128 if d > 64 else 64
+    block_k = 32 if dtype == torch.float32 else 64
+    return _with_split(dict(block_d=block_d, block_k=block_k, num_warps=8, num_stages=3), d, n_tokens, sm_count)
+
+
+def _with_split(cfg: dict, d: int, n_tokens: int, sm_count: int) -> dict:
+    n_tiles = triton.cdiv(d, cfg["block_d"])
     n_pairs = n_tiles * (n_tiles + 1) // 2
-    want = 2 * _sm_count(device)
+    want = 2 * sm_count
     split = 1
     if n_pairs < want:
-        split = max(1, min(triton.cdiv(want, n_pairs), n_tokens // (8 * block_k)))
-    return dict(block_d=block_d, block_k=block_k, num_warps=warps, num_stages=stages, split=split)
+        split = max(1, min(triton.cdiv(want, n_pairs), n_tokens // (8 * cfg["block_k"])))
+    return dict(cfg, split=split)
 
 
 def _as_batched(x: torch.Tensor) -> torch.Tensor:

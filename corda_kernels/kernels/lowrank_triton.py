@@ -220,15 +220,17 @@ def _sm_count(device: torch.device) -> int:
 
 
 def launch_config(dtype: torch.dtype, r: int, device: torch.device) -> dict:
-    """Fixed tile sizes: the skinny kernels on every device, the fused GEMM in the interpreter.
-
-    GPU: K slices of 64 (16-bit) / 32 (fp32), r padded to a power of two (at most 128 per program),
-    64-wide token / feature tiles for the skinny kernels (the projection narrows its token tile until
-    the grid fills the GPU). The fused GEMM is autotuned there (:data:`_GEMM_CONFIGS`). The
-    interpreter gets 16-wide tiles (it executes every lane in numpy).
-    """
+    """Fixed tile sizes: the skinny kernels on every device, the fused GEMM in the interpreter (16-wide
+    tiles: it executes every lane in numpy); on CUDA see :func:`gpu_config`."""
     if triton_interpreted() or device.type != "cuda":
         return dict(bm=16, bn=16, bk=16, br=16, warps=1, stages=1, group_m=2)
+    return gpu_config(dtype, r)
+
+
+def gpu_config(dtype: torch.dtype, r: int) -> dict:
+    """CUDA: K slices of 64 (16-bit) / 32 (fp32), r padded to a power of two (at most 128 per
+    program), 64-wide token / feature tiles for the skinny kernels (the projection narrows its token
+    tile until the grid fills the GPU). No ``bn``: the fused GEMM is autotuned (:data:`_GEMM_CONFIGS`)."""
     bk = 32 if dtype == torch.float32 else 64
     br = min(128, max(16, triton.next_power_of_2(r)))
     return dict(bm=64, bk=bk, br=br, warps=4, stages=3)
