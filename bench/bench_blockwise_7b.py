@@ -28,7 +28,7 @@ import time
 import torch
 
 import corda_kernels as ck
-from bench_decompose_7b import build_model
+from bench_decompose_7b import add_model_arguments, build_model, parse_model_arguments
 
 GiB = 2**30
 
@@ -147,22 +147,12 @@ def run(args) -> list[str]:
 def parse(argv=None) -> argparse.Namespace:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if gpu else "cpu")
-    p.add_argument("--blocks", type=int, default=32 if gpu else 2)
-    p.add_argument("--hidden", type=int, default=4096 if gpu else 256)
-    p.add_argument("--intermediate", type=int, default=11008 if gpu else 688)
-    p.add_argument("--heads", type=int, default=32 if gpu else 4)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--rank", type=int, default=128 if gpu else 16)
+    add_model_arguments(p)
     p.add_argument("--samples", type=int, default=64 if gpu else 8)
     p.add_argument("--seq-len", type=int, default=2048 if gpu else 64)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="bfloat16" if gpu else "float32", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-peft", dest="peft", action="store_false", help="skip PEFT's calibration")
-    p.add_argument("--progress", action="store_true")
-    args = p.parse_args(argv)
-    args.dtype = getattr(torch, args.dtype)
-    return args
+    return parse_model_arguments(p, argv)
 
 
 if __name__ == "__main__":

@@ -164,9 +164,10 @@ def run(args) -> list[str]:
     return lines
 
 
-def parse(argv=None) -> argparse.Namespace:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model-shape options shared by the 7B-shaped benchmarks (LLaMA-2-7B on a GPU, a small
+    stand-in on a CPU)."""
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--blocks", type=int, default=32 if gpu else 2)
     p.add_argument("--hidden", type=int, default=4096 if gpu else 256)
@@ -175,12 +176,21 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--rank", type=int, default=128 if gpu else 16)
     p.add_argument("--dtype", default="bfloat16" if gpu else "float32", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--modes", nargs="+", default=["ipa", "kpa"], choices=["ipa", "kpa"])
-    p.add_argument("--peft-blocks", type=int, default=1, help="blocks PEFT's anchor runs on (0: skip it)")
     p.add_argument("--progress", action="store_true")
+
+
+def parse_model_arguments(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     return args
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(p)
+    p.add_argument("--modes", nargs="+", default=["ipa", "kpa"], choices=["ipa", "kpa"])
+    p.add_argument("--peft-blocks", type=int, default=1, help="blocks PEFT's anchor runs on (0: skip it)")
+    return parse_model_arguments(p, argv)
 
 
 if __name__ == "__main__":
