@@ -1,14 +1,22 @@
-"""Every Triton kernel, as the launchers call it on a GPU, compiles for Hopper and Ampere.
+"""Every Triton kernel, as the launchers call it on a GPU, compiles for Hopper and Ampere, fits in
+shared memory, and (on aligned shapes) does not spill registers.
 
 The interpreter (how CI runs the kernels) checks the math, not what only a real compile sees: bf16
-``tl.dot`` operands, tensor-core layouts, pipelining, shared memory. Here the launchers run on CPU
-tensors with their CUDA configuration while every kernel launch is recorded instead of executed;
-each distinct launch (argument dtypes, flags, tile sizes, warps, stages, every autotune candidate
-that the dtype keeps) is then compiled ahead of time with Triton's own NVIDIA backend (LLVM ->
-PTX -> ptxas -> cubin, no GPU needed) for sm_90 (H100/H200) and sm_80 (A100), and its static
-shared memory checked against the device's per-block limit. This runs in a subprocess without
-``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` builds interpreter objects, not
-compilable ones): ``python tests/test_triton_compile.py sm_90`` prints its findings as JSON.
+``tl.dot`` operands, tensor-core layouts, pipelining, shared memory, registers. Here the launchers
+run on CPU tensors with their CUDA configuration while every kernel launch is recorded instead of
+executed. Each launch goes through Triton's own argument binder for the GPU target, so it gets the
+specialization the JIT would give it on a GPU (integer arguments equal to 1 folded, 16-byte
+alignment of pointers and divisibility of integers), and every distinct result (argument dtypes,
+flags, tile sizes, warps, stages, every autotune candidate that the dtype keeps) is compiled ahead
+of time by Triton's NVIDIA backend (LLVM -> PTX -> ptxas -> cubin, no GPU needed) for sm_90
+(H100/H200) and sm_80 (A100). Checked: a cubin exists; its shared memory fits the device's
+per-block limit; register spills (the stack frame ``cuobjdump --dump-resource-usage`` reports) are
+zero on aligned shapes with 16-bit inputs: for the covariance and skinny kernels, and for at least
+one autotune candidate of every flag set of the fused GEMM.
+
+This runs in subprocesses without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
+builds interpreter objects, not compilable ones): ``python tests/test_triton_compile.py sm_90``
+prints its findings as JSON.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from unittest import mock
 
 import pytest
@@ -27,89 +37,62 @@ import torch
 TARGETS = {"sm_90": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}
 H100_SMS = 132
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-          torch.int64: "i64", torch.uint8: "u8"}  # fmt: skip
+FLAGS = ("HAS_", "ATOMIC", "BLOCK_")
 
 
 class _Recorder:
-    """Stands in for a ``@triton.jit`` (or autotuned) kernel: ``kernel[grid](*args, **kwargs)`` records."""
+    """Stands in for a ``@triton.jit`` (or autotuned) kernel: ``kernel[grid](*args, **kwargs)`` records
+    the launch with the current case label."""
 
-    def __init__(self, kernel, launches: list):
-        self.kernel, self.launches = kernel, launches
+    def __init__(self, kernel, launches: list, case: list):
+        self.kernel, self.launches, self.case = kernel, launches, case
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
-
-
-def _specs(kernel, args, kwargs):
-    """``(jit function, signature, constexprs, options)`` of every compile a launch can trigger."""
-    import triton
-
-    configs = [None]
-    if isinstance(kernel, triton.runtime.Autotuner):
-        named = dict(zip(kernel.fn.arg_names, args))
-        configs = kernel.early_config_prune(kernel.configs, named) if kernel.early_config_prune else kernel.configs
-        kernel = kernel.fn
-    out = []
-    for config in configs:
-        values = dict(zip(kernel.arg_names, args), **kwargs, **(config.kwargs if config else {}))
-        options = {"num_warps": values.pop("num_warps", config.num_warps if config else 4),
-                   "num_stages": values.pop("num_stages", config.num_stages if config else 3)}  # fmt: skip
-        signature, constexprs = {}, {}
-        for param in kernel.params:
-            value = values[param.name]
-            if param.is_constexpr:
-                signature[param.name], constexprs[param.name] = "constexpr", value
-            elif isinstance(value, torch.Tensor):
-                signature[param.name] = "*" + _TYPES[value.dtype]
-            elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{kernel.__name__}: unexpected argument {param.name}={value!r}")
-            elif isinstance(value, int):
-                signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            else:
-                signature[param.name] = "fp32"
-        out.append((kernel, signature, constexprs, options))
-    return out
-
-
-def _key(spec):
-    kernel, signature, constexprs, options = spec
-    return (kernel.__name__, tuple(signature.items()), tuple(constexprs.items()), tuple(options.items()))
+        return lambda *args, **kwargs: self.launches.append((self.case[0], self.kernel, args, kwargs))
 
 
 def record() -> list:
-    """Run the launchers with their CUDA configuration, every kernel launch recorded, not executed."""
+    """``(case, kernel, args, kwargs)`` of every launch the launchers make with their CUDA
+    configuration; recorded, not executed. ``case``: ``(op, dtype name, aligned)``."""
     from corda_kernels.kernels import covariance_triton as ct
     from corda_kernels.kernels import lowrank_triton as lt
 
     launches: list = []
+    case = [None]
     patches = [mock.patch.object(ct, "launch_config", lambda d, n, dtype, device: ct.gpu_config(d, n, dtype, H100_SMS)),
                mock.patch.object(lt, "launch_config", lambda dtype, r, device: lt.gpu_config(dtype, r)),
                mock.patch.object(lt, "_sm_count", lambda device: H100_SMS)]  # fmt: skip
     for module, name in [(ct, "_covariance_kernel"), (lt, "_project_kernel"), (lt, "_fused_gemm_kernel"),
                          (lt, "_fused_gemm_tuned"), (lt, "_gram_kernel")]:  # fmt: skip
-        patches.append(mock.patch.object(module, name, _Recorder(getattr(module, name), launches)))
+        patches.append(mock.patch.object(module, name, _Recorder(getattr(module, name), launches, case)))
     for patch in patches:
         patch.start()
     try:
-        _covariance_launches(ct)
-        _lowrank_launches(lt)
+        _covariance_launches(ct, case)
+        _lowrank_launches(lt, case)
     finally:
         for patch in patches:
             patch.stop()
     return launches
 
 
-def _covariance_launches(ct):
+def _covariance_launches(ct, case):
     for dtype, masked, (d, n) in itertools.product(DTYPES, (False, True), [(4096, 8192), (64, 4096), (200, 100)]):
+        case[0] = ("covariance", str(dtype), d % 16 == 0)
         x = torch.zeros(2, n // 2, d, dtype=dtype)
         mask = torch.ones(2, n // 2, dtype=torch.bool) if masked else None
         ct.covariance_update(torch.zeros(d, d), x, mask, upper_only=True)
 
 
-def _lowrank_launches(lt):
-    out_f, in_f, n, r = 96, 80, 64, 16
-    for dtype, rows, cols, dropout, bias in itertools.product(DTYPES, (False, True), (False, True), (0.0, 0.1), (False, True)):
+def _lowrank_launches(lt, case):
+    """Every flag combination on an aligned shape; all flags at once on an odd one."""
+    combos = list(itertools.product((False, True), repeat=4))
+    for dtype, (out_f, in_f, n, r), flags in [(dt, (256, 128, 128, 16), f) for dt in DTYPES for f in combos] + [
+        (dt, (96, 72, 50, 12), (True,) * 4) for dt in DTYPES
+    ]:
+        rows, cols, dropout, bias = flags
+        case[0] = ("lowrank", str(dtype), out_f % 32 == 0 and in_f % 32 == 0 and n % 16 == 0)
+        dropout = 0.1 if dropout else 0.0
         x = torch.zeros(n, in_f, dtype=dtype)
         weight = torch.zeros(out_f, in_f, dtype=dtype)
         row_index = torch.arange(0, out_f, 2) if rows else None
@@ -119,38 +102,74 @@ def _lowrank_launches(lt):
         seed = torch.zeros((), dtype=torch.int64) if dropout else None
         b = torch.zeros(out_f, dtype=dtype) if bias else None
         lt.forward(x, weight, A, B, b, row_index, col_index, None, seed, dropout, 1.0)
-        u = torch.zeros(n, r)
-        lt.backward(torch.zeros(n, out_f, dtype=dtype), x, weight, A, B, None, u, row_index, col_index, seed, dropout,
-                    1.0, (True, False, True, True, False, False))  # fmt: skip
+        lt.backward(torch.zeros(n, out_f, dtype=dtype), x, weight, A, B, None, torch.zeros(n, r), row_index, col_index,
+                    seed, dropout, 1.0, (True, False, True, True, False, False))  # fmt: skip
+
+
+def _compile_inputs(kernel, args, kwargs, backend):
+    """``(jit function, candidate, signature, constexprs, attrs, options)`` for every compile the
+    launch can trigger on ``backend``, exactly as ``JITFunction.run`` would derive them."""
+    import triton
+    from triton.runtime.jit import create_function_from_signature
+
+    configs = [None]
+    if isinstance(kernel, triton.runtime.Autotuner):
+        named = dict(zip(kernel.fn.arg_names, args))
+        configs = kernel.early_config_prune(kernel.configs, named) if kernel.early_config_prune else kernel.configs
+        kernel = kernel.fn
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    out = []
+    for index, config in enumerate(configs):
+        kw = dict(kwargs, **(config.all_kwargs() if config else {}))
+        bound, specialization, options = binder(*args, **kw)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
+        out.append((kernel, index if config else None, signature, constexprs, attrs, options))
+    return out
+
+
+def _stack_bytes(cubin: bytes) -> int:
+    """The per-thread stack frame (register spills) of a cubin's kernel, from Triton's cuobjdump."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        report = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True, check=True)
+    return int(re.search(r"STACK:(\d+)", report.stdout).group(1))
 
 
 def compile_all(target: str, shard: int = 0, shards: int = 1) -> dict:
-    """Compile every distinct recorded launch (those of ``shard`` out of ``shards``) for ``target``:
-    which kernels were launched, how many launches compiled, which exceed the shared memory limit."""
+    """Compile every distinct launch (those of ``shard`` out of ``shards``) for ``target``."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
-    launches = record()
-    specs = {}
-    for kernel, args, kwargs in launches:
-        for spec in _specs(kernel, args, kwargs):
-            specs.setdefault(_key(spec), spec)
     capability, smem_limit = TARGETS[target]
-    too_big = []
-    for kernel, signature, constexprs, options in list(specs.values())[shard::shards]:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", capability, 32), options=options)  # fmt: skip
+    gpu = GPUTarget("cuda", capability, 32)
+    backend = make_backend(gpu)
+    launches = record()
+    specs: dict = {}
+    for case, kernel, args, kwargs in launches:
+        for kernel_fn, candidate, signature, constexprs, attrs, options in _compile_inputs(kernel, args, kwargs, backend):
+            key = (kernel_fn.__name__, repr(signature), repr(constexprs), repr(attrs), repr(options))
+            spec = specs.setdefault(key, {"fn": kernel_fn, "inputs": (signature, constexprs, attrs, options), "uses": []})
+            launch_flags = {k: v for k, v in kwargs.items() if k.startswith(FLAGS)}
+            spec["uses"].append([list(case), _kernel_name(kernel), json.dumps(launch_flags, sort_keys=True), candidate])
+    results = []
+    for key in sorted(specs)[shard::shards]:
+        spec = specs[key]
+        signature, constexprs, attrs, options = spec["inputs"]
+        compiled = triton.compile(ASTSource(spec["fn"], signature, constexprs, attrs), target=gpu, options=options.__dict__)
         if not compiled.asm.get("cubin"):
-            raise RuntimeError(f"{kernel.__name__}: no cubin for {target}")
-        if compiled.metadata.shared > smem_limit:
-            too_big.append([kernel.__name__, repr(constexprs), repr(options), compiled.metadata.shared])
-    return {
-        "kernels": sorted({_kernel_name(k) for k, _, _ in launches}),
-        "atomic": sorted({kw["ATOMIC"] for _, _, kw in launches if "ATOMIC" in kw}),
-        "compiled": len(list(specs)[shard::shards]),
-        "too_big": too_big,
-    }
+            raise RuntimeError(f"{spec['fn'].__name__}: no cubin for {target}")
+        results.append({"kernel": spec["fn"].__name__, "shared": compiled.metadata.shared, "smem_limit": smem_limit,
+                        "stack": _stack_bytes(compiled.asm["cubin"]), "uses": spec["uses"],
+                        "options": {"num_warps": options.num_warps, "num_stages": options.num_stages},
+                        "constexprs": {spec["fn"].arg_names[k[0]]: v for k, v in constexprs.items()
+                                       if spec["fn"].arg_names[k[0]].startswith(FLAGS)}})  # fmt: skip
+    return {"kernels": sorted({_kernel_name(k) for _, k, _, _ in launches}),
+            "atomic": sorted({kw["ATOMIC"] for _, _, _, kw in launches if "ATOMIC" in kw}), "results": results}  # fmt: skip
 
 
 def _kernel_name(kernel) -> str:
@@ -172,9 +191,30 @@ def test_every_launch_compiles_for_the_gpu(target):
         found.append(json.loads(out.strip().splitlines()[-1]))
     assert found[0]["kernels"] == ["_covariance_kernel", "_fused_gemm_kernel", "_gram_kernel", "_project_kernel"]
     assert found[0]["atomic"] == [False, True]  # split and single-pass reductions both compiled
-    assert sum(f["compiled"] for f in found) >= 40
-    too_big = [entry for f in found for entry in f["too_big"]]
+    results = [r for f in found for r in f["results"]]
+    assert len(results) >= 60
+
+    too_big = [r for r in results if r["shared"] > r["smem_limit"]]
     assert not too_big, f"shared memory over the {target} per-block limit: {too_big}"
+
+    def aligned_16bit(r):
+        return any(case[2] and case[1] != str(torch.float32) for case, _, _, _ in r["uses"])
+
+    # 16-bit inputs (the dtypes the GPU targets are about; fp32 is supported, not tuned: on sm_80 its
+    # FMA-based dots keep 16-byte stack frames, and the gram kernel's 64 x 64 fp32 tiles spill).
+    spilling = [r for r in results if r["kernel"] == "_covariance_kernel" and aligned_16bit(r) and r["stack"]]
+    assert not spilling, f"covariance kernel spills registers on {target} (stack bytes): {spilling}"
+    # The autotuner times every candidate; each 16-bit (dtype, flags) launch of the fused GEMM on
+    # aligned shapes must keep one that does not spill.
+    best: dict = {}
+    for r in results:
+        for case, kernel, flags, candidate in r["uses"]:
+            if kernel == "_fused_gemm_kernel" and candidate is not None and case[2] and case[1] != str(torch.float32):
+                key = (case[1], flags)
+                best[key] = min(best.get(key, r["stack"]), r["stack"])
+    assert best and not {k: v for k, v in best.items() if v}, f"fused GEMM launches with every candidate spilling: {best}"
+    skinny = [r for r in results if r["kernel"] in ("_project_kernel", "_gram_kernel") and aligned_16bit(r) and r["stack"]]
+    assert not skinny, f"16-bit skinny kernels spill registers on {target}: {skinny}"
 
 
 if __name__ == "__main__":

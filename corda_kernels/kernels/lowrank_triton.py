@@ -8,8 +8,8 @@ Notation as in :mod:`corda_kernels.kernels.reference.lowrank_linear` (``s`` = sc
 - ``_fused_gemm_kernel``: ``C = X · Wt (+ bias) + scatter_n(lowrank)``, where, for output column
   ``n`` whose inverse-map entry ``j = inv[n]`` is not -1, ``lowrank[m, n] = Σ_k (T[m, k] s d_k)
   F[j, k]`` (times ``keep(m, j)/(1-p)`` when dropout applies there). The low-rank term runs as
-  ``ceil(r / BLOCK_K)`` extra K-iterations on the same accumulator after the main K loop (a second
-  accumulator, masked once, when dropout applies), so no ``(N, d_out)`` intermediate and no
+  ``ceil(r / BLOCK_K)`` extra K-iterations on the accumulator before the main K loop (masked there
+  when dropout applies, so one accumulator serves both), so no ``(N, d_out)`` intermediate and no
   separate scale/add pass exist. Forward: ``y = x · Wᵀ + b + scatter_rows((u ⊙ s d) · B_rᵀ)``
   with ``inv`` mapping output features to rows of ``B``; backward:
   ``dx = dy · W + scatter_cols(keep ⊙ ((g ⊙ s d) · A_c))/(1-p)`` with ``inv`` mapping input
@@ -125,17 +125,9 @@ def _fused_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_cols + offs_k.to(tl.int64)[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
-
-    # Low-rank term: extra K-iterations over r, with the factor's rows gathered through inv.
+    # Low-rank term first: ceil(r / BLOCK_K) K-iterations over r, the factor's rows gathered through
+    # inv; with dropout it is masked here, before the base GEMM accumulates onto it, so one
+    # accumulator serves both (a second one spills registers on Hopper).
     if HAS_INV:
         j = tl.load(inv_ptr + offs_n, mask=n_ok, other=-1)
         f_ok = n_ok & (j >= 0)
@@ -143,10 +135,7 @@ def _fused_gemm_kernel(
     else:
         j = offs_n
         f_ok = n_ok
-    if HAS_DROPOUT:
-        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        low = acc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_rows = t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm
     f_cols = f_ptr + j.to(tl.int64)[None, :] * stride_fj
     for k0 in range(0, R, BLOCK_K):
@@ -156,12 +145,19 @@ def _fused_gemm_kernel(
         t = tl.load(t_rows + offs_k[None, :] * stride_tr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         t = (t * v[None, :]).to(x_ptr.dtype.element_ty)
         f = tl.load(f_cols + offs_k[:, None] * stride_fr, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-        low = tl.dot(t, f, low, input_precision=PRECISION, out_dtype=tl.float32)
+        acc = tl.dot(t, f, acc, input_precision=PRECISION, out_dtype=tl.float32)
     if HAS_DROPOUT:
         keep = _keep(_row_hash(seed_ptr, offs_m), j, threshold, DROP_SHIFT) & f_ok[None, :]
-        acc += tl.where(keep, low * inv_keep, 0.0)
-    else:
-        acc = low
+        acc = tl.where(keep, acc * inv_keep, 0.0)
+
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_cols + offs_k.to(tl.int64)[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -237,15 +233,19 @@ def gpu_config(dtype: torch.dtype, r: int) -> dict:
 
 
 # Fused-GEMM candidates on CUDA: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); 16-bit inputs try the
-# BLOCK_K = 64 ones, fp32 the BLOCK_K = 32 ones (the others overflow shared memory). The token count
-# is not in the key, so a new sequence length does not re-tune.
+# BLOCK_K = 64 ones, fp32 the BLOCK_K = 32 ones (the others overflow shared memory). The 64 x 64
+# tiles are the ones that do not spill registers on sm_80 with dropout and a column index (Partial-LoRA
+# dx); tests/test_triton_compile.py checks that every launch keeps a spill-free candidate. The token
+# count is not in the key, so a new sequence length does not re-tune.
 _GEMM_CONFIGS = [
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
     (128, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
     (128, 128, 32, 8, 4),
     (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 4),
 ]
 
 
