@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Optional
@@ -32,6 +31,7 @@ from typing import Optional
 import torch
 
 from . import storage as _storage
+from ._files import file_digest, write_atomic
 from .integrations import hf
 from .methods.base import InitMethod, LayerInit
 
@@ -82,29 +82,6 @@ def describe(value):
 def method_fingerprint(method: InitMethod) -> dict:
     options = {k: describe(v) for k, v in sorted(vars(method).items()) if not k.startswith("_")}
     return {"class": f"{type(method).__module__}.{type(method).__qualname__}", "options": options}
-
-
-def _write_atomic(path: str, write) -> None:
-    """``write(temporary path)``, then rename it to ``path`` (atomic on POSIX)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _file_digest(path: str) -> str:
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class DecompositionCache:
@@ -161,7 +138,7 @@ class DecompositionCache:
                 raise ValueError(f"manifest is for {manifest.get('layer')!r}, format {manifest.get('format')!r}")
             if not os.path.exists(tensors_path):
                 raise ValueError("its tensor file is missing")
-            if _file_digest(tensors_path) != manifest["digest"]:
+            if file_digest(tensors_path) != manifest["digest"]:
                 raise ValueError("its tensor file does not match the manifest's digest")
             tensors = load_file(tensors_path, device=str(device))
             fields = dict(manifest["fields"], trainable=tuple(manifest["fields"]["trainable"]))
@@ -189,12 +166,12 @@ class DecompositionCache:
             warnings.warn(f"layer {name}'s init is not cached: its non-tensor fields are not JSON-able ({exc})",
                           stacklevel=2)
             return
-        _write_atomic(tensors_path, lambda tmp: save_file(tensors, tmp))
+        write_atomic(tensors_path, lambda tmp: save_file(tensors, tmp))
         manifest = json.loads(text)
-        manifest["digest"] = _file_digest(tensors_path)
+        manifest["digest"] = file_digest(tensors_path)
 
         def write_manifest(tmp):
             with open(tmp, "w") as fh:
                 json.dump(manifest, fh, indent=1)
 
-        _write_atomic(manifest_path, write_manifest)
+        write_atomic(manifest_path, write_manifest)

@@ -19,16 +19,10 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from ._files import file_digest, write_atomic
+
 MANIFEST = "manifest.json"
 FORMAT = 1
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -84,7 +78,7 @@ class CalibrationCheckpoint:
                     "or delete it to start over"
                 )
         state_path = os.path.join(self.directory, manifest["state_file"])
-        if not os.path.exists(state_path) or _sha256(state_path) != manifest["sha256"]:
+        if not os.path.exists(state_path) or file_digest(state_path, "sha256") != manifest["sha256"]:
             raise CheckpointMismatch(f"checkpoint state {state_path} is missing or corrupted (checksum mismatch)")
         from safetensors.torch import load_file
 
@@ -96,24 +90,23 @@ class CalibrationCheckpoint:
 
         os.makedirs(self.directory, exist_ok=True)
         state_file = f"state-{batches_done}.safetensors"
-        tmp_state = os.path.join(self.directory, f".{state_file}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp_state)
-        os.replace(tmp_state, os.path.join(self.directory, state_file))
+        state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        write_atomic(os.path.join(self.directory, state_file), lambda tmp: save_file(state, tmp))
         manifest = {
             "format": FORMAT,
             "identity": self.identity,
             "state_file": state_file,
-            "sha256": _sha256(os.path.join(self.directory, state_file)),
+            "sha256": file_digest(os.path.join(self.directory, state_file), "sha256"),
             "batches_done": batches_done,
             "data_fingerprint": data_fingerprint,
             **extra,
         }
-        tmp_manifest = os.path.join(self.directory, f".{MANIFEST}.tmp")
-        with open(tmp_manifest, "w") as fh:
-            json.dump(manifest, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_manifest, os.path.join(self.directory, MANIFEST))
+
+        def write_manifest(tmp):
+            with open(tmp, "w") as fh:
+                json.dump(manifest, fh)
+
+        write_atomic(os.path.join(self.directory, MANIFEST), write_manifest)
         for name in os.listdir(self.directory):
             if name.startswith("state-") and name != state_file:
                 os.remove(os.path.join(self.directory, name))
