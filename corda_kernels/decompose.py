@@ -46,6 +46,11 @@ def _bytes_per_chunk(out_f: int, in_f: int, with_cov: bool) -> int:
     return 4 * 2 * in_f * in_f if with_cov else 0
 
 
+def chunk_layers(out_f: int, in_f: int, with_cov: bool, budget: int) -> int:
+    """How many ``(out_f, in_f)`` layers one decomposition chunk holds under ``budget`` bytes (>= 1)."""
+    return max(1, (budget - _bytes_per_chunk(out_f, in_f, with_cov)) // _bytes_per_layer(out_f, in_f, with_cov))
+
+
 def _budget(device: torch.device, max_batch_bytes: Optional[int]) -> int:
     if max_batch_bytes is not None:
         return max_batch_bytes
@@ -131,9 +136,7 @@ def decompose(
     bar = tqdm(total=len(targets), desc=f"decompose ({method.describe()})", unit="layer", disable=not progress)
     try:
         for (shape, rank, alpha, device), names in buckets.items():
-            per_layer = _bytes_per_layer(shape[0], shape[1], method.needs_covariance)
-            spare = _budget(device, max_batch_bytes) - _bytes_per_chunk(shape[0], shape[1], method.needs_covariance)
-            chunk = max(1, spare // per_layer)
+            chunk = chunk_layers(shape[0], shape[1], method.needs_covariance, _budget(device, max_batch_bytes))
             start = 0
             while start < len(names):
                 part = names[start : start + chunk]

@@ -198,7 +198,7 @@ def _working_set(layers: _Layers, names, needs_cov: bool, budget: Optional[int])
     for ((in_f, out_f), _), count in buckets.items():
         per_layer = _decompose._bytes_per_layer(out_f, in_f, needs_cov)
         per_chunk = _decompose._bytes_per_chunk(out_f, in_f, needs_cov)
-        chunk = count if budget is None else max(1, (budget - per_chunk) // per_layer)
+        chunk = count if budget is None else _decompose.chunk_layers(out_f, in_f, needs_cov, budget)
         largest = max(largest, min(count, chunk) * per_layer + per_chunk)
     return largest
 
