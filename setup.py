@@ -5,9 +5,13 @@ Install with ``pip install --no-build-isolation .`` so the build uses the torch 
 build (plain ``pip install .`` / ``pip wheel .``) does not download torch: torch is not a build
 requirement, so it finds no torch and produces a pure-Python package without ``_C``.
 
+The extension only carries CUDA ops (cuBLAS paths Triton cannot reach), so it is built only when
+there is CUDA to compile: with a CUDA torch that sees a GPU, or when forced. On a CPU-only torch the
+install compiles nothing (the ops run through Triton/torch) and takes seconds.
+
 Environment switches (same spirit as flash-attention / torchao):
   CORDA_KERNELS_SKIP_EXT=1         build no extension at all (pure Python + Triton package)
-  CORDA_KERNELS_SKIP_CUDA_BUILD=1  build only the C++ sources, even if CUDA is available
+  CORDA_KERNELS_SKIP_CUDA_BUILD=1  build no extension even if CUDA is available
   CORDA_KERNELS_FORCE_CUDA=1       build the CUDA sources even if torch sees no GPU (needs nvcc and
                                    a CUDA build of torch; e.g. on a GPU-less build machine)
   CORDA_KERNELS_CUDA_ARCHS="8.0;9.0"  passed to TORCH_CUDA_ARCH_LIST when it is unset
@@ -101,7 +105,7 @@ def _extensions():
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         _log(
             "torch is not importable in this build environment (an isolated build?), so corda_kernels._C "
@@ -140,8 +144,8 @@ def _extensions():
         )
         _log(f"building corda_kernels._C with CUDA sources (archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
     else:
-        ext = CppExtension("corda_kernels._C", cpp_sources, include_dirs=include_dirs, extra_compile_args=list(CXX_FLAGS))
-        _log(f"building corda_kernels._C (C++ only: {why_not_cuda})")
+        _log(f"not building corda_kernels._C ({why_not_cuda}): it only carries CUDA ops; Triton/torch paths are used")
+        return [], {}
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -8,45 +8,68 @@ The data flow is calibrate -> decompose -> adapt -> export (see README.md):
 """
 
 import logging as _logging
+import warnings as _warnings
 
+# The pipeline (calibrate -> decompose -> adapt -> export), its estimate and report, the module, the
+# PEFT bridge; then the registered ops and the decompositions. `__all__` groups them in that order.
+from ._version import __version__
 from .adapt import apply
 from .blockwise import apply_blockwise
-from .calibrate import Calibration, calibrate
+from .calibration import Calibration, calibrate
+from .decomposition import decompose
 from .export import merge, save_merged_model, save_peft_adapter, save_residual_model, unload
 from .integrations.peft_patch import patch_peft, unpatch_peft
+from .linalg import co_svd, damp_covariance, largest_singular_triplets, randomized_svd, smallest_singular_triplets
 from .memory import MemoryEstimate, estimate_memory
+from .methods.parameters import trainable_parameter_report
 from .nn import LowRankLinear
-from .ops import CovarianceAccumulator, covariance_update, finalize_covariance, symmetrize_
-from .ops.co_svd import co_svd, damp_covariance
-from .ops.exact_svd import smallest_singular_triplets
+from .ops import CovarianceAccumulator, covariance_update, finalize_covariance
 from .ops.lowrank_linear import lowrank_linear
-from .ops.randomized_svd import randomized_svd
 
 _logging.getLogger("corda_kernels").addHandler(_logging.NullHandler())
 
-__version__ = "0.1.0"
 __all__ = [
+    "__version__",
+    # pipeline: 1. calibrate, 2. decompose (apply runs it for you), 3. adapt, 1-3 block-wise, 4. export
     "Calibration",
-    "CovarianceAccumulator",
-    "LowRankLinear",
-    "MemoryEstimate",
+    "calibrate",
+    "decompose",
     "apply",
     "apply_blockwise",
-    "calibrate",
-    "co_svd",
-    "covariance_update",
-    "damp_covariance",
-    "estimate_memory",
-    "finalize_covariance",
-    "lowrank_linear",
     "merge",
-    "patch_peft",
-    "randomized_svd",
+    "unload",
     "save_merged_model",
     "save_peft_adapter",
     "save_residual_model",
-    "smallest_singular_triplets",
-    "symmetrize_",
-    "unload",
+    # before running: peak memory; after adapting: what trains
+    "MemoryEstimate",
+    "estimate_memory",
+    "trainable_parameter_report",
+    # modules and PEFT
+    "LowRankLinear",
+    "patch_peft",
     "unpatch_peft",
+    # ops and decompositions
+    "CovarianceAccumulator",
+    "covariance_update",
+    "finalize_covariance",
+    "lowrank_linear",
+    "co_svd",
+    "damp_covariance",
+    "largest_singular_triplets",
+    "randomized_svd",
+    "smallest_singular_triplets",
 ]
+
+# Names that left the top level: still importable, with a DeprecationWarning.
+_MOVED = {"symmetrize_": ("corda_kernels.ops.covariance", "symmetrize_")}
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+
+        module, attr = _MOVED[name]
+        _warnings.warn(f"corda_kernels.{name} is deprecated; use {module}.{attr}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'corda_kernels' has no attribute {name!r}")

@@ -2,9 +2,10 @@
 
 Every op has a pure-torch ``reference`` (the specification, valid everywhere) and may have faster
 backends: ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``cuda`` (the compiled
-``corda_kernels._C`` extension) and ``cpu`` (a tuned torch composition). ``CORDA_KERNELS_BACKEND``
-forces one for every op (``auto`` by default); a forced backend that cannot run the call raises
-instead of silently falling back, so bug reports and tests know what ran.
+``corda_kernels._C`` extension) and ``torch`` (a tuned torch composition: the CPU path, valid on any
+device). ``CORDA_KERNELS_BACKEND`` forces one for every op (``auto`` by default); a forced backend
+that cannot run the call raises instead of silently falling back, so bug reports and tests know
+what ran. (``cpu``, the torch backend's name before 0.2, is accepted with a deprecation warning.)
 
 When a fast backend is missing (Triton not installed, extension not built) the op falls back to the
 reference and says so once through :mod:`logging`.
@@ -16,12 +17,14 @@ import functools
 import importlib
 import logging
 import os
+import warnings
 
 import torch
 
 logger = logging.getLogger("corda_kernels")
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
+_RENAMED = {"cpu": "torch"}
 ENV_BACKEND = "CORDA_KERNELS_BACKEND"
 
 _warned: set[str] = set()
@@ -44,6 +47,15 @@ def warn_once(key: str, message: str) -> None:
 def requested_backend() -> str:
     """The backend forced by ``CORDA_KERNELS_BACKEND`` (``auto`` when unset)."""
     name = os.environ.get(ENV_BACKEND, "auto").strip().lower() or "auto"
+    if name in _RENAMED:
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(
+                f"{ENV_BACKEND}={name} is deprecated; the backend is now called {_RENAMED[name]!r}",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        name = _RENAMED[name]
     if name not in BACKENDS:
         raise ValueError(f"{ENV_BACKEND}={name!r} is not one of {', '.join(BACKENDS)}")
     return name
@@ -54,7 +66,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     try:
         importlib.import_module("triton")
@@ -73,7 +85,7 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and triton_interpreted()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension():
     """The compiled ``corda_kernels._C`` module, or None when it was not built."""
     try:

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from . import decompose as _decompose
+from .decomposition import decompose, plan
 from .integrations import hf
 from .methods import InitMethod, LayerInit, make_method
 from .nn import LowRankLinear
@@ -114,7 +114,7 @@ def apply(
             :class:`~corda_kernels.methods.InitMethod`; see README.md for what each trains.
         rank, alpha: adapter rank and LoRA alpha (scaling ``alpha / rank``); ``alpha`` defaults to
             ``rank`` (scaling 1, as the CorDA and PiSSA papers use; PEFT's default is 8).
-        covariances: the :class:`~corda_kernels.calibrate.Calibration` for CorDA; its layers are
+        covariances: the :class:`~corda_kernels.calibration.Calibration` for CorDA; its layers are
             the default targets.
         target_modules / exclude_modules: PEFT-style selection (names or a regex).
         rank_pattern / alpha_pattern: per-layer overrides, PEFT semantics.
@@ -122,9 +122,9 @@ def apply(
         seed: seed of randomized decompositions and random initializations.
         process_group: decompose the layers sharded across a ``torch.distributed`` group and
             broadcast the factors, so every rank builds the same adapters (see
-            :func:`corda_kernels.decompose.decompose`; default: the default group when initialized,
+            :func:`corda_kernels.decompose`; default: the default group when initialized,
             every rank must call; False for one process).
-        cache_dir: a directory caching each layer's decomposition (see :mod:`corda_kernels.cache`):
+        cache_dir: a directory caching each layer's decomposition (see :mod:`corda_kernels.decomposition.cache`):
             layers whose weights, covariance and settings are unchanged are read back, not
             decomposed again.
     """
@@ -136,7 +136,7 @@ def apply(
         model, target_modules, exclude_modules, rank, alpha, rank_pattern, alpha_pattern
     )
     method.prepare(model, targets)
-    inits = _decompose.decompose(
+    inits = decompose(
         targets,
         method,
         ranks=ranks,
@@ -164,7 +164,7 @@ def prepare_targets(model, target_modules, exclude_modules, rank, alpha, rank_pa
     ranks = {n: pattern_value(rank_pattern, n, rank) for n in targets}
     alphas = {n: pattern_value(alpha_pattern, n, alpha if alpha is not None else ranks[n]) for n in targets}
     for name, module in targets.items():
-        _decompose.check_rank(name, module, ranks[name])
+        plan.check_rank(name, module, ranks[name])
     return targets, ranks, alphas
 
 

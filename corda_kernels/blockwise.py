@@ -3,14 +3,14 @@
 Whole-model calibration holds every layer's covariance at once (about 22 GB in fp32 for a 7B
 Llama, 330 GB for 70B). ``apply_blockwise`` instead, as GPTQ-style tools do:
 
-1. runs the model once per batch up to the first block of its stack and caches what enters it
-   (hidden states and the block's keyword inputs: masks, rotary embeddings), on the execution
-   device or offloaded to CPU;
-2. for each block in turn: runs the cached batches through that block alone, accumulating the
+1. runs the model once per batch up to the first block of its stack and keeps what enters it (the
+   *block inputs*: hidden states and the block's keyword inputs: masks, rotary embeddings), on
+   the execution device or on ``block_inputs_device`` (e.g. the CPU);
+2. for each block in turn: runs the kept batches through that block alone, accumulating the
    covariances of its target layers; decomposes and swaps the block's layers; frees the
-   covariances; and keeps the block's outputs as the next block's cached inputs.
+   covariances; and keeps the block's outputs as the next block's inputs.
 
-Peak memory is one block's weights + its covariances + the cached hidden states, independent of
+Peak memory is one block's weights + its covariances + the block inputs, independent of
 the number of blocks. The covariances are those of whole-model calibration (the same inputs reach
 each block), so the adapters agree with ``apply(model, covariances=calibrate(model, batches))``
 within fp32 rounding.
@@ -25,15 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import adapt as _adapt
-from . import decompose as _decompose
-from .calibrate import CovarianceRecorder, _check_batch, _to_device
+from ._deprecation import renamed
+from .calibration.collect import check_batch, to_device
+from .calibration.recorder import CovarianceRecorder, StopForward
+from .decomposition import decompose
 from .export import merged_weight, plain_layer
 from .integrations import hf
 from .methods import make_method
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are known."""
 
 
 def _move(value, device):
@@ -52,39 +50,41 @@ def _move(value, device):
 def capture_block_inputs(
     model: nn.Module, block: nn.Module, batches: Sequence[Mapping], store: Optional[str] = None, progress: bool = True
 ) -> list[tuple[tuple, dict, Optional[torch.Tensor]]]:
-    """``(args, kwargs, attention_mask)`` entering ``block`` for each batch (``store``: device for
-    the cache, e.g. ``"cpu"`` to offload; default: where they were computed)."""
+    """``(args, kwargs, attention_mask)`` entering ``block`` for each batch (``store``: the device
+    they are kept on, e.g. ``"cpu"``; default: where they were computed)."""
     captured = []
 
     def hook(module, args, kwargs):
         captured.append((args, kwargs))
-        raise _StopForward
+        raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     device = hf.input_device(model)
     extra = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
-    cache = []
+    inputs = []
     try:
         for index, batch in enumerate(tqdm(batches, desc="capture block inputs", disable=not progress)):
-            _check_batch(model, batch, index)
-            batch = _to_device(batch, device)
+            check_batch(model, batch, index)
+            batch = to_device(batch, device)
             try:
                 model(**batch, **extra)
-            except _StopForward:
+            except StopForward:
                 pass
             if len(captured) != index + 1:
-                raise RuntimeError(f"the first block never ran for batch {index}: is it part of {type(model).__name__}?")
+                raise RuntimeError(
+                    f"the first block never ran for batch {index}: is it part of {type(model).__name__}?"
+                )
             args, kwargs = captured[-1]
             kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
             mask = batch.get("attention_mask")
             if store is not None:
                 args, kwargs = _move(args, store), _move(kwargs, store)
-            cache.append((args, kwargs, mask))
+            inputs.append((args, kwargs, mask))
     finally:
         handle.remove()
-    if not cache:
+    if not inputs:
         raise ValueError("calibration data is empty: `batches` yielded no batch")
-    return cache
+    return inputs
 
 
 def apply_blockwise(
@@ -101,30 +101,34 @@ def apply_blockwise(
     use_rslora: bool = False,
     dropout: float = 0.0,
     normalization: str = "token_mean",
-    offload: Optional[str] = None,
+    block_inputs_device: Optional[str] = None,
     execution_device=None,
     seed: int = 0,
     max_batch_bytes: Optional[int] = None,
     progress: bool = True,
     cache_dir: Optional[str] = None,
     undo: str = "cpu",
+    offload: Optional[str] = None,
     **method_options,
 ) -> nn.Module:
     """Calibrate, decompose and adapt ``model`` one block at a time (in place; returns it).
 
     Same arguments as :func:`corda_kernels.calibrate` + :func:`corda_kernels.apply`, plus:
-        offload: device for the cached hidden states between blocks (e.g. ``"cpu"``).
+        block_inputs_device: where the block inputs are kept between blocks (e.g. ``"cpu"``);
+            default: the execution device.
         execution_device: run each block there (moved in, adapted, moved back to where it lives),
             for models whose blocks live on the CPU; default: each block runs where it is.
-        cache_dir: cache each layer's decomposition there (see :mod:`corda_kernels.cache`); the
+        cache_dir: cache each layer's decomposition there (see :mod:`corda_kernels.decomposition.cache`); the
             blocks are still run (their outputs feed the next block), only decompositions are saved.
         undo: how a failure puts back the blocks already adapted. ``"cpu"`` keeps each replaced
             layer on the CPU (exact; host memory grows with depth by the target weights).
             ``"reconstruct"`` keeps nothing and rebuilds each layer as ``W' + s·B·A`` in fp32, cast
             once (within one rounding of the original in its dtype; host memory stays flat).
+        offload: deprecated name of ``block_inputs_device``.
 
     Every target must live inside the model's (single) stack of blocks.
     """
+    block_inputs_device = renamed("apply_blockwise", "offload", offload, "block_inputs_device", block_inputs_device)
     method = make_method(method, **method_options)
     _adapt.refuse_adapted(model)
     stacks = hf.block_stacks(model)
@@ -139,7 +143,9 @@ def apply_blockwise(
     )
     outside = [n for n in targets if not n.startswith(stack_name + ".")]
     if outside:
-        raise ValueError(f"block-wise calibration adapts layers inside {stack_name} only; outside it: {hf.named(outside)}")
+        raise ValueError(
+            f"block-wise calibration adapts layers inside {stack_name} only; outside it: {hf.named(outside)}"
+        )
     if undo not in ("cpu", "reconstruct"):
         raise ValueError(f"undo must be 'cpu' or 'reconstruct', got {undo!r}")
     method.prepare(model, targets)
@@ -148,20 +154,27 @@ def apply_blockwise(
     model.eval()
     undo_log: list[tuple[str, Optional[nn.Module], torch.device]] = []  # (name, replaced layer or None, home)
     try:
-        cache = capture_block_inputs(model, stack[0], batches, store=offload, progress=progress)
+        inputs = capture_block_inputs(model, stack[0], batches, store=block_inputs_device, progress=progress)
         for index, block in enumerate(tqdm(stack, desc="blocks", disable=not progress)):
             prefix = f"{stack_name}.{index}."
             block_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
             home = next(block.parameters()).device
             device = torch.device(execution_device) if execution_device is not None else home
             block.to(device)
-            cache, covariances = _run_block(block, block_targets, cache, device, offload, normalization)
+            inputs, covariances = _run_block(block, block_targets, inputs, device, block_inputs_device, normalization)
             if covariances is not None:
-                inits = _decompose.decompose(
-                    block_targets, method, ranks=ranks, alphas=alphas, use_rslora=use_rslora,
-                    covariances=covariances, seed=seed, max_batch_bytes=max_batch_bytes, progress=False,
+                inits = decompose(
+                    block_targets,
+                    method,
+                    ranks=ranks,
+                    alphas=alphas,
+                    use_rslora=use_rslora,
+                    covariances=covariances,
+                    seed=seed,
+                    max_batch_bytes=max_batch_bytes,
+                    progress=False,
                     cache_dir=cache_dir,
-                )  # fmt: skip
+                )
                 del covariances
                 _swap_block(model, targets, inits, dropout, undo, home, undo_log)
                 del inits, block_targets
@@ -193,24 +206,24 @@ def _undo(model: nn.Module, undo_log) -> None:
 
 
 @torch.no_grad()
-def _run_block(block, targets, cache, device, offload, normalization):
-    """Run the cached batches through ``block``: (the next block's cache, the block's Calibration
+def _run_block(block, targets, inputs, device, store, normalization):
+    """Run the kept batches through ``block``: (the next block's inputs, the block's Calibration
     or None when it has no targets)."""
     recorder = CovarianceRecorder(targets, normalization=normalization)
-    out_cache = []
+    outputs = []
     with recorder:
-        for b, (args, kwargs, mask) in enumerate(cache):
+        for b, (args, kwargs, mask) in enumerate(inputs):
             recorder.start_batch(b, mask.to(device) if mask is not None else None)
             out = block(*_move(args, device), **_move(kwargs, device))
             hidden = out[0] if isinstance(out, (tuple, list)) else out
-            if offload is not None:
-                hidden = hidden.to(offload)
+            if store is not None:
+                hidden = hidden.to(store)
             if args:
                 args = (hidden,) + tuple(args[1:])
             else:
                 kwargs = {**kwargs, "hidden_states": hidden}
-            out_cache.append((args, kwargs, mask))
+            outputs.append((args, kwargs, mask))
     if not targets:
-        return out_cache, None
-    recorder.batch_index = len(cache) - 1
-    return out_cache, recorder.result()
+        return outputs, None
+    recorder.batch_index = len(inputs) - 1
+    return outputs, recorder.result()

@@ -42,7 +42,12 @@ def plain_layer(layer: LowRankLinear, weight: torch.Tensor) -> nn.Module:
     if getattr(layer, "source_layout", "linear") == "conv1d":
         plain = hf.Conv1D(weight.shape[0], weight.shape[1])
         plain.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
-        plain.bias = nn.Parameter(bias.detach().clone() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device), requires_grad=False)
+        plain.bias = nn.Parameter(
+            bias.detach().clone()
+            if bias is not None
+            else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+            requires_grad=False,
+        )
         return plain
     plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     plain.weight = nn.Parameter(weight, requires_grad=False)
@@ -161,7 +166,10 @@ def save_peft_adapter(
         start = load_file(os.path.join(initial, ADAPTER_WEIGHTS))
         missing = sorted(k for k in tensors if k not in start)
         if missing:
-            raise ValueError(f"initial adapter at {initial} lacks {missing[0]} (and {len(missing) - 1} more); was it saved from this model?")
+            raise ValueError(
+                f"initial adapter at {initial} lacks {missing[0]} (and {len(missing) - 1} more); "
+                "was it saved from this model?"
+            )
         for key in list(tensors):
             t0 = start[key].to(tensors[key].dtype)
             tensors[key] = torch.cat([tensors[key], t0], 0) if ".lora_A." in key else torch.cat([tensors[key], -t0], 1)

@@ -10,28 +10,27 @@ What is counted (all from shapes and dtypes; no calibration is run):
 - weights: the model's parameters and buffers.
 - covariances: one fp32 ``(d, d)`` accumulator per distinct target input (layers given the same
   tensor share one, as in calibration: q/k/v, gate/up; found by a 2-token forward, on the meta
-  device when the model is there); kept after calibration in the chosen ``storage`` / ``offload``.
+  device when the model is there); kept after calibration in the chosen ``storage`` on ``covariance_device``.
   Whole-model: every group at once. Block-wise: one block's.
 - activations: one block's forward on one batch (calibration stops after the last target, so no
   logits): ``tokens · dtype · (Σ out_features of the block's targets + 2 · hidden)``, the attention
   mask (and scores for eager attention), and the covariance update's temporaries (an fp32 copy of
   the selected rows, the NaN check's ``|x|``, a ``(d, 256)`` block).
-- hidden-state cache (block-wise): every batch's input to the current block (its hidden states
+- block inputs (block-wise): every batch's input to the current block (its hidden states
   and attention mask); the hidden states twice while a block runs (inputs and outputs).
-- decomposition: the largest chunk's working set as :mod:`corda_kernels.decompose` sizes it
-  (``_bytes_per_layer`` per layer, at most ``max_batch_bytes`` per chunk, plus ``_bytes_per_chunk``).
+- decomposition: the largest chunk's working set as :mod:`corda_kernels.decomposition.plan` sizes it
+  (``bytes_per_layer`` per layer, at most ``max_batch_bytes`` per chunk, plus ``bytes_per_chunk``).
 - residual copies + adapters: the new residual weight of every swapped layer, its factors and one
   layer's fp32 temporaries; ``apply`` holds the old weights until it returns. Block-wise keeps the
   replaced layers (on the CPU) to restore the model if a later block fails: "undo copies".
 
-Measured against peak RSS on CPU (tests/test_memory.py, bench/RESULTS_blockwise.md). Not counted:
+Measured against peak RSS on CPU (tests/test_memory.py, bench/results/blockwise.md). Not counted:
 allocator slack (glibc may keep freed blocks: RSS above live bytes, by 20-46% in block-wise
 runs with the default malloc settings), the Python/torch runtime, tokenizers and data.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -39,11 +38,13 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from . import decompose as _decompose
+from ._deprecation import renamed
 from .adapt import pattern_value
+from .calibration.recorder import CovarianceRecorder
+from .calibration.storage import check_options, packed_size
+from .decomposition import plan
 from .integrations import hf
 from .methods import make_method
-from .storage import check_options, packed_size
 
 MiB = 2**20
 _WHOLE = ("calibrate", "decompose", "swap")
@@ -82,8 +83,10 @@ class MemoryEstimate:
 
     def summary(self) -> str:
         """A printable table: items x phases in MiB, totals and the peak per location."""
-        rows = sorted({key for items in self.phases.values() for key in items},
-                      key=lambda k: (self.locations.index(k[1]), _ORDER.index(k[0]) if k[0] in _ORDER else 99))
+        rows = sorted(
+            {key for items in self.phases.values() for key in items},
+            key=lambda k: (self.locations.index(k[1]), _ORDER.index(k[0]) if k[0] in _ORDER else 99),
+        )
         names = list(self.phases)
         width = max(12, *(len(n) for n in names))
         lines = [self.title, "", f"{'MiB':<28}{'where':<8}" + "".join(f"{n:>{width + 2}}" for n in names)]
@@ -95,14 +98,23 @@ class MemoryEstimate:
             lines.append(f"{'total':<28}{where:<8}" + cells)
         lines.append("")
         for where in self.locations:
-            lines.append(f"peak on {where}: {self.peak_bytes(where) / MiB:,.1f} MiB in '{self.peak_phase(where)}' "
-                         f"({self.extra_bytes(where) / MiB:,.1f} MiB above the loaded model)")
+            lines.append(
+                f"peak on {where}: {self.peak_bytes(where) / MiB:,.1f} MiB in '{self.peak_phase(where)}' "
+                f"({self.extra_bytes(where) / MiB:,.1f} MiB above the loaded model)"
+            )
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
-_ORDER = ["weights", "covariances", "activations", "hidden-state cache", "decomposition",
-          "residual copies + adapters", "undo copies"]  # fmt: skip
+_ORDER = [
+    "weights",
+    "covariances",
+    "activations",
+    "block inputs",
+    "decomposition",
+    "residual copies + adapters",
+    "undo copies",
+]
 
 
 def meta_model(model: Optional[str], gguf_file: Optional[str] = None, dtype: str = "fp32") -> nn.Module:
@@ -120,31 +132,16 @@ def meta_model(model: Optional[str], gguf_file: Optional[str] = None, dtype: str
 
 
 def _input_groups(model: nn.Module, targets: Mapping[str, nn.Module]) -> Optional[dict[str, str]]:
-    """layer -> group (the first layer given the same input tensor) from a 2-token forward, or None
-    when the model cannot run one."""
-    seen: list[tuple[str, torch.Tensor]] = []
-    groups: dict[str, str] = {}
-
-    def hook(name):
-        def record(module, args):
-            x = args[0] if args else None
-            group = next((g for g, t in seen if t is x), name)
-            groups.setdefault(name, group)
-            if group == name:
-                seen.append((name, x))
-
-        return record
-
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in targets.items()]
+    """layer -> group (the first layer given the same input tensor), from calibration's own 2-token
+    probe (it runs on a ``meta``-device model), or None when the model cannot run one."""
+    recorder = CovarianceRecorder(targets)
+    probe = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=hf.input_device(model))}
     try:
-        with torch.no_grad():
-            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=hf.input_device(model)))
+        with recorder:
+            recorder.probe(model, probe)
     except Exception:
         return None
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: groups.get(name, name) for name in targets}
+    return {name: recorder.groups.get(name, name) for name in targets}
 
 
 def _block_of(name: str, stacks: list[str]) -> str:
@@ -196,9 +193,9 @@ def _working_set(layers: _Layers, names, needs_cov: bool, budget: Optional[int])
         buckets[(layers.shape[n], layers.ranks[n])] += 1
     largest = 0
     for ((in_f, out_f), _), count in buckets.items():
-        per_layer = _decompose._bytes_per_layer(out_f, in_f, needs_cov)
-        per_chunk = _decompose._bytes_per_chunk(out_f, in_f, needs_cov)
-        chunk = count if budget is None else _decompose.chunk_layers(out_f, in_f, needs_cov, budget)
+        per_layer = plan.bytes_per_layer(out_f, in_f, needs_cov)
+        per_chunk = plan.bytes_per_chunk(out_f, in_f, needs_cov)
+        chunk = count if budget is None else plan.chunk_layers(out_f, in_f, needs_cov, budget)
         largest = max(largest, min(count, chunk) * per_layer + per_chunk)
     return largest
 
@@ -212,7 +209,8 @@ def estimate_memory(
     method="corda",
     rank: int = 8,
     blockwise: bool = False,
-    offload: Optional[str] = None,
+    covariance_device: Optional[str] = None,
+    block_inputs_device: Optional[str] = None,
     storage: str = "full",
     undo: str = "cpu",
     target_modules: hf.TargetSpec = None,
@@ -220,6 +218,7 @@ def estimate_memory(
     rank_pattern: Optional[Mapping[str, int]] = None,
     max_batch_bytes: Optional[int] = None,
     device=None,
+    offload: Optional[str] = None,
     **method_options,
 ) -> MemoryEstimate:
     """Estimate the peak memory of calibrating and adapting ``model`` (see the module docstring).
@@ -231,14 +230,21 @@ def estimate_memory(
         method, rank, rank_pattern, target_modules, exclude_modules, max_batch_bytes,
             method_options: as for :func:`corda_kernels.apply`.
         blockwise: estimate :func:`corda_kernels.apply_blockwise` instead of ``calibrate`` + ``apply``.
-        offload: ``"cpu"``: block-wise, the hidden-state cache; whole-model, the finalized
-            covariances (``calibrate(offload="cpu")``).
+        covariance_device: ``"cpu"``: whole-model, where the finalized covariances are kept
+            (``calibrate(covariance_device=)``).
+        block_inputs_device: ``"cpu"``: block-wise, where the cached block inputs are kept
+            (``apply_blockwise(block_inputs_device=)``).
         storage: ``"full"`` or ``"packed"`` finalized covariances (whole-model; ``calibrate(storage=)``).
         undo: block-wise, ``apply_blockwise(undo=)``: ``"cpu"`` counts the parked originals,
             ``"reconstruct"`` none.
         device: where the run computes (default: the model's input device; ``meta`` counts as CPU).
+        offload: deprecated: ``covariance_device`` (whole-model) or ``block_inputs_device`` (block-wise).
     """
-    check_options(storage, offload)
+    if blockwise:
+        block_inputs_device = renamed("estimate_memory", "offload", offload, "block_inputs_device", block_inputs_device)
+    else:
+        covariance_device = renamed("estimate_memory", "offload", offload, "covariance_device", covariance_device)
+    check_options(storage, covariance_device)
     for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_batches", n_batches)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"estimate_memory: {label} must be a positive integer, got {value!r}")
@@ -271,33 +277,53 @@ def estimate_memory(
 
     budget = max_batch_bytes
     if budget is None and home == "cpu":
-        budget = _decompose.CPU_BYTES
+        budget = plan.CPU_BYTES
     elif budget is None and torch.cuda.is_available():
-        budget = _decompose._budget(torch.device(home), None)
+        budget = plan.budget(torch.device(home), None)
     elif budget is None:
         notes.append(f"no CUDA here to read {home}'s free memory: decomposition chunks assumed unbounded")
 
     needs_cov = method.needs_covariance
     base = {("weights", w): b for w, b in weights.items()}
     names = list(targets)
-    stored = offload if (offload and not blockwise) else home
+    stored = covariance_device if (covariance_device and not blockwise) else home
     cov_full = sum(4 * d * d for d in layers.cov_dims(names))
     cov_kept = sum(4 * (packed_size(d) if storage == "packed" else d * d) for d in layers.cov_dims(names))
     mode = "block-wise (apply_blockwise)" if blockwise else "whole-model (calibrate + apply)"
-    title = (f"Memory estimate: {type(model).__name__}, {method.describe()} rank {rank}, {mode}, {len(names)} "
-             f"target layers, {n_batches} batches x {batch_size} x {seq_len} tokens, on {home}")
+    title = (
+        f"Memory estimate: {type(model).__name__}, {method.describe()} rank {rank}, {mode}, {len(names)} "
+        f"target layers, {n_batches} batches x {batch_size} x {seq_len} tokens, on {home}"
+    )
     if blockwise:
-        phases = _blockwise_phases(layers, base, home, offload or home, undo == "cpu", n_batches, tokens, act, mask,
-                                   attention, needs_cov, budget)
+        phases = _blockwise_phases(
+            layers,
+            base,
+            home,
+            block_inputs_device or home,
+            undo == "cpu",
+            n_batches,
+            tokens,
+            act,
+            mask,
+            attention,
+            needs_cov,
+            budget,
+        )
     else:
         block_acts = [_activations(layers, b, tokens, act, attention) for b in layers.blocks.values()]
         phases = {
             "calibrate": {**base, ("covariances", home): cov_full, ("activations", home): max(block_acts)},
-            "decompose": {**base, ("covariances", stored): cov_kept,
-                          ("decomposition", home): _working_set(layers, names, needs_cov, budget)},
-            "swap": {**base, ("covariances", stored): cov_kept,
-                     ("residual copies + adapters", home): layers.swap_bytes(names)},
-        }  # fmt: skip
+            "decompose": {
+                **base,
+                ("covariances", stored): cov_kept,
+                ("decomposition", home): _working_set(layers, names, needs_cov, budget),
+            },
+            "swap": {
+                **base,
+                ("covariances", stored): cov_kept,
+                ("residual copies + adapters", home): layers.swap_bytes(names),
+            },
+        }
         if not needs_cov:
             del phases["calibrate"]
             for phase in phases.values():
@@ -308,14 +334,20 @@ def estimate_memory(
     return MemoryEstimate(phases, home, title, notes)
 
 
-def _blockwise_phases(layers: _Layers, base, home, cache_at, keep_undo, n_batches, tokens, act, mask, attention,
-                      needs_cov, budget):
+def _blockwise_phases(
+    layers: _Layers, base, home, inputs_at, keep_undo, n_batches, tokens, act, mask, attention, needs_cov, budget
+):
     """Per phase, the worst block (the replaced layers of earlier blocks accumulate as undo copies)."""
     hidden = layers.shape[next(iter(layers.shape))][0]
     per_batch_hidden = tokens * hidden * act
-    cache = n_batches * (per_batch_hidden + mask)
-    phases = {"capture": {**base, ("hidden-state cache", cache_at): cache,
-                          ("activations", home): 2 * per_batch_hidden + attention}}  # fmt: skip
+    inputs = n_batches * (per_batch_hidden + mask)
+    phases = {
+        "capture": {
+            **base,
+            ("block inputs", inputs_at): inputs,
+            ("activations", home): 2 * per_batch_hidden + attention,
+        }
+    }
     undo_at = "cpu"
     undo = 0
     for phase in _BLOCKWISE[1:]:
@@ -323,18 +355,26 @@ def _blockwise_phases(layers: _Layers, base, home, cache_at, keep_undo, n_batche
     for names in layers.blocks.values():
         covs = sum(4 * d * d for d in layers.cov_dims(names))
         candidates = {
-            "run block": {("undo copies", undo_at): undo,
-                          ("hidden-state cache", cache_at): cache + n_batches * per_batch_hidden,
-                          ("covariances", home): covs,
-                          ("activations", home): _activations(layers, names, tokens, act, attention)},
-            "decompose block": {("undo copies", undo_at): undo, ("hidden-state cache", cache_at): cache,
-                                ("covariances", home): covs,
-                                ("decomposition", home): _working_set(layers, names, needs_cov, budget)},
-        }  # fmt: skip
+            "run block": {
+                ("undo copies", undo_at): undo,
+                ("block inputs", inputs_at): inputs + n_batches * per_batch_hidden,
+                ("covariances", home): covs,
+                ("activations", home): _activations(layers, names, tokens, act, attention),
+            },
+            "decompose block": {
+                ("undo copies", undo_at): undo,
+                ("block inputs", inputs_at): inputs,
+                ("covariances", home): covs,
+                ("decomposition", home): _working_set(layers, names, needs_cov, budget),
+            },
+        }
         undo += layers.target_bytes(names) if keep_undo else 0
         swap_new = layers.swap_bytes(names) - layers.target_bytes(names)  # the residuals replace the old weights
-        candidates["swap block"] = {("undo copies", undo_at): undo, ("hidden-state cache", cache_at): cache,
-                                    ("residual copies + adapters", home): swap_new}  # fmt: skip
+        candidates["swap block"] = {
+            ("undo copies", undo_at): undo,
+            ("block inputs", inputs_at): inputs,
+            ("residual copies + adapters", home): swap_new,
+        }
         for phase, items in candidates.items():
             if sum(items.values()) >= sum(v for k, v in phases[phase].items() if k[0] != "weights"):
                 phases[phase] = {**base, **items}

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import corda_kernels as ck
-from corda_kernels import decompose as decompose_module
-from models import tiny_llama, token_batches
+from corda_kernels.decomposition import engine as decompose_module
+from corda_kernels.testing import tiny_llama, token_batches
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,9 @@ def _unchanged(model, before):
 
 def test_rank_errors(calibrated):
     model, cal = calibrated
-    with pytest.raises(ValueError, match=r"rank 100 exceeds layer model\.layers\.0\.self_attn\.q_proj's smaller dimension \(64x64\)"):
+    with pytest.raises(
+        ValueError, match=r"rank 100 exceeds layer model\.layers\.0\.self_attn\.q_proj's smaller dimension \(64x64\)"
+    ):
         ck.apply(copy.deepcopy(model), "corda", rank=100, covariances=cal, progress=False)
     with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
         ck.apply(copy.deepcopy(model), "pissa", rank=0, progress=False)

@@ -10,7 +10,7 @@ from torch import nn
 
 import corda_kernels as ck
 from corda_kernels.methods import MiLoRA
-from models import tiny_llama, token_batches
+from corda_kernels.testing import tiny_llama, token_batches
 
 
 def _adapters(model):
@@ -24,12 +24,14 @@ def _whole_model(model, batches, **kw):
 
 
 @pytest.mark.parametrize("mode", ["kpa", "ipa"])
-@pytest.mark.parametrize("offload", [None, "cpu"])
-def test_same_adapters_as_whole_model(mode, offload):
+@pytest.mark.parametrize("inputs_device", [None, "cpu"])
+def test_same_adapters_as_whole_model(mode, inputs_device):
     model = tiny_llama(layers=3)
     batches = token_batches(128, n_batches=3, batch=2, seq=12)
     ref = _whole_model(model, batches, mode=mode, rank=4)
-    blockwise = ck.apply_blockwise(copy.deepcopy(model), batches, "corda", mode=mode, rank=4, offload=offload, progress=False)
+    blockwise = ck.apply_blockwise(
+        copy.deepcopy(model), batches, "corda", mode=mode, rank=4, block_inputs_device=inputs_device, progress=False
+    )
     ours, theirs = _adapters(blockwise), _adapters(ref)
     assert ours.keys() == theirs.keys() and len(ours) == 21
     for name, layer in ours.items():
@@ -54,7 +56,9 @@ def test_failure_leaves_model_unchanged(undo):
     model = tiny_llama(layers=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="decomposition failed"):
-        ck.apply_blockwise(model, token_batches(128, n_batches=2), FailOnThirdBlock(), rank=4, undo=undo, progress=False)
+        ck.apply_blockwise(
+            model, token_batches(128, n_batches=2), FailOnThirdBlock(), rank=4, undo=undo, progress=False
+        )
     assert not _adapters(model)
     assert all(isinstance(model.get_submodule(f"model.layers.{i}.mlp.up_proj"), nn.Linear) for i in range(3))
     after = model.state_dict()
@@ -83,7 +87,9 @@ class RecordReplacedAlive(MiLoRA):
 @pytest.mark.parametrize("undo", ["cpu", "reconstruct"])
 def test_replaced_layers_are_released_unless_kept_for_undo(undo):
     model = tiny_llama(layers=3)
-    originals = [weakref.ref(m) for n, m in model.named_modules() if n.startswith("model.layers.0.") and isinstance(m, nn.Linear)]
+    originals = [
+        weakref.ref(m) for n, m in model.named_modules() if n.startswith("model.layers.0.") and isinstance(m, nn.Linear)
+    ]
     method = RecordReplacedAlive(originals)
     ck.apply_blockwise(model, token_batches(128, n_batches=2), method, rank=4, undo=undo, progress=False)
     assert len(method.alive) == 7
@@ -93,8 +99,14 @@ def test_replaced_layers_are_released_unless_kept_for_undo(undo):
 def test_targets_outside_the_stack_are_refused():
     model = tiny_llama(layers=2)
     with pytest.raises(ValueError, match="inside model.layers only"):
-        ck.apply_blockwise(model, token_batches(128, n_batches=1), "corda", rank=2, target_modules=["lm_head", "q_proj"],
-                           progress=False)
+        ck.apply_blockwise(
+            model,
+            token_batches(128, n_batches=1),
+            "corda",
+            rank=2,
+            target_modules=["lm_head", "q_proj"],
+            progress=False,
+        )
     with pytest.raises(ValueError, match="empty"):
         ck.apply_blockwise(model, [], "corda", rank=2, progress=False)
     with pytest.raises(ValueError, match="undo must be"):

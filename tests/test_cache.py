@@ -10,7 +10,7 @@ import torch
 
 import corda_kernels as ck
 from corda_kernels.methods import CorDA
-from models import tiny_llama, token_batches
+from corda_kernels.testing import tiny_llama, token_batches
 
 
 @pytest.fixture
@@ -117,8 +117,9 @@ def test_damaged_entries_are_recomputed(setup, tmp_path, decomposed):
 
 def test_blockwise_uses_the_cache(setup, tmp_path, decomposed):
     model, batches, _ = setup
-    run = lambda: ck.apply_blockwise(copy.deepcopy(model), batches, "corda", rank=4, cache_dir=str(tmp_path),
-                                     progress=False)  # noqa: E731
+    run = lambda: ck.apply_blockwise(
+        copy.deepcopy(model), batches, "corda", rank=4, cache_dir=str(tmp_path), progress=False
+    )  # noqa: E731
     first = run()
     assert len(decomposed) == 14
     decomposed.clear()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels.calibrate import Calibration
-from models import tiny_bert, tiny_gpt2, tiny_llama, token_batches
+from corda_kernels.calibration import Calibration
+from corda_kernels.testing import tiny_bert, tiny_gpt2, tiny_llama, token_batches
 
 
 def _captured_inputs(model, batches, names):
@@ -13,8 +13,10 @@ def _captured_inputs(model, batches, names):
     seen = {n: [] for n in names}
     handles = []
     for n in names:
+
         def hook(mod, args, n=n):
             seen[n].append(args[0].detach().clone())
+
         handles.append(model.get_submodule(n).register_forward_pre_hook(hook))
     with torch.no_grad():
         for b in batches:
@@ -33,7 +35,17 @@ def test_shared_inputs_share_one_covariance():
         q, k, v = (cal.groups[p + f"self_attn.{x}_proj"] for x in "qkv")
         assert q == k == v
         assert cal.groups[p + "mlp.gate_proj"] == cal.groups[p + "mlp.up_proj"]
-        assert len({q, cal.groups[p + "self_attn.o_proj"], cal.groups[p + "mlp.gate_proj"], cal.groups[p + "mlp.down_proj"]}) == 4
+        assert (
+            len(
+                {
+                    q,
+                    cal.groups[p + "self_attn.o_proj"],
+                    cal.groups[p + "mlp.gate_proj"],
+                    cal.groups[p + "mlp.down_proj"],
+                }
+            )
+            == 4
+        )
     assert "lm_head" not in cal.groups
 
 
@@ -153,9 +165,15 @@ def test_bad_data_is_refused():
 
 def test_targets_by_regex_and_max_batches():
     model = tiny_llama()
-    cal = ck.calibrate(model, token_batches(128, n_batches=4), target_modules=r".*\.mlp\.(up|down)_proj",
-                       max_batches=2, progress=False)
-    assert sorted(n.split(".", 2)[2] for n in cal.groups) == ["0.mlp.down_proj", "0.mlp.up_proj", "1.mlp.down_proj", "1.mlp.up_proj"]
+    cal = ck.calibrate(
+        model, token_batches(128, n_batches=4), target_modules=r".*\.mlp\.(up|down)_proj", max_batches=2, progress=False
+    )
+    assert sorted(n.split(".", 2)[2] for n in cal.groups) == [
+        "0.mlp.down_proj",
+        "0.mlp.up_proj",
+        "1.mlp.down_proj",
+        "1.mlp.up_proj",
+    ]
     assert cal.batches == 2
 
 

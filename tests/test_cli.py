@@ -22,8 +22,26 @@ def smollm2_available():
 
 def test_init_main_job(tmp_path, smollm2_available, capsys):
     out = tmp_path / "run"
-    code = cli.main(["init", "--mode", "kpa", "--rank", "4", "--samples", "8", "--seq-len", "48", "--batch-size", "4",
-                     "--targets", r"model\.layers\.(0|29)\..*", "--out", str(out), "--no-progress"])
+    code = cli.main(
+        [
+            "init",
+            "--mode",
+            "kpa",
+            "--rank",
+            "4",
+            "--samples",
+            "8",
+            "--seq-len",
+            "48",
+            "--batch-size",
+            "4",
+            "--targets",
+            r"model\.layers\.(0|29)\..*",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads((out / "report.json").read_text())
@@ -31,8 +49,12 @@ def test_init_main_job(tmp_path, smollm2_available, capsys):
     assert len(report["energy"]["per_layer"]) == 14
     assert [s["name"] for s in report["stages"]] == ["load", "calibrate", "decompose", "export"]
     assert "output check" in printed and "peak RSS" in printed and "q_proj" in printed
-    for path in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "residual_model/config.json",
-                 "covariances/covariances.safetensors"]:
+    for path in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "residual_model/config.json",
+        "covariances/covariances.safetensors",
+    ]:
         assert (out / path).exists(), path
 
     # The written adapter on the written residual base reproduces the original model.
@@ -49,8 +71,24 @@ def test_init_main_job(tmp_path, smollm2_available, capsys):
 
 
 def test_report_command(tmp_path, smollm2_available, capsys):
-    code = cli.main(["report", "--samples", "4", "--seq-len", "32", "--eval-samples", "4", "--discard", "0,16",
-                     "--targets", r"model\.layers\.(3|4)\.mlp\..*", "--out", str(tmp_path), "--no-progress"])
+    code = cli.main(
+        [
+            "report",
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--eval-samples",
+            "4",
+            "--discard",
+            "0,16",
+            "--targets",
+            r"model\.layers\.(3|4)\.mlp\..*",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "| discarded r | SVD | ASVD | CO-SVD |" in printed
@@ -61,6 +99,8 @@ def test_report_command(tmp_path, smollm2_available, capsys):
 
 
 def test_bad_arguments(tmp_path, capsys):
-    code = cli.main(["init", "--calib", str(tmp_path / "missing.jsonl"), "--model", str(tmp_path), "--out", str(tmp_path)])
+    code = cli.main(
+        ["init", "--calib", str(tmp_path / "missing.jsonl"), "--model", str(tmp_path), "--out", str(tmp_path)]
+    )
     assert code == 2
     assert "error" in capsys.readouterr().err

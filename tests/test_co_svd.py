@@ -10,10 +10,11 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from svd_helpers import align_signs, with_spectrum
 from torch import nn
 
-from corda_kernels.ops.co_svd import co_svd, damp_covariance, svd_components
-from svd_helpers import align_signs, with_spectrum
+from corda_kernels.linalg import largest_singular_triplets, randomized_svd, smallest_singular_triplets
+from corda_kernels.linalg.co_svd import co_svd, damp_covariance
 
 peft_corda = pytest.importorskip("peft.tuners.lora.corda")
 from peft import LoraConfig  # noqa: E402
@@ -25,7 +26,9 @@ def peft_damp(C):
     covariance_matrix = C.float()
     damp = 0.01
     while True:
-        compensate = torch.diag(torch.ones(covariance_matrix.size(0)) * torch.mean(torch.diag(covariance_matrix)) * damp)
+        compensate = torch.diag(
+            torch.ones(covariance_matrix.size(0)) * torch.mean(torch.diag(covariance_matrix)) * damp
+        )
         fix_covariance_matrix = covariance_matrix + compensate
         cov_inv = torch.linalg.inv(fix_covariance_matrix)
         inv_error = torch.dist(fix_covariance_matrix @ cov_inv, torch.eye(covariance_matrix.size(0))).item()
@@ -40,8 +43,9 @@ def peft_corda_eigens(W, C, rank, method):
     linear.weight.data = W.clone()
     linear.covariance_matrix = C.clone()
     model = nn.Sequential(OrderedDict(proj=linear))
-    config = LoraConfig(r=rank, target_modules=["proj"], init_lora_weights="corda",
-                        corda_config=CordaConfig(corda_method=method))
+    config = LoraConfig(
+        r=rank, target_modules=["proj"], init_lora_weights="corda", corda_config=CordaConfig(corda_method=method)
+    )
     linear.eigens = peft_corda.collect_eigens_for_layer(linear, config)
     linear.corda_method, linear.rank = method, rank
     peft_corda.crop_corda_eigens(model, config)
@@ -61,8 +65,9 @@ def activation_covariance(n, tokens, seed=0, outliers=2, outlier_scale=30.0):
 def weight(out, inn, seed=0, decay=0.03):
     """A weight with a decaying, distinct spectrum."""
     k = min(out, inn)
-    return with_spectrum(out, inn, torch.exp(-decay * torch.arange(k, dtype=torch.float64)) + 0.05, seed=seed,
-                         dtype=torch.float32)
+    return with_spectrum(
+        out, inn, torch.exp(-decay * torch.arange(k, dtype=torch.float64)) + 0.05, seed=seed, dtype=torch.float32
+    )
 
 
 def nearly_singular_at_first_damp(n=40, seed=0, factor=1.0):
@@ -147,7 +152,9 @@ def test_still_singular_names_the_layer():
     lam[0] = -5.0  # needs damp > 5 / mean ≈ 5.6, i.e. 10 doublings of 0.01
     C = (Q * lam) @ Q.T
     C = (C + C.T) / 2
-    with pytest.raises(ValueError, match=r"damp_covariance \(layers\.3\.mlp\.down_proj\): .*still singular .* after 5 damp"):
+    with pytest.raises(
+        ValueError, match=r"damp_covariance \(layers\.3\.mlp\.down_proj\): .*still singular .* after 5 damp"
+    ):
         damp_covariance(C, max_increases=5, name="layers.3.mlp.down_proj")
     assert damp_covariance(C, max_increases=10).damp.item() == 0.01 * 2**10
 
@@ -214,7 +221,7 @@ def test_matches_peft(out, inn, mode, method):
     W = weight(out, inn, seed=out)
     C = activation_covariance(inn, 4 * inn, seed=inn)
     U0, S0, V0 = peft_corda_eigens(W, C, rank, peft_method)
-    res = co_svd(W, C, rank, mode=mode, method=method)
+    res = co_svd(W, C, rank, mode=mode, svd=method)
     assert res.damp.item() == peft_damp(C) == 0.01
     assert res.U.shape == (out, rank) and res.S.shape == (rank,) and res.V.shape == (inn, rank)
     assert res.U.dtype == res.S.dtype == res.V.dtype == torch.float32
@@ -231,10 +238,10 @@ def test_damp_agrees_with_peft_through_collect_eigens():
     W = weight(30, 40, seed=1)
     C = nearly_singular_at_first_damp()
     U0, S0, V0 = peft_corda_eigens(W, C, 5, "ipm")
-    res = co_svd(W, C, 5, method="exact")
+    res = co_svd(W, C, 5, svd="exact")
     assert res.damp.item() == 0.02
     torch.testing.assert_close(res.S, S0, rtol=1e-5, atol=0)
-    other = co_svd(W, C, 5, method="exact", damp=0.04)
+    other = co_svd(W, C, 5, svd="exact", damp=0.04)
     assert (other.S - S0).abs().max() > 1e-3 * S0.max()  # the comparison is sensitive to the damp
 
 
@@ -253,7 +260,7 @@ def oracle(W, C, rank, mode):
 def test_matches_fp64_oracle(mode, method):
     W, C = weight(120, 150, seed=2), activation_covariance(150, 600, seed=3)
     U0, S0, Vsvd0, damped = oracle(W, C, 7, mode)
-    res = co_svd(W, C, 7, mode=mode, method=method)
+    res = co_svd(W, C, 7, mode=mode, svd=method)
     torch.testing.assert_close(res.S.double(), S0, rtol=1e-5, atol=0)
     sign = align_signs(res.U.double(), U0)
     torch.testing.assert_close(res.U.double() * sign, U0, atol=1e-4, rtol=0)
@@ -278,10 +285,10 @@ def test_kpa_is_accurate_when_w_c_is_ill_conditioned():
 def test_shared_covariance_broadcasts_over_layers():
     W = torch.stack([weight(24, 32, seed=s) for s in range(3)])
     C = activation_covariance(32, 100)
-    res = co_svd(W, C, 4, method="exact")
+    res = co_svd(W, C, 4, svd="exact")
     assert res.U.shape == (3, 24, 4) and res.V.shape == (3, 32, 4) and res.damp.shape == (3,)
     for i in range(3):
-        one = co_svd(W[i], C, 4, method="exact")
+        one = co_svd(W[i], C, 4, svd="exact")
         torch.testing.assert_close(res.S[i], one.S, rtol=1e-6, atol=0)
         sign = align_signs(res.U[i], one.U)
         torch.testing.assert_close(res.V[i] * sign, one.V, rtol=0, atol=1e-5 * float(one.V.abs().max()))
@@ -305,7 +312,7 @@ def test_bf16_weight():
     "W,C,rank,kwargs,exc,match",
     [
         (torch.randn(8, 6), torch.eye(6), 2, {"mode": "ipm"}, ValueError, "PEFT's 'ipm' is 'ipa'"),
-        (torch.randn(8, 6), torch.eye(6), 2, {"mode": "kpa", "method": "randomized"}, ValueError, "method"),
+        (torch.randn(8, 6), torch.eye(6), 2, {"mode": "kpa", "svd": "randomized"}, ValueError, "svd for mode"),
         (torch.randn(8, 6), torch.eye(8), 2, {}, ValueError, r"in = W.shape\[-1\] = 6"),
         (torch.randn(2, 8, 6), torch.eye(6).expand(3, 6, 6), 2, {}, ValueError, "broadcast"),
         (torch.randn(8, 6), torch.eye(6).expand(2, 6, 6), 2, {}, ValueError, "broadcast"),
@@ -320,13 +327,14 @@ def test_co_svd_bad_input(W, C, rank, kwargs, exc, match):
 
 
 # ---------------------------------------------------------------------------------------------
-# svd_components (PiSSA / MiLoRA / SiVA)
+# The plain SVD triplets of PiSSA / MiLoRA / SiVA
 
 
 @pytest.mark.parametrize("mode,method", [("top", "randomized"), ("top", "exact"), ("bottom", "exact")])
-def test_svd_components(mode, method):
+def test_svd_triplets(mode, method):
     W = weight(150, 120, seed=7)
-    U, S, Vh = svd_components(W, 4, mode=mode, method=method)
+    solver = {"randomized": randomized_svd, "exact": largest_singular_triplets}[method] if mode == "top" else None
+    U, S, Vh = (solver or smallest_singular_triplets)(W, 4)
     U0, S0, Vh0 = torch.linalg.svd(W.double(), full_matrices=False)
     sl = slice(None, 4) if mode == "top" else slice(-4, None)
     torch.testing.assert_close(S.double(), S0[sl], rtol=1e-5, atol=0)
@@ -334,11 +342,13 @@ def test_svd_components(mode, method):
     torch.testing.assert_close(Vh.double() * sign.T, Vh0[sl], atol=1e-4, rtol=0)
 
 
-def test_svd_components_bad_mode():
-    with pytest.raises(ValueError, match="mode must be one of 'top', 'bottom'"):
-        svd_components(torch.randn(5, 4), 2, mode="middle")
-    with pytest.raises(ValueError, match="method for mode='bottom'"):
-        svd_components(torch.randn(5, 4), 2, mode="bottom", method="randomized")
+def test_co_svd_method_is_a_deprecated_alias_of_svd():
+    W, C = weight(24, 16, seed=1), activation_covariance(16, 64)
+    with pytest.warns(DeprecationWarning, match="svd="):
+        old = co_svd(W, C, 3, method="exact")
+    torch.testing.assert_close(old.S, co_svd(W, C, 3, svd="exact").S, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pass only svd=|pass svd= only"):
+        co_svd(W, C, 3, method="exact", svd="randomized")
 
 
 @pytest.mark.gpu
@@ -348,7 +358,7 @@ def test_gpu_llama_shapes_match_cpu(mode, cuda_device):
     X = torch.randn(8192, 4096, generator=torch.Generator().manual_seed(1))
     X[:, :4] *= 30
     C = X.T @ X / 8192
-    res = co_svd(W.to(cuda_device), C.to(cuda_device), 128, mode=mode, method="exact" if mode == "kpa" else None)
-    ref = co_svd(W[0], C, 128, mode=mode, method="exact")
+    res = co_svd(W.to(cuda_device), C.to(cuda_device), 128, mode=mode, svd="exact" if mode == "kpa" else None)
+    ref = co_svd(W[0], C, 128, mode=mode, svd="exact")
     torch.testing.assert_close(res.S[0].cpu(), ref.S, rtol=1e-4, atol=0)
     assert res.damp.tolist() == [ref.damp.item()] * 2

@@ -21,9 +21,11 @@ import torch.distributed as dist
 
 import corda_kernels as ck
 from corda_kernels import distributed
+from corda_kernels.calibration import sharding as calibration_sharding
+from corda_kernels.decomposition import sharding as decomposition_sharding
 from corda_kernels.integrations import hf
 from corda_kernels.methods.base import InitMethod, LayerInit
-from models import tiny_llama, token_batches
+from corda_kernels.testing import tiny_llama, token_batches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
@@ -43,22 +45,33 @@ class AllFields(InitMethod):
             sub = w[rows][:, cols]
             out.append(
                 LayerInit(
-                    A=sub[:rank].clone(), B=sub[:, :rank].clone(), scale=scale, subtract=False,
-                    diag=w.diagonal()[:rank].clone(), row_index=rows, col_index=cols, trainable=("diag",),
+                    A=sub[:rank].clone(),
+                    B=sub[:, :rank].clone(),
+                    scale=scale,
+                    subtract=False,
+                    diag=w.diagonal()[:rank].clone(),
+                    row_index=rows,
+                    col_index=cols,
+                    trainable=("diag",),
                     stats={"name": name, "norm": float(w.norm())},
                 )
-            )  # fmt: skip
+            )
         return out
 
 
 # -- shared between the workers and the single-process references ------------------------------
 def _calibration(cal):
-    return {"cov": cal.covariances, "groups": cal.groups, "counts": cal.token_counts, "batches": cal.batches,
-            "tokens": cal.meta["tokens"]}  # fmt: skip
+    return {
+        "cov": cal.covariances,
+        "groups": cal.groups,
+        "counts": cal.token_counts,
+        "batches": cal.batches,
+        "tokens": cal.meta["tokens"],
+    }
 
 
 def _decompositions(process_group):
-    from corda_kernels.decompose import decompose
+    from corda_kernels.decomposition import decompose
     from corda_kernels.methods import make_method
 
     model = tiny_llama()
@@ -67,11 +80,18 @@ def _decompositions(process_group):
     ranks, alphas = {n: 4 for n in targets}, {n: 8.0 for n in targets}
     options = {"pissa": {"svd": "exact"}, "corda-kpa": {"mode": "kpa"}, "corda-ipa": {"mode": "ipa", "svd": "exact"}}
     out = {}
-    methods = {"all-fields": AllFields(), "pissa": "pissa", "milora": "milora", "corda-kpa": "corda", "corda-ipa": "corda"}
+    methods = {
+        "all-fields": AllFields(),
+        "pissa": "pissa",
+        "milora": "milora",
+        "corda-kpa": "corda",
+        "corda-ipa": "corda",
+    }
     for label, method in methods.items():
         method = make_method(method, **options.get(label, {}))
-        inits = decompose(targets, method, ranks=ranks, alphas=alphas, covariances=cal, progress=False,
-                          process_group=process_group)  # fmt: skip
+        inits = decompose(
+            targets, method, ranks=ranks, alphas=alphas, covariances=cal, progress=False, process_group=process_group
+        )
         out[label] = {name: {f.name: getattr(init, f.name) for f in fields(init)} for name, init in inits.items()}
     return out
 
@@ -193,8 +213,11 @@ def scenario_fsdp1(rank, out_dir):
     model = wrap(_adapted_model(None), use_orig_params=True)
     losses = _train(model, slice(2 * rank, 2 * rank + 2))
     with FSDP.summon_full_params(model):
-        trainable = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
-                     for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+        trainable = {
+            n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
     return {"refused": refused, "losses": losses, "trainable": trainable}
 
 
@@ -236,14 +259,25 @@ def _launch(out_dir):
         for r in range(WORLD):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, f"rank{r}.pt"))
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
-               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "WORLD_SIZE": str(WORLD),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         if "lo" in {name for _, name in socket.if_nameindex()}:
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         logs = [open(os.path.join(out_dir, f"log{r}.txt"), "w+") for r in range(WORLD)]
         procs = [
-            subprocess.Popen([sys.executable, __file__, str(out_dir)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                             stdout=logs[r], stderr=subprocess.STDOUT, cwd=HERE)  # fmt: skip
+            subprocess.Popen(
+                [sys.executable, __file__, str(out_dir)],
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                stdout=logs[r],
+                stderr=subprocess.STDOUT,
+                cwd=HERE,
+            )
             for r in range(WORLD)
         ]
         deadline = time.time() + TIMEOUT_S
@@ -308,14 +342,14 @@ def test_single_process_helpers():
     data = list(range(8))
     loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=0))
     with pytest.raises(ValueError, match="shard='local'"):
-        distributed.shard_batches(loader, None, "stride", None)
+        calibration_sharding.shard_batches(loader, None, "stride", None)
     with pytest.raises(ValueError, match="shard must be one of"):
-        distributed.shard_batches(data, None, "rows", None)
+        calibration_sharding.shard_batches(data, None, "rows", None)
     costs = {f"l{i}": c for i, c in enumerate([9, 7, 7, 5, 4, 4, 4, 1])}
-    owners = distributed.assign_layers(costs, 3)
+    owners = decomposition_sharding.assign_layers(costs, 3)
     loads = [sum(c for n, c in costs.items() if owners[n] == r) for r in range(3)]
     assert max(loads) - min(loads) <= max(costs.values()) and sum(loads) == sum(costs.values())
-    assert distributed.assign_layers(costs, 3) == owners
+    assert decomposition_sharding.assign_layers(costs, 3) == owners
 
 
 def _assert_calibrations(got, expected, exact=False):

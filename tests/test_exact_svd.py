@@ -8,9 +8,9 @@ the same tolerances on the same matrices.
 
 import pytest
 import torch
-
-from corda_kernels.ops.exact_svd import smallest_singular_triplets
 from svd_helpers import align_signs, with_spectrum
+
+from corda_kernels.linalg.exact_svd import smallest_singular_triplets
 
 
 def log_spaced(k, kappa):

@@ -16,7 +16,7 @@ from corda_kernels.kernels.reference import lowrank_linear as reference
 from corda_kernels.ops import lowrank_linear as lr_ops
 from corda_kernels.ops.lowrank_linear import check_factors, delta_weight, dropout_mask, lowrank_linear
 
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = ["reference", "torch", "triton"]
 NAMES = ("x", "weight", "A", "B", "diag", "bias")
 FP32_RTOL = 2e-5
 SEED = 1234
@@ -31,7 +31,12 @@ MASKS = {
     "no-cols": (13, 0),
 }
 # (diag, bias, dropout)
-FEATURES = {"plain": (False, False, 0.0), "diag+bias": (True, True, 0.0), "diag+dropout": (True, False, 0.3), "bias+dropout": (False, True, 0.3)}
+FEATURES = {
+    "plain": (False, False, 0.0),
+    "diag+bias": (True, True, 0.0),
+    "diag+dropout": (True, False, 0.3),
+    "bias+dropout": (False, True, 0.3),
+}
 # which tensors require grad
 GRADS = {
     "all": set(NAMES),
@@ -168,7 +173,7 @@ def test_fp16_within_twice_plain_error(backend, force_backend):
         assert ours <= 2 * yardstick + 1e-5, f"{k}: {ours:.2e} vs plain fp16 {yardstick:.2e}"
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
 def test_gradcheck_fp64(backend, dropout, force_backend):
     """The hand-written backward formulas against finite differences (mask fixed by the seed)."""
@@ -283,16 +288,40 @@ def test_opcheck(backend, force_backend):
     tensors, index = make_inputs(shape=(2, 5), d_in=12, d_out=10, r=3, rows=6, cols=7, diag=True, bias=True)
     t = {k: v.float().requires_grad_(k in ("x", "A", "B", "diag")) for k, v in tensors.items()}
     seed = torch.tensor(11)
-    args = (t["x"], t["weight"], t["A"], t["B"], t["bias"], index["row_index"], index["col_index"], t["diag"], seed, 0.5, 0.25)
+    args = (
+        t["x"],
+        t["weight"],
+        t["A"],
+        t["B"],
+        t["bias"],
+        index["row_index"],
+        index["col_index"],
+        t["diag"],
+        seed,
+        0.5,
+        0.25,
+    )
     torch.library.opcheck(lr_ops._lowrank_linear_op, args)
     dense, _ = make_inputs(shape=(4,), d_in=12, d_out=10, r=3)
     d = {k: v.float() for k, v in dense.items() if v is not None}
-    args = (d["x"].requires_grad_(), d["weight"], d["A"], d["B"].requires_grad_(), None, None, None, None, None, 1.0, 0.0)
+    args = (
+        d["x"].requires_grad_(),
+        d["weight"],
+        d["A"],
+        d["B"].requires_grad_(),
+        None,
+        None,
+        None,
+        None,
+        None,
+        1.0,
+        0.0,
+    )
     torch.library.opcheck(lr_ops._lowrank_linear_op, args)
 
 
 def test_compile_fullgraph_aot_eager(force_backend):
-    force_backend("cpu")
+    force_backend("torch")
     tensors, index = make_inputs(shape=(2, 5), rows=13, cols=19, diag=True, bias=True)
     t = {k: v.float() for k, v in tensors.items()}
 
@@ -313,7 +342,15 @@ def test_compile_fullgraph_aot_eager(force_backend):
 
 def _bad_inputs():
     t, index = make_inputs(rows=3, cols=4, shape=(6,), d_in=8, d_out=7, r=2, diag=True, bias=True)
-    base = dict(x=t["x"].float(), weight=t["weight"].float(), A=t["A"].float(), B=t["B"].float(), diag=t["diag"].float(), bias=t["bias"].float(), **index)
+    base = dict(
+        x=t["x"].float(),
+        weight=t["weight"].float(),
+        A=t["A"].float(),
+        B=t["B"].float(),
+        diag=t["diag"].float(),
+        bias=t["bias"].float(),
+        **index,
+    )
 
     def case(exc, match, **changes):
         kw = dict(base)
@@ -338,7 +375,11 @@ def _bad_inputs():
         case(ValueError, r"weight must be 2-D", weight=torch.randn(7, 8, 1)),
         case(TypeError, r"x must be a float tensor", x=torch.ones(6, 8, dtype=torch.int64)),
         case(TypeError, r"A must be a float tensor", A=torch.ones(2, 4, dtype=torch.int32)),
-        case(TypeError, r"dtype mismatch: x is torch.float64 but weight is torch.float32", x=torch.randn(6, 8, dtype=torch.float64)),
+        case(
+            TypeError,
+            r"dtype mismatch: x is torch.float64 but weight is torch.float32",
+            x=torch.randn(6, 8, dtype=torch.float64),
+        ),
         case(TypeError, r"dtype mismatch: B is torch.float16 but weight is torch.float32", B=base["B"].half()),
         case(ValueError, r"device mismatch: x is on meta but weight is on cpu", x=torch.randn(6, 8, device="meta")),
         case(ValueError, r"device mismatch: diag is on meta", diag=torch.randn(2, device="meta")),

@@ -20,9 +20,14 @@ def factors(seed=0, *, rows=None, cols=None, dtype=torch.float32):
         return torch.randn(*s, generator=g).to(dtype)
 
     return dict(
-        weight=randn(D_OUT, D_IN), A=randn(R, n_cols), B=randn(n_rows, R), diag=randn(R), bias=randn(D_OUT),
-        row_index=None if rows is None else torch.tensor(rows), col_index=None if cols is None else torch.tensor(cols),
-    )  # fmt: skip
+        weight=randn(D_OUT, D_IN),
+        A=randn(R, n_cols),
+        B=randn(n_rows, R),
+        diag=randn(R),
+        bias=randn(D_OUT),
+        row_index=None if rows is None else torch.tensor(rows),
+        col_index=None if cols is None else torch.tensor(cols),
+    )
 
 
 ROWS, COLS = [0, 3, 4, 8, 10], [1, 2, 5, 7, 9, 12]
@@ -31,30 +36,56 @@ ROWS, COLS = [0, 3, 4, 8, 10], [1, 2, 5, 7, 9, 12]
 def make(seed=0, *, partial=True, trainable=("A", "B"), dropout=0.0, scale=0.5, dtype=torch.float32):
     f = factors(seed, rows=ROWS if partial else None, cols=COLS if partial else None, dtype=dtype)
     return LowRankLinear(
-        f["weight"], f["A"], f["B"], bias=f["bias"], scale=scale, diag=f["diag"], row_index=f["row_index"],
-        col_index=f["col_index"], trainable=trainable, dropout=dropout,
-    )  # fmt: skip
+        f["weight"],
+        f["A"],
+        f["B"],
+        bias=f["bias"],
+        scale=scale,
+        diag=f["diag"],
+        row_index=f["row_index"],
+        col_index=f["col_index"],
+        trainable=trainable,
+        dropout=dropout,
+    )
 
 
 def spec(layer, x, **override):
     """The reference spec with the layer's tensors (``override`` replaces some of them)."""
     t = {n: override.get(n, getattr(layer, n)) for n in ("weight", "A", "B", "bias", "diag", "row_index", "col_index")}
     return reference.lowrank_linear(
-        x, t["weight"], t["A"], t["B"], scale=layer.scale, bias=t["bias"], row_index=t["row_index"],
-        col_index=t["col_index"], diag=t["diag"],
-    )  # fmt: skip
+        x,
+        t["weight"],
+        t["A"],
+        t["B"],
+        scale=layer.scale,
+        bias=t["bias"],
+        row_index=t["row_index"],
+        col_index=t["col_index"],
+        diag=t["diag"],
+    )
 
 
 @pytest.mark.parametrize(
     "trainable,params",
-    [(("A", "B"), {"A", "B"}), (("B",), {"B"}), (("diag",), {"diag"}), ("B", {"B"}), ((), set()), (("A", "B", "diag"), {"A", "B", "diag"})],
+    [
+        (("A", "B"), {"A", "B"}),
+        (("B",), {"B"}),
+        (("diag",), {"diag"}),
+        ("B", {"B"}),
+        ((), set()),
+        (("A", "B", "diag"), {"A", "B", "diag"}),
+    ],
 )
 def test_parameters_and_buffers(trainable, params):
     layer = make(trainable=trainable)
     trainable_names = {n for n, p in layer.named_parameters() if p.requires_grad}
     assert trainable_names == params
     assert {n for n, _ in layer.named_parameters()} == params | {"weight", "bias"}
-    assert {n for n, _ in layer.named_buffers()} == ({"A", "B", "diag"} - params) | {"row_index", "col_index", "merged_state"}
+    assert {n for n, _ in layer.named_buffers()} == ({"A", "B", "diag"} - params) | {
+        "row_index",
+        "col_index",
+        "merged_state",
+    }
     assert set(layer.state_dict()) == {"weight", "bias", "A", "B", "diag", "row_index", "col_index", "merged_state"}
     assert (layer.in_features, layer.out_features, layer.rank) == (D_IN, D_OUT, R)
     x = torch.randn(2, 4, D_IN, requires_grad=True)
@@ -201,8 +232,18 @@ def test_half_conversion_keeps_indices():
 
 def test_extra_repr():
     text = repr(make(trainable=("diag",), dropout=0.1))
-    for part in ("in_features=13", "out_features=11", "rank=3", "scale=0.5", "rows=5/11", "cols=6/13", "diag=True",
-                 "trainable=('diag',)", "dropout=0.1", "merged=False"):  # fmt: skip
+    for part in (
+        "in_features=13",
+        "out_features=11",
+        "rank=3",
+        "scale=0.5",
+        "rows=5/11",
+        "cols=6/13",
+        "diag=True",
+        "trainable=('diag',)",
+        "dropout=0.1",
+        "merged=False",
+    ):
         assert part in text, part
 
 
@@ -228,7 +269,14 @@ def _two_layer_model():
     torch.manual_seed(0)
     first = make(seed=0, trainable=("B",))
     f = factors(seed=2)
-    second = LowRankLinear(f["weight"][:, :D_OUT].contiguous(), f["A"][:, :D_OUT].contiguous(), f["B"], diag=f["diag"], trainable=("diag",), dropout=0.3)
+    second = LowRankLinear(
+        f["weight"][:, :D_OUT].contiguous(),
+        f["A"][:, :D_OUT].contiguous(),
+        f["B"],
+        diag=f["diag"],
+        trainable=("diag",),
+        dropout=0.3,
+    )
     return nn.Sequential(first, nn.Tanh(), second)
 
 

@@ -11,7 +11,7 @@ import torch
 import corda_kernels as ck
 from corda_kernels import cli
 from corda_kernels.integrations import loading
-from models import tiny_llama, token_batches
+from corda_kernels.testing import tiny_llama, token_batches
 
 # Big enough that covariances, weights and decomposition dominate the runtime's noise.
 SHAPE = dict(hidden=1024, intermediate=2048, layers=3, heads=16, kv_heads=4, vocab=1000)
@@ -21,13 +21,12 @@ DATA = dict(n_batches=3, batch=4, seq=128)
 # memory), load the model, reset the peak RSS (/proc/self/clear_refs, Linux >= 4.0), run, report.
 # MALLOC_MMAP_THRESHOLD_ makes glibc return freed blocks to the OS, so RSS follows live bytes, what
 # the estimate counts (with the default settings it keeps freed blocks up to 32 MiB, RSS then runs
-# 20-46% above live bytes in block-wise runs: bench/RESULTS_blockwise.md).
+# 20-46% above live bytes in block-wise runs: bench/results/blockwise.md).
 CHILD = """
 import json, sys
 import torch
-sys.path.insert(0, {tests!r})
 import corda_kernels as ck
-from models import tiny_llama, token_batches
+from corda_kernels.testing import tiny_llama, token_batches
 
 def status(key):
     with open("/proc/self/status") as fh:
@@ -53,9 +52,11 @@ print(json.dumps({{"increase": status("VmHWM") - base}}))
 
 def _start(blockwise: bool) -> subprocess.Popen:
     """The child for one configuration, one thread (the two run side by side)."""
-    code = CHILD.format(tests=os.path.dirname(__file__), blockwise=blockwise, shape=SHAPE, vocab=SHAPE["vocab"], data=DATA)
+    code = CHILD.format(blockwise=blockwise, shape=SHAPE, vocab=SHAPE["vocab"], data=DATA)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def _increase(child: subprocess.Popen) -> int:
@@ -74,8 +75,14 @@ def test_estimate_matches_measured_peak_rss():
     children = {blockwise: _start(blockwise) for blockwise in (False, True)}
     estimates = {}
     for blockwise, child in children.items():
-        estimate = ck.estimate_memory(_meta_model(), batch_size=DATA["batch"], seq_len=DATA["seq"],
-                                      n_batches=DATA["n_batches"], rank=8, blockwise=blockwise)
+        estimate = ck.estimate_memory(
+            _meta_model(),
+            batch_size=DATA["batch"],
+            seq_len=DATA["seq"],
+            n_batches=DATA["n_batches"],
+            rank=8,
+            blockwise=blockwise,
+        )
         estimates[blockwise] = estimate.extra_bytes()
         measured = _increase(child)
         assert abs(estimates[blockwise] / measured - 1) <= 0.35, (blockwise, estimates[blockwise], measured)
@@ -98,8 +105,9 @@ def test_items_match_what_calibration_holds():
     # A GPU run planned from a meta model: offloaded covariances are host memory, the rest device memory.
     with torch.device("meta"):
         meta = tiny_llama(layers=2)
-    gpu = ck.estimate_memory(meta, batch_size=2, seq_len=12, n_batches=2, offload="cpu", device="cuda:0",
-                             max_batch_bytes=1 << 30)
+    gpu = ck.estimate_memory(
+        meta, batch_size=2, seq_len=12, n_batches=2, covariance_device="cpu", device="cuda:0", max_batch_bytes=1 << 30
+    )
     assert gpu.locations == ["cuda:0", "cpu"]
     assert gpu.phases["decompose"][("covariances", "cpu")] == full.nbytes
     assert gpu.phases["calibrate"][("covariances", "cuda:0")] == full.nbytes

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from models import tiny_llama, token_batches
 
 from corda_kernels.adapt import apply
 from corda_kernels.methods import METHODS, PartialLoRA
 from corda_kernels.methods.parameters import trainable_parameter_report
 from corda_kernels.nn import LowRankLinear
+from corda_kernels.testing import tiny_llama, token_batches
 
 RANK = 4
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -141,7 +141,9 @@ def test_siva_residual_and_smallest_values(case, original, adapted):
         delta = layer.scale * layer.B @ torch.diag(layer.diag) @ layer.A
         torch.testing.assert_close(layer.weight + delta, W, atol=1e-5, rtol=0)
         smallest = torch.linalg.svdvals(W.double())[-k:]
-        torch.testing.assert_close((layer.scale * layer.diag).double().sort().values, smallest.sort().values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            (layer.scale * layer.diag).double().sort().values, smallest.sort().values, atol=1e-5, rtol=0
+        )
         torch.testing.assert_close(layer.A @ layer.A.T, torch.eye(k), atol=1e-5, rtol=0)
 
 
@@ -235,7 +237,9 @@ def test_partial_lora_snip():
     batches = token_batches(128, n_batches=1)
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
     method = PartialLoRA(batches, score="snip", margin=0.5)
-    method.prepare(model, {n: model.get_submodule(n) for n in ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj")})
+    method.prepare(
+        model, {n: model.get_submodule(n) for n in ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj")}
+    )
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
     assert all(p.grad is None for p in model.parameters())
     assert all(0 < r < 0.5 for r in method.ratios.values())  # half the |W·g| mass sits in < half the entries

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from models import tiny_llama, token_batches
+from corda_kernels.testing import tiny_llama, token_batches
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -86,7 +86,9 @@ def _compare(ours, theirs, cal, top, use_cov=True):
             ours_error, peft_error = (mine - truth).norm(), (theirs_i - truth).norm()
             # Flash-attention rule: at most 2x the error of the same-precision peer (+ fp32 noise);
             # then |ours - PEFT| <= 3x PEFT's own error, i.e. we agree with PEFT as far as PEFT is exact.
-            assert ours_error <= 2 * peft_error + 1e-5 * scale, f"{name} component {i}: {ours_error:.2e} vs PEFT {peft_error:.2e}"
+            assert ours_error <= 2 * peft_error + 1e-5 * scale, (
+                f"{name} component {i}: {ours_error:.2e} vs PEFT {peft_error:.2e}"
+            )
             assert peft_error <= 1e-2 * scale, f"{name} component {i}: the comparison would be vacuous"
             checked += 1
     assert checked >= len(cal.groups) * RANK // 2, f"only {checked} components had distinct singular values"
@@ -103,7 +105,9 @@ def model_weight(peft_model, name):
 def test_corda_matches_peft(setup, tmp_path, mode, peft_method):
     model, batches, cal = setup
     theirs = _peft_model(model, cal, "corda", tmp_path, peft_method)
-    ours = ck.apply(copy.deepcopy(model), "corda", mode=mode, svd="exact", rank=RANK, alpha=ALPHA, covariances=cal, progress=False)
+    ours = ck.apply(
+        copy.deepcopy(model), "corda", mode=mode, svd="exact", rank=RANK, alpha=ALPHA, covariances=cal, progress=False
+    )
     _compare(ours, theirs, cal, top=mode == "ipa")
     ids = batches[0]["input_ids"]
     with torch.no_grad():
@@ -114,7 +118,9 @@ def test_corda_matches_peft(setup, tmp_path, mode, peft_method):
 
 def test_corda_randomized_ipa_matches_exact(setup):
     model, _, cal = setup
-    exact = ck.apply(copy.deepcopy(model), "corda", mode="ipa", svd="exact", rank=RANK, alpha=ALPHA, covariances=cal, progress=False)
+    exact = ck.apply(
+        copy.deepcopy(model), "corda", mode="ipa", svd="exact", rank=RANK, alpha=ALPHA, covariances=cal, progress=False
+    )
     fast = ck.apply(copy.deepcopy(model), "corda", mode="ipa", rank=RANK, alpha=ALPHA, covariances=cal, progress=False)
     for name in cal.groups:
         # Captured energy of W·C_d (the CO-SVD objective) within 1e-4 of the exact top-r, even on
@@ -127,7 +133,15 @@ def test_corda_randomized_ipa_matches_exact(setup):
 def test_pissa_matches_peft(setup, tmp_path):
     model, batches, cal = setup
     theirs = _peft_model(model, cal, "pissa", tmp_path)
-    ours = ck.apply(copy.deepcopy(model), "pissa", svd="exact", rank=RANK, alpha=ALPHA, target_modules=sorted(cal.groups), progress=False)
+    ours = ck.apply(
+        copy.deepcopy(model),
+        "pissa",
+        svd="exact",
+        rank=RANK,
+        alpha=ALPHA,
+        target_modules=sorted(cal.groups),
+        progress=False,
+    )
     _compare(ours, theirs, cal, top=True, use_cov=False)
 
 
@@ -142,6 +156,8 @@ def test_default_normalization_differs_from_peft_only_in_the_factor_split(setup,
     name = sorted(ours_peft.groups)[0]
     ratio = ours_peft.covariance(name) / ours_mean.covariance(name)
     assert ratio.std() / ratio.mean() > 1e-3 or ratio.mean() != pytest.approx(1.0)
-    a = ck.apply(copy.deepcopy(model), "corda", svd="exact", rank=RANK, alpha=ALPHA, covariances=ours_peft, progress=False)
+    a = ck.apply(
+        copy.deepcopy(model), "corda", svd="exact", rank=RANK, alpha=ALPHA, covariances=ours_peft, progress=False
+    )
     theirs = _peft_model(model, ours_peft, "corda", tmp_path, "ipm")
     _compare(a, theirs, ours_peft, top=True)

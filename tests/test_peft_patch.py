@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from models import tiny_gpt2, tiny_llama, token_batches
 
 from corda_kernels.integrations import peft_patch
 from corda_kernels.integrations.peft_patch import is_patched, patch_peft, unpatch_peft
 from corda_kernels.ops.lowrank_linear import dropout_mask
+from corda_kernels.testing import tiny_gpt2, tiny_llama, token_batches
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

@@ -7,9 +7,9 @@ index, a lost transpose or a swapped U/V shows up as an O(1) error.
 
 import pytest
 import torch
-
-from corda_kernels.ops.randomized_svd import default_oversample, randomized_svd
 from svd_helpers import align_signs, with_spectrum
+
+from corda_kernels.linalg.randomized_svd import default_oversample, randomized_svd
 
 
 def geometric(m, n, batch=(), seed=0, ratio=0.6, dtype=torch.float64):
@@ -26,8 +26,12 @@ def assert_matches_svd(A, U, S, Vh, rank, rtol):
     torch.testing.assert_close(U.double() * sign, U0, atol=rtol * 10, rtol=0)
     torch.testing.assert_close(Vh.double() * sign.mT, Vh0, atol=rtol * 10, rtol=0)
     # The product is sign-free.
-    torch.testing.assert_close((U.double() * S.double()[..., None, :]) @ Vh.double(), (U0 * S0[..., None, :]) @ Vh0,
-                               atol=rtol * 10 * float(scale.max()), rtol=0)
+    torch.testing.assert_close(
+        (U.double() * S.double()[..., None, :]) @ Vh.double(),
+        (U0 * S0[..., None, :]) @ Vh0,
+        atol=rtol * 10 * float(scale.max()),
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -170,8 +174,11 @@ def test_non_finite_input_names_the_matrix():
     A = torch.randn(3, 4, 6, 5)
     A[2, 1, 0, 3] = float("nan")
     A[0, 3, 1, 1] = float("inf")
-    with pytest.raises(FloatingPointError, match=r"A of shape \(3, 4, 6, 5\) holds NaN or Inf in 2 of 12 matrices "
-                                                 r"\(first at batch index \(0, 3\)\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"A of shape \(3, 4, 6, 5\) holds NaN or Inf in 2 of 12 matrices "
+        r"\(first at batch index \(0, 3\)\)",
+    ):
         randomized_svd(A, 2)
     with pytest.raises(FloatingPointError, match="holds NaN or Inf"):
         randomized_svd(A[2, 1], 2)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels.checkpoint import MANIFEST, CheckpointMismatch
-from models import tiny_llama, token_batches
+from corda_kernels.calibration.checkpoint import MANIFEST, CheckpointMismatch
+from corda_kernels.testing import tiny_llama, token_batches
 
 HERE = os.path.dirname(__file__)
 
@@ -72,9 +72,8 @@ def test_foreign_or_damaged_checkpoints_are_refused(tmp_path):
 WORKER = textwrap.dedent(
     """
     import sys, time
-    sys.path.insert(0, {here!r})
     import torch, corda_kernels as ck
-    from models import tiny_llama, token_batches
+    from corda_kernels.testing import tiny_llama, token_batches
 
     def slow(batches):
         for b in batches:
@@ -91,7 +90,7 @@ WORKER = textwrap.dedent(
 
 def test_killed_process_resumes(tmp_path):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(here=HERE))
+    script.write_text(WORKER.format())
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(out)])
     deadline = time.time() + 120

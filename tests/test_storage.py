@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels import storage
-from corda_kernels.calibrate import Calibration
+from corda_kernels.calibration import Calibration, storage
 from corda_kernels.methods import CorDA
-from models import tiny_llama, token_batches
+from corda_kernels.testing import tiny_llama, token_batches
 
 
 @pytest.mark.parametrize("d", [1, 2, 7, 513, 1100])
@@ -35,16 +34,16 @@ def setup():
     return model, batches
 
 
-@pytest.mark.parametrize("storage_, offload", [("packed", None), ("full", "cpu"), ("packed", "cpu")])
-def test_same_adapters_as_default_storage(setup, storage_, offload, monkeypatch):
+@pytest.mark.parametrize("storage_, covariance_device", [("packed", None), ("full", "cpu"), ("packed", "cpu")])
+def test_same_adapters_as_default_storage(setup, storage_, covariance_device, monkeypatch):
     model, batches = setup
     full = ck.calibrate(model, batches, progress=False)
-    other = ck.calibrate(model, batches, progress=False, storage=storage_, offload=offload)
+    other = ck.calibrate(model, batches, progress=False, storage=storage_, covariance_device=covariance_device)
     assert other.storage == storage_ and other.groups == full.groups
     for name in full.groups:
         assert torch.equal(other.covariance(name), full.covariance(name))
         assert other.covariance(name).device.type == "cpu"
-    if offload == "cpu" and torch.cuda.is_available():
+    if covariance_device == "cpu" and torch.cuda.is_available():
         assert all(c.is_pinned() for c in other.covariances.values())
 
     # Each shared covariance is stacked (and damped) once per chunk even though unpacking makes new tensors.
@@ -86,5 +85,5 @@ def test_bad_options():
     model = tiny_llama(layers=1)
     with pytest.raises(ValueError, match="storage must be one of"):
         ck.calibrate(model, token_batches(128, n_batches=1), storage="triangle", progress=False)
-    with pytest.raises(ValueError, match="offload must be None or 'cpu'"):
-        ck.calibrate(model, token_batches(128, n_batches=1), offload="disk", progress=False)
+    with pytest.raises(ValueError, match="covariance_device must be None or .cpu."):
+        ck.calibrate(model, token_batches(128, n_batches=1), covariance_device="disk", progress=False)

@@ -3,14 +3,14 @@ parameter counts, and the trained adapter exports to PEFT with the same logits."
 
 import pytest
 import torch
-from models import tiny_llama, token_batches
 from transformers import LlamaForCausalLM
 
 from corda_kernels.adapt import apply
-from corda_kernels.calibrate import calibrate
+from corda_kernels.calibration import calibrate
 from corda_kernels.export import save_peft_adapter, save_residual_model
 from corda_kernels.methods.parameters import trainable_parameter_report
 from corda_kernels.nn import LowRankLinear
+from corda_kernels.testing import tiny_llama, token_batches
 
 RANK = 4
 STEPS = 6

@@ -54,16 +54,23 @@ class _Recorder:
 def record() -> list:
     """``(case, kernel, args, kwargs)`` of every launch the launchers make with their CUDA
     configuration; recorded, not executed. ``case``: ``(op, dtype name, aligned)``."""
-    from corda_kernels.kernels import covariance_triton as ct
-    from corda_kernels.kernels import lowrank_triton as lt
+    from corda_kernels.kernels.triton import covariance as ct
+    from corda_kernels.kernels.triton import lowrank_linear as lt
 
     launches: list = []
     case = [None]
-    patches = [mock.patch.object(ct, "launch_config", lambda d, n, dtype, device: ct.gpu_config(d, n, dtype, H100_SMS)),
-               mock.patch.object(lt, "launch_config", lambda dtype, r, device: lt.gpu_config(dtype, r)),
-               mock.patch.object(lt, "_sm_count", lambda device: H100_SMS)]  # fmt: skip
-    for module, name in [(ct, "_covariance_kernel"), (lt, "_project_kernel"), (lt, "_fused_gemm_kernel"),
-                         (lt, "_fused_gemm_tuned"), (lt, "_gram_kernel")]:  # fmt: skip
+    patches = [
+        mock.patch.object(ct, "launch_config", lambda d, n, dtype, device: ct.gpu_config(d, n, dtype, H100_SMS)),
+        mock.patch.object(lt, "launch_config", lambda dtype, r, device: lt.gpu_config(dtype, r)),
+        mock.patch.object(lt, "sm_count", lambda device: H100_SMS),
+    ]
+    for module, name in [
+        (ct, "_covariance_kernel"),
+        (lt, "_project_kernel"),
+        (lt, "_fused_gemm_kernel"),
+        (lt, "_fused_gemm_tuned"),
+        (lt, "_gram_kernel"),
+    ]:
         patches.append(mock.patch.object(module, name, _Recorder(getattr(module, name), launches, case)))
     for patch in patches:
         patch.start()
@@ -102,8 +109,21 @@ def _lowrank_launches(lt, case):
         seed = torch.zeros((), dtype=torch.int64) if dropout else None
         b = torch.zeros(out_f, dtype=dtype) if bias else None
         lt.forward(x, weight, A, B, b, row_index, col_index, None, seed, dropout, 1.0)
-        lt.backward(torch.zeros(n, out_f, dtype=dtype), x, weight, A, B, None, torch.zeros(n, r), row_index, col_index,
-                    seed, dropout, 1.0, (True, False, True, True, False, False))  # fmt: skip
+        lt.backward(
+            torch.zeros(n, out_f, dtype=dtype),
+            x,
+            weight,
+            A,
+            B,
+            None,
+            torch.zeros(n, r),
+            row_index,
+            col_index,
+            seed,
+            dropout,
+            1.0,
+            (True, False, True, True, False, False),
+        )
 
 
 def _compile_inputs(kernel, args, kwargs, backend):
@@ -151,25 +171,44 @@ def compile_all(target: str, shard: int = 0, shards: int = 1) -> dict:
     launches = record()
     specs: dict = {}
     for case, kernel, args, kwargs in launches:
-        for kernel_fn, candidate, signature, constexprs, attrs, options in _compile_inputs(kernel, args, kwargs, backend):
+        for kernel_fn, candidate, signature, constexprs, attrs, options in _compile_inputs(
+            kernel, args, kwargs, backend
+        ):
             key = (kernel_fn.__name__, repr(signature), repr(constexprs), repr(attrs), repr(options))
-            spec = specs.setdefault(key, {"fn": kernel_fn, "inputs": (signature, constexprs, attrs, options), "uses": []})
+            spec = specs.setdefault(
+                key, {"fn": kernel_fn, "inputs": (signature, constexprs, attrs, options), "uses": []}
+            )
             launch_flags = {k: v for k, v in kwargs.items() if k.startswith(FLAGS)}
             spec["uses"].append([list(case), _kernel_name(kernel), json.dumps(launch_flags, sort_keys=True), candidate])
     results = []
     for key in sorted(specs)[shard::shards]:
         spec = specs[key]
         signature, constexprs, attrs, options = spec["inputs"]
-        compiled = triton.compile(ASTSource(spec["fn"], signature, constexprs, attrs), target=gpu, options=options.__dict__)
+        compiled = triton.compile(
+            ASTSource(spec["fn"], signature, constexprs, attrs), target=gpu, options=options.__dict__
+        )
         if not compiled.asm.get("cubin"):
             raise RuntimeError(f"{spec['fn'].__name__}: no cubin for {target}")
-        results.append({"kernel": spec["fn"].__name__, "shared": compiled.metadata.shared, "smem_limit": smem_limit,
-                        "stack": _stack_bytes(compiled.asm["cubin"]), "uses": spec["uses"],
-                        "options": {"num_warps": options.num_warps, "num_stages": options.num_stages},
-                        "constexprs": {spec["fn"].arg_names[k[0]]: v for k, v in constexprs.items()
-                                       if spec["fn"].arg_names[k[0]].startswith(FLAGS)}})  # fmt: skip
-    return {"kernels": sorted({_kernel_name(k) for _, k, _, _ in launches}),
-            "atomic": sorted({kw["ATOMIC"] for _, _, _, kw in launches if "ATOMIC" in kw}), "results": results}  # fmt: skip
+        results.append(
+            {
+                "kernel": spec["fn"].__name__,
+                "shared": compiled.metadata.shared,
+                "smem_limit": smem_limit,
+                "stack": _stack_bytes(compiled.asm["cubin"]),
+                "uses": spec["uses"],
+                "options": {"num_warps": options.num_warps, "num_stages": options.num_stages},
+                "constexprs": {
+                    spec["fn"].arg_names[k[0]]: v
+                    for k, v in constexprs.items()
+                    if spec["fn"].arg_names[k[0]].startswith(FLAGS)
+                },
+            }
+        )
+    return {
+        "kernels": sorted({_kernel_name(k) for _, k, _, _ in launches}),
+        "atomic": sorted({kw["ATOMIC"] for _, _, _, kw in launches if "ATOMIC" in kw}),
+        "results": results,
+    }
 
 
 def _kernel_name(kernel) -> str:
@@ -182,8 +221,16 @@ def test_every_launch_compiles_for_the_gpu(target):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     shards = min(4, os.cpu_count() or 1)
-    procs = [subprocess.Popen([sys.executable, __file__, target, str(i), str(shards)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(shards)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, target, str(i), str(shards)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(shards)
+    ]
     found = []
     for proc in procs:
         out, err = proc.communicate(timeout=1800)
@@ -212,8 +259,12 @@ def test_every_launch_compiles_for_the_gpu(target):
             if kernel == "_fused_gemm_kernel" and candidate is not None and case[2] and case[1] != str(torch.float32):
                 key = (case[1], flags)
                 best[key] = min(best.get(key, r["stack"]), r["stack"])
-    assert best and not {k: v for k, v in best.items() if v}, f"fused GEMM launches with every candidate spilling: {best}"
-    skinny = [r for r in results if r["kernel"] in ("_project_kernel", "_gram_kernel") and aligned_16bit(r) and r["stack"]]
+    assert best and not {k: v for k, v in best.items() if v}, (
+        f"fused GEMM launches with every candidate spilling: {best}"
+    )
+    skinny = [
+        r for r in results if r["kernel"] in ("_project_kernel", "_gram_kernel") and aligned_16bit(r) and r["stack"]
+    ]
     assert not skinny, f"16-bit skinny kernels spill registers on {target}: {skinny}"
 
 

@@ -16,13 +16,14 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._dtypes import ACTIVATION_DTYPES
+
 try:  # transformers' GPT-2 style linear layer, stored (in_features, out_features)
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover - transformers is a dependency, but keep the ops usable without it
     Conv1D = ()  # type: ignore[assignment]
 
 TargetSpec = Optional[Union[str, Sequence[str]]]
-FLOAT_WEIGHTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -94,7 +95,9 @@ def _nothing_matched(model: nn.Module, spec: TargetSpec, linears: dict[str, nn.M
         )
     leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
     keys = [spec] if isinstance(spec, str) else list(spec)
-    close = list(dict.fromkeys(c for k in keys for c in difflib.get_close_matches(k.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)))
+    close = list(
+        dict.fromkeys(c for k in keys for c in difflib.get_close_matches(k.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5))
+    )
     hint = f"; close names: {close}" if close else f"; linear layer names end in: {leaves[:12]}"
     return f"target_modules={spec!r} matched no nn.Linear/Conv1D in {type(model).__name__}{hint}"
 
@@ -102,7 +105,7 @@ def _nothing_matched(model: nn.Module, spec: TargetSpec, linears: dict[str, nn.M
 def check_adaptable(name: str, module: nn.Module) -> None:
     """Refuse weights we cannot decompose (quantized or integer storage) with a clear message."""
     weight = getattr(module, "weight", None)
-    if weight is None or weight.dtype not in FLOAT_WEIGHTS:
+    if weight is None or weight.dtype not in ACTIVATION_DTYPES:
         kind = type(weight).__name__ if weight is not None else "no weight"
         dtype = getattr(weight, "dtype", None)
         raise TypeError(

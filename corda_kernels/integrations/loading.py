@@ -77,7 +77,9 @@ def load_texts(spec: str) -> list[str]:
                     try:
                         texts.append(json.loads(line)["text"])
                     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                        raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' field ({exc})") from None
+                        raise ValueError(
+                            f"{path}:{number}: expected a JSON object with a 'text' field ({exc})"
+                        ) from None
         else:
             texts = [p.strip() for p in fh.read().split("\n\n")]
     texts = [t for t in texts if t.strip()]
@@ -92,6 +94,8 @@ def token_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int) ->
         raise ValueError(f"seq_len must be >= 2 and batch_size >= 1 (got {seq_len}, {batch_size})")
     tokenizer.padding_side = "right"
     return [
-        dict(tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=seq_len))
+        dict(
+            tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
+        )
         for i in range(0, len(texts), batch_size)
     ]

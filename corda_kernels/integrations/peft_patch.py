@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._dtypes import ACTIVATION_DTYPES
 from ..ops.lowrank_linear import lowrank_linear
 from . import hf
 
@@ -52,23 +53,32 @@ def _refusal(name: str, layer: nn.Module) -> str:
     """Why ``layer`` cannot run fused (empty string when it can)."""
     active = list(layer.active_adapters)
     if len(active) != 1:
-        return f"layer {name} has {len(active)} active adapters {active}; patch_peft runs exactly one (model.set_adapter(name))"
+        return (
+            f"layer {name} has {len(active)} active adapters {active}; "
+            "patch_peft runs exactly one (model.set_adapter(name))"
+        )
     adapter = active[0]
     if adapter not in layer.lora_A:
         return f"layer {name} has no LoRA weights for its active adapter {adapter!r}"
     variant = layer.lora_variant.get(adapter)
     if variant is not None or layer.use_dora.get(adapter, False):
         kind = type(variant).__name__ if variant is not None else "DoRA"
-        return f"layer {name} uses a LoRA variant ({kind}) for adapter {adapter!r}; patch_peft runs plain LoRA only (no DoRA)"
+        return (
+            f"layer {name} uses a LoRA variant ({kind}) for adapter {adapter!r}; "
+            "patch_peft runs plain LoRA only (no DoRA)"
+        )
     if layer.lora_bias.get(adapter, False):
         return f"layer {name} has lora_bias=True for adapter {adapter!r}; the fused op has no adapter bias"
     base = layer.base_layer
     if not hf.is_linear_like(base):
         return f"layer {name}'s base layer is a {type(base).__name__}, not an nn.Linear / Conv1D (quantized or wrapped)"
-    if base.weight.dtype not in hf.FLOAT_WEIGHTS:
+    if base.weight.dtype not in ACTIVATION_DTYPES:
         return f"layer {name}'s base weight has dtype {base.weight.dtype}; the fused op needs fp32/fp16/bf16"
     if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
-        return f"layer {name}'s lora_dropout is a {type(layer.lora_dropout[adapter]).__name__}, not nn.Dropout / nn.Identity"
+        return (
+            f"layer {name}'s lora_dropout is a {type(layer.lora_dropout[adapter]).__name__}, "
+            "not nn.Dropout / nn.Identity"
+        )
     return ""
 
 
@@ -108,7 +118,9 @@ def patch_peft(peft_model: nn.Module) -> list[str]:
     linear_cls = _lora_linear_class()
     layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, linear_cls)}
     if not layers:
-        raise ValueError(f"{type(peft_model).__name__} has no PEFT LoRA Linear layers to patch (is it a LoRA PeftModel?)")
+        raise ValueError(
+            f"{type(peft_model).__name__} has no PEFT LoRA Linear layers to patch (is it a LoRA PeftModel?)"
+        )
     for name, layer in layers.items():
         reason = _refusal(name, layer)
         if reason:

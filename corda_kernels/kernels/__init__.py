@@ -1,3 +1,7 @@
-"""Per-device kernels: Triton (``*_triton.py``), torch compositions for CPU (``*_cpu.py``), the
-compiled extension (``corda_kernels._C`` from ``csrc/``) and the pure-torch ``reference`` package.
-Nothing here validates input; the public ops in :mod:`corda_kernels.ops` do."""
+"""Per-device kernels, none of which validates input (the public ops in :mod:`corda_kernels.ops` do):
+
+- ``reference/``: pure torch, the specification of every op and the fallback on any device;
+- ``torch/``: tuned torch compositions (the CPU path; they run on any device);
+- ``triton/``: Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``);
+- ``cuda.py``: glue to the compiled extension ``corda_kernels._C`` (cuBLAS, from ``csrc/``).
+"""

@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ops.exact_svd import smallest_singular_triplets
-from ..ops.randomized_svd import randomized_svd
+from ..linalg.exact_svd import smallest_singular_triplets
+from ..linalg.randomized_svd import randomized_svd
 from .base import InitMethod, LayerCovariances, LayerInit, component_inits, layer_seed
 
 

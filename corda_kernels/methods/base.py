@@ -2,7 +2,7 @@
 
 A method sees a *batch* of same-shape layers at once (weights stacked ``(L, out, in)`` in fp32 on
 their device, and their input covariances when it needs them) and returns one :class:`LayerInit`
-per layer. The engine in :mod:`corda_kernels.decompose` does the batching, memory bounds and
+per layer. The engine in :mod:`corda_kernels.decomposition` does the batching, memory bounds and
 progress; the adapter module swap happens in :mod:`corda_kernels.adapt`.
 """
 
@@ -58,7 +58,7 @@ class InitMethod(ABC):
     needs_covariance: ClassVar[bool] = False
     subtracts: ClassVar[bool] = True
 
-    def prepare(self, model, targets) -> None:
+    def prepare(self, model, targets) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """Model-level work before decomposition (e.g. Partial-LoRA's few-shot sparsity ratios).
 
         ``targets``: name -> module of the layers to adapt. Default: nothing.

@@ -19,12 +19,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ops.co_svd import co_svd
+from ..linalg.co_svd import MODES, co_svd
 from .base import InitMethod, LayerCovariances, LayerInit, component_inits, layer_seed
 
-MODES = ("ipa", "kpa")
 # Accepted spellings: the paper's IPA/KPA and PEFT's "ipm"/"kpm".
-_ALIASES = {"ipa": "ipa", "ipm": "ipa", "kpa": "kpa", "kpm": "kpa"}
+_ALIASES = {**{mode: mode for mode in MODES}, "ipm": "ipa", "kpm": "kpa"}
 
 
 class CorDA(InitMethod):
@@ -33,7 +32,9 @@ class CorDA(InitMethod):
 
     def __init__(self, mode: str = "ipa", damp: float = 0.01, svd: str = "randomized"):
         if mode not in _ALIASES:
-            raise ValueError(f"CorDA mode must be 'ipa' (instruction-previewed) or 'kpa' (knowledge-preserved), got {mode!r}")
+            raise ValueError(
+                f"CorDA mode must be 'ipa' (instruction-previewed) or 'kpa' (knowledge-preserved), got {mode!r}"
+            )
         self.mode = _ALIASES[mode]
         self.damp = damp
         self.svd = svd
@@ -52,8 +53,17 @@ class CorDA(InitMethod):
     ) -> list[LayerInit]:
         if covariances is None:
             raise ValueError(f"CorDA needs the input covariance of {names[0]}: pass covariances=calibrate(model, ...)")
-        method = self.svd if self.mode == "ipa" else "exact"
+        solver = self.svd if self.mode == "ipa" else "exact"
         seeds = [layer_seed(seed, n) for n in names]
-        result = co_svd(weights, covariances.unique, rank, mode=self.mode, damp=self.damp, seed=seeds, method=method,
-                        cov_index=covariances.index, name=names[0])
+        result = co_svd(
+            weights,
+            covariances.unique,
+            rank,
+            mode=self.mode,
+            damp=self.damp,
+            seed=seeds,
+            svd=solver,
+            cov_index=covariances.index,
+            name=names[0],
+        )
         return component_inits(result.U, result.S, result.V.mT, scale, result.energy, damp=result.damp.tolist())

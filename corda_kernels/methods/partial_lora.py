@@ -5,7 +5,8 @@ a per-layer ratio derived from a few-shot subset of the task. Only the kept rows
 columns of ``A`` exist (``row_index`` / ``col_index``, compact factors), so a layer trains
 ``kept_rows·r + r·kept_cols`` numbers instead of dense LoRA's ``(out + in)·r``.
 
-No code is public; this is our reading of the reviews and author answers (paper 003):
+No code is public; this is our reading of the reviews and author answers (paper 003). The ratio
+search lives in :mod:`corda_kernels.methods.partial_lora_ratios`:
 
 - **Ratio, SVD-based (default, forward-only).** Each target layer is treated alone (q, k, v
   separately; the other layers intact). With ``W = U·diag(S)·Vᵀ`` and ``m = min(out, in)``, the
@@ -50,6 +51,7 @@ import torch
 from torch import nn
 
 from ..integrations import hf
+from . import partial_lora_ratios as ratio_search
 from .base import InitMethod, LayerInit
 from .lora import kaiming_A, layer_generator
 
@@ -59,66 +61,6 @@ METRICS = ("likelihood", "accuracy")
 
 def _is_ratio(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and 0 < value <= 1
-
-
-def next_token_stats(model: nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(summed NLL, correct argmax predictions, token count)`` of ``batch``'s next tokens.
-
-    The NLL keeps its graph (SNIP differentiates it). Tokens are the positions whose label is
-    not -100; labels default to ``input_ids`` with padding (``attention_mask == 0``) ignored.
-    """
-    device = hf.input_device(model)
-    ids = batch["input_ids"].to(device)
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask.to(device)
-    labels = batch.get("labels")
-    labels = ids.masked_fill(mask == 0, -100) if labels is None else labels.to(device)
-    out = model(input_ids=ids, attention_mask=mask)
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        raise TypeError(
-            f"Partial-LoRA's default metric needs a causal LM with .logits; {type(model).__name__} returned "
-            f"{type(out).__name__}. Pass metric=callable(model, batches) (and loss= for score='snip')"
-        )
-    target = labels[:, 1:]
-    keep = target != -100
-    logits = logits[:, :-1][keep].float()
-    target = target[keep]
-    nll = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-    correct = (logits.argmax(-1) == target).sum()
-    return nll, correct, int(target.numel())
-
-
-@torch.no_grad()
-def builtin_metric(kind: str, model: nn.Module, batches: Sequence[Mapping]) -> float:
-    """``"likelihood"``: ``exp(−mean NLL)``; ``"accuracy"``: argmax accuracy, over all tokens."""
-    nll = correct = count = 0
-    for batch in batches:
-        b_nll, b_correct, b_count = next_token_stats(model, batch)
-        nll, correct, count = nll + float(b_nll), correct + int(b_correct), count + b_count
-    if count == 0:
-        raise ValueError("Partial-LoRA few_shot batches hold no next-token targets (all padding or -100)")
-    return float(torch.tensor(-nll / count).exp()) if kind == "likelihood" else correct / count
-
-
-def _smallest_passing(holds: Callable[[int], bool], n: int) -> int:
-    """The smallest ``k`` in ``[1, n]`` with ``holds(k)`` (``holds`` monotone; ``n`` assumed to hold)."""
-    lo, hi = 1, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if holds(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def mass_fraction(scores: torch.Tensor, margin: float) -> float:
-    """The smallest fraction of ``scores``' entries whose sum holds ``margin`` of the total."""
-    ordered = scores.flatten().double().sort(descending=True).values
-    cum = ordered.cumsum(0)
-    k = int(torch.searchsorted(cum, margin * cum[-1])) + 1
-    return min(k, ordered.numel()) / ordered.numel()
 
 
 def _mask_index(n: int, density: float, generator: torch.Generator) -> Optional[torch.Tensor]:
@@ -148,7 +90,9 @@ class PartialLoRA(InitMethod):
         densities: Union[float, Mapping[str, float], None] = None,
     ):
         if not _is_ratio(margin):
-            raise ValueError(f"Partial-LoRA margin must be in (0, 1] (fraction of the unpruned metric to keep), got {margin!r}")
+            raise ValueError(
+                f"Partial-LoRA margin must be in (0, 1] (fraction of the unpruned metric to keep), got {margin!r}"
+            )
         if score not in SCORES:
             raise ValueError(f"Partial-LoRA score must be one of {SCORES}, got {score!r}")
         if not callable(metric) and metric not in METRICS:
@@ -169,7 +113,9 @@ class PartialLoRA(InitMethod):
                 name, value = next(iter(bad.items()))
                 raise ValueError(f"Partial-LoRA density of layer {name} must be in (0, 1], got {value!r}")
         elif not _is_ratio(densities):
-            raise ValueError(f"Partial-LoRA densities must be a ratio in (0, 1] or {{layer name: ratio}}, got {densities!r}")
+            raise ValueError(
+                f"Partial-LoRA densities must be a ratio in (0, 1] or {{layer name: ratio}}, got {densities!r}"
+            )
         self.few_shot = None if few_shot is None else list(few_shot)
         self.margin, self.score, self.metric, self.loss, self.densities = margin, score, metric, loss, densities
         self.ratios: dict[str, float] = {}
@@ -190,7 +136,13 @@ class PartialLoRA(InitMethod):
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
-            self.ratios = self._svd(model, targets) if self.score == "svd" else self._snip(model, targets)
+            if self.score == "svd":
+                evaluate = ratio_search.evaluator(self.metric, self.few_shot)
+                self.ratios, self.subspace_ranks, self.base_metric = ratio_search.svd_ratios(
+                    model, targets, evaluate, self.margin
+                )
+            else:
+                self.ratios = ratio_search.snip_ratios(model, targets, self.few_shot, self.margin, self.loss)
         finally:
             for module, mode in modes:
                 module.training = mode
@@ -207,61 +159,6 @@ class PartialLoRA(InitMethod):
             )
         return {name: float(self.densities[name]) for name in targets}
 
-    def _evaluate(self, model: nn.Module) -> float:
-        if callable(self.metric):
-            return float(self.metric(model, self.few_shot))
-        return builtin_metric(self.metric, model, self.few_shot)
-
-    @torch.no_grad()
-    def _svd(self, model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, float]:
-        self.base_metric = self._evaluate(model)
-        if not self.base_metric > 0:
-            raise ValueError(
-                f"Partial-LoRA: the unpruned model scores {self.base_metric!r} on the few-shot batches; the margin rule "
-                "needs a positive metric (use metric='likelihood', another metric, or densities=)"
-            )
-        goal = self.margin * self.base_metric
-        ratios = {}
-        for name, module in targets.items():
-            weight = hf.weight_matrix(module)
-            original = weight.detach().clone()
-            U, S, Vh = torch.linalg.svd(original.float(), full_matrices=False)
-
-            def holds(k: int) -> bool:
-                weight.copy_(((U[:, :k] * S[:k]) @ Vh[:k]).to(weight.dtype))
-                return self._evaluate(model) >= goal
-
-            try:
-                k = _smallest_passing(holds, S.numel())
-            finally:
-                weight.copy_(original)
-            self.subspace_ranks[name] = k
-            ratios[name] = k / S.numel()
-        return ratios
-
-    def _snip(self, model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, float]:
-        saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-        weights = {name: module.weight for name, module in targets.items()}
-        try:
-            for p, _, _ in saved:
-                p.requires_grad_(False)
-                p.grad = None
-            for w in weights.values():
-                w.requires_grad_(True)
-            for batch in self.few_shot:
-                loss = self.loss(model, batch) if self.loss is not None else next_token_stats(model, batch)[0]
-                loss.backward()
-            ratios = {}
-            for name, w in weights.items():
-                if w.grad is None or not bool(w.grad.any()):
-                    raise ValueError(f"Partial-LoRA SNIP: layer {name} gets no gradient from the few-shot loss")
-                ratios[name] = mass_fraction((w.detach().float() * w.grad.float()).abs(), self.margin)
-        finally:
-            for p, requires_grad, grad in saved:
-                p.requires_grad_(requires_grad)
-                p.grad = grad
-        return ratios
-
     # -- factors ------------------------------------------------------------------------------
 
     def init_batch(
@@ -277,7 +174,9 @@ class PartialLoRA(InitMethod):
         inits = []
         for name in names:
             if name not in self.ratios:
-                raise ValueError(f"Partial-LoRA has no ratio for layer {name}: run prepare(model, targets) first (apply does)")
+                raise ValueError(
+                    f"Partial-LoRA has no ratio for layer {name}: run prepare(model, targets) first (apply does)"
+                )
             density = self.ratios[name]
             g = layer_generator(seed, name)
             rows, cols = _mask_index(out_f, density, g), _mask_index(in_f, density, g)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ops.exact_svd import smallest_singular_triplets
+from ..linalg.exact_svd import smallest_singular_triplets
 from .base import InitMethod, LayerInit, energy_fraction
 
 

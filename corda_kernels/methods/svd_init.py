@@ -12,14 +12,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ops.exact_svd import smallest_singular_triplets
-from ..ops.randomized_svd import randomized_svd
+from ..linalg.exact_svd import largest_singular_triplets, smallest_singular_triplets
+from ..linalg.randomized_svd import randomized_svd
 from .base import InitMethod, LayerInit, component_inits, layer_seed
-
-
-def _top_exact(weights: torch.Tensor, rank: int):
-    U, S, Vh = torch.linalg.svd(weights, full_matrices=False)
-    return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
 class _SVDInit(InitMethod):
@@ -42,7 +37,7 @@ class _SVDInit(InitMethod):
         if not self.largest:
             U, S, Vh = smallest_singular_triplets(weights, rank)
         elif self.svd == "exact":
-            U, S, Vh = _top_exact(weights, rank)
+            U, S, Vh = largest_singular_triplets(weights, rank)
         else:
             U, S, Vh = randomized_svd(weights, rank, seed=[layer_seed(seed, n) for n in names])
         return component_inits(U, S, Vh, scale, weights.square().sum((-2, -1)))

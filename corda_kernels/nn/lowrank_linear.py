@@ -87,20 +87,34 @@ class LowRankLinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         return lowrank_linear(
-            x, self.weight, self.A, self.B, scale=self.scale, bias=self.bias, row_index=self.row_index,
-            col_index=self.col_index, diag=self.diag, dropout=self.dropout if self.training else 0.0,
+            x,
+            self.weight,
+            self.A,
+            self.B,
+            scale=self.scale,
+            bias=self.bias,
+            row_index=self.row_index,
+            col_index=self.col_index,
+            diag=self.diag,
+            dropout=self.dropout if self.training else 0.0,
             validate_indices=False,
-        )  # fmt: skip
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """The dense fp32 ``(out, in)`` update ``scale · scatter(B · diag · A)``."""
         return delta_weight(
-            self.A, self.B, self.out_features, self.in_features, scale=self.scale, diag=self.diag,
-            row_index=self.row_index, col_index=self.col_index,
-        )  # fmt: skip
+            self.A,
+            self.B,
+            self.out_features,
+            self.in_features,
+            scale=self.scale,
+            diag=self.diag,
+            row_index=self.row_index,
+            col_index=self.col_index,
+        )
 
     @torch.no_grad()
-    def merge(self) -> "LowRankLinear":
+    def merge(self) -> LowRankLinear:
         """Add the update into ``weight`` in place (fp32 sum, one cast); forward becomes plain linear."""
         if not self.merged:
             self.weight.copy_(self.weight.float() + self.delta_weight())
@@ -108,7 +122,7 @@ class LowRankLinear(nn.Module):
         return self
 
     @torch.no_grad()
-    def unmerge(self) -> "LowRankLinear":
+    def unmerge(self) -> LowRankLinear:
         """Subtract the update from ``weight`` again (exact in fp32; one rounding in 16-bit dtypes)."""
         if self.merged:
             self.weight.copy_(self.weight.float() - self.delta_weight())
@@ -120,9 +134,12 @@ class LowRankLinear(nn.Module):
         """A new ``nn.Linear`` holding the merged weight (this module is left as it is)."""
         merged = self.weight.float() if self.merged else self.weight.float() + self.delta_weight()
         linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None,
-            device=self.weight.device, dtype=self.weight.dtype,
-        )  # fmt: skip
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         linear.weight.copy_(merged)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
@@ -131,7 +148,7 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, A: torch.Tensor, B: torch.Tensor, *, residual: Optional[torch.Tensor] = None, **kwargs
-    ) -> "LowRankLinear":
+    ) -> LowRankLinear:
         """Wrap ``linear``: its weight (or ``residual``, e.g. ``W − s·B·A``) becomes the frozen base and
         its bias the frozen bias; ``kwargs`` are the other constructor options."""
         if residual is not None and tuple(residual.shape) != tuple(linear.weight.shape):
@@ -147,11 +164,16 @@ class LowRankLinear(nn.Module):
         self.merged_state.fill_(merged)
 
     @staticmethod
-    def _after_load(module: "LowRankLinear", incompatible_keys) -> None:
+    def _after_load(module: LowRankLinear, incompatible_keys) -> None:
         check_factors(
-            module.weight, module.A, module.B, bias=module.bias, row_index=module.row_index,
-            col_index=module.col_index, diag=module.diag,
-        )  # fmt: skip
+            module.weight,
+            module.A,
+            module.B,
+            bias=module.bias,
+            row_index=module.row_index,
+            col_index=module.col_index,
+            diag=module.diag,
+        )
         module.merged = bool(module.merged_state)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ Public calls:
 - :class:`CovarianceAccumulator`: an accumulator that also counts tokens, with a state dict.
 
 Backends (see :mod:`corda_kernels._backend`): ``triton`` (CUDA, or CPU under the interpreter),
-``cuda`` (cuBLAS with fp32 output and beta = 1, from ``corda_kernels._C``), ``cpu`` (chunked
+``cuda`` (cuBLAS with fp32 output and beta = 1, from ``corda_kernels._C``), ``torch`` (chunked
 upper-triangle BLAS) and ``reference``. The op is registered as ``corda_kernels::covariance_update``.
 """
 
@@ -21,15 +21,13 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ..kernels import covariance_cpu
+from .._dtypes import ACTIVATION_DTYPES
 from ..kernels.reference import covariance as reference
+from ..kernels.torch import covariance as torch_kernel
 
-FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 # GPU preference, fastest first (measured per device in bench/; re-checked on every GPU session).
 _CUDA_PREFERENCE = ("triton", "cuda", "reference")
-_CPU_PREFERENCE = ("cpu", "reference")
-# cuBLAS column-block width for the triangle decomposition.
-_CUBLAS_BLOCK = 1024
+_CPU_PREFERENCE = ("torch", "reference")
 
 
 def _check(cov: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor], name: str) -> None:
@@ -38,7 +36,7 @@ def _check(cov: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor
         raise TypeError(f"covariance_update{where}: cov and x must be tensors")
     if cov.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"covariance_update{where}: cov must be float32 (the fp32 accumulator), got {cov.dtype}")
-    if x.dtype not in FLOAT_INPUTS:
+    if x.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"covariance_update{where}: x must be bf16, fp16 or fp32 activations, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"covariance_update{where}: x must have shape (..., d), got a 0-d tensor")
@@ -91,27 +89,26 @@ def _available(cov: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Te
         and cov.dtype == torch.float32
         and cov.is_contiguous()
         and _backend.extension_has_cuda(),
-        "cpu": x.device.type == "cpu",
+        "torch": x.device.type == "cpu",
     }
 
 
 @torch.library.custom_op("corda_kernels::covariance_update", mutates_args={"cov"})
-def _covariance_update_op(cov: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor], upper_only: bool) -> None:
+def _covariance_update_op(
+    cov: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor], upper_only: bool
+) -> None:
     preference = _CUDA_PREFERENCE if x.device.type == "cuda" else _CPU_PREFERENCE
     backend = _backend.choose("covariance_update", x.device, _available(cov, x, token_mask), preference)
     if backend == "triton":
-        from ..kernels import covariance_triton
+        from ..kernels.triton import covariance as triton_kernel
 
-        covariance_triton.covariance_update(cov, x, token_mask, upper_only)
+        triton_kernel.covariance_update(cov, x, token_mask, upper_only)
     elif backend == "cuda":
-        rows = x.reshape(-1, x.shape[-1])
-        # cuBLAS reads rows with unit feature stride and a row stride >= d (expanded or overlapping
-        # rows, e.g. from .expand(), are copied).
-        if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]):
-            rows = rows.contiguous()
-        _backend.extension().covariance_update_cublas(cov, rows, upper_only, _CUBLAS_BLOCK)
-    elif backend == "cpu":
-        covariance_cpu.covariance_update(cov, x, token_mask, upper_only)
+        from ..kernels import cuda
+
+        cuda.covariance_update(cov, x, upper_only)
+    elif backend == "torch":
+        torch_kernel.covariance_update(cov, x, token_mask, upper_only)
     else:
         reference.covariance_update(cov, x, token_mask, upper_only)
 
@@ -149,6 +146,12 @@ def covariance_update(
     return cov
 
 
+def count_tokens(token_shape: torch.Size, token_mask: Optional[torch.Tensor] = None) -> int:
+    """Tokens selected among ``token_shape`` positions (e.g. ``x.shape[:-1]`` or a batch's ``input_ids``
+    shape): the True entries of ``token_mask``, or all of them."""
+    return int(token_mask.sum()) if token_mask is not None else token_shape.numel()
+
+
 def symmetrize_(cov: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """Mirror the upper triangle of a square matrix onto its lower triangle, in place.
 
@@ -164,7 +167,9 @@ def symmetrize_(cov: torch.Tensor, block: int = 1024) -> torch.Tensor:
     return cov
 
 
-def finalize_covariance(cov: torch.Tensor, count: int, *, upper_only: bool = True, inplace: bool = False) -> torch.Tensor:
+def finalize_covariance(
+    cov: torch.Tensor, count: int, *, upper_only: bool = True, inplace: bool = False
+) -> torch.Tensor:
     """The per-token mean covariance: symmetric ``cov / count``.
 
     ``upper_only`` says how ``cov`` was accumulated (mirror the upper triangle when True).
@@ -199,16 +204,28 @@ class CovarianceAccumulator:
     def dim(self) -> int:
         return self.cov.shape[0]
 
-    def update(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, *, check_finite: bool = True) -> int:
-        """Add ``x``'s selected rows; returns how many rows were added."""
+    def update(
+        self,
+        x: torch.Tensor,
+        token_mask: Optional[torch.Tensor] = None,
+        *,
+        check_finite: bool = True,
+        name: str = "",
+        count: Optional[int] = None,
+    ) -> int:
+        """Add ``x``'s selected rows; returns how many rows were added.
+
+        ``name`` labels errors (default: the accumulator's); ``count`` is what the token count grows
+        by (default: the rows added; PEFT's normalization counts forward calls instead).
+        """
         covariance_update(
-            self.cov, x, token_mask, upper_only=self.upper_only, check_finite=check_finite, name=self.name
+            self.cov, x, token_mask, upper_only=self.upper_only, check_finite=check_finite, name=name or self.name
         )
-        added = int(token_mask.sum()) if token_mask is not None else x.numel() // max(x.shape[-1], 1)
-        self.count += added
+        added = count_tokens(x.shape[:-1], token_mask)
+        self.count += added if count is None else count
         return added
 
-    def merge_(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
+    def merge_(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Add another accumulator's sums and counts (e.g. from another data shard)."""
         if other.dim != self.dim or other.upper_only != self.upper_only:
             raise ValueError(f"cannot merge accumulators of dim {other.dim} into dim {self.dim}")
@@ -226,6 +243,8 @@ class CovarianceAccumulator:
     def load_state_dict(self, state: dict) -> None:
         cov = state["cov"]
         if tuple(cov.shape) != tuple(self.cov.shape):
-            raise ValueError(f"covariance state of shape {tuple(cov.shape)} does not fit an accumulator of dim {self.dim}")
+            raise ValueError(
+                f"covariance state of shape {tuple(cov.shape)} does not fit an accumulator of dim {self.dim}"
+            )
         self.cov.copy_(cov)
         self.count = int(state["count"])

@@ -18,7 +18,7 @@ counter-based hash of ``(seed, token, column)``, regenerated in the backward ins
 identical on every backend.
 
 Backends (:mod:`corda_kernels._backend`): ``triton`` (CUDA fp16/bf16/fp32, or CPU fp16/fp32 under
-the interpreter), ``cpu`` (a torch composition that runs on any device) and ``reference``. The op
+the interpreter), ``torch`` (a torch composition that runs on any device) and ``reference``. The op
 is registered as ``corda_kernels::lowrank_linear`` with its backward
 ``corda_kernels::lowrank_linear_backward``, both with fake implementations, so
 ``torch.compile(fullgraph=True)`` traces models that use it.
@@ -32,20 +32,20 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend
-from ..kernels import lowrank_cpu
+from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, accumulation_dtype
 from ..kernels.reference import lowrank_linear as reference
+from ..kernels.torch import lowrank_linear as torch_kernel
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CUDA_PREFERENCE = ("triton", "cpu", "reference")
-_CPU_PREFERENCE = ("cpu", "reference")
+_CUDA_PREFERENCE = ("triton", "torch", "reference")
+_CPU_PREFERENCE = ("torch", "reference")
 _SEED_RANGE = 2**31 - 1
 
 
 def _available(x: torch.Tensor) -> dict[str, bool]:
     interpreted_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16  # the interpreter cannot do bf16
     return {
-        "triton": x.dtype in FLOAT_DTYPES[:3] and not interpreted_bf16 and _backend.triton_runs_on(x.device),
-        "cpu": True,
+        "triton": x.dtype in ACTIVATION_DTYPES and not interpreted_bf16 and _backend.triton_runs_on(x.device),
+        "torch": True,
     }
 
 
@@ -54,7 +54,9 @@ def _backend_for(x: torch.Tensor) -> str:
     return _backend.choose("lowrank_linear", x.device, _available(x), preference)
 
 
-def _keep_mask(seed: Optional[torch.Tensor], dropout: float, n_tokens: int, n_cols: int, device) -> Optional[torch.Tensor]:
+def _keep_mask(
+    seed: Optional[torch.Tensor], dropout: float, n_tokens: int, n_cols: int, device
+) -> Optional[torch.Tensor]:
     if seed is None or dropout == 0.0:
         return None
     return reference.dropout_keep(int(seed), n_tokens, n_cols, dropout, device)
@@ -76,12 +78,12 @@ def _lowrank_linear_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _backend_for(x)
     if backend == "triton":
-        from ..kernels import lowrank_triton
+        from ..kernels.triton import lowrank_linear as triton_kernel
 
-        return lowrank_triton.forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale)
+        return triton_kernel.forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale)
     n_tokens = math.prod(x.shape[:-1])
     keep = _keep_mask(seed, dropout, n_tokens, A.shape[1], x.device)
-    impl = lowrank_cpu if backend == "cpu" else reference
+    impl = torch_kernel if backend == "torch" else reference
     return impl.forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale)
 
 
@@ -89,7 +91,7 @@ def _lowrank_linear_op(
 def _(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
     n_tokens = math.prod(x.shape[:-1])
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
-    return y, x.new_empty(n_tokens, A.shape[0], dtype=reference.accumulation_dtype(x.dtype))
+    return y, x.new_empty(n_tokens, A.shape[0], dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.custom_op("corda_kernels::lowrank_linear_backward", mutates_args=())
@@ -112,12 +114,12 @@ def _lowrank_linear_backward_op(
     backend = _backend_for(dy)
     needs = tuple(needs)
     if backend == "triton":
-        from ..kernels import lowrank_triton
+        from ..kernels.triton import lowrank_linear as triton_kernel
 
-        grads = lowrank_triton.backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, dropout, scale, needs)
+        grads = triton_kernel.backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, dropout, scale, needs)
     else:
         keep = _keep_mask(seed, dropout, math.prod(dy.shape[:-1]), A.shape[1], dy.device)
-        impl = lowrank_cpu if backend == "cpu" else reference
+        impl = torch_kernel if backend == "torch" else reference
         grads = impl.backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, scale, needs)
     return tuple(dy.new_empty(0) if gr is None else gr for gr in grads)
 
@@ -203,7 +205,9 @@ def check_factors(
         if t.dtype != weight.dtype:
             raise TypeError(f"lowrank_linear: dtype mismatch: {name} is {t.dtype} but weight is {weight.dtype}")
         if t.device != weight.device:
-            raise ValueError(f"lowrank_linear: device mismatch: {name} is on {t.device} but weight is on {weight.device}")
+            raise ValueError(
+                f"lowrank_linear: device mismatch: {name} is on {t.device} but weight is on {weight.device}"
+            )
     for name in ("weight", "A", "B"):
         if named[name].dim() != 2:
             raise ValueError(f"lowrank_linear: {name} must be 2-D, got shape {_shape(named[name])}")
@@ -212,7 +216,9 @@ def check_factors(
     if r == 0:
         raise ValueError("lowrank_linear: rank r = A.shape[0] is 0; a low-rank adapter needs r >= 1")
     if B.shape[1] != r:
-        raise ValueError(f"lowrank_linear: A {_shape(A)} and B {_shape(B)} disagree on the rank: B must be (n_rows, {r})")
+        raise ValueError(
+            f"lowrank_linear: A {_shape(A)} and B {_shape(B)} disagree on the rank: B must be (n_rows, {r})"
+        )
     if diag is not None and _shape(diag) != (r,):
         raise ValueError(f"lowrank_linear: diag must have shape ({r},) (the rank), got {_shape(diag)}")
     if bias is not None and _shape(bias) != (out_f,):
@@ -232,7 +238,9 @@ def check_factors(
             continue
         _check_index(index, name, dim, dim_name, validate_indices)
         if index.device != weight.device:
-            raise ValueError(f"lowrank_linear: device mismatch: {name} is on {index.device} but weight is on {weight.device}")
+            raise ValueError(
+                f"lowrank_linear: device mismatch: {name} is on {index.device} but weight is on {weight.device}"
+            )
         if index.numel() != factor.shape[axis]:
             raise ValueError(
                 f"lowrank_linear: {name} has {index.numel()} entries but {fname} {_shape(factor)} has "
@@ -247,10 +255,14 @@ def _seed_tensor(seed, generator: Optional[torch.Generator], device: torch.devic
         return drawn.to(device)
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"lowrank_linear: seed must be an int or a one-element integer tensor, got {seed.dtype} {_shape(seed)}")
+            raise TypeError(
+                f"lowrank_linear: seed must be an int or a one-element integer tensor, got {seed.dtype} {_shape(seed)}"
+            )
         return seed.reshape(()).to(device=device, dtype=torch.int64)
     if not isinstance(seed, int):
-        raise TypeError(f"lowrank_linear: seed must be an int or a one-element integer tensor, got {type(seed).__name__}")
+        raise TypeError(
+            f"lowrank_linear: seed must be an int or a one-element integer tensor, got {type(seed).__name__}"
+        )
     return torch.tensor(seed, dtype=torch.int64, device=device)
 
 
@@ -291,9 +303,15 @@ def lowrank_linear(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"lowrank_linear: x must be a tensor, got {type(x).__name__}")
     check_factors(
-        weight, A, B, bias=bias, row_index=row_index, col_index=col_index, diag=diag,
+        weight,
+        A,
+        B,
+        bias=bias,
+        row_index=row_index,
+        col_index=col_index,
+        diag=diag,
         validate_indices=validate_indices and not torch.compiler.is_compiling(),
-    )  # fmt: skip
+    )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"lowrank_linear: x must be a float tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
     if x.dtype != weight.dtype:
@@ -301,7 +319,9 @@ def lowrank_linear(
     if x.device != weight.device:
         raise ValueError(f"lowrank_linear: device mismatch: x is on {x.device} but weight is on {weight.device}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"lowrank_linear: x {_shape(x)} must end in in_features={weight.shape[1]} (weight {_shape(weight)})")
+        raise ValueError(
+            f"lowrank_linear: x {_shape(x)} must end in in_features={weight.shape[1]} (weight {_shape(weight)})"
+        )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lowrank_linear: dropout must be in [0, 1), got {dropout}")
     seed_t = _seed_tensor(seed, generator, x.device) if dropout > 0.0 else None

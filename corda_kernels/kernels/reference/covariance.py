@@ -3,7 +3,8 @@
 ``cov += x_selᵀ x_sel`` where ``x_sel`` are the rows of ``x.reshape(-1, d)`` whose token mask is
 True, accumulated in ``cov``'s dtype (fp32, or fp64 when tests ask for an exact oracle).
 With ``upper_only`` only entries on or above the diagonal change; the strict lower triangle is
-left as it was (the fast kernels compute only those tiles; :func:`symmetrize_` completes it).
+left as it was (the fast kernels compute only those tiles; :func:`corda_kernels.ops.covariance.symmetrize_`
+completes it).
 """
 
 from __future__ import annotations
@@ -22,9 +23,3 @@ def covariance_update(
     rows = rows.to(cov.dtype)
     gram = rows.t() @ rows
     cov.add_(gram.triu() if upper_only else gram)
-
-
-def symmetrize_(cov: torch.Tensor) -> torch.Tensor:
-    """Copy the upper triangle of ``cov`` onto its lower triangle, in place."""
-    cov.copy_(cov.triu() + cov.triu(1).mT)
-    return cov

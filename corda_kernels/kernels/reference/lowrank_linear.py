@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from ..._dtypes import accumulation_dtype
+
 _M32 = 0xFFFFFFFF
 # keep iff the top 24 bits of the element hash are >= round(p * 2**24).
 DROPOUT_BITS = 24
@@ -61,13 +63,9 @@ def dropout_keep(seed: int, n_tokens: int, n_cols: int, p: float, device=None) -
     return (h >> (32 - DROPOUT_BITS)) >= dropout_threshold(p)
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _diag_scale(diag: Optional[torch.Tensor], scale: float, r: int, acc: torch.dtype, device) -> torch.Tensor:
-    d = torch.ones(r, dtype=acc, device=device) if diag is None else diag.to(acc)
-    return d * scale
+def diag_scale(diag: Optional[torch.Tensor], scale: float, r: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``scale · diag`` (``scale`` repeated ``r`` times without a diagonal) in ``dtype``."""
+    return torch.full((r,), scale, dtype=dtype, device=device) if diag is None else diag.to(dtype) * scale
 
 
 def forward(
@@ -91,7 +89,7 @@ def forward(
     if keep is not None:
         xc = xc * keep / (1.0 - dropout)
     u = xc @ A.to(acc).T
-    t = u * _diag_scale(diag, scale, A.shape[0], acc, x.device)
+    t = u * diag_scale(diag, scale, A.shape[0], acc, x.device)
     y = x2 @ weight.to(acc).T
     if bias is not None:
         y = y + bias.to(acc)
@@ -103,7 +101,9 @@ def forward(
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0]), u
 
 
-def lowrank_linear(x, weight, A, B, *, scale=1.0, bias=None, row_index=None, col_index=None, diag=None, keep=None, dropout=0.0):
+def lowrank_linear(
+    x, weight, A, B, *, scale=1.0, bias=None, row_index=None, col_index=None, diag=None, keep=None, dropout=0.0
+):
     """The op's output ``y`` (see the module docstring); ``keep`` replays a dropout mask."""
     return forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale)[0]
 
@@ -130,7 +130,7 @@ def backward(
     need_x, need_w, need_a, need_b, need_d, need_bias = needs
     acc = u.dtype if u is not None else accumulation_dtype(dy.dtype)
     dy2 = dy.reshape(-1, dy.shape[-1]).to(acc)
-    ds = _diag_scale(diag, scale, A.shape[0], acc, dy.device)
+    ds = diag_scale(diag, scale, A.shape[0], acc, dy.device)
     dy_r = dy2 if row_index is None else dy2[:, row_index]
     g = dy_r @ B.to(acc)
     h = g * ds
@@ -173,7 +173,7 @@ def delta_weight(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The dense ``(out, in)`` update ``scale · scatter(B · diag(d) · A)`` computed in ``dtype``."""
-    core = (B.to(dtype) * _diag_scale(diag, scale, A.shape[0], dtype, A.device)) @ A.to(dtype)
+    core = (B.to(dtype) * diag_scale(diag, scale, A.shape[0], dtype, A.device)) @ A.to(dtype)
     if row_index is not None:
         core = torch.zeros(out_features, core.shape[1], dtype=dtype, device=A.device).index_copy_(0, row_index, core)
     if col_index is not None:

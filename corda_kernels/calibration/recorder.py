@@ -1,0 +1,209 @@
+"""Forward hooks that stream each target layer's input into its group's fp32 covariance.
+
+Layers that receive the *same input tensor* in a forward pass (q/k/v after one norm, gate/up) share
+one accumulator: the sharing is detected at run time from tensor identity, not from layer names,
+so it holds for any architecture. Padding is excluded through the batch's ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from .. import _backend
+from ..integrations import hf
+from ..ops.covariance import CovarianceAccumulator, finalize_covariance
+from . import sharding
+from . import storage as _storage
+from .result import NORMALIZATIONS, Calibration
+
+
+class StopForward(Exception):
+    """Raised after the last target layer of a forward pass when the rest need not run."""
+
+
+class CovarianceRecorder:
+    """Forward pre-hooks that route each target's input to its group's accumulator.
+
+    On the first batch a layer whose input tensor *is* a tensor another layer already received in
+    this forward pass joins that layer's group; on later batches the grouping is enforced (a group
+    member receiving a different tensor than its group in the same pass is an error, never a
+    silent mix). Tensors are tracked with weak references, so no activation is kept alive.
+    """
+
+    def __init__(self, targets: Mapping[str, nn.Module], *, normalization: str = "token_mean", upper_only: bool = True):
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        self.targets = dict(targets)
+        self.normalization = normalization
+        self.upper_only = upper_only
+        self.groups: dict[str, str] = {}
+        self.accumulators: dict[str, CovarianceAccumulator] = {}
+        self.batch_index = 0
+        self._mask: Optional[torch.Tensor] = None
+        self._seen: dict[str, weakref.ref] = {}  # group -> input tensor of this forward pass
+        self._handles: list = []
+        # Early stop: once every target has run as often as in the first batch, the rest of the
+        # forward (final norm, lm_head: ~20% of an LLM's FLOPs) is skipped.
+        self.stop_early = False
+        self._calls: dict[str, int] = {}
+        self._expected: Optional[dict[str, int]] = None
+        self._remaining = 0
+        self.probing = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def __enter__(self) -> CovarianceRecorder:
+        for name, module in self.targets.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+            self._handles.append(module.register_forward_hook(self._after))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def start_batch(self, index: int, attention_mask: Optional[torch.Tensor]) -> None:
+        if self._expected is None and self._calls:
+            self._expected = dict(self._calls)  # the first batch ran the whole forward
+        self.batch_index = index
+        self._mask = None if attention_mask is None else attention_mask.bool()
+        self._seen.clear()
+        self._calls = {}
+        self._remaining = sum(self._expected.values()) if self._expected else -1
+
+    def probe(self, model: nn.Module, batch: Mapping) -> None:
+        """Run a 2-token slice of ``batch`` to learn, without recording anything, which targets share
+        an input (:attr:`groups`) and how often each runs per forward, so that every real batch can
+        stop after the last target. Works on a ``meta``-device model (memory estimates)."""
+        ids = batch["input_ids"]
+        tiny = {
+            k: (v[:1, :2] if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape[:2] else v)
+            for k, v in batch.items()
+        }
+        self.probing, self._calls, self._remaining = True, {}, -1
+        self._seen.clear()
+        try:
+            with torch.no_grad():
+                model(**tiny)
+        except StopForward:
+            pass
+        finally:
+            self.probing = False
+            self._seen.clear()
+        self._expected = dict(self._calls)
+
+    def _after(self, module, args, output):
+        if self.stop_early and self._remaining == 0:
+            raise StopForward
+
+    # -- the hook ------------------------------------------------------------------------------
+    def _hook(self, name: str):
+        def hook(module, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise TypeError(
+                    f"layer {name}: expected a tensor as first input, "
+                    f"got {type(args[0]).__name__ if args else 'nothing'}"
+                )
+            self.record(name, args[0])
+
+        return hook
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        self._calls[name] = self._calls.get(name, 0) + 1
+        self._remaining -= 1
+        group = self.groups.get(name)
+        if group is None:  # first forward: join the group whose input is this very tensor, if any
+            group = next((g for g, ref in self._seen.items() if ref() is x), name)
+            self.groups[name] = group
+        if self.probing:
+            self._seen.setdefault(group, weakref.ref(x))
+            return
+        ref = self._seen.get(group)
+        if ref is not None:
+            if ref() is x:
+                return  # another layer of this group already accumulated this tensor
+            if group != name:
+                raise RuntimeError(
+                    f"layer {name} shared its input with {group} on the first batch but received a different tensor "
+                    f"in batch {self.batch_index}; calibrate these layers separately (target_modules)"
+                )
+        self._seen[group] = weakref.ref(x)
+        self._accumulate(group, name, x)
+
+    def _accumulate(self, group: str, name: str, x: torch.Tensor) -> None:
+        acc = self.accumulators.get(group)
+        if acc is None:
+            acc = self.accumulators[group] = self._new_accumulator(group, x.shape[-1], x.device)
+        where = f"layer {name} (batch {self.batch_index})"
+        if self.normalization == "peft":  # PEFT: x / |max x| per call, counted as one
+            scale = float(x.max().abs())
+            acc.update(x / scale if scale > 0 else x, name=where, count=1)
+            return
+        mask = self._mask
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+            _backend.warn_once(
+                f"mask-{name}",
+                f"layer {name}: input shape {tuple(x.shape)} does not line up with attention_mask "
+                f"{tuple(mask.shape)}; its padding tokens cannot be excluded",
+            )
+            mask = None
+        if mask is not None and mask.device != x.device:
+            mask = mask.to(x.device)
+        acc.update(x, mask, name=where)
+
+    def _new_accumulator(self, group: str, dim: int, device=None) -> CovarianceAccumulator:
+        device = self.targets[group].weight.device if device is None else device
+        return CovarianceAccumulator(dim, device=device, upper_only=self.upper_only, name=group)
+
+    def all_reduce(self, group, batches: int, tokens: int) -> tuple[int, int]:
+        """Sum every rank's accumulators into this recorder (:mod:`~corda_kernels.calibration.sharding`);
+        returns the total ``(batches, tokens)``."""
+        self.groups, self.accumulators, batches, tokens = sharding.all_reduce_accumulators(
+            self.groups, self.accumulators, list(self.targets), self._new_accumulator, group, batches, tokens
+        )
+        return batches, tokens
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for group, acc in self.accumulators.items():
+            out[f"cov/{group}"] = acc.cov
+            out[f"count/{group}"] = torch.tensor(acc.count, dtype=torch.int64)
+        return out
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], groups: Mapping[str, str]) -> None:
+        self.groups = dict(groups)
+        for key, cov in tensors.items():
+            if not key.startswith("cov/"):
+                continue
+            group = key[4:]
+            acc = self._new_accumulator(group, cov.shape[0])
+            acc.cov.copy_(cov)
+            acc.count = int(tensors[f"count/{group}"])
+            self.accumulators[group] = acc
+
+    # -- result --------------------------------------------------------------------------------
+    def result(self, storage: str = "full", device: Optional[str] = None) -> Calibration:
+        """Finalize every accumulator in place (single use) and keep it as ``storage`` on ``device``
+        (see :mod:`corda_kernels.calibration.storage`); each full accumulator is released as soon as its stored
+        form exists."""
+        never = [n for n in self.targets if n not in self.groups]
+        if never:
+            raise RuntimeError(f"target layers never ran during calibration: {hf.named(never)}")
+        covariances, counts = {}, {}
+        for group, acc in self.accumulators.items():
+            if acc.count == 0:
+                raise ValueError(
+                    f"layer {group} saw no tokens: every calibration token was padding (attention_mask all 0)"
+                )
+            full = finalize_covariance(acc.cov, acc.count, upper_only=self.upper_only, inplace=True)
+            acc.cov = None
+            covariances[group] = _storage.keep(full, storage, device)
+            counts[group] = acc.count
+        return Calibration(
+            covariances, dict(self.groups), counts, self.normalization, self.batch_index + 1, storage=storage
+        )

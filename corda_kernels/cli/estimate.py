@@ -1,0 +1,48 @@
+"""``corda-kernels estimate``: the peak memory of an ``init`` run, estimated beforehand from the
+model's config (a ``meta``-device model: no weights are read)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..integrations import loading
+from ..memory import estimate_memory, meta_model
+from ._common import add_common_arguments, targets
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--method", default="corda", help="corda, pissa or milora")
+    parser.add_argument("--mode", default="ipa", choices=["ipa", "kpa"], help="CorDA mode")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--blockwise", action="store_true", help="block-wise calibration (apply_blockwise)")
+    parser.add_argument(
+        "--offload", choices=["cpu"], help="block-wise: where block inputs are kept; else: finalized covariances"
+    )
+    parser.add_argument("--storage", default="full", choices=["full", "packed"], help="finalized covariances")
+
+
+def run(args) -> int:
+    model = meta_model(args.model, args.gguf_file, args.dtype)
+    texts = loading.load_texts(args.calib)[: args.samples]
+    batch_size = min(args.batch_size, len(texts))
+    options = {"mode": args.mode} if args.method == "corda" else {}
+    n_batches = -(-len(texts) // batch_size)
+    estimate = estimate_memory(
+        model,
+        batch_size=batch_size,
+        seq_len=args.seq_len,
+        n_batches=n_batches,
+        method=args.method,
+        rank=args.rank,
+        blockwise=args.blockwise,
+        covariance_device=None if args.blockwise else args.offload,
+        block_inputs_device=args.offload if args.blockwise else None,
+        storage=args.storage,
+        target_modules=targets(args.targets),
+        device=args.device,
+        **options,
+    )
+    print(estimate.summary())
+    print(f"(sequences counted at --seq-len {args.seq_len} tokens: an upper bound when the texts are shorter)")
+    return 0

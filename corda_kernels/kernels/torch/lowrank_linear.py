@@ -1,0 +1,97 @@
+"""Torch composition of the fused low-rank linear op (the ``torch`` backend: the CPU path, valid on any device).
+
+Same math as :mod:`corda_kernels.kernels.reference.lowrank_linear`, organised for speed in the
+inputs' own dtype: the compact factors are zero-padded to dense ``(r, in)`` / ``(out, r)`` copies
+(``r`` is small, so this costs O(r · d) memory and a few percent of the base FLOPs) and the
+low-rank term is accumulated straight into the output with ``addmm_``. So without dropout neither
+the forward nor the backward forms an ``(N, n_rows)`` or ``(N, n_cols)`` temporary, and index
+sets need no gather of ``x`` or ``dy``. With dropout, ``x_c`` is gathered and masked once
+(``(N, n_cols)``) and ``dx``'s low-rank part is added with ``index_add_``. ``u`` (``(N, r)``) is
+returned in the accumulation dtype (fp32, or fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..._dtypes import accumulation_dtype
+from ..reference.lowrank_linear import diag_scale
+
+
+def _dense_cols(A: torch.Tensor, col_index: Optional[torch.Tensor], in_features: int) -> torch.Tensor:
+    """``A`` (r, n_cols) placed at columns ``col_index`` of a zero ``(r, in)`` matrix."""
+    if col_index is None:
+        return A
+    return A.new_zeros(A.shape[0], in_features).index_copy_(1, col_index, A)
+
+
+def _dense_rows(B: torch.Tensor, row_index: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+    """``B`` (n_rows, r) placed at rows ``row_index`` of a zero ``(out, r)`` matrix."""
+    if row_index is None:
+        return B
+    return B.new_zeros(out_features, B.shape[1]).index_copy_(0, row_index, B)
+
+
+def _dropped_cols(x2, col_index, keep):
+    xc = x2 if col_index is None else x2.index_select(1, col_index)
+    return xc * keep
+
+
+def forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale):
+    """``(y, u)`` with ``y`` of shape ``(..., out)`` in ``x.dtype`` and ``u`` ``(N, r)`` fp32/fp64."""
+    out_f, in_f = weight.shape
+    acc = accumulation_dtype(x.dtype)
+    x2 = x.reshape(-1, in_f)
+    if keep is None:
+        u = (x2 @ _dense_cols(A, col_index, in_f).T).to(acc)
+    else:
+        u = (_dropped_cols(x2, col_index, keep) @ A.T).to(acc).mul_(1.0 / (1.0 - dropout))
+    t = (u * diag_scale(diag, scale, A.shape[0], acc, x.device)).to(x.dtype)
+    y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
+    y.addmm_(t, _dense_rows(B, row_index, out_f).T)
+    return y.reshape(*x.shape[:-1], out_f), u
+
+
+def backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, scale, needs):
+    """``[dx, dweight, dA, dB, ddiag, dbias]`` for the inputs flagged in ``needs`` (None otherwise)."""
+    need_x, need_w, need_a, need_b, need_d, need_bias = needs
+    out_f, in_f = weight.shape
+    dtype = dy.dtype
+    acc = accumulation_dtype(dtype)
+    dy2 = dy.reshape(-1, out_f)
+    ds = diag_scale(diag, scale, A.shape[0], acc, dy.device)
+    grads: list[Optional[torch.Tensor]] = [None] * 6
+    g = h = None
+    if need_x or need_a or need_d:
+        g = (dy2 @ _dense_rows(B, row_index, out_f)).to(acc)
+        h = (g * ds).to(dtype)
+    if need_x:
+        dx = dy2 @ weight
+        if keep is None:
+            dx.addmm_(h, _dense_cols(A, col_index, in_f))
+        else:
+            low = (h @ A).mul_(keep).mul_(1.0 / (1.0 - dropout))
+            if col_index is None:
+                dx += low
+            else:
+                dx.index_add_(1, col_index, low)
+        grads[0] = dx.reshape(dy.shape[:-1] + (in_f,))
+    x2 = None if x is None else x.reshape(-1, in_f)
+    if need_w:
+        grads[1] = dy2.T @ x2
+    if need_a:
+        if keep is None:
+            dA = h.T @ x2
+            grads[2] = dA if col_index is None else dA.index_select(1, col_index)
+        else:
+            grads[2] = (h.T @ _dropped_cols(x2, col_index, keep)).mul_(1.0 / (1.0 - dropout))
+    if need_b:
+        dB = dy2.T @ (u * ds).to(dtype)
+        grads[3] = dB if row_index is None else dB.index_select(0, row_index)
+    if need_d:
+        grads[4] = (scale * (g * u).sum(0)).to(dtype)
+    if need_bias:
+        grads[5] = dy2.sum(0)
+    return grads

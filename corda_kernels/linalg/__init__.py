@@ -1,0 +1,18 @@
+"""Decompositions (pure torch, batched over leading dims; cuSOLVER/cuBLAS through ``torch.linalg``
+on a GPU): randomized top-r SVD, exact top-r and bottom-r triplets, CorDA's CO-SVD and damping."""
+
+from .co_svd import CoSVD, DampedCovariance, co_svd, damp_covariance
+from .exact_svd import largest_singular_triplets, smallest_singular_triplets
+from .randomized_svd import DEFAULT_N_ITER, default_oversample, randomized_svd
+
+__all__ = [
+    "CoSVD",
+    "DampedCovariance",
+    "co_svd",
+    "damp_covariance",
+    "largest_singular_triplets",
+    "randomized_svd",
+    "DEFAULT_N_ITER",
+    "default_oversample",
+    "smallest_singular_triplets",
+]

@@ -1,0 +1,297 @@
+"""Context-oriented SVD (CorDA): damping of the input covariance and the SVD of ``W · C_d``.
+
+Public calls:
+
+- :func:`damp_covariance` ``(C, *, damp=0.01, growth=2.0, ...) -> DampedCovariance(covariance,
+  cholesky, damp)``: ``C_d = C + damp · mean(diag C) · I`` with ``damp`` doubled until ``C_d`` is
+  well conditioned (PEFT's criterion, estimated without an inverse), and its Cholesky factor.
+- :func:`co_svd` ``(W, C, rank, *, mode="ipa"|"kpa", ...) -> CoSVD(U, S, V, damp)``: the top
+  (instruction-previewed) or bottom (knowledge-preserved) ``r`` components of the SVD of
+  ``W · C_d``, mapped back to ``W ≈ U · diag(S) · V^T`` with ``V = C_d^{-1} V_svd``.
+
+Everything is batched over leading dims (layers of one shape decomposed together) and pure torch
+(cuBLAS/cuSOLVER through ``torch.linalg`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from ._checks import check_finite, check_matrix, check_rank, compute_dtype
+from .exact_svd import crop_svd, smallest_singular_triplets
+from .randomized_svd import randomized_svd
+
+MODES = ("ipa", "kpa")
+SVD_SOLVERS = ("randomized", "exact")
+# Largest |C - C^T| accepted, relative to max |diag C|: rounding of a Gram product, not a
+# half-filled (upper-triangle-only) accumulator.
+SYMMETRY_TOL = 1e-4
+# Sketch for W·C_d (ipa). Its spectrum is steep (power-law exponent 1.0-2.1 against 0.1-0.9 for raw
+# weights), so a narrower sketch and fewer iterations than randomized_svd's defaults reach the 1e-4
+# accuracy targets (SmolLM2: q = 1 at r = 8, 2 at r = 16-32, 4 at r = 64-128; one more for margin).
+CO_SVD_OVERSAMPLE = 40
+
+
+def co_svd_n_iter(rank: int) -> int:
+    return 2 if rank <= 8 else 3 if rank <= 32 else 5
+
+
+class DampedCovariance(NamedTuple):
+    """``covariance`` ``(..., n, n)`` = ``C + damp · mean(diag C) · I``; ``cholesky`` its lower
+    factor; ``damp`` ``(...)`` fp64, the factor used for each matrix."""
+
+    covariance: torch.Tensor
+    cholesky: torch.Tensor
+    damp: torch.Tensor
+
+
+class CoSVD(NamedTuple):
+    """``W ≈ U · diag(S) · V^T`` restricted to ``r`` components of the SVD of ``W · C_d``.
+
+    ``U (..., out, r)`` orthonormal, ``S (..., r)`` descending, ``V (..., in, r)`` = ``C_d^{-1}``
+    times the right singular vectors (PEFT's ``V_WC``; not orthonormal), ``damp (...)`` fp64,
+    ``energy (...)`` fp64 ``||W · C_d||_F^2`` (so ``sum(S**2) / energy`` is the share the r
+    components hold).
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    damp: torch.Tensor
+    energy: torch.Tensor  # (...) fp64: ||W · C_d||_F^2, the total the r components are a part of
+
+
+def _where(name: str) -> str:
+    return f" ({name})" if name else ""
+
+
+def _check_covariance(C, op: str, name: str) -> None:
+    check_matrix(C, op, "C", name)
+    if C.shape[-1] != C.shape[-2]:
+        raise ValueError(f"{op}{_where(name)}: C must be square (..., n, n), got {tuple(C.shape)}")
+    check_finite(C, op, "C", name)
+    diag_max = C.diagonal(dim1=-2, dim2=-1).abs().amax(dim=-1)
+    asym = (C - C.mT).abs().flatten(-2).amax(dim=-1)
+    if bool((asym > SYMMETRY_TOL * diag_max).any()):
+        raise ValueError(
+            f"{op}{_where(name)}: C of shape {tuple(C.shape)} is not symmetric (max |C - C^T| = "
+            f"{asym.max().item():.3g}); an upper-triangle-only accumulator must be finalized "
+            "(finalize_covariance) first"
+        )
+
+
+def damp_covariance(
+    C: torch.Tensor,
+    *,
+    damp: float = 0.01,
+    growth: float = 2.0,
+    tol: float = 0.05,
+    max_increases: int = 30,
+    probes: int = 16,
+    seed: int = 0,
+    factor_dtype: Optional[torch.dtype] = None,
+    name: str = "",
+) -> DampedCovariance:
+    """Damp each covariance until it is well conditioned, and factor it (no explicit inverse).
+
+    Args:
+        C: ``(..., n, n)`` symmetric PSD covariance (bf16/fp16/fp32 -> fp32, fp64 stays fp64).
+        damp: the first factor tried; ``C_d = C + damp · mean(diag C) · I``.
+        growth: ``damp`` is multiplied by this while the check fails (PEFT: 2).
+        tol: threshold of the conditioning check (PEFT: 0.05).
+        max_increases: after this many increases a still-failing matrix raises ``ValueError``.
+        probes: random probe vectors of the check; ``seed`` makes them deterministic.
+        factor_dtype: dtype of the returned factor (default: ``C``'s compute dtype); fp64 asks for
+            an fp64 Cholesky of the accepted ``C_d``.
+        name: a label (e.g. the layer) used in error messages.
+
+    The check. PEFT (``collect_eigens_for_layer``) accepts ``C_d`` when ``||C_d · inv(C_d) - I||_F
+    < 0.05`` with an explicit fp32 inverse. That residual is the rounding error of fp32 solves
+    (it grows like ``eps_fp32 · ||C_d|| · ||C_d^{-1}||_F``). Here the same quantity is estimated
+    from ``k = probes`` unit random vectors ``P`` and the fp32 Cholesky factor:
+    ``sqrt(n / k) · ||C_d · cholesky_solve(P) - P||_F`` (each column's squared residual estimates
+    the mean over the columns of ``I``). ``C_d`` must also be positive definite (the Cholesky
+    succeeds); PEFT would accept an indefinite ``C_d`` whose LU inverse is accurate. The check is
+    done in fp32 whatever ``C``'s dtype, so that the damp is PEFT's (same choice as PEFT on every
+    SmolLM2 covariance: ``bench/studies/damp_vs_peft.py``). Since ``λ_max <= trace C``,
+    ``cond(C_d) <= 1 + n / damp``, so the first damp fails only for very wide layers or degenerate
+    (e.g. indefinite) C.
+
+    Returns:
+        :class:`DampedCovariance` ``(covariance, cholesky, damp)``: ``C_d`` in ``C``'s compute
+        dtype, its lower Cholesky factor in ``factor_dtype``, and the damp used per matrix, an fp64
+        tensor of shape ``C.shape[:-2]``.
+    """
+    op = "damp_covariance"
+    _check_covariance(C, op, name)
+    if not (damp > 0 and growth > 1 and tol > 0 and max_increases >= 0 and probes >= 1):
+        raise ValueError(
+            f"{op}{_where(name)}: need damp > 0, growth > 1, tol > 0, max_increases >= 0 and probes >= 1; got "
+            f"damp={damp}, growth={growth}, tol={tol}, max_increases={max_increases}, probes={probes}"
+        )
+    dtype = compute_dtype(C)
+    factor_dtype = dtype if factor_dtype is None else factor_dtype
+    batch, n = C.shape[:-2], C.shape[-1]
+    flat = C.reshape(-1, n, n).to(dtype)
+    scale = flat.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
+    if bool((scale <= 0).any()):
+        bad = int((scale <= 0).nonzero()[0])
+        raise ValueError(
+            f"{op}{_where(name)}: C (shape {tuple(C.shape)}) has a non-positive mean diagonal at flat batch index "
+            f"{bad}: no calibration data reached it (an all-zero covariance cannot be damped)"
+        )
+
+    generator = torch.Generator(device=C.device).manual_seed(seed)
+    P = torch.randn(n, probes, generator=generator, dtype=torch.float32, device=C.device)
+    P /= P.norm(dim=0)
+    eye = torch.eye(n, dtype=torch.float32, device=C.device)
+    flat32, scale32 = flat.float(), scale.float()
+    damps = torch.full((flat.shape[0],), float(damp), dtype=torch.float64, device=C.device)
+    factor32 = torch.empty_like(flat32)
+    todo = torch.arange(flat.shape[0], device=C.device)
+    for _ in range(max_increases + 1):
+        shift = scale32[todo] * damps[todo].float()
+        Cd = flat32[todo] + shift[:, None, None] * eye
+        L, info = torch.linalg.cholesky_ex(Cd)
+        residual = (Cd @ torch.cholesky_solve(P, L) - P).flatten(-2).norm(dim=-1) * math.sqrt(n / probes)
+        ok = (info == 0) & torch.isfinite(residual) & (residual < tol)
+        factor32[todo[ok]] = L[ok]
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            break
+        damps[todo] *= growth
+    else:
+        first = int(todo[0])
+        raise ValueError(
+            f"{op}{_where(name)}: C (shape {tuple(C.shape)}) is still singular or ill-conditioned after "
+            f"{max_increases} damp increases (damp = {damps[first].item():.3g} · mean(diag C) at flat batch index "
+            f"{first}, {todo.numel()} matrix(es) failing); check the covariance for degenerate inputs"
+        )
+
+    shift = (scale * damps.to(dtype)) if dtype == torch.float64 else (scale32 * damps.float())
+    damped = flat + shift[:, None, None] * torch.eye(n, dtype=dtype, device=C.device)
+    factor = factor32 if factor_dtype == torch.float32 else torch.linalg.cholesky(damped.to(factor_dtype))
+    return DampedCovariance(damped.reshape(C.shape), factor.reshape(C.shape), damps.reshape(batch))
+
+
+def _check_mode(value, allowed, op: str, label: str, name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{op}{_where(name)}: {label} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def co_svd(
+    W: torch.Tensor,
+    C: torch.Tensor,
+    rank: int,
+    *,
+    mode: str = "ipa",
+    svd: Optional[str] = None,
+    damp: float = 0.01,
+    growth: float = 2.0,
+    oversample: Optional[int] = None,
+    n_iter: Optional[int] = None,
+    seed: Union[int, Sequence[int]] = 0,
+    cov_index: Optional[torch.Tensor] = None,
+    name: str = "",
+    method: Optional[str] = None,
+) -> CoSVD:
+    """CorDA's context-oriented SVD of ``W`` under the input covariance ``C``.
+
+    Args:
+        W: ``(..., out, in)`` weights, any float dtype.
+        C: ``(..., in, in)`` input covariances whose batch dims broadcast to ``W``'s (e.g. one
+            ``(in, in)`` matrix shared by q/k/v stacked in ``W``).
+        rank: ``r`` in ``1..min(out, in)``.
+        mode: ``"ipa"`` (instruction-previewed: the largest ``r``; PEFT's ``"ipm"``) or ``"kpa"``
+            (knowledge-preserved: the smallest ``r``; PEFT's ``"kpm"``).
+        svd: the solver, as CorDA's ``svd=`` option: ``"randomized"`` (ipa default:
+            :func:`randomized_svd` with ``oversample`` (default ``CO_SVD_OVERSAMPLE``), ``n_iter``
+            (default :func:`co_svd_n_iter`), ``seed``: an int or one per matrix) or ``"exact"``
+            (ipa: full SVD cropped; kpa: always :func:`smallest_singular_triplets`).
+        damp, growth: see :func:`damp_covariance` (one damp per distinct ``C``).
+        cov_index: for a batch of layers whose inputs are shared (q/k/v, gate/up): ``C`` is then
+            ``(G, in, in)``, the G distinct covariances, and matrix ``i`` of ``W``'s ``(L, out, in)``
+            batch uses ``C[cov_index[i]]``; each distinct covariance is damped and factored once.
+        name: a label (e.g. the layer) used in error messages.
+        method: deprecated name of ``svd``.
+
+    Math (PEFT's ``collect_eigens_for_layer`` + ``crop_corda_eigens``): ``C_d`` = damped ``C``;
+    ``W C_d = U_f diag(S_f) V_f^T``; keep the top (ipa) or bottom (kpa) ``r`` triplets ``U, S,
+    V_svd``; ``V = C_d^{-1} V_svd`` by ``cholesky_solve`` (no inverse). Then ``U diag(S) V^T`` is
+    the part of ``W`` those components carry. Precision: ipa multiplies ``W C_d`` in fp32; kpa
+    forms ``W C_d`` and its bottom triplets in fp64 (they are ill-conditioned); both solve for
+    ``V`` with an fp64 factor of ``C_d`` (its condition reaches ``1 + n / damp``).
+
+    Returns:
+        :class:`CoSVD` ``(U, S, V, damp)``, fp32 (fp64 when ``W`` is fp64); ``damp`` has ``W``'s
+        batch shape.
+    """
+    op = "co_svd"
+    if method is not None:
+        if svd is not None and svd != method:
+            raise ValueError(f"{op}{_where(name)}: pass svd= only (method= is its deprecated name)")
+        warnings.warn("co_svd(method=...) is deprecated; use svd=...", DeprecationWarning, stacklevel=2)
+        svd = method
+    _check_mode(mode, MODES, op, "mode (PEFT's 'ipm' is 'ipa', 'kpm' is 'kpa')", name)
+    svd = svd or ("randomized" if mode == "ipa" else "exact")
+    _check_mode(svd, SVD_SOLVERS if mode == "ipa" else ("exact",), op, f"svd for mode={mode!r}", name)
+    check_matrix(W, op, "W", name)
+    check_matrix(C, op, "C", name)
+    if C.shape[-1] != W.shape[-1] or C.shape[-2] != W.shape[-1]:
+        raise ValueError(
+            f"{op}{_where(name)}: C must be (..., in, in) with in = W.shape[-1] = {W.shape[-1]}; got W "
+            f"{tuple(W.shape)} and C {tuple(C.shape)}"
+        )
+    if cov_index is not None:
+        if W.dim() != 3 or C.dim() != 3 or tuple(cov_index.shape) != (W.shape[0],) or cov_index.dtype != torch.int64:
+            raise ValueError(
+                f"{op}{_where(name)}: with cov_index, W must be (L, out, in), C (G, in, in) and cov_index "
+                f"an int64 (L,) tensor; got W {tuple(W.shape)}, C {tuple(C.shape)}, "
+                f"cov_index {tuple(cov_index.shape)} {cov_index.dtype}"
+            )
+        if W.shape[0] and not (0 <= int(cov_index.min()) and int(cov_index.max()) < C.shape[0]):
+            raise ValueError(f"{op}{_where(name)}: cov_index must lie in [0, {C.shape[0]})")
+    try:
+        batch = torch.broadcast_shapes(W.shape[:-2], C.shape[:-2]) if cov_index is None else W.shape[:-2]
+    except RuntimeError:
+        batch = None
+    if batch != W.shape[:-2]:
+        raise ValueError(
+            f"{op}{_where(name)}: C's batch dims {tuple(C.shape[:-2])} must broadcast to W's {tuple(W.shape[:-2])}"
+        )
+    if W.device != C.device:
+        raise ValueError(f"{op}{_where(name)}: W is on {W.device} but C is on {C.device}")
+    check_rank(rank, W.shape, op, "W", name)
+    check_finite(W, op, "W", name)
+
+    out_dtype = compute_dtype(W)
+    Cd, L, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=torch.float64, name=name)
+    if cov_index is not None:
+        index = cov_index.to(C.device)
+        Cd, L, damps = Cd[index], L[index], damps[index]
+    if mode == "ipa":
+        dtype = torch.float64 if torch.float64 in (W.dtype, C.dtype) else torch.float32
+        WC = W.to(dtype) @ Cd.to(dtype)
+        energy = WC.double().square().sum((-2, -1))
+        if svd == "exact":
+            U, S, Vh = crop_svd(WC, rank)
+        else:
+            n_iter = co_svd_n_iter(rank) if n_iter is None else n_iter
+            oversample = CO_SVD_OVERSAMPLE if oversample is None else oversample
+            U, S, Vh = randomized_svd(WC, rank, oversample=oversample, n_iter=n_iter, seed=seed)
+    else:
+        WC = W.double() @ Cd.double()
+        energy = WC.square().sum((-2, -1))
+        U, S, Vh = smallest_singular_triplets(WC, rank)
+    V = torch.cholesky_solve(Vh.mT.double(), L)
+    return CoSVD(
+        U.to(out_dtype).contiguous(),
+        S.to(out_dtype).contiguous(),
+        V.to(out_dtype).contiguous(),
+        damps.expand(batch).clone() if damps.shape != batch else damps,
+        energy,
+    )

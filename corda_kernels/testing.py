@@ -1,0 +1,53 @@
+"""Small random-weight Hugging Face models and tokenizer-like batches, for tests and benchmarks.
+
+Built from configs (no download, a few milliseconds); the same helpers serve the test suite, the
+bench scripts and their subprocesses, so none of them edits ``sys.path``.
+"""
+
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(hidden=64, layers=2, intermediate=96, heads=4, kv_heads=2, vocab=128, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100
+    )
+    return BertModel(config).eval()
+
+
+def token_batches(vocab, n_batches=3, batch=2, seq=12, seed=0, pad_last=True):
+    """Batches like a tokenizer's output, right-padded (the last sequences shorter)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        if pad_last:
+            lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
+            for i, length in enumerate(lengths):
+                mask[i, length:] = 0
+                ids[i, length:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
