@@ -31,8 +31,7 @@
 // This computes about (d^2 / 2 + d * block / 2) of the d^2 entries. Without upper_only it is one GEMM
 // over the full square.
 //
-// Precision: CUBLAS_COMPUTE_32F for every input dtype. For fp32 inputs TF32 is used only when
-// allow_tf32 is true (CUBLAS_COMPUTE_32F_FAST_TF32); otherwise the handle's math mode is pinned to
+// Precision: CUBLAS_COMPUTE_32F for every input dtype, never TF32: the handle's math mode is pinned to
 // CUBLAS_DEFAULT_MATH for the call (torch sets CUBLAS_TF32_TENSOR_OP_MATH on its shared handle when
 // torch.backends.cuda.matmul.allow_tf32 is on, and that would silently round fp32 inputs to TF32).
 #include <ATen/MemoryOverlap.h>
@@ -135,7 +134,7 @@ void gemm_block(const GemmContext& g, int64_t r0, int64_t rows, int64_t c0, int6
 
 }  // namespace
 
-void covariance_update_cublas(at::Tensor cov, at::Tensor x, bool upper_only, int64_t block, bool allow_tf32) {
+void covariance_update_cublas(at::Tensor cov, at::Tensor x, bool upper_only, int64_t block) {
   TORCH_CHECK(cov.is_cuda() && x.is_cuda(), "covariance_update_cublas: cov and x must be CUDA tensors, got ",
               cov.device(), " and ", x.device());
   TORCH_CHECK(cov.device() == x.device(), "covariance_update_cublas: cov is on ", cov.device(), " but x is on ",
@@ -170,7 +169,7 @@ void covariance_update_cublas(at::Tensor cov, at::Tensor x, bool upper_only, int
   GemmContext g;
   g.handle = handle;
   g.x_type = x_type;
-  g.compute = (x.scalar_type() == at::kFloat && allow_tf32) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  g.compute = CUBLAS_COMPUTE_32F;
   g.elem_size = static_cast<int64_t>(x.element_size());
   g.ldx = static_cast<int>(ldx);
   g.cov = cov.mutable_data_ptr<float>();

@@ -25,6 +25,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef CORDA_WITH_CUDA
   m.def("covariance_update_cublas", &corda::covariance_update_cublas,
         "cov[upper] += x^T x on CUDA with cuBLAS (bf16/fp16/fp32 in, fp32 accumulate, beta = 1)",
-        py::arg("cov"), py::arg("x"), py::arg("upper_only"), py::arg("block"), py::arg("allow_tf32") = false);
+        py::arg("cov"), py::arg("x"), py::arg("upper_only"), py::arg("block"));
 #endif
 }
