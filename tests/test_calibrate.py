@@ -135,12 +135,23 @@ def test_save_load_round_trip(tmp_path):
     assert set(back.per_module()) == set(cal.groups)
 
 
-def test_nan_input_names_layer_and_batch():
+def test_nan_weights_name_the_parameter_nan_inputs_the_layer_and_batch():
     model = tiny_llama()
     batches = token_batches(128, n_batches=3, pad_last=False)
     bad_token = next(int(t) for t in batches[1]["input_ids"].flatten() if t not in batches[0]["input_ids"])
     with torch.no_grad():
         model.model.embed_tokens.weight[bad_token] = float("nan")
+    # the NaN row would first surface in layer 0's input at batch 1: the weight itself is named
+    with pytest.raises(FloatingPointError, match=r"parameter model\.embed_tokens\.weight holds NaN"):
+        ck.calibrate(model, batches, progress=False)
+    model = tiny_llama()
+    calls = []
+
+    def overflow(module, args):  # an activation overflowing to inf in batch 1 only
+        calls.append(1)
+        return (args[0] * float("inf"),) if len(calls) == 3 else None
+
+    model.model.layers[0].input_layernorm.register_forward_pre_hook(overflow)  # calls: probe, batch 0, batch 1
     with pytest.raises(FloatingPointError, match=r"model\.layers\.0\.self_attn\.q_proj \(batch 1\)"):
         ck.calibrate(model, batches, progress=False)
 
