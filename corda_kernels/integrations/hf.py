@@ -156,8 +156,8 @@ def refuse_meta(model: nn.Module, modules: dict[str, nn.Module], what: str) -> N
     if meta and not is_offloaded(model):
         raise ValueError(
             f"{what} needs the weights' values, but layer {meta[0]} (and {len(meta) - 1} more) of "
-            f"{type(model).__name__} is on the meta device; load the model with its weights (from_pretrained without init_empty_weights / "
-            "device='meta'), or use corda_kernels.estimate_memory for a meta model"
+            f"{type(model).__name__} is on the meta device; load the model with its weights (from_pretrained "
+            "without init_empty_weights / device='meta'), or use corda_kernels.estimate_memory for a meta model"
         )
 
 
