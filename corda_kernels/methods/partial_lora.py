@@ -136,7 +136,7 @@ class PartialLoRA(InitMethod):
         builtin = not callable(self.metric) if self.score == "svd" else self.loss is None
         if builtin and hf.is_encoder_decoder(model):
             what = f"metric={self.metric!r}" if self.score == "svd" else "the default SNIP loss"
-            option = "metric=callable(model, batches) -> float" if self.score == "svd" else "loss=callable(model, batch)"
+            option = "metric=callable(model, batches)" if self.score == "svd" else "loss=callable(model, batch)"
             raise ValueError(
                 f"Partial-LoRA's {what} is a causal LM's next-token measure; {type(model).__name__} is an "
                 f"encoder-decoder model: pass {option}, or densities= to skip the derivation"
