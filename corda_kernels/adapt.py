@@ -77,6 +77,7 @@ def build_module(module: nn.Module, init: LayerInit, dropout: float) -> LowRankL
             residual = weight.float() - layer.delta_weight()
             layer.weight.copy_(residual.to(dtype))
     layer.source_layout = "conv1d" if hf.is_conv1d(module) else "linear"
+    layer.base_changed = bool(init.subtract)  # the frozen weight is a residual, not the original
     layer.init_stats = dict(init.stats)
     return layer
 
