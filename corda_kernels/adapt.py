@@ -149,6 +149,7 @@ def apply(
     )
     swap_in(model, targets, inits, dropout)
     freeze_all_but_adapters(model)
+    hf.forget_gguf_quantization(model)  # GGUF weights were dequantized at load: save and train as plain
     return model
 
 

@@ -187,6 +187,7 @@ def apply_blockwise(
     finally:
         model.train(was_training)
     _adapt.freeze_all_but_adapters(model)
+    hf.forget_gguf_quantization(model)
     return model
 
 

@@ -82,6 +82,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its layer, in place; the model becomes a plain HF model."""
     for name, layer in adapters(model).items():
         hf.set_submodule(model, name, plain_layer(layer, merged_weight(layer)))
+    hf.forget_gguf_quantization(model)
     return model
 
 
@@ -89,17 +90,22 @@ def unload(model: nn.Module) -> nn.Module:
     """Drop the adapters, keeping the frozen residual weights, in place."""
     for name, layer in adapters(model).items():
         hf.set_submodule(model, name, plain_layer(layer, layer.weight.detach()))
+    hf.forget_gguf_quantization(model)
     return model
 
 
 def save_merged_model(model: nn.Module, path: str, **save_kwargs) -> None:
-    """``save_pretrained`` of the merged model, leaving ``model`` unchanged."""
+    """``save_pretrained`` of the merged model, leaving ``model``'s weights unchanged (a GGUF-loaded
+    model's quantization marks are dropped: its weights are plain floats, saved as such)."""
+    hf.forget_gguf_quantization(model)
     with plain_layers(model, "merged"):
         model.save_pretrained(path, **save_kwargs)
 
 
 def save_residual_model(model: nn.Module, path: str, **save_kwargs) -> None:
-    """``save_pretrained`` of the residual base (adapters dropped), leaving ``model`` unchanged."""
+    """``save_pretrained`` of the residual base (adapters dropped), leaving ``model``'s weights
+    unchanged (GGUF quantization marks dropped, as in :func:`save_merged_model`)."""
+    hf.forget_gguf_quantization(model)
     with plain_layers(model, "residual"):
         model.save_pretrained(path, **save_kwargs)
 
