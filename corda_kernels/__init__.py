@@ -12,6 +12,7 @@ import warnings as _warnings
 
 # The pipeline (calibrate -> decompose -> adapt -> export), its estimate and report, the module, the
 # PEFT bridge; then the registered ops and the decompositions. `__all__` groups them in that order.
+from ._backend import CordaWarning
 from ._version import __version__
 from .adapt import apply
 from .blockwise import apply_blockwise
@@ -30,6 +31,7 @@ _logging.getLogger("corda_kernels").addHandler(_logging.NullHandler())
 
 __all__ = [
     "__version__",
+    "CordaWarning",
     # pipeline: 1. calibrate, 2. decompose (apply runs it for you), 3. adapt, 1-3 block-wise, 4. export
     "Calibration",
     "calibrate",

@@ -8,7 +8,8 @@ that cannot run the call raises instead of silently falling back, so bug reports
 what ran. (``cpu``, the torch backend's name before 0.2, is accepted with a deprecation warning.)
 
 When a fast backend is missing (Triton not installed, extension not built) the op falls back to the
-reference and says so once through :mod:`logging`.
+reference and says so once through :mod:`logging` (a diagnostic: results agree across backends).
+Anything that changes results is a :class:`CordaWarning` instead, which Python shows by default.
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ ENV_BACKEND = "CORDA_KERNELS_BACKEND"
 _warned: set[str] = set()
 
 
+class CordaWarning(UserWarning):
+    """Something that changes results happened (e.g. padding that could not be excluded, a damaged
+    cache entry recomputed). Shown by default; silence it with
+    ``warnings.filterwarnings("ignore", category=corda_kernels.CordaWarning)``. Progress and
+    diagnostics go to the ``corda_kernels`` logger instead."""
+
+
+def warn(message: str, stacklevel: int = 2) -> None:
+    """``warnings.warn(message, CordaWarning)`` attributed ``stacklevel`` frames above the caller."""
+    warnings.warn(message, CordaWarning, stacklevel=stacklevel + 1)
+
+
 def info_once(key: str, message: str) -> None:
     """Log ``message`` at INFO level the first time ``key`` is seen in this process."""
     if key not in _warned:
@@ -38,7 +51,8 @@ def info_once(key: str, message: str) -> None:
 
 
 def warn_once(key: str, message: str) -> None:
-    """Log ``message`` at WARNING level the first time ``key`` is seen in this process."""
+    """Log ``message`` at WARNING level the first time ``key`` is seen in this process (diagnostics
+    only: use :func:`warn` for anything that changes results)."""
     if key not in _warned:
         _warned.add(key)
         logger.warning(message)

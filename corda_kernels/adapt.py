@@ -20,28 +20,24 @@ from .decomposition import decompose, plan
 from .integrations import hf
 from .methods import InitMethod, LayerInit, make_method
 from .nn import LowRankLinear
+from .ops.lowrank_linear import check_dropout
 
 
 def pattern_value(pattern: Optional[Mapping[str, float]], name: str, default):
     """PEFT's rank/alpha_pattern lookup: the first key matching the end of the module name."""
+    return pattern_entry(pattern, name, default)[1]
+
+
+def pattern_entry(pattern: Optional[Mapping[str, float]], name: str, default):
+    """``(key, value)`` of the first ``pattern`` key matching the end of ``name``; ``(None, default)``."""
     for key, value in (pattern or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+            return key, value
+    return None, default
 
 
 def refuse_adapted(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            raise ValueError(
-                f"model already carries corda_kernels adapters (e.g. {name}); merge or unload them first "
-                "(corda_kernels.merge / corda_kernels.unload)"
-            )
-        if type(module).__module__.startswith("peft.") and hasattr(module, "lora_A"):
-            raise ValueError(
-                f"model already carries PEFT LoRA layers (e.g. {name}); apply corda_kernels to the base model, "
-                "or use corda_kernels.patch_peft to run an existing PeftModel on our kernels"
-            )
+    hf.refuse_adapted(model, "apply")
 
 
 def refuse_tied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
@@ -81,6 +77,7 @@ def build_module(module: nn.Module, init: LayerInit, dropout: float) -> LowRankL
             residual = weight.float() - layer.delta_weight()
             layer.weight.copy_(residual.to(dtype))
     layer.source_layout = "conv1d" if hf.is_conv1d(module) else "linear"
+    layer.base_changed = bool(init.subtract)  # the frozen weight is a residual, not the original
     layer.init_stats = dict(init.stats)
     return layer
 
@@ -129,6 +126,7 @@ def apply(
             decomposed again.
     """
     method: InitMethod = make_method(method, **method_options)
+    check_dropout(dropout, "apply")
     refuse_adapted(model)
     if target_modules is None and covariances is not None and hasattr(covariances, "groups"):
         target_modules = list(covariances.groups)
@@ -151,6 +149,7 @@ def apply(
     )
     swap_in(model, targets, inits, dropout)
     freeze_all_but_adapters(model)
+    hf.forget_gguf_quantization(model)  # GGUF weights were dequantized at load: save and train as plain
     return model
 
 
@@ -160,11 +159,18 @@ def prepare_targets(model, target_modules, exclude_modules, rank, alpha, rank_pa
     targets = hf.find_targets(model, target_modules, exclude_modules)
     for name, module in targets.items():
         hf.check_adaptable(name, module)
+    hf.refuse_meta(model, targets, "apply")
+    hf.check_finite_parameters(((f"{n}.weight", m.weight) for n, m in targets.items()), "apply")
     refuse_tied(model, targets)
-    ranks = {n: pattern_value(rank_pattern, n, rank) for n in targets}
-    alphas = {n: pattern_value(alpha_pattern, n, alpha if alpha is not None else ranks[n]) for n in targets}
+    ranks, alphas = {}, {}
     for name, module in targets.items():
-        plan.check_rank(name, module, ranks[name])
+        key, ranks[name] = pattern_entry(rank_pattern, name, rank)
+        try:
+            plan.check_rank(name, module, ranks[name])
+        except ValueError as exc:
+            raise ValueError(f"{exc} (from rank_pattern[{key!r}])" if key is not None else str(exc)) from None
+        key, alphas[name] = pattern_entry(alpha_pattern, name, alpha if alpha is not None else ranks[name])
+        plan.check_alpha(name, alphas[name], f"alpha_pattern[{key!r}]" if key is not None else "alpha")
     return targets, ranks, alphas
 
 

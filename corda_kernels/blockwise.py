@@ -32,6 +32,7 @@ from .decomposition import decompose
 from .export import merged_weight, plain_layer
 from .integrations import hf
 from .methods import make_method
+from .ops.lowrank_linear import check_dropout
 
 
 def _move(value, device):
@@ -130,6 +131,7 @@ def apply_blockwise(
     """
     block_inputs_device = renamed("apply_blockwise", "offload", offload, "block_inputs_device", block_inputs_device)
     method = make_method(method, **method_options)
+    check_dropout(dropout, "apply_blockwise")
     _adapt.refuse_adapted(model)
     stacks = hf.block_stacks(model)
     if len(stacks) != 1:
@@ -185,6 +187,7 @@ def apply_blockwise(
     finally:
         model.train(was_training)
     _adapt.freeze_all_but_adapters(model)
+    hf.forget_gguf_quantization(model)
     return model
 
 

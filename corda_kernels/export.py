@@ -82,6 +82,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its layer, in place; the model becomes a plain HF model."""
     for name, layer in adapters(model).items():
         hf.set_submodule(model, name, plain_layer(layer, merged_weight(layer)))
+    hf.forget_gguf_quantization(model)
     return model
 
 
@@ -89,17 +90,22 @@ def unload(model: nn.Module) -> nn.Module:
     """Drop the adapters, keeping the frozen residual weights, in place."""
     for name, layer in adapters(model).items():
         hf.set_submodule(model, name, plain_layer(layer, layer.weight.detach()))
+    hf.forget_gguf_quantization(model)
     return model
 
 
 def save_merged_model(model: nn.Module, path: str, **save_kwargs) -> None:
-    """``save_pretrained`` of the merged model, leaving ``model`` unchanged."""
+    """``save_pretrained`` of the merged model, leaving ``model``'s weights unchanged (a GGUF-loaded
+    model's quantization marks are dropped: its weights are plain floats, saved as such)."""
+    hf.forget_gguf_quantization(model)
     with plain_layers(model, "merged"):
         model.save_pretrained(path, **save_kwargs)
 
 
 def save_residual_model(model: nn.Module, path: str, **save_kwargs) -> None:
-    """``save_pretrained`` of the residual base (adapters dropped), leaving ``model`` unchanged."""
+    """``save_pretrained`` of the residual base (adapters dropped), leaving ``model``'s weights
+    unchanged (GGUF quantization marks dropped, as in :func:`save_merged_model`)."""
+    hf.forget_gguf_quantization(model)
     with plain_layers(model, "residual"):
         model.save_pretrained(path, **save_kwargs)
 
@@ -121,7 +127,26 @@ def dense_factors(layer: LowRankLinear) -> tuple[torch.Tensor, torch.Tensor]:
         return A.contiguous(), B.contiguous()
 
 
-def _lora_config(layers: dict[str, LowRankLinear], base_model_name_or_path: Optional[str], rank_mult: int):
+# PEFT task types by the model class's suffix (AutoPeftModelFor* needs one to pick the model class).
+_TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+)
+
+
+def task_type(model: nn.Module) -> Optional[str]:
+    """PEFT's ``task_type`` for ``model``'s class (None when the class name says nothing)."""
+    name = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
+
+
+def _lora_config(
+    layers: dict[str, LowRankLinear], base_model_name_or_path: Optional[str], rank_mult: int, task: Optional[str]
+):
     try:
         from peft import LoraConfig
     except ImportError as exc:  # pragma: no cover - peft is an optional dependency
@@ -141,18 +166,45 @@ def _lora_config(layers: dict[str, LowRankLinear], base_model_name_or_path: Opti
         bias="none",
         init_lora_weights=True,
         base_model_name_or_path=base_model_name_or_path,
+        task_type=task,
     )
 
 
+def _original_id(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def adapter_base(model: nn.Module, layers: dict[str, LowRankLinear], residual_model: Optional[str]) -> Optional[str]:
+    """What an adapter without ``initial=`` applies to: ``residual_model`` when given; the original
+    model when no layer's base weight was changed (LoRA-style methods: the residual is the
+    original); otherwise a value that says what is needed, so PEFT never loads the adapter onto the
+    original weights (which would silently give wrong outputs)."""
+    if residual_model is not None:
+        return os.fspath(residual_model)
+    original = _original_id(model)
+    if not any(getattr(layer, "base_changed", True) for layer in layers.values()):
+        return original
+    return f"residual model of {original or type(model).__name__} (save it with corda_kernels.save_residual_model)"
+
+
 def save_peft_adapter(
-    model: nn.Module, path: str, *, base_model_name_or_path: Optional[str] = None, initial: Optional[str] = None
+    model: nn.Module,
+    path: str,
+    *,
+    base_model_name_or_path: Optional[str] = None,
+    initial: Optional[str] = None,
+    residual_model: Optional[str] = None,
 ) -> None:
     """Write a PEFT LoRA adapter of ``model``'s adapters to directory ``path``.
 
-    Without ``initial`` the adapter applies to the residual base (:func:`save_residual_model`).
-    With ``initial`` (an adapter saved by this function right after ``apply``) it is converted to
-    apply to the original base weights (rank doubles, scaling kept), as PEFT's
-    ``path_initial_model_for_weight_conversion`` does.
+    Without ``initial`` the adapter applies to the residual base (:func:`save_residual_model`):
+    ``adapter_config.json``'s ``base_model_name_or_path`` names ``residual_model`` (the directory
+    the residual was or will be saved to, as PEFT resolves it: from the working directory or the
+    hub), or, when not given, says that the residual model is needed (the original id only when
+    the method left the base weights unchanged). With ``initial`` (an adapter saved by this
+    function right after ``apply``) it is converted to apply to the original base weights (rank
+    doubles, scaling kept), as PEFT's ``path_initial_model_for_weight_conversion`` does, and names
+    the original model. ``base_model_name_or_path`` overrides either.
     """
     from safetensors.torch import load_file, save_file
 
@@ -174,10 +226,18 @@ def save_peft_adapter(
             t0 = start[key].to(tensors[key].dtype)
             tensors[key] = torch.cat([tensors[key], t0], 0) if ".lora_A." in key else torch.cat([tensors[key], -t0], 1)
     if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config = _lora_config(layers, base_model_name_or_path, 2 if initial is not None else 1)
+        base_model_name_or_path = (
+            _original_id(model) if initial is not None else adapter_base(model, layers, residual_model)
+        )
+    config = _lora_config(layers, base_model_name_or_path, 2 if initial is not None else 1, task_type(model))
     os.makedirs(path, exist_ok=True)
     config.save_pretrained(path)
     save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    info = {
+        "applies_to": "original base" if initial else "residual base",
+        "base_model_name_or_path": base_model_name_or_path,
+        "original_model": _original_id(model),
+        "layers": len(layers),
+    }
     with open(os.path.join(path, "corda_kernels.json"), "w") as fh:
-        json.dump({"applies_to": "original base" if initial else "residual base", "layers": len(layers)}, fh)
+        json.dump(info, fh)

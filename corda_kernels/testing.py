@@ -5,7 +5,16 @@ bench scripts and their subprocesses, so none of them edits ``sys.path``.
 """
 
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 
 def tiny_llama(hidden=64, layers=2, intermediate=96, heads=4, kv_heads=2, vocab=128, seed=0, dtype=torch.float32):
@@ -35,6 +44,23 @@ def tiny_bert(seed=0):
         hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100
     )
     return BertModel(config).eval()
+
+
+def tiny_t5(seed=0):
+    """A 2+2-layer T5 (encoder-decoder) with a 100-token vocabulary."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=100,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return T5ForConditionalGeneration(config).eval()
 
 
 def token_batches(vocab, n_batches=3, batch=2, seq=12, seed=0, pad_last=True):

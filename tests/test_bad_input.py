@@ -1,6 +1,15 @@
-"""Bad input to apply()/decompose gets a clear error, and a failed apply leaves the model as it was."""
+"""Bad input gets a clear error (or a CordaWarning users see), and a failed apply leaves the model as it was.
+
+Every bad-input case and what it gets is the table in ``tests/BAD_INPUT.md``. ``test_case`` is
+parametrized from it (one run per row; ``gets`` is ``Exception: text``, the text a literal part of
+the message, or ``CordaWarning: text``), and every row must have a case function below
+(``@case("id")``) and vice versa.
+"""
 
 import copy
+import math
+import os
+import re
 
 import pytest
 import torch
@@ -8,7 +17,27 @@ from torch import nn
 
 import corda_kernels as ck
 from corda_kernels.decomposition import engine as decompose_module
-from corda_kernels.testing import tiny_llama, token_batches
+from corda_kernels.testing import tiny_llama, tiny_t5, token_batches
+
+TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "BAD_INPUT.md")
+
+
+def _table() -> list[tuple[str, str, str]]:
+    with open(TABLE, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| case ")]
+    return [tuple(cell.strip() for cell in line.strip("|").split(" | ")) for line in rows]
+
+
+CASES = {}
+
+
+def case(name):
+    def register(fn):
+        CASES[name] = fn
+        return fn
+
+    return register
 
 
 @pytest.fixture(scope="module")
@@ -27,77 +56,315 @@ def _unchanged(model, before):
     assert not any(isinstance(m, ck.LowRankLinear) for m in model.modules())
 
 
-def test_rank_errors(calibrated):
+def test_every_row_has_a_case_and_every_case_a_row():
+    ids = [row[0] for row in _table()]
+    assert len(ids) == len(set(ids)), "duplicate case ids in the table"
+    assert set(ids) == set(CASES), set(ids) ^ set(CASES)
+    assert all(len(row) == 3 and ": " in row[2] for row in _table())
+    root = os.path.dirname(os.path.dirname(TABLE))
+    with open(TABLE, encoding="utf-8") as fh:
+        references = re.findall(r"`(tests/\w+\.py)::(\w+)`", fh.read())
+    assert references
+    for path, test in references:  # the cases tested elsewhere exist
+        with open(os.path.join(root, path), encoding="utf-8") as fh:
+            assert f"def {test}(" in fh.read(), f"{path}::{test}"
+
+
+@pytest.mark.parametrize("name, what, gets", _table(), ids=[row[0] for row in _table()])
+def test_case(name, what, gets, calibrated, tmp_path):
+    kind, text = gets.split(": ", 1)
     model, cal = calibrated
-    with pytest.raises(
-        ValueError, match=r"rank 100 exceeds layer model\.layers\.0\.self_attn\.q_proj's smaller dimension \(64x64\)"
-    ):
-        ck.apply(copy.deepcopy(model), "corda", rank=100, covariances=cal, progress=False)
-    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
-        ck.apply(copy.deepcopy(model), "pissa", rank=0, progress=False)
+    run = lambda: CASES[name](copy.deepcopy(model), cal, tmp_path)  # noqa: E731
+    if kind == "CordaWarning":
+        with pytest.warns(ck.CordaWarning, match=re.escape(text)):
+            run()
+        return
+    expected = {"ValueError": ValueError, "TypeError": TypeError, "FloatingPointError": FloatingPointError}[kind]
+    before = _state(model)
+    with pytest.raises(expected, match=re.escape(text)):
+        run()
+    _unchanged(model, before)
 
 
-def test_unknown_method_and_mode(calibrated):
-    model, cal = calibrated
-    with pytest.raises(ValueError, match="unknown method 'cordaa'"):
-        ck.apply(copy.deepcopy(model), "cordaa", covariances=cal, progress=False)
-    with pytest.raises(ValueError, match="'ipa' .* or 'kpa'"):
-        ck.apply(copy.deepcopy(model), "corda", mode="fast", covariances=cal, progress=False)
-    with pytest.raises(ValueError, match="needs input covariances"):
-        ck.apply(copy.deepcopy(model), "corda", progress=False)
+def _apply(model, method="pissa", **kw):
+    return ck.apply(model, method, progress=False, **{"rank": 2, **kw})
 
 
-def test_covariance_of_another_model(calibrated):
-    _, cal = calibrated
-    other = tiny_llama(hidden=32, layers=1)
-    with pytest.raises(ValueError, match="collected on another model"):
-        ck.apply(other, "corda", rank=2, covariances=cal, progress=False)
+def _layer():
+    g = torch.Generator().manual_seed(0)
+    w, A, B = (torch.randn(*s, generator=g) for s in ((6, 5), (2, 5), (6, 2)))
+    return torch.randn(3, 5, generator=g), w, A, B
 
 
-def test_non_finite_or_singular_covariance(calibrated):
-    model, cal = calibrated
+def _bad_batches(edit):
+    batches = token_batches(128, n_batches=2)
+    edit(batches)
+    return batches
+
+
+@case("rank_too_large")
+def _(model, cal, tmp):
+    _apply(model, "corda", rank=100, covariances=cal)
+
+
+@case("rank_zero")
+def _(model, cal, tmp):
+    _apply(model, rank=0)
+
+
+@case("rank_pattern_zero")
+def _(model, cal, tmp):
+    _apply(model, rank_pattern={"q_proj": 0})
+
+
+@case("alpha_zero")
+def _(model, cal, tmp):
+    _apply(model, alpha=0)
+
+
+@case("alpha_negative")
+def _(model, cal, tmp):
+    _apply(model, alpha=-8)
+
+
+@case("alpha_nan")
+def _(model, cal, tmp):
+    _apply(model, alpha=math.nan)
+
+
+@case("alpha_inf")
+def _(model, cal, tmp):
+    _apply(model, alpha=math.inf)
+
+
+@case("alpha_string")
+def _(model, cal, tmp):
+    _apply(model, alpha="8")
+
+
+@case("alpha_pattern_zero")
+def _(model, cal, tmp):
+    _apply(model, alpha=4, alpha_pattern={"v_proj": 0})
+
+
+@case("alpha_blockwise")
+def _(model, cal, tmp):
+    ck.apply_blockwise(model, token_batches(128, n_batches=1), "pissa", rank=2, alpha=0, progress=False)
+
+
+@case("alpha_decompose")
+def _(model, cal, tmp):
+    name = "model.layers.0.mlp.up_proj"
+    from corda_kernels.methods import make_method
+
+    ck.decompose({name: model.get_submodule(name)}, make_method("pissa"), ranks={name: 2}, alphas={name: math.nan})
+
+
+@case("dropout_one")
+def _(model, cal, tmp):
+    _apply(model, dropout=1.0)
+
+
+@case("dropout_nan_blockwise")
+def _(model, cal, tmp):
+    ck.apply_blockwise(model, token_batches(128, n_batches=1), "pissa", rank=2, dropout=math.nan, progress=False)
+
+
+@case("op_scale_nan")
+def _(model, cal, tmp):
+    ck.lowrank_linear(*_layer(), scale=math.nan)
+
+
+@case("op_scale_inf")
+def _(model, cal, tmp):
+    ck.lowrank_linear(*_layer(), scale=math.inf)
+
+
+@case("op_scale_string")
+def _(model, cal, tmp):
+    ck.lowrank_linear(*_layer(), scale="1")
+
+
+@case("op_dropout_nan")
+def _(model, cal, tmp):
+    ck.lowrank_linear(*_layer(), dropout=math.nan)
+
+
+@case("module_scale_nan")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:], scale=math.nan)
+
+
+@case("module_dropout_negative")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:], dropout=-0.1)
+
+
+@case("unknown_method")
+def _(model, cal, tmp):
+    _apply(model, "cordaa", covariances=cal)
+
+
+@case("unknown_mode")
+def _(model, cal, tmp):
+    _apply(model, "corda", mode="fast", covariances=cal)
+
+
+@case("corda_without_covariances")
+def _(model, cal, tmp):
+    _apply(model, "corda")
+
+
+@case("covariance_of_another_model")
+def _(model, cal, tmp):
+    _apply(tiny_llama(hidden=32, layers=1), "corda", covariances=cal)
+
+
+def _one_covariance(cal, fill):
     name = "model.layers.0.mlp.down_proj"
     bad = dict(cal.per_module())
-    bad[name] = bad[name].clone()
-    bad[name][0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"down_proj\): C .* holds NaN or Inf"):
-        ck.apply(copy.deepcopy(model), "corda", rank=2, covariances=bad, target_modules=[name], progress=False)
-    bad[name] = torch.zeros_like(bad[name])
-    with pytest.raises(ValueError, match="no calibration data reached it"):
-        ck.apply(copy.deepcopy(model), "corda", rank=2, covariances=bad, target_modules=[name], progress=False)
+    bad[name] = fill(bad[name].clone())
+    return name, bad
 
 
-def test_already_adapted_models_are_refused(calibrated):
-    model, cal = calibrated
-    adapted = ck.apply(copy.deepcopy(model), "pissa", rank=2, progress=False)
-    with pytest.raises(ValueError, match="already carries corda_kernels adapters"):
-        ck.apply(adapted, "pissa", rank=2, progress=False)
+@case("nan_covariance")
+def _(model, cal, tmp):
+    name, bad = _one_covariance(cal, lambda c: c.index_fill_(0, torch.tensor([0]), math.nan))
+    _apply(model, "corda", covariances=bad, target_modules=[name])
+
+
+@case("zero_covariance")
+def _(model, cal, tmp):
+    name, bad = _one_covariance(cal, torch.zeros_like)
+    _apply(model, "corda", covariances=bad, target_modules=[name])
+
+
+@case("apply_adapted")
+def _(model, cal, tmp):
+    _apply(_apply(model))
+
+
+@case("apply_peft_model")
+def _(model, cal, tmp):
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="already carries PEFT LoRA layers"):
-        ck.apply(peft_model, "pissa", rank=2, progress=False)
+    _apply(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
 
 
-def test_tied_weights_are_refused():
-    model = tiny_llama(layers=1)
+@case("calibrate_adapted")
+def _(model, cal, tmp):
+    ck.calibrate(_apply(model), token_batches(128, n_batches=1), progress=False)
+
+
+@case("tied_weights")
+def _(model, cal, tmp):
     model.lm_head.weight = model.model.embed_tokens.weight
-    with pytest.raises(ValueError, match="lm_head's weight is tied to model.embed_tokens.weight"):
-        ck.apply(model, "pissa", rank=2, target_modules=["lm_head"], progress=False)
+    _apply(model, target_modules=["lm_head"])
 
 
-def test_non_float_weights_are_refused():
-    model = tiny_llama(layers=1)
+@case("int8_weights")
+def _(model, cal, tmp):
     layer = model.model.layers[0].mlp.up_proj
     layer.weight = nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
-    with pytest.raises(TypeError, match=r"layer model\.layers\.0\.mlp\.up_proj .* dtype torch\.int8.*Dequantize"):
-        ck.apply(model, "pissa", rank=2, progress=False)
+    _apply(model)
 
 
-def test_targets_that_match_nothing(calibrated):
-    model, _ = calibrated
-    with pytest.raises(ValueError, match=r"matched no .* close names: \['gate_proj'"):
-        ck.apply(copy.deepcopy(model), "pissa", rank=2, target_modules=["gate_prj"], progress=False)
+@case("targets_match_nothing")
+def _(model, cal, tmp):
+    _apply(model, target_modules=["gate_prj"])
+
+
+@case("apply_meta_model")
+def _(model, cal, tmp):
+    _apply(model.to("meta"))
+
+
+@case("calibrate_meta_model")
+def _(model, cal, tmp):
+    ck.calibrate(model.to("meta"), token_batches(128, n_batches=1), progress=False)
+
+
+@case("apply_nan_weight")
+def _(model, cal, tmp):
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 4] = math.nan
+    _apply(model)
+
+
+@case("calibrate_nan_weight")
+def _(model, cal, tmp):
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = math.nan
+    ck.calibrate(model, token_batches(128, n_batches=2), progress=False)
+
+
+@case("checkpoint_every_zero")
+def _(model, cal, tmp):
+    ck.calibrate(model, token_batches(128), checkpoint_dir=str(tmp), checkpoint_every=0, progress=False)
+
+
+def _short_mask(batches):
+    batches[1]["attention_mask"] = batches[1]["attention_mask"][:, :-1]
+
+
+@case("mask_wrong_shape")
+def _(model, cal, tmp):
+    ck.calibrate(model, _bad_batches(_short_mask), progress=False)
+
+
+@case("blockwise_mask_wrong_shape")
+def _(model, cal, tmp):
+    ck.apply_blockwise(model, _bad_batches(_short_mask), "corda", rank=2, progress=False)
+
+
+@case("empty_sequences")
+def _(model, cal, tmp):
+    def empty(batches):
+        batches[1] = {k: v[:, :0] for k, v in batches[1].items()}
+
+    ck.calibrate(model, _bad_batches(empty), progress=False)
+
+
+@case("token_id_too_large")
+def _(model, cal, tmp):
+    ck.calibrate(model, _bad_batches(lambda b: b[1]["input_ids"].__setitem__((0, 2), 128)), progress=False)
+
+
+@case("token_id_negative")
+def _(model, cal, tmp):
+    ck.calibrate(model, _bad_batches(lambda b: b[0]["input_ids"].__setitem__((1, 0), -1)), progress=False)
+
+
+@case("float_input_ids")
+def _(model, cal, tmp):
+    batches = token_batches(128, n_batches=1)
+    batches[0]["input_ids"] = batches[0]["input_ids"].float()
+    ck.calibrate(model, batches, progress=False)
+
+
+@case("batch_not_a_dict")
+def _(model, cal, tmp):
+    ck.calibrate(model, [torch.zeros(2, 4, dtype=torch.long)], progress=False)
+
+
+@case("finalize_negative_count")
+def _(model, cal, tmp):
+    ck.finalize_covariance(torch.eye(3), -3)
+
+
+@case("partial_lora_encoder_decoder")
+def _(model, cal, tmp):
+    t5 = tiny_t5()
+    batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "decoder_input_ids": torch.ones(1, 4, dtype=torch.long)}
+    ck.apply(t5, "partial_lora", rank=2, few_shot=[batch], progress=False)
+
+
+@case("unmaskable_layer_input")
+def _(model, cal, tmp):
+    layer = model.model.layers[0].mlp.down_proj
+    layer.register_forward_pre_hook(lambda m, args: (args[0].flatten(0, 1),))  # (tokens, d), as routed experts get
+    layer.register_forward_hook(lambda m, args, out: out.unflatten(0, (2, -1)))
+    ck.calibrate(model, token_batches(128, n_batches=1), target_modules=["down_proj"], progress=False)
 
 
 def test_failed_apply_leaves_the_model_as_it_was(calibrated, monkeypatch):

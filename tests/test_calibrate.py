@@ -135,12 +135,23 @@ def test_save_load_round_trip(tmp_path):
     assert set(back.per_module()) == set(cal.groups)
 
 
-def test_nan_input_names_layer_and_batch():
+def test_nan_weights_name_the_parameter_nan_inputs_the_layer_and_batch():
     model = tiny_llama()
     batches = token_batches(128, n_batches=3, pad_last=False)
     bad_token = next(int(t) for t in batches[1]["input_ids"].flatten() if t not in batches[0]["input_ids"])
     with torch.no_grad():
         model.model.embed_tokens.weight[bad_token] = float("nan")
+    # the NaN row would first surface in layer 0's input at batch 1: the weight itself is named
+    with pytest.raises(FloatingPointError, match=r"parameter model\.embed_tokens\.weight holds NaN"):
+        ck.calibrate(model, batches, progress=False)
+    model = tiny_llama()
+    calls = []
+
+    def overflow(module, args):  # an activation overflowing to inf in batch 1 only
+        calls.append(1)
+        return (args[0] * float("inf"),) if len(calls) == 3 else None
+
+    model.model.layers[0].input_layernorm.register_forward_pre_hook(overflow)  # calls: probe, batch 0, batch 1
     with pytest.raises(FloatingPointError, match=r"model\.layers\.0\.self_attn\.q_proj \(batch 1\)"):
         ck.calibrate(model, batches, progress=False)
 
@@ -192,3 +203,59 @@ def test_forward_stops_after_the_last_target():
     for g in cal.covariances:
         if g in with_lm_head.covariances:
             assert torch.equal(cal.covariances[g], with_lm_head.covariances[g])
+
+
+def _t5_batches(decoder_mask: bool, dec_len: int = 8):
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(2):
+        ids = torch.randint(1, 100, (2, 8), generator=g)
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[0, 5:] = 0
+        ids[0, 5:] = 0
+        batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(1, 100, (2, dec_len))}
+        if decoder_mask:
+            dmask = torch.ones(2, dec_len, dtype=torch.long)
+            dmask[1, 3:] = 0
+            batch["decoder_attention_mask"] = dmask
+        out.append(batch)
+    return out
+
+
+@pytest.mark.parametrize("decoder_mask", [False, True])
+@pytest.mark.parametrize("dec_len", [8, 6])  # 8: the encoder's length, where the wrong mask still fits
+def test_encoder_decoder_stacks_use_their_own_mask(decoder_mask, dec_len):
+    from corda_kernels.testing import tiny_t5
+
+    model = tiny_t5()
+    batches = _t5_batches(decoder_mask, dec_len)
+    # independent oracle: each layer's raw inputs over all batches, masked by the stack they belong to
+    layers = {
+        "encoder.block.0.layer.0.SelfAttention.q": "encoder",
+        "decoder.block.0.layer.0.SelfAttention.q": "decoder",
+        "decoder.block.1.layer.1.EncDecAttention.q": "decoder",
+        "decoder.block.1.layer.1.EncDecAttention.k": "encoder",  # cross-attention reads the encoder output
+        "decoder.block.1.layer.2.DenseReluDense.wi": "decoder",
+    }
+    seen = {name: [] for name in layers}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: seen[n].append(a[0].detach()))
+        for name in layers
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for h in handles:
+        h.remove()
+    cal = ck.calibrate(model, batches, target_modules=list(layers), progress=False)
+    for name, stack in layers.items():
+        sums, count = 0, 0
+        for x, batch in zip(seen[name], batches):
+            mask = batch["attention_mask"] if stack == "encoder" else batch.get("decoder_attention_mask")
+            rows = x.reshape(-1, x.shape[-1]).double()
+            if mask is not None:
+                rows = rows[mask.reshape(-1).bool()]
+            sums, count = sums + rows.T @ rows, count + rows.shape[0]
+        expected = (sums / count).float()
+        assert cal.token_counts[cal.group(name)] == count, name
+        torch.testing.assert_close(cal.covariance(name), expected, rtol=1e-5, atol=1e-6, msg=name)

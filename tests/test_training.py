@@ -7,7 +7,7 @@ from transformers import LlamaForCausalLM
 
 from corda_kernels.adapt import apply
 from corda_kernels.calibration import calibrate
-from corda_kernels.export import save_peft_adapter, save_residual_model
+from corda_kernels.export import save_merged_model, save_peft_adapter, save_residual_model
 from corda_kernels.methods.parameters import trainable_parameter_report
 from corda_kernels.nn import LowRankLinear
 from corda_kernels.testing import tiny_llama, token_batches
@@ -112,3 +112,32 @@ def test_smollm2_partial_lora_on_real_text():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.slow
+def test_gguf_loaded_model_saves_and_trains_without_helpers(tmp_path):
+    """A model loaded from GGUF by transformers itself (as users do, not through our loader) is
+    marked quantized although its weights are dequantized floats: after apply, save_residual_model,
+    save_merged_model and HF Trainer work on it, and the saved residual reloads with its weights."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from corda_kernels.integrations.loading import default_model_location
+
+    try:
+        directory, gguf = default_model_location()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    assert model.is_quantized  # what made save_pretrained and Trainer refuse it
+    name = "model.layers.0.self_attn.q_proj"
+    apply(model, "pissa", rank=2, target_modules=[name], progress=False)
+    save_residual_model(model, tmp_path / "residual")
+    save_merged_model(model, tmp_path / "merged")
+    residual = AutoModelForCausalLM.from_pretrained(tmp_path / "residual", dtype=torch.float32)
+    assert torch.equal(residual.get_submodule(name).weight, model.get_submodule(name).weight)
+    ids = torch.randint(0, 1000, (1, 8))
+    data = [{"input_ids": ids[0], "labels": ids[0]}]
+    args = TrainingArguments(str(tmp_path / "train"), max_steps=1, report_to=[], save_strategy="no", use_cpu=True)
+    before = model.get_submodule(name).B.detach().clone()
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert not torch.equal(model.get_submodule(name).B, before)

@@ -3,6 +3,12 @@
 Layers that receive the *same input tensor* in a forward pass (q/k/v after one norm, gate/up) share
 one accumulator: the sharing is detected at run time from tensor identity, not from layer names,
 so it holds for any architecture. Padding is excluded through the batch's ``attention_mask``.
+
+Encoder-decoder models (T5, BART): layers of the decoder stack use the batch's
+``decoder_attention_mask`` (no mask when it is not given: a causal decoder has no padding unless
+told), except the cross-attention projections whose input is the encoder's output, which use the
+encoder's ``attention_mask``. The stack, not the sequence length, decides: the two lengths may be
+equal.
 """
 
 from __future__ import annotations
@@ -34,10 +40,24 @@ class CovarianceRecorder:
     silent mix). Tensors are tracked with weak references, so no activation is kept alive.
     """
 
-    def __init__(self, targets: Mapping[str, nn.Module], *, normalization: str = "token_mean", upper_only: bool = True):
+    def __init__(
+        self,
+        targets: Mapping[str, nn.Module],
+        *,
+        normalization: str = "token_mean",
+        upper_only: bool = True,
+        decoder: Optional[str] = None,
+        encoder: Optional[nn.Module] = None,
+    ):
+        """``decoder``: the name of an encoder-decoder model's decoder module (its targets use the
+        decoder mask); ``encoder``: the encoder module, whose output marks cross-attention inputs."""
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.targets = dict(targets)
+        self.in_decoder = {n for n in self.targets if decoder is not None and n.startswith(decoder + ".")}
+        self.encoder = encoder
+        self._encoder_output: Optional[weakref.ref] = None
+        self._decoder_mask: Optional[torch.Tensor] = None
         self.normalization = normalization
         self.upper_only = upper_only
         self.groups: dict[str, str] = {}
@@ -56,6 +76,8 @@ class CovarianceRecorder:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> CovarianceRecorder:
+        if self.encoder is not None:
+            self._handles.append(self.encoder.register_forward_hook(self._encoder_done))
         for name, module in self.targets.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
             self._handles.append(module.register_forward_hook(self._after))
@@ -66,11 +88,18 @@ class CovarianceRecorder:
             handle.remove()
         self._handles.clear()
 
-    def start_batch(self, index: int, attention_mask: Optional[torch.Tensor]) -> None:
+    def start_batch(
+        self,
+        index: int,
+        attention_mask: Optional[torch.Tensor],
+        decoder_attention_mask: Optional[torch.Tensor] = None,
+    ) -> None:
         if self._expected is None and self._calls:
             self._expected = dict(self._calls)  # the first batch ran the whole forward
         self.batch_index = index
         self._mask = None if attention_mask is None else attention_mask.bool()
+        self._decoder_mask = None if decoder_attention_mask is None else decoder_attention_mask.bool()
+        self._encoder_output = None
         self._seen.clear()
         self._calls = {}
         self._remaining = sum(self._expected.values()) if self._expected else -1
@@ -80,8 +109,8 @@ class CovarianceRecorder:
         an input (:attr:`groups`) and how often each runs per forward, so that every real batch can
         stop after the last target. Works on a ``meta``-device model (memory estimates)."""
         ids = batch["input_ids"]
-        tiny = {
-            k: (v[:1, :2] if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape[:2] else v)
+        tiny = {  # every per-sequence tensor (decoder inputs may be of another length)
+            k: (v[:1, :2] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == ids.shape[0] else v)
             for k, v in batch.items()
         }
         self.probing, self._calls, self._remaining = True, {}, -1
@@ -95,6 +124,18 @@ class CovarianceRecorder:
             self.probing = False
             self._seen.clear()
         self._expected = dict(self._calls)
+
+    def _encoder_done(self, module, args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+        self._encoder_output = weakref.ref(hidden) if isinstance(hidden, torch.Tensor) else None
+
+    def mask_for(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The token mask of layer ``name``'s input ``x``: its stack's mask (module docstring)."""
+        if name not in self.in_decoder:
+            return self._mask
+        if self._encoder_output is not None and self._encoder_output() is x:
+            return self._mask  # cross-attention key/value: the encoder's tokens
+        return self._decoder_mask
 
     def _after(self, module, args, output):
         if self.stop_early and self._remaining == 0:
@@ -143,12 +184,13 @@ class CovarianceRecorder:
             scale = float(x.max().abs())
             acc.update(x / scale if scale > 0 else x, name=where, count=1)
             return
-        mask = self._mask
+        mask = self.mask_for(name, x)
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
-            _backend.warn_once(
-                f"mask-{name}",
-                f"layer {name}: input shape {tuple(x.shape)} does not line up with attention_mask "
-                f"{tuple(mask.shape)}; its padding tokens cannot be excluded",
+            # e.g. routed tokens of a mixture-of-experts layer: not (batch, sequence)
+            _backend.warn(
+                f"layer {name}: input shape {tuple(x.shape)} does not line up with the token mask "
+                f"{tuple(mask.shape)}; its padding tokens cannot be excluded from its covariance",
+                stacklevel=4,
             )
             mask = None
         if mask is not None and mask.device != x.device:

@@ -107,7 +107,8 @@ def run(args) -> int:
     tolerance = max(FLOOR[args.dtype], 2 * floor_error)
     ok = error <= tolerance
     with measure("export") as st:
-        save_peft_adapter(model, os.path.join(args.out, "adapter"), base_model_name_or_path=args.model)
+        residual = None if args.no_residual else os.path.abspath(os.path.join(args.out, "residual_model"))
+        save_peft_adapter(model, os.path.join(args.out, "adapter"), residual_model=residual)
         if not args.no_residual:
             save_residual_model(model, os.path.join(args.out, "residual_model"))
         if covariances is not None:

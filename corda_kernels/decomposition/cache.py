@@ -13,7 +13,7 @@ digest covering the safetensors file and every manifest field (so an edited ``sc
 ``subtract`` is caught like a damaged tensor file). Both are written to a temporary file and
 renamed into place, the manifest last, so an interrupted write leaves no entry. An entry whose
 manifest cannot be read, whose tensor file is missing, or whose digest does not match is reported
-(``warnings.warn``) and recomputed (then overwritten).
+(a :class:`~corda_kernels._backend.CordaWarning`) and recomputed (then overwritten).
 
 Digest cost: blake2b runs at about 1 GB/s on one CPU core; weights on a GPU are copied to the host
 in 64 MiB pieces to be hashed.
@@ -25,12 +25,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Optional
 
 import torch
 
+from .. import _backend
 from .._files import file_digest, write_atomic
 from .._version import __version__
 from ..calibration import storage as _storage
@@ -169,9 +169,8 @@ class DecompositionCache:
             fields = dict(manifest["fields"], trainable=tuple(manifest["fields"]["trainable"]))
             return LayerInit(**tensors, **fields)
         except Exception as exc:  # any damage: recompute
-            warnings.warn(
-                f"decomposition cache entry of layer {name} ({manifest_path}) is damaged ({exc}); recomputing",
-                stacklevel=2,
+            _backend.warn(
+                f"decomposition cache entry of layer {name} ({manifest_path}) is damaged ({exc}); recomputing"
             )
             return None
 
@@ -189,9 +188,7 @@ class DecompositionCache:
         try:
             text = json.dumps({"format": FORMAT, "layer": name, "fields": fields, "digest": None})
         except TypeError as exc:
-            warnings.warn(
-                f"layer {name}'s init is not cached: its non-tensor fields are not JSON-able ({exc})", stacklevel=2
-            )
+            _backend.warn(f"layer {name}'s init is not cached: its non-tensor fields are not JSON-able ({exc})")
             return
         write_atomic(tensors_path, lambda tmp: save_file(tensors, tmp))
         manifest = json.loads(text)

@@ -8,6 +8,8 @@ set stays under a byte budget.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import defaultdict
 from typing import Mapping, NamedTuple, Optional
 
@@ -50,6 +52,19 @@ def check_rank(name: str, module: nn.Module, rank: int) -> None:
         )
 
 
+def check_alpha(name: str, alpha, option: str = "alpha") -> None:
+    """Refuse a LoRA alpha that gives no usable adapter: 0 (infinite factors: ``sqrt(S/scale)``),
+    negative (factors clamped to 0: nothing to train), NaN or infinite, or not a number.
+    ``option`` names where the value came from (``alpha`` or ``alpha_pattern``)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"{option} must be a positive number, got {type(alpha).__name__} {alpha!r} for layer {name}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(
+            f"{option} must be a positive finite number (the LoRA scaling is alpha / rank), got {alpha} for layer "
+            f"{name}"
+        )
+
+
 def plan_layers(
     targets: Mapping[str, nn.Module], ranks: Mapping[str, int], alphas: Mapping[str, float], use_rslora: bool = False
 ) -> dict[str, LayerJob]:
@@ -57,6 +72,7 @@ def plan_layers(
     jobs = {}
     for name, module in targets.items():
         check_rank(name, module, ranks[name])
+        check_alpha(name, alphas[name])
         jobs[name] = LayerJob(module, ranks[name], scaling(alphas[name], ranks[name], use_rslora))
     return jobs
 

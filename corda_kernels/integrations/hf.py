@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._dtypes import ACTIVATION_DTYPES
+from ..nn import LowRankLinear
 
 try:  # transformers' GPT-2 style linear layer, stored (in_features, out_features)
     from transformers.pytorch_utils import Conv1D
@@ -137,3 +138,87 @@ def named(modules: Iterable[str]) -> str:
     """A short human list of names for messages."""
     names = list(modules)
     return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether accelerate's hooks move weights in per module (``device_map`` with offload)."""
+    return any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def refuse_meta(model: nn.Module, modules: dict[str, nn.Module], what: str) -> None:
+    """Refuse target layers whose weights are on the ``meta`` device (no values: built under
+    ``init_empty_weights`` or ``device="meta"``), unless accelerate loads them per module."""
+    meta = [
+        name
+        for name, module in modules.items()
+        if getattr(module, "weight", None) is not None and module.weight.is_meta
+    ]
+    if meta and not is_offloaded(model):
+        raise ValueError(
+            f"{what} needs the weights' values, but layer {meta[0]} (and {len(meta) - 1} more) of "
+            f"{type(model).__name__} is on the meta device; load the model with its weights (from_pretrained "
+            "without init_empty_weights / device='meta'), or use corda_kernels.estimate_memory for a meta model"
+        )
+
+
+def check_finite_parameters(named_parameters: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Raise naming the first parameter holding NaN or Inf (in calibration it would poison every
+    later layer's input, so the error would otherwise name a downstream layer)."""
+    for name, param in named_parameters:
+        if param is None or param.is_meta or not param.dtype.is_floating_point:
+            continue
+        if not bool(torch.isfinite(param).all()):
+            raise FloatingPointError(f"{what}: parameter {name} holds NaN or Inf; fix or reload the weights")
+
+
+def decoder_stack(model: nn.Module) -> tuple[Optional[str], Optional[nn.Module]]:
+    """``(name of the decoder module, the encoder module)`` of an encoder-decoder model (T5, BART:
+    ``config.is_encoder_decoder``), else ``(None, None)``."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None, None
+    get_dec, get_enc = getattr(model, "get_decoder", None), getattr(model, "get_encoder", None)
+    decoder = get_dec() if callable(get_dec) else None
+    encoder = get_enc() if callable(get_enc) else None
+    if decoder is None or encoder is None:
+        return None, None
+    name = next((n for n, m in model.named_modules() if m is decoder), None)
+    return name, encoder
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def forget_gguf_quantization(model: nn.Module) -> bool:
+    """transformers dequantizes GGUF tensors to float at load but keeps marking the model as
+    GGUF-quantized, which makes ``save_pretrained`` and ``Trainer`` refuse it. The weights are plain
+    floats: drop the marks so the model saves and trains as an ordinary one. Other quantization
+    methods are left alone. Returns whether marks were dropped."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    method = getattr(method, "value", method) or getattr(model, "quantization_method", None)
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return False
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model, "config") and hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return True
+
+
+def refuse_adapted(model: nn.Module, what: str) -> None:
+    """Refuse a model that already carries corda_kernels or PEFT LoRA adapters (``what``: the
+    refusing call): its target layers are no longer plain linear layers."""
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            raise ValueError(
+                f"{what}: model already carries corda_kernels adapters (e.g. {name}); {what} the base model, or merge "
+                "or unload them first (corda_kernels.merge / corda_kernels.unload)"
+            )
+        if type(module).__module__.startswith("peft.") and hasattr(module, "lora_A"):
+            raise ValueError(
+                f"{what}: model already carries PEFT LoRA layers (e.g. {name}); {what} the base model, "
+                "or use corda_kernels.patch_peft to run an existing PeftModel on our kernels"
+            )

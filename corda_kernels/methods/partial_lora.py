@@ -133,6 +133,14 @@ class PartialLoRA(InitMethod):
         if self.densities is not None:
             self.ratios = self._given(targets)
             return
+        builtin = not callable(self.metric) if self.score == "svd" else self.loss is None
+        if builtin and hf.is_encoder_decoder(model):
+            what = f"metric={self.metric!r}" if self.score == "svd" else "the default SNIP loss"
+            option = "metric=callable(model, batches)" if self.score == "svd" else "loss=callable(model, batch)"
+            raise ValueError(
+                f"Partial-LoRA's {what} is a causal LM's next-token measure; {type(model).__name__} is an "
+                f"encoder-decoder model: pass {option}, or densities= to skip the derivation"
+            )
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:

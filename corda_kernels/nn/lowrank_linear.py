@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.lowrank_linear import check_factors, delta_weight, lowrank_linear
+from ..ops.lowrank_linear import check_dropout, check_factors, check_scale, delta_weight, lowrank_linear
 
 _FACTORS = ("A", "B", "diag")
 
@@ -52,8 +52,8 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"LowRankLinear: trainable may name {_FACTORS}, got {unknown}")
         if "diag" in trainable and diag is None:
             raise ValueError("LowRankLinear: trainable names 'diag' but no diag was given")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LowRankLinear: dropout must be in [0, 1), got {dropout}")
+        dropout = check_dropout(dropout, "LowRankLinear")
+        scale = check_scale(scale, "LowRankLinear")
         check_factors(weight, A, B, bias=bias, row_index=row_index, col_index=col_index, diag=diag)
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)

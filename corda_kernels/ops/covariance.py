@@ -174,7 +174,11 @@ def finalize_covariance(
 
     ``upper_only`` says how ``cov`` was accumulated (mirror the upper triangle when True).
     """
-    if count <= 0:
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"finalize_covariance: count must be an int (tokens accumulated), got {type(count).__name__}")
+    if count < 0:
+        raise ValueError(f"finalize_covariance: count={count} is negative; it is the number of tokens accumulated")
+    if count == 0:
         raise ValueError(
             "finalize_covariance: no tokens were accumulated (count=0); every calibration row was padding or "
             "the data was empty"

@@ -27,6 +27,7 @@ is registered as ``corda_kernels::lowrank_linear`` with its backward
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -248,6 +249,27 @@ def check_factors(
             )
 
 
+def check_scale(scale, where: str = "lowrank_linear") -> float:
+    """``scale`` as a float; TypeError unless it is a real number, ValueError unless it is finite
+    (a NaN or infinite scale turns every output into NaN/inf)."""
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.dtype.is_floating_point:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{where}: scale must be a real number, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{where}: scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_dropout(dropout, where: str = "lowrank_linear") -> float:
+    """``dropout`` as a float; TypeError unless it is a real number, ValueError outside [0, 1)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"{where}: dropout must be a number in [0, 1), got {type(dropout).__name__} {dropout!r}")
+    if not 0.0 <= dropout < 1.0:  # also refuses NaN
+        raise ValueError(f"{where}: dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
 def _seed_tensor(seed, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
     if seed is None:
         gen_device = generator.device if generator is not None else device
@@ -322,10 +344,10 @@ def lowrank_linear(
         raise ValueError(
             f"lowrank_linear: x {_shape(x)} must end in in_features={weight.shape[1]} (weight {_shape(weight)})"
         )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lowrank_linear: dropout must be in [0, 1), got {dropout}")
+    dropout = check_dropout(dropout)
+    scale = check_scale(scale)
     seed_t = _seed_tensor(seed, generator, x.device) if dropout > 0.0 else None
-    y, _ = _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed_t, float(scale), float(dropout))
+    y, _ = _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed_t, scale, dropout)
     return y
 
 
