@@ -57,3 +57,31 @@ def test_blockwise_7b_stand_in(tmp_path):
     assert result["whole"]["covariances"] == 8
     assert result["estimate"]["blockwise"] > 0 and result["estimate"]["whole"] > 0
     assert result["peft"]["covariances"] == 14  # one per module
+
+
+def test_speed_suites_run_at_small_size(tmp_path):
+    """CI's guard for bench/speed: every speed suite once at tiny shapes (CORDA_BENCH_SMALL=1),
+    timing disabled, as `python -m pytest bench/speed --benchmark-disable` runs it. Every
+    ``bench_*.py`` must contribute cases and all must pass (none skipped or failed)."""
+    import glob
+    import xml.etree.ElementTree as ET
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    report = tmp_path / "speed.xml"
+    env = dict(os.environ, CORDA_BENCH_SMALL="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/speed", "--benchmark-disable", "-q", "-p", "no:cacheprovider"]
+        + [f"--junitxml={report}"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    cases = list(ET.parse(report).getroot().iter("testcase"))
+    bad = [c.get("name") for c in cases if len(c)]  # a child element is a failure, error or skip
+    assert not bad, bad
+    suites = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, "bench", "speed", "bench_*.py"))}
+    ran = {c.get("classname").split(".")[-1] for c in cases}
+    assert suites and suites <= ran, suites - ran
