@@ -73,8 +73,14 @@ class MemoryEstimate:
         return max(self.total(phase, where) for phase in self.phases)
 
     def extra_bytes(self, where: Optional[str] = None) -> int:
-        """Peak above the loaded model (every item but the weights) on ``where``."""
-        return max(self.total(phase, where, exclude=("weights",)) for phase in self.phases)
+        """Peak above the loaded model (every item but the weights and the runtime) on ``where``."""
+        return max(self.total(phase, where, exclude=("weights", "runtime + tokenizer")) for phase in self.phases)
+
+    def add(self, item: str, where: str, nbytes: int) -> None:
+        """Count ``nbytes`` of ``item`` on ``where`` in every phase (what a caller holds throughout,
+        e.g. the command line's runtime and output check)."""
+        for phase in self.phases.values():
+            phase[(item, where)] = phase.get((item, where), 0) + int(nbytes)
 
     @property
     def locations(self) -> list[str]:
@@ -107,6 +113,7 @@ class MemoryEstimate:
 
 
 _ORDER = [
+    "runtime + tokenizer",
     "weights",
     "covariances",
     "activations",

@@ -4,6 +4,8 @@ Built from configs (no download, a few milliseconds); the same helpers serve the
 bench scripts and their subprocesses, so none of them edits ``sys.path``.
 """
 
+import os
+
 import torch
 from transformers import (
     BertConfig,
@@ -77,3 +79,13 @@ def token_batches(vocab, n_batches=3, batch=2, seq=12, seed=0, pad_last=True):
                 ids[i, length:] = 0
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+BENCH_SMALL_ENV = "CORDA_BENCH_SMALL"
+
+
+def bench_small() -> bool:
+    """True when ``CORDA_BENCH_SMALL`` is set (not "" or "0"): the speed suites in ``bench/speed``
+    then pick tiny shapes, so CI can run every benchmark once (``--benchmark-disable``) in seconds
+    to check that none is broken. Figures from such a run mean nothing."""
+    return os.environ.get(BENCH_SMALL_ENV, "") not in ("", "0")

@@ -57,3 +57,52 @@ def test_blockwise_7b_stand_in(tmp_path):
     assert result["whole"]["covariances"] == 8
     assert result["estimate"]["blockwise"] > 0 and result["estimate"]["whole"] > 0
     assert result["peft"]["covariances"] == 14  # one per module
+
+
+def test_speed_suites_run_at_small_size(tmp_path):
+    """CI's guard for bench/speed: every speed suite once at tiny shapes (CORDA_BENCH_SMALL=1),
+    timing disabled, as `python -m pytest bench/speed --benchmark-disable` runs it. Every
+    ``bench_*.py`` must contribute cases and all must pass (none skipped or failed)."""
+    import glob
+    import xml.etree.ElementTree as ET
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    report = tmp_path / "speed.xml"
+    env = dict(os.environ, CORDA_BENCH_SMALL="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/speed", "--benchmark-disable", "-q", "-p", "no:cacheprovider"]
+        + [f"--junitxml={report}"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    cases = list(ET.parse(report).getroot().iter("testcase"))
+    bad = [c.get("name") for c in cases if len(c)]  # a child element is a failure, error or skip
+    assert not bad, bad
+    suites = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, "bench", "speed", "bench_*.py"))}
+    ran = {c.get("classname").split(".")[-1] for c in cases}
+    assert suites and suites <= ran, suites - ran
+
+
+def test_regression_workflow_saves_and_compares(tmp_path):
+    """The README's workflow on one tiny suite: --benchmark-save writes pytest-benchmark's JSON with
+    the ratio table inside and a .md beside it; --benchmark-compare(-fail) reads it back."""
+    import glob
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ, CORDA_BENCH_SMALL="1")
+    base = [sys.executable, "-m", "pytest", "bench/speed/bench_decompose.py", "-k", "randomized_svd", "-q"]
+    base += ["-p", "no:cacheprovider", "--benchmark-enable", f"--benchmark-storage=file://{tmp_path}"]
+    for extra in (["--benchmark-save=baseline"], ["--benchmark-compare=0001", "--benchmark-compare-fail=median:1000%"]):
+        done = subprocess.run(base + extra, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    (saved,) = glob.glob(str(tmp_path / "*" / "0001_baseline.json"))
+    data = json.loads(open(saved).read())
+    table = data["corda_ratio_table"]
+    assert table[0].startswith("Device: ") and "torch " in table[0] and "load average" in table[0]
+    assert sum("| rsvd " in line for line in table) == 3  # ours and two anchors, one group
+    assert open(saved[: -len(".json")] + ".md").read().splitlines() == table
+    assert "anchor:linalg.svd" in done.stdout  # the comparison table names the saved run's cases

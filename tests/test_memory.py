@@ -129,3 +129,51 @@ def test_cli_estimate(capsys):
     printed = capsys.readouterr().out
     assert "block-wise" in printed and "210 target layers" in printed and "undo copies" in printed
     assert "peak on cpu" in printed
+
+
+# `corda-kernels init` at its defaults and two other sizes: the peak RSS it prints per stage must be
+# within 1.25x of what `corda-kernels estimate` with the same options says (both as a user runs
+# them, default malloc settings; the estimate counts its own process's runtime and tokenizer).
+INIT_OPTIONS = {
+    "defaults": [],
+    "16x64": ["--samples", "16", "--seq-len", "64"],
+    "32x128-kpa-r16": ["--samples", "32", "--seq-len", "128", "--mode", "kpa", "--rank", "16"],
+}
+
+
+def _command(args: list[str], cwd) -> str:
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = "import sys; from corda_kernels.cli import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def estimated_totals(printed: str) -> dict[str, float]:
+    """Phase -> total MiB on the CPU, from `corda-kernels estimate`'s table."""
+    header = next(line for line in printed.splitlines() if line.startswith("MiB"))
+    total = next(line for line in printed.splitlines() if line.startswith("total") and " cpu " in line)
+    return dict(zip(header.split()[2:], (float(x.replace(",", "")) for x in total.split()[2:])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(INIT_OPTIONS))
+def test_estimate_matches_init_peak_rss(tmp_path, name):
+    try:
+        loading.default_model_location()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    options = [*INIT_OPTIONS[name], "--device", "cpu"]
+    _command(["init", *options, "--no-progress", "--no-residual", "--out", str(tmp_path / "out")], tmp_path)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    stages = {s["name"]: s["peak_rss"] / 2**20 for s in report["stages"]}
+    estimate = estimated_totals(_command(["estimate", *options], tmp_path))
+    pairs = {
+        "calibrate": (stages["calibrate"], estimate["calibrate"]),
+        "decompose": (stages["decompose"], max(estimate["decompose"], estimate["swap"])),  # apply: both
+    }
+    for stage, (measured, estimated) in pairs.items():
+        assert 1 / 1.25 <= estimated / measured <= 1.25, (name, stage, measured, estimated)

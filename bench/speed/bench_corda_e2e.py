@@ -14,7 +14,6 @@ import copy
 
 import pytest
 import torch
-from conftest import synchronize, tag
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -23,14 +22,27 @@ from peft.tuners.lora.corda import preprocess_corda  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import corda_kernels as ck  # noqa: E402
+from corda_kernels.testing import bench_small  # noqa: E402
 
 RANK = 16
 SAMPLES, SEQ = 128, 128  # CorDA uses hundreds of calibration samples (256 in the paper)
+SMALL = bench_small()  # CI: a tiny model and 16 short samples (CORDA_BENCH_SMALL=1)
+if SMALL:
+    RANK, SAMPLES, SEQ = 4, 16, 16
 
 
 def _model(device):
     torch.manual_seed(0)
-    if device.type == "cuda":  # LLaMA-2-7B block shapes, 2 blocks
+    if SMALL:
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=256,
+            max_position_embeddings=64,
+        )
+    elif device.type == "cuda":  # LLaMA-2-7B block shapes, 2 blocks
         config = LlamaConfig(
             hidden_size=4096,
             intermediate_size=11008,
@@ -85,7 +97,7 @@ def _peft(model, ids, mode):
 
 @pytest.mark.parametrize("mode", ["ipa", "kpa"])
 @pytest.mark.parametrize("impl", ["ours", "anchor:peft"])
-def test_corda_end_to_end(benchmark, bench_device, mode, impl):
+def test_corda_end_to_end(benchmark, bench_device, bench_tag, bench_sync, mode, impl):
     base = _model(bench_device)
     ids = _samples(base.config.vocab_size, bench_device)
     with torch.no_grad():
@@ -98,9 +110,9 @@ def test_corda_end_to_end(benchmark, bench_device, mode, impl):
 
     def target(model, ids, mode):
         adapted["model"] = run(model, ids, mode)
-        synchronize(bench_device)
+        bench_sync()
 
-    tag(benchmark, group=f"corda-{mode} e2e {bench_device.type} r={RANK}", impl=impl)
+    bench_tag(group=f"corda-{mode} e2e {bench_device.type} r={RANK}", impl=impl)
     benchmark.pedantic(target, setup=setup, rounds=2, warmup_rounds=1)
     with torch.no_grad():
         delta = float((adapted["model"](ids[:4]).logits - reference).abs().max())

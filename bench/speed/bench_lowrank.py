@@ -11,7 +11,7 @@ training). Anchors, timed in the same group:
 
 Ours: ``lora`` (A, B trainable), ``asymmetric`` (A frozen: x is not saved), ``partial50``
 (Partial-LoRA on a random 50% of the rows and of the columns), and on GPU ``lora-torch`` (the torch
-composition forced with ``CORDA_KERNELS_BACKEND=cpu``, to keep the backend preference honest).
+composition forced with ``CORDA_KERNELS_BACKEND=torch``, to keep the backend preference honest).
 ``flops`` is the base GEMMs' ``4·N·in·out`` for every implementation (a common yardstick); the peak
 memory of a step is in each benchmark's ``extra_info`` on GPU.
 
@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import synchronize, tag
 from torch import nn
 from torch.nn import functional as F
 
 from corda_kernels.nn import LowRankLinear
+from corda_kernels.testing import bench_small
 
 ON_GPU = torch.cuda.is_available()
-if ON_GPU:
+if bench_small():  # CI: every implementation once at a tiny shape (CORDA_BENCH_SMALL=1)
+    DTYPE, ROUNDS = torch.float32, 2
+    GROUPS = [((32, 48), 64, 4)]
+    OURS = ("lora", "asymmetric", "partial50", "lora-torch") if ON_GPU else ("lora", "asymmetric", "partial50")
+elif ON_GPU:
     DTYPE, ROUNDS = torch.bfloat16, 20
     GROUPS = [
         (shape, n, r)
@@ -89,7 +93,7 @@ def _build(impl: str, weight: torch.Tensor, r: int, device, monkeypatch):
         return fn, [p for p in layer.parameters() if p.requires_grad]
     variant = impl.split(":", 1)[1]
     if variant == "lora-torch":
-        monkeypatch.setenv("CORDA_KERNELS_BACKEND", "cpu")
+        monkeypatch.setenv("CORDA_KERNELS_BACKEND", "torch")
         variant = "lora"
     layer = _ours(weight, r, variant, device)
     return layer, [p for p in layer.parameters() if p.requires_grad]
@@ -97,7 +101,7 @@ def _build(impl: str, weight: torch.Tensor, r: int, device, monkeypatch):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,n,r", GROUPS, ids=[f"{o}x{i}-N{n}-r{r}" for (o, i), n, r in GROUPS])
-def test_lowrank_fwd_bwd(benchmark, bench_device, monkeypatch, shape, n, r, impl):
+def test_lowrank_fwd_bwd(benchmark, bench_device, bench_tag, bench_sync, monkeypatch, shape, n, r, impl):
     out_f, in_f = shape
     weight = _randn(out_f, in_f, scale=in_f**-0.5, device=bench_device, seed=0)
     fn, params = _build(impl, weight, r, bench_device, monkeypatch)
@@ -111,7 +115,7 @@ def test_lowrank_fwd_bwd(benchmark, bench_device, monkeypatch, shape, n, r, impl
 
     def step():
         fn(x).backward(dy)
-        synchronize(bench_device)
+        bench_sync()
 
     clear()
     step()  # compiles / autotunes outside the timed rounds
@@ -123,7 +127,5 @@ def test_lowrank_fwd_bwd(benchmark, bench_device, monkeypatch, shape, n, r, impl
         step()
         extra["peak_mib"] = round((torch.cuda.max_memory_allocated(bench_device) - base) / 2**20, 1)
     dtype = str(DTYPE).replace("torch.", "")
-    tag(
-        benchmark, group=f"lowrank {out_f}x{in_f} N={n} r={r} {dtype}", impl=impl, flops=4.0 * n * in_f * out_f, **extra
-    )
+    bench_tag(group=f"lowrank {out_f}x{in_f} N={n} r={r} {dtype}", impl=impl, flops=4.0 * n * in_f * out_f, **extra)
     benchmark.pedantic(step, setup=clear, rounds=ROUNDS, warmup_rounds=1)

@@ -1,15 +1,19 @@
 """Shared pytest-benchmark setup: every figure is a ratio against an anchor timed in the same run.
 
-A benchmark test times one implementation of one case and tags it::
+A benchmark test times one implementation of one case and tags it through fixtures (no imports
+between bench files)::
 
-    def test_cov(benchmark, bench_device, case):
-        tag(benchmark, group=f"cov d={d} n={n} {dtype}", impl="ours", flops=...)
+    def test_cov(benchmark, bench_tag, bench_sync, case):
+        bench_tag(group=f"cov d={d} n={n} {dtype}", impl="ours", flops=...)
         benchmark.pedantic(fn, setup=..., rounds=..., warmup_rounds=1)
 
-Implementations whose ``impl`` starts with ``anchor:`` are anchors. At the end of the session a
-table is printed (and written to ``bench/last_run.md``) with, per group, each implementation's
-median, ``anchor_median / median`` for every anchor, and TFLOP/s when ``flops`` was given. The
-device is named in the header. Run: ``python -m pytest bench --benchmark-enable``.
+Implementations whose ``impl`` starts with ``anchor:`` are anchors. At the end of a timed session a
+table is printed with, per group, each implementation's median, ``anchor_median / median`` for
+every anchor, and TFLOP/s when ``flops`` was given; the header names the device, versions, date
+and load average. The table is written to ``bench/last_run.md``, stored in pytest-benchmark's JSON
+(key ``corda_ratio_table``) and, with ``--benchmark-save``/``--benchmark-autosave``, written beside
+the saved JSON as ``<same name>.md``. Run: ``python -m pytest bench --benchmark-enable``;
+``CORDA_BENCH_SMALL=1`` picks tiny shapes (``corda_kernels.testing.bench_small``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,25 @@ def device_description() -> str:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return f"{props.name} (CUDA {torch.version.cuda}, {props.multi_processor_count} SMs)"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def versions() -> str:
+    import corda_kernels
+
+    parts = [f"corda_kernels {corda_kernels.__version__}", f"torch {torch.__version__}"]
+    for name in ("triton", "peft", "transformers"):
+        try:
+            parts.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    return ", ".join(parts)
 
 
 @pytest.fixture(scope="session")
@@ -34,16 +56,28 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def tag(benchmark, *, group: str, impl: str, flops: float | None = None, **extra) -> None:
-    """Label a benchmark: its comparison group, implementation name and (optional) FLOP count."""
-    benchmark.group = group
-    benchmark.extra_info.update(impl=impl, flops=flops, **extra)
-    benchmark.name = f"{group} :: {impl}"
+@pytest.fixture
+def bench_tag(benchmark):
+    """``bench_tag(group=..., impl=..., flops=None, **extra)`` labels this test's benchmark: its
+    comparison group, implementation name (``anchor:...`` for anchors) and optional FLOP count."""
+
+    def tag(*, group: str, impl: str, flops: float | None = None, **extra) -> None:
+        benchmark.group = group
+        benchmark.extra_info.update(impl=impl, flops=flops, **extra)
+        benchmark.name = f"{group} :: {impl}"
+
+    return tag
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@pytest.fixture
+def bench_sync(bench_device):
+    """``bench_sync()`` waits for the device (CUDA kernels are asynchronous; a no-op on the CPU)."""
+
+    def sync() -> None:
+        if bench_device.type == "cuda":
+            torch.cuda.synchronize(bench_device)
+
+    return sync
 
 
 def _median(bench) -> float:
@@ -60,9 +94,10 @@ def _ratio_table(benchmarks) -> list[str]:
         if _median(b) is None:
             continue
         groups.setdefault(b.group, []).append(b)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     lines = [
-        f"Device: {device_description()} | torch {torch.__version__} | "
-        f"{datetime.datetime.now().isoformat(timespec='minutes')}",
+        f"Device: {device_description()} | {versions()} | {now} | load average {load}",
         "",
         "| group | impl | median ms | vs anchors (anchor / this) | TFLOP/s |",
         "| --- | --- | --- | --- | --- |",
@@ -78,14 +113,33 @@ def _ratio_table(benchmarks) -> list[str]:
     return lines
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
+def _timed_session(config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled or not session.benchmarks:
+        return None
+    return session
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Keep the ratio table inside pytest-benchmark's own JSON (saved runs and --benchmark-json)."""
+    if _timed_session(config) is not None:
+        output_json["corda_ratio_table"] = _ratio_table(config._benchmarksession.benchmarks)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = _timed_session(config)
+    if session is None:
         return
-    lines = _ratio_table(session.benchmarks)
+    text = "\n".join(_ratio_table(session.benchmarks)) + "\n"
     terminalreporter.write_sep("=", "ratios against same-run anchors")
-    for line in lines:
-        terminalreporter.write_line(line)
-    out = os.path.join(os.path.dirname(__file__), "last_run.md")
-    with open(out, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    terminalreporter.write(text)
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "last_run.md"), "w") as fh:
+        fh.write(text)
+    name = session.save or session.autosave
+    if name and getattr(session, "storage", None) is not None and hasattr(session.storage, "query"):
+        saved = sorted(session.storage.query(f"*_{name}.json" if isinstance(name, str) else "*.json"))
+        if saved:  # the run just saved (numbered files, newest last)
+            beside = str(saved[-1])[: -len(".json")] + ".md"
+            with open(beside, "w") as fh:
+                fh.write(text)
+            terminalreporter.write_line(f"ratio table saved beside the JSON: {beside}")

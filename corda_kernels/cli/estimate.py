@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 
+from .._measure import rss_bytes
 from ..integrations import loading
 from ..memory import estimate_memory, meta_model
 from ._common import add_common_arguments, targets
+from .init import HIGHER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     model = meta_model(args.model, args.gguf_file, args.dtype)
+    loading.load_tokenizer(args.model, args.gguf_file)  # init holds one: counted in the runtime below
+    runtime = rss_bytes()  # this process: Python, torch, transformers, the tokenizer, as in init
     texts = loading.load_texts(args.calib)[: args.samples]
     batch_size = min(args.batch_size, len(texts))
     options = {"mode": args.mode} if args.method == "corda" else {}
@@ -43,6 +47,12 @@ def run(args) -> int:
         device=args.device,
         **options,
     )
+    estimate.add("runtime + tokenizer", "cpu", runtime)
+    # init's output check holds the final hidden states of its first two batches, as computed and one
+    # precision up (logits are formed per text at comparison time).
+    hidden = model.get_output_embeddings().weight.shape[1]
+    check = min(2 * batch_size, len(texts)) * args.seq_len * hidden
+    estimate.add("output check", "cpu", check * (HIGHER[args.dtype].itemsize + model.dtype.itemsize))
     print(estimate.summary())
     print(f"(sequences counted at --seq-len {args.seq_len} tokens: an upper bound when the texts are shorter)")
     return 0

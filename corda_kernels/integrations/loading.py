@@ -38,16 +38,26 @@ def default_model_location() -> tuple[str, str]:
     return directory, DEFAULT_GGUF_FILE
 
 
-def load_model(model: Optional[str], gguf_file: Optional[str], dtype: str = "fp32", device: str = "cpu"):
-    """(model, tokenizer) from a hub id / path (optionally a GGUF file in it) or the default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model: Optional[str], gguf_file: Optional[str]):
+    """The tokenizer of a hub id / path (optionally a GGUF file in it) or the default, with a pad token."""
+    from transformers import AutoTokenizer
 
     if model is None:
         model, gguf_file = default_model_location()
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: Optional[str], gguf_file: Optional[str], dtype: str = "fp32", device: str = "cpu"):
+    """(model, tokenizer) from a hub id / path (optionally a GGUF file in it) or the default."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(model, gguf_file)
+    if model is None:
+        model, gguf_file = default_model_location()
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     net = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], **kwargs)
     if gguf_file:
         hf.forget_gguf_quantization(net)
