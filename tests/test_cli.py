@@ -195,6 +195,16 @@ def test_output_replaces_on_success(tmp_path):
     assert os.stat(out).st_mode & 0o077  # not mkdtemp's private 0700
 
 
+def test_killed_runs_leftovers_are_removed(tmp_path):
+    dead = tmp_path / ".out.partial-999999999-abc"  # no such pid
+    dead.mkdir()
+    mine = tmp_path / f".out.partial-{os.getpid()}-abc"
+    mine.mkdir()
+    with _common.output_dir(str(tmp_path / "out"), overwrite=False) as tmp:
+        _write(os.path.join(tmp, "a.json"), "{}")
+    assert sorted(os.listdir(tmp_path)) == [mine.name, "out"]
+
+
 # -- init end to end on a tiny model (a character tokenizer stands in for the real one) --
 
 

@@ -429,6 +429,8 @@ def validate(args, *, out: bool = True) -> list[str]:
     """Every check that needs no model; returns the calibration texts. Normalizes ``args``."""
     args.device = check_device(args.device)
     args.model, args.gguf_file = check_model(args.model, args.gguf_file)
+    if args.model is None or args.gguf_file:
+        check_extra("gguf", "gguf", "loading a GGUF model (the default SmolLM2 is one)")
     check_targets(args.targets)
     if hasattr(args, "method"):
         check_method(args)

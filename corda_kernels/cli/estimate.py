@@ -24,6 +24,8 @@ def run(args) -> int:
     model = meta_model(args.model, args.gguf_file, args.dtype)
     batch_size = min(args.batch_size, len(texts))
     options = {"mode": args.mode} if args.method == "corda" else {}
+    if args.method == "partial_lora":  # the ratio search is not modelled: every row and column kept, an upper bound
+        options = {"densities": args.density or 1.0}
     n_batches = -(-len(texts) // batch_size)
     estimate = estimate_memory(
         model,

@@ -70,34 +70,46 @@ class MeanAbsASVD(ASVD):
         return super().init_batch(weights, _Diagonals(m.square()), rank, scale, names, seed)
 
 
-@torch.no_grad()
-def mean_abs_inputs(model: nn.Module, layers: dict, batches: Sequence[dict], progress: bool = True) -> dict:
-    """``{layer: (in,) fp64}``: the mean |x| of each input channel of each layer over the
-    non-padding tokens of ``batches`` (one forward pass per batch)."""
-    sums = {n: torch.zeros(hf.in_out_features(m)[0], dtype=torch.float64) for n, m in layers.items()}
-    state = {"mask": None, "count": 0}
+class MeanAbsInputs:
+    """``with MeanAbsInputs(model, layers) as rec: <forward passes>``; then ``rec.result(batches)``
+    is ``{layer: (in,) fp64}``, the mean |x| of each input channel over the non-padding tokens of
+    the forwards of ``batches`` (the last ``len(batches)`` forwards: calibration's own passes,
+    after its 2-token probe), without a forward pass of its own."""
 
-    def hook(name):
+    def __init__(self, model: nn.Module, layers: dict):
+        self.model, self.layers, self.forwards = model, layers, []
+
+    def _start(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        self.forwards.append({"shape": tuple(ids.shape), "mask": mask.bool(), "sums": {}})
+
+    def _record(self, name):
         def record(module, args):
+            current = self.forwards[-1]
             x = args[0].detach()
-            x = x[state["mask"]] if state["mask"] is not None else x.reshape(-1, x.shape[-1])
-            sums[name] += x.abs().double().sum(0).cpu()
+            x = x[current["mask"]] if x.shape[:2] == current["mask"].shape else x.reshape(-1, x.shape[-1])
+            current["sums"][name] = x.abs().double().sum(0).cpu()
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        device = hf.input_device(model)
-        for batch in tqdm(batches, desc="mean |x|", disable=not progress):
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
-            state["mask"] = mask.bool().to(device)
-            state["count"] += int(mask.sum())
-            model(**{k: v.to(device) for k, v in batch.items()})
-    finally:
-        for handle in handles:
+    def __enter__(self):
+        self.handles = [self.model.register_forward_pre_hook(self._start, with_kwargs=True)]
+        self.handles += [m.register_forward_pre_hook(self._record(n)) for n, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
             handle.remove()
-    return {n: s / state["count"] for n, s in sums.items()}
+
+    def result(self, batches: Sequence[dict]) -> dict:
+        passes = self.forwards[-len(batches) :] if batches else []
+        shapes = [tuple(b["input_ids"].shape) for b in batches]
+        if [p["shape"] for p in passes] != shapes or any(set(p["sums"]) != set(self.layers) for p in passes):
+            raise RuntimeError("mean |x|: the recorded forward passes do not line up with the calibration batches")
+        count = sum(int(p["mask"].sum()) for p in passes)
+        return {n: sum(p["sums"][n] for p in passes) / count for n in self.layers}
 
 
 def smallest_components(init, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,16 +137,13 @@ def discard_report(
     stages = [] if stages is None else stages
     discards = sorted({0, *discards})
     largest = max(discards)
-    with measure("calibrate") as st:
+    found = hf.find_targets(model, target_modules)
+    with measure("calibrate") as st, MeanAbsInputs(model, found) as recorder:
         covariances = calibrate(model, calib_batches, target_modules, progress=progress)
+    magnitudes = recorder.result(calib_batches)
     stages.append(st)
     _print_stage(st)
-    found = hf.find_targets(model, list(covariances.groups))
     originals = {n: hf.weight_matrix(m).detach().clone() for n, m in found.items()}
-    with measure("mean |x|") as st:
-        magnitudes = mean_abs_inputs(model, found, calib_batches, progress) if largest else None
-    stages.append(st)
-    _print_stage(st)
     with measure("evaluate r=0") as st:
         base = perplexity(model, heldout_batches)
     results = {name: {0: base} for name in METHODS}
