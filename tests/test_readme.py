@@ -146,7 +146,11 @@ def test_inline_commands_exist():
     subcommands = set(cli.COMMANDS)
     for span in spans:
         words = shlex.split(span)
-        if words[0] == "corda-kernels":
+        if words[0] == "corda-kernels" and words[1].startswith("-"):  # a top-level flag: run it
+            command = [sys.executable, "-m", "corda_kernels.cli", *words[1:]]
+            proc = subprocess.run(command, capture_output=True, text=True)
+            assert proc.returncode == 0 and proc.stdout.strip(), (span, proc.stderr[-2000:])
+        elif words[0] == "corda-kernels":
             assert words[1] in subcommands, span
         elif words[1] == "-m":
             assert words[2] == "pytest", span

@@ -8,15 +8,13 @@ import argparse
 from .._measure import rss_bytes
 from ..integrations import loading
 from ..memory import estimate_memory, meta_model
-from ._common import add_common_arguments, targets
+from ._common import add_common_arguments, add_method_arguments, targets, validate
 from .init import HIGHER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--method", default="corda", help="corda, pissa or milora")
-    parser.add_argument("--mode", default="ipa", choices=["ipa", "kpa"], help="CorDA mode")
-    parser.add_argument("--rank", type=int, default=8)
+    add_common_arguments(parser, out_default=None)
+    add_method_arguments(parser)
     parser.add_argument("--blockwise", action="store_true", help="block-wise calibration (apply_blockwise)")
     parser.add_argument(
         "--offload", choices=["cpu"], help="block-wise: where block inputs are kept; else: finalized covariances"
@@ -25,12 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    texts = validate(args, out=False)
     model = meta_model(args.model, args.gguf_file, args.dtype)
     loading.load_tokenizer(args.model, args.gguf_file)  # init holds one: counted in the runtime below
     runtime = rss_bytes()  # this process: Python, torch, transformers, the tokenizer, as in init
-    texts = loading.load_texts(args.calib)[: args.samples]
     batch_size = min(args.batch_size, len(texts))
     options = {"mode": args.mode} if args.method == "corda" else {}
+    if args.method == "partial_lora":  # the ratio search is not modelled: every row and column kept, an upper bound
+        options = {"densities": args.density or 1.0}
     n_batches = -(-len(texts) // batch_size)
     estimate = estimate_memory(
         model,

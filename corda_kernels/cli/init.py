@@ -1,7 +1,17 @@
 """``corda-kernels init``: load a model (default: the embedded SmolLM2-135M), calibrate on text,
 decompose, check that the adapted model reproduces the original logits, write the PEFT adapter and
-the residual base model, and print a report (time and peak memory per stage, energy per layer,
-the output check)."""
+the residual base model (with its tokenizer), and print a report (time and peak memory per stage,
+energy per layer, the output check). Output is written atomically into --out.
+
+Output check: the adapted model's logits against the original's computed one precision up (fp64
+for fp32, fp32 for 16-bit). The adapted model repeats the original's arithmetic (its own error,
+``e0``, measured on the same tokens), adds the rounding of the stored residual ``W' = fl(W - s·B·A)``
+(one rounding per weight, the same order as ``e0``) and the low-rank path's arithmetic and sum
+(again of order ``e0``): tolerance ``3·e0 + 8·u·L`` with ``u`` the dtype's unit roundoff and ``L``
+the largest |logit|, the last term a few roundings at the logit scale so that the bound does not
+collapse when few tokens are checked. Wrong factors (a wrong component, scale or sign) move the
+logits by orders of magnitude more.
+"""
 
 from __future__ import annotations
 
@@ -17,24 +27,35 @@ from .._measure import measure
 from ..adapt import apply
 from ..calibration import calibrate
 from ..export import adapters, save_peft_adapter, save_residual_model
-from ..integrations import loading
-from ._common import add_common_arguments, targets, text_batches
+from ..integrations import hf, loading
+from ._common import (
+    add_common_arguments,
+    add_method_arguments,
+    check_room,
+    method_options,
+    output_dir,
+    positive_float,
+    provenance,
+    targets,
+    validate,
+)
 
-# Output check right after init: the adapted model's max |Δlogits| against the original computed
-# one precision up (fp64 for fp32, fp32 for 16-bit) must be at most max(FLOOR, 2 x the original's
-# own error in its dtype): the flash-attention rule. The original's fp32 rounding alone is ~1e-4 on
-# SmolLM2's logits (|logit| up to ~46), so a fixed 1e-4 would test rounding, not the adapters.
-FLOOR = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.05}
 HIGHER = {"fp32": torch.float64, "bf16": torch.float32, "fp16": torch.float32}
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
+
+
+def check_tolerance(original_error: float, logit_scale: float, dtype: str) -> float:
+    """The output check's bound on max |adapted - reference| (module docstring)."""
+    return 3 * original_error + 8 * UNIT_ROUNDOFF[dtype] * logit_scale
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    parser.add_argument("--method", default="corda", help="corda, pissa or milora")
-    parser.add_argument("--mode", default="ipa", choices=["ipa", "kpa"], help="CorDA mode")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: rank, scaling 1)")
-    parser.add_argument("--normalization", default="token_mean", choices=["token_mean", "peft"])
+    add_method_arguments(parser)
+    parser.add_argument("--alpha", type=positive_float, help="LoRA alpha (default: rank, scaling 1)")
+    parser.add_argument(
+        "--normalization", default="token_mean", choices=["token_mean", "peft"], help="covariance normalization"
+    )
     parser.add_argument("--no-residual", action="store_true", help="do not save the residual base model")
 
 
@@ -49,8 +70,8 @@ def _final_hidden(model, batches, device):
 
 
 def _max_delta(a, b, batches, head: torch.nn.Module) -> float:
-    """max |logits(a) - logits(b)| over the non-padding tokens; logits = the head applied in the
-    hidden states' dtype (as the model computes them), compared in fp64."""
+    """max |logits(a) - logits(b)| over the non-padding tokens (``b=None``: max |logits(a)|); logits =
+    the head applied in the hidden states' dtype (as the model computes them), compared in fp64."""
     weight, bias = head.weight, getattr(head, "bias", None)
 
     def logits(h):
@@ -59,9 +80,10 @@ def _max_delta(a, b, batches, head: torch.nn.Module) -> float:
 
     worst = 0.0
     with torch.no_grad():
-        for x, y, m in zip(a, b, batches):
+        for x, y, m in zip(a, [None] * len(a) if b is None else b, batches):
             for row, keep in enumerate(m["attention_mask"].bool()):
-                worst = max(worst, float((logits(x[row][keep]) - logits(y[row][keep])).abs().max()))
+                other = 0.0 if y is None else logits(y[row][keep])
+                worst = max(worst, float((logits(x[row][keep]) - other).abs().max()))
     return worst
 
 
@@ -73,6 +95,24 @@ def _reference_hidden(model, batches, device, dtype: str):
         return _final_hidden(higher, batches, device)
     finally:
         del higher
+
+
+def output_check(model, before, truth, batches, device, dtype: str, head: torch.nn.Module) -> dict:
+    """The adapted ``model``'s logits on ``batches`` against the original's (``before``, in
+    ``dtype``) and the reference one precision up (``truth``); all given as final hidden states."""
+    after = _final_hidden(model, batches, device)
+    original_error = _max_delta(before, truth, batches, head)
+    logit_scale = _max_delta(truth, None, batches, head)
+    error = _max_delta(after, truth, batches, head)
+    tolerance = check_tolerance(original_error, logit_scale, dtype)
+    return {
+        "max_abs_logit_delta": _max_delta(after, before, batches, head),
+        "error_vs_higher_precision": error,
+        "original_error_vs_higher_precision": original_error,
+        "logit_scale": logit_scale,
+        "tolerance": tolerance,
+        "check_ok": error <= tolerance,
+    }
 
 
 def _energy_summary(model) -> dict[str, dict]:
@@ -87,17 +127,36 @@ def _energy_summary(model) -> dict[str, dict]:
     return {"per_layer": per_layer, "per_kind": kinds}
 
 
+def output_bytes(model, args) -> int:
+    """About what ``init`` writes (an upper bound): the residual model, the adapter (fp32) and one
+    fp32 covariance per target (shared ones counted once each), plus the tokenizer."""
+    found = hf.find_targets(model, targets(args.targets))
+    residual = 0 if args.no_residual else sum(p.numel() * p.element_size() for p in model.parameters())
+    shapes = [hf.in_out_features(m) for m in found.values()]
+    adapter = sum(args.rank * (i + o) * 4 for i, o in shapes)
+    covariances = sum(i * i * 4 for i, _ in shapes) if args.method == "corda" else 0
+    return residual + adapter + covariances + (32 << 20)
+
+
 def run(args) -> int:
+    texts = validate(args)
+    model_source = provenance(args, args.model, args.gguf_file)
+    with output_dir(args.out, args.overwrite) as tmp:
+        return _run(args, texts, tmp, model_source)
+
+
+def _run(args, texts, tmp, model_source) -> int:
     stages = []
     with measure("load") as st:
         model, tokenizer = loading.load_model(args.model, args.gguf_file, args.dtype, args.device)
     stages.append(st)
-    batches = text_batches(args, tokenizer)
+    check_room(tmp, output_bytes(model, args), "output (residual model, adapter, covariances)")
+    batches = loading.token_batches(tokenizer, texts, args.seq_len, args.batch_size)
+    options = method_options(args, tokenizer)
     check_batches = batches[:2]
     head = model.get_output_embeddings()  # not a target: the same before and after
     before = _final_hidden(model, check_batches, args.device)
     truth = _reference_hidden(model, check_batches, args.device, args.dtype)
-    floor_error = _max_delta(before, truth, check_batches, head)
     covariances = None
     if args.method == "corda":
         with measure("calibrate") as st:
@@ -105,7 +164,6 @@ def run(args) -> int:
                 model, batches, targets(args.targets), normalization=args.normalization, progress=not args.no_progress
             )
         stages.append(st)
-    options = {"mode": args.mode} if args.method == "corda" else {}
     with measure("decompose") as st:
         apply(
             model,
@@ -119,18 +177,16 @@ def run(args) -> int:
             **options,
         )
     stages.append(st)
-    after = _final_hidden(model, check_batches, args.device)
-    delta = _max_delta(after, before, check_batches, head)
-    error = _max_delta(after, truth, check_batches, head)
-    tolerance = max(FLOOR[args.dtype], 2 * floor_error)
-    ok = error <= tolerance
+    check = output_check(model, before, truth, check_batches, args.device, args.dtype, head)
     with measure("export") as st:
+        # The adapter applies to the residual base written beside it (its weights differ from the original's).
         residual = None if args.no_residual else os.path.abspath(os.path.join(args.out, "residual_model"))
-        save_peft_adapter(model, os.path.join(args.out, "adapter"), residual_model=residual)
+        save_peft_adapter(model, os.path.join(tmp, "adapter"), residual_model=residual)
         if not args.no_residual:
-            save_residual_model(model, os.path.join(args.out, "residual_model"))
+            save_residual_model(model, os.path.join(tmp, "residual_model"))
+            tokenizer.save_pretrained(os.path.join(tmp, "residual_model"))
         if covariances is not None:
-            covariances.save(os.path.join(args.out, "covariances"))
+            covariances.save(os.path.join(tmp, "covariances"))
     stages.append(st)
 
     energy = _energy_summary(model)
@@ -138,43 +194,42 @@ def run(args) -> int:
     total = sum(p.numel() for p in model.parameters())
     label = f"{args.method}" + (f"-{args.mode}" if args.method == "corda" else "")
     print(
-        f"\ncorda-kernels init: {label}, rank {args.rank}, {len(energy['per_layer'])} layers, "
+        f"\ncorda-kernels init: {label}, rank {args.rank}, {len(energy['per_layer']) or len(adapters(model))} layers, "
         f"{len(batches)} batches, device {args.device}, {args.dtype}"
     )
     print("\nstage          time        memory")
     for stage in stages:
         print("  " + stage.line())
-    print("\nadapter energy (fraction of ||W·C||² or ||W||² held by the adapter), per layer kind:")
+    if energy["per_kind"]:
+        print("\nadapter energy (fraction of ||W·C||² or ||W||² held by the adapter), per layer kind:")
     for kind, s in sorted(energy["per_kind"].items()):
         print(f"  {kind:<12} mean {s['mean']:.4f}  min {s['min']:.4f}  max {s['max']:.4f}  ({s['layers']} layers)")
     print(f"\ntrainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    verdict = "OK" if ok else "FAILED"
     tokens = sum(int(b["attention_mask"].sum()) for b in check_batches)
     higher = str(HIGHER[args.dtype]).replace("torch.float", "fp")
     print(
-        f"output check on {tokens} tokens: max |Δlogits| adapted vs original {delta:.2e}; against the original in "
-        f"{higher}: adapted {error:.2e}, original {args.dtype} itself {floor_error:.2e} -> tolerance "
-        f"max({FLOOR[args.dtype]:g}, 2 x {floor_error:.2e}) = {tolerance:.2e}: {verdict}"
-    )
-    print(
-        f"wrote {args.out}/adapter (PEFT LoRA for the residual base)"
-        + ("" if args.no_residual else f", {args.out}/residual_model")
-        + (", covariances" if covariances else "")
+        f"output check on {tokens} tokens: max |Δlogits| adapted vs original {check['max_abs_logit_delta']:.2e}; "
+        f"against the original in {higher}: adapted {check['error_vs_higher_precision']:.2e}, original "
+        f"{args.dtype} itself e0 = {check['original_error_vs_higher_precision']:.2e}, max |logit| L = "
+        f"{check['logit_scale']:.1f} -> tolerance 3·e0 + 8·u·L = {check['tolerance']:.2e}: "
+        + ("OK" if check["check_ok"] else "FAILED")
     )
     report = {
         "method": label,
         "rank": args.rank,
-        "max_abs_logit_delta": delta,
-        "error_vs_higher_precision": error,
-        "original_error_vs_higher_precision": floor_error,
-        "tolerance": tolerance,
-        "check_ok": ok,
+        **check,
         "stages": [vars(s) for s in stages],
         "energy": energy,
         "trainable": trainable,
         "total": total,
+        "provenance": model_source,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "report.json"), "w") as fh:
+    with open(os.path.join(tmp, "report.json"), "w") as fh:
         json.dump(report, fh, indent=1)
-    return 0 if ok else 1
+    print(
+        f"wrote {args.out}/adapter (PEFT LoRA for the residual base)"
+        + ("" if args.no_residual else f", {args.out}/residual_model (with the tokenizer)")
+        + (", covariances" if covariances else "")
+        + ", report.json"
+    )
+    return 0 if check["check_ok"] else 1

@@ -1,31 +1,123 @@
 """``corda-kernels report``: the CorDA paper's central evidence, reproduced on any model and data.
 
-For plain SVD, ASVD and CO-SVD, discard the smallest r components of every target weight (the
-frozen residual of knowledge-preserved initialization with rank r) and measure the perplexity on
-held-out text. CO-SVD keeps the model's behaviour far better because it orders components by how
-much the *calibration activations* use them (paper Fig. 2 / Table 1).
+For plain SVD, ASVD (the ASVD paper's scaling: input channels times mean |x| ** 0.5 over the
+calibration tokens) and CO-SVD (CorDA's damped covariance), discard the smallest r components of
+every target weight (the frozen residual of knowledge-preserved initialization with rank r) and
+measure the perplexity on held-out text. CO-SVD keeps the model's behaviour far better because it
+orders components by how much the *calibration activations* use them (paper Fig. 2 / Table 1).
+
+Each method decomposes every layer once, for the largest r asked: discarding r components needs
+the r smallest, a slice of that one decomposition (components ordered by their singular value
+``σ_i = scale·‖B[:, i]‖²``, U having orthonormal columns). The perplexity is evaluated once per
+(method, r).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._measure import measure
 from ..calibration import calibrate
 from ..decomposition import decompose
 from ..integrations import hf, loading
 from ..integrations.evaluation import perplexity
 from ..methods import CorDA, MiLoRA
 from ..methods.asvd import ASVD
-from ._common import add_common_arguments, targets, text_batches
+from ._common import (
+    add_common_arguments,
+    check_extra,
+    int_list,
+    output_dir,
+    positive_int,
+    provenance,
+    read_texts,
+    targets,
+    validate,
+)
 
-# The three decompositions the report compares (CorDA paper Fig. 2 / Table 1).
-DECOMPOSITIONS = {"SVD": lambda: MiLoRA(), "ASVD": lambda: ASVD(mode="kpa"), "CO-SVD": lambda: CorDA(mode="kpa")}
+METHODS = ("SVD", "ASVD", "CO-SVD")  # the decompositions the report compares (CorDA paper Fig. 2 / Table 1)
+# Bounds each decomposition call (Ctrl-C is seen between calls).
+CHUNK_BYTES = 256 << 20
+
+
+class _Diagonals(NamedTuple):
+    squares: torch.Tensor  # (L, in)
+
+    def diagonals(self) -> torch.Tensor:
+        return self.squares
+
+
+class MeanAbsASVD(ASVD):
+    """ASVD (smallest components) with the ASVD paper's channel scale ``mean|x| ** alpha``, from
+    ``magnitudes`` ``{layer: (in,) mean |x|}`` (:func:`mean_abs_inputs`) instead of the covariance."""
+
+    needs_covariance = False
+
+    def __init__(self, magnitudes: dict, alpha: float = 0.5):
+        super().__init__(mode="kpa", alpha=alpha)
+        self.magnitudes = magnitudes
+
+    def init_batch(self, weights, covariances, rank, scale, names, seed):
+        m = torch.stack([self.magnitudes[n] for n in names]).to(weights.device, torch.float32)
+        return super().init_batch(weights, _Diagonals(m.square()), rank, scale, names, seed)
+
+
+class MeanAbsInputs:
+    """``with MeanAbsInputs(model, layers) as rec: <forward passes>``; then ``rec.result(batches)``
+    is ``{layer: (in,) fp64}``, the mean |x| of each input channel over the non-padding tokens of
+    the forwards of ``batches`` (the last ``len(batches)`` forwards: calibration's own passes,
+    after its 2-token probe), without a forward pass of its own."""
+
+    def __init__(self, model: nn.Module, layers: dict):
+        self.model, self.layers, self.forwards = model, layers, []
+
+    def _start(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        self.forwards.append({"shape": tuple(ids.shape), "mask": mask.bool(), "sums": {}})
+
+    def _record(self, name):
+        def record(module, args):
+            current = self.forwards[-1]
+            x = args[0].detach()
+            x = x[current["mask"]] if x.shape[:2] == current["mask"].shape else x.reshape(-1, x.shape[-1])
+            current["sums"][name] = x.abs().double().sum(0).cpu()
+
+        return record
+
+    def __enter__(self):
+        self.handles = [self.model.register_forward_pre_hook(self._start, with_kwargs=True)]
+        self.handles += [m.register_forward_pre_hook(self._record(n)) for n, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def result(self, batches: Sequence[dict]) -> dict:
+        passes = self.forwards[-len(batches) :] if batches else []
+        shapes = [tuple(b["input_ids"].shape) for b in batches]
+        if [p["shape"] for p in passes] != shapes or any(set(p["sums"]) != set(self.layers) for p in passes):
+            raise RuntimeError("mean |x|: the recorded forward passes do not line up with the calibration batches")
+        count = sum(int(p["mask"].sum()) for p in passes)
+        return {n: sum(p["sums"][n] for p in passes) / count for n in self.layers}
+
+
+def smallest_components(init, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B_r, A_r)``: the ``r`` components of ``init`` with the smallest singular values, scale
+    folded into ``B_r``, so that discarding them leaves ``W − B_r·A_r``."""
+    sigma = init.B.square().sum(0)  # ∝ σ_i: B = U·sqrt(S/scale)
+    keep = sigma.argsort()[:r]
+    return init.scale * init.B[:, keep], init.A[keep]
 
 
 def discard_report(
@@ -36,62 +128,85 @@ def discard_report(
     *,
     target_modules: hf.TargetSpec = None,
     seed: int = 0,
-    out_dir: Optional[str] = None,
     progress: bool = True,
-) -> str:
-    """Perplexity table (markdown) for each method and number of discarded components.
-
-    Writes ``discard_report.md`` and ``discard_report.png`` into ``out_dir`` when given. The model
-    is restored to its original weights afterwards.
-    """
-    covariances = calibrate(model, calib_batches, target_modules, progress=progress)
-    targets = hf.find_targets(model, list(covariances.groups))
-    originals = {n: hf.weight_matrix(m).detach().clone() for n, m in targets.items()}
-    base = perplexity(model, heldout_batches)
-    results = {name: {0: base} for name in DECOMPOSITIONS}
-    runs = [(m, r) for m in DECOMPOSITIONS for r in discards if r > 0]
-    for method_name, r in tqdm(runs, desc="discard report", disable=not progress):
-        ranks = {n: min(r, min(originals[n].shape)) for n in targets}
-        inits = decompose(
-            targets,
-            DECOMPOSITIONS[method_name](),
-            ranks=ranks,
-            alphas=ranks,
-            covariances=covariances,
-            seed=seed,
-            progress=False,
-        )
-        try:
-            with torch.no_grad():
-                for name, init in inits.items():
-                    residual = originals[name].float() - init.scale * (init.B @ init.A)
-                    hf.weight_matrix(targets[name]).copy_(residual.to(originals[name].dtype))
-            results[method_name][r] = perplexity(model, heldout_batches)
-        finally:  # every run decomposes the original weights
-            with torch.no_grad():
-                for name, weight in originals.items():
-                    hf.weight_matrix(targets[name]).copy_(weight)
-    ranks_sorted = sorted({0, *discards})
-    lines = ["| discarded r | " + " | ".join(DECOMPOSITIONS) + " |", "| --- |" + " --- |" * len(DECOMPOSITIONS)]
-    for r in ranks_sorted:
-        lines.append(f"| {r} | " + " | ".join(f"{results[m].get(r, float('nan')):.3f}" for m in DECOMPOSITIONS) + " |")
-    table = "\n".join(lines)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "discard_report.md"), "w") as fh:
-            fh.write(
-                f"Held-out perplexity after discarding the smallest r components ({len(targets)} layers)\n\n{table}\n"
+    stages: Optional[list] = None,
+) -> dict[str, dict[int, float]]:
+    """Held-out perplexity ``{method: {r: ppl}}`` for each method and number of discarded
+    components (r = 0: the unchanged model). The model is restored to its original weights
+    afterwards. ``stages`` collects the time and peak memory of each stage."""
+    stages = [] if stages is None else stages
+    discards = sorted({0, *discards})
+    largest = max(discards)
+    found = hf.find_targets(model, target_modules)
+    with measure("calibrate") as st, MeanAbsInputs(model, found) as recorder:
+        covariances = calibrate(model, calib_batches, target_modules, progress=progress)
+    magnitudes = recorder.result(calib_batches)
+    stages.append(st)
+    _print_stage(st)
+    originals = {n: hf.weight_matrix(m).detach().clone() for n, m in found.items()}
+    with measure("evaluate r=0") as st:
+        base = perplexity(model, heldout_batches)
+    results = {name: {0: base} for name in METHODS}
+    stages.append(st)
+    _print_stage(st)
+    if largest == 0:
+        return results
+    makers = {"SVD": MiLoRA, "ASVD": lambda: MeanAbsASVD(magnitudes), "CO-SVD": lambda: CorDA(mode="kpa")}
+    for method_name in METHODS:
+        ranks = {n: min(largest, min(w.shape)) for n, w in originals.items()}
+        with measure(f"decompose {method_name}") as st:
+            inits = decompose(
+                found,
+                makers[method_name](),
+                ranks=ranks,
+                alphas=ranks,
+                covariances=covariances,
+                seed=seed,
+                max_batch_bytes=CHUNK_BYTES,
+                progress=progress,
             )
-        _plot(results, ranks_sorted, os.path.join(out_dir, "discard_report.png"))
-    return table
+        stages.append(st)
+        _print_stage(st)
+        rs = [r for r in discards if r > 0]
+        with measure(f"evaluate {method_name}") as st:
+            for r in tqdm(rs, desc=f"perplexity {method_name}", disable=not progress):
+                try:
+                    with torch.no_grad():
+                        for name, init in inits.items():
+                            B, A = smallest_components(init, min(r, ranks[name]))
+                            residual = originals[name].double() - B.double() @ A.double()
+                            hf.weight_matrix(found[name]).copy_(residual.to(originals[name].dtype))
+                    results[method_name][r] = perplexity(model, heldout_batches)
+                finally:
+                    with torch.no_grad():
+                        for name, weight in originals.items():
+                            hf.weight_matrix(found[name]).copy_(weight)
+        stages.append(st)
+        _print_stage(st)
+        del inits
+    return results
 
 
-def _plot(results: dict, ranks: list[int], path: str) -> None:
+def _print_stage(stage) -> None:
+    print("  " + stage.line(), flush=True)
+
+
+def table(results: dict[str, dict[int, float]]) -> str:
+    """The markdown table: one row per r, one column per method."""
+    ranks = sorted({r for values in results.values() for r in values})
+    lines = ["| discarded r | " + " | ".join(results) + " |", "| --- |" + " --- |" * len(results)]
+    for r in ranks:
+        lines.append(f"| {r} | " + " | ".join(f"{results[m].get(r, math.nan):.3f}" for m in results) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ranks = sorted({r for values in results.values() for r in values})
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, values in results.items():
         ax.plot(ranks, [values.get(r, float("nan")) for r in ranks], marker="o", label=name)
@@ -106,26 +221,63 @@ def _plot(results: dict, ranks: list[int], path: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--discard", default="0,16,64,128", help="comma-separated numbers of smallest components")
+    add_common_arguments(parser, out_default="corda-report")
+    parser.add_argument(
+        "--discard", type=int_list, default="0,16,64,128", help="comma-separated numbers of smallest components"
+    )
     parser.add_argument("--eval", default="heldout", help="held-out text: 'heldout' (built-in) or a file")
-    parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--eval-samples", type=positive_int, default=16, help="held-out texts to use")
+    parser.set_defaults(samples=32)  # 32 + 16 texts: the default report fits 5 minutes on 2 idle cores
+    parser.add_argument("--no-plot", action="store_true", help="skip discard_report.png (no matplotlib needed)")
 
 
 def run(args) -> int:
-    model, tokenizer = loading.load_model(args.model, args.gguf_file, args.dtype, args.device)
-    calib = text_batches(args, tokenizer)
-    held = text_batches(args, tokenizer, args.eval, args.eval_samples)
-    discards = [int(r) for r in args.discard.split(",")]
-    table = discard_report(
-        model,
-        calib,
-        held,
-        discards,
-        target_modules=targets(args.targets),
-        seed=args.seed,
-        out_dir=args.out,
-        progress=not args.no_progress,
-    )
-    print(table)
+    if not args.no_plot:
+        check_extra("matplotlib", "report", "the plot discard_report.png (or pass --no-plot)")
+    texts = validate(args)
+    held_texts = read_texts(args.eval, "--eval", args.eval_samples)
+    info = provenance(args, args.model, args.gguf_file)
+    with output_dir(args.out, args.overwrite) as tmp:
+        stages = []
+        print("corda-kernels report: stages (time, peak memory)", flush=True)
+        with measure("load") as st:
+            model, tokenizer = loading.load_model(args.model, args.gguf_file, args.dtype, args.device)
+        stages.append(st)
+        _print_stage(st)
+        calib = loading.token_batches(tokenizer, texts, args.seq_len, args.batch_size)
+        held = loading.token_batches(tokenizer, held_texts, args.seq_len, args.batch_size)
+        results = discard_report(
+            model,
+            calib,
+            held,
+            args.discard,
+            target_modules=targets(args.targets),
+            seed=args.seed,
+            progress=not args.no_progress,
+            stages=stages,
+        )
+        n_layers = len(hf.find_targets(model, targets(args.targets)))
+        text = table(results)
+        total = sum(s.seconds for s in stages)
+        print(
+            f"\nHeld-out perplexity after discarding the smallest r components ({n_layers} layers, "
+            f"{len(texts)} calibration / {len(held_texts)} held-out texts, {args.seq_len} tokens), {total:.0f} s:\n"
+        )
+        print(text, flush=True)
+        with open(os.path.join(tmp, "discard_report.md"), "w") as fh:
+            fh.write(
+                f"Held-out perplexity after discarding the smallest r components ({n_layers} layers, "
+                f"{len(texts)} calibration / {len(held_texts)} held-out texts)\n\n{text}\n"
+            )
+        report = {
+            "perplexity": {m: {str(r): v for r, v in values.items()} for m, values in results.items()},
+            "layers": n_layers,
+            "stages": [vars(s) for s in stages],
+            "provenance": info,
+        }
+        with open(os.path.join(tmp, "report.json"), "w") as fh:
+            json.dump(report, fh, indent=1)
+        if not args.no_plot:
+            plot(results, os.path.join(tmp, "discard_report.png"))
+    print(f"wrote {args.out}/discard_report.md" + ("" if args.no_plot else ", discard_report.png") + ", report.json")
     return 0

@@ -70,17 +70,22 @@ def load_texts(spec: str) -> list[str]:
     path = os.path.join(DATA_DIR, BUILTIN_TEXTS[spec]) if spec in BUILTIN_TEXTS else spec
     if not os.path.exists(path):
         raise FileNotFoundError(f"calibration data {spec!r} not found (built-in sets: {sorted(BUILTIN_TEXTS)})")
+    if os.path.isdir(path):
+        raise ValueError(f"calibration data {path} is a directory, not a .jsonl or text file")
     with open(path, encoding="utf-8") as fh:
         if path.endswith(".jsonl"):
             texts = []
             for number, line in enumerate(fh, 1):
                 if line.strip():
                     try:
-                        texts.append(json.loads(line)["text"])
+                        text = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError) as exc:
                         raise ValueError(
                             f"{path}:{number}: expected a JSON object with a 'text' field ({exc})"
                         ) from None
+                    if not isinstance(text, str):
+                        raise ValueError(f"{path}:{number}: 'text' must be a string, got {json.dumps(text)[:40]}")
+                    texts.append(text)
         else:
             texts = [p.strip() for p in fh.read().split("\n\n")]
     texts = [t for t in texts if t.strip()]
