@@ -7,13 +7,14 @@ import os
 import tempfile
 
 BLOCK = 1 << 20
+TEMP_PREFIX = ".tmp-"
 
 
 def write_atomic(path: str, write) -> None:
     """``write(temporary path)`` in ``path``'s directory, fsync it, then rename it to ``path``
     (atomic on POSIX: readers see the old file or the whole new one); the temporary is removed on
     failure."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=TEMP_PREFIX, suffix=os.path.basename(path))
     os.close(fd)
     try:
         write(tmp)
@@ -24,6 +25,27 @@ def write_atomic(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(directory: str, is_ours) -> list[str]:
+    """Delete the temporaries :func:`write_atomic` left in ``directory`` when its process was
+    killed mid-write (``kill -9``, power loss: no ``except`` ran) for the files ``is_ours(name)``
+    accepts; returns the names removed. Call it only where no other process writes those files."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in os.listdir(directory):
+        if not name.startswith(TEMP_PREFIX):
+            continue
+        # mkstemp's name: prefix, 8 random characters, then the final file's name
+        final = name[len(TEMP_PREFIX) + 8 :]
+        if is_ours(final):
+            try:
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def file_digest(path: str, algorithm: str = "blake2b") -> str:

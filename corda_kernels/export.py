@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from . import _backend
 from .integrations import hf
 from .nn import LowRankLinear
 
@@ -156,6 +157,12 @@ def _lora_config(
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     dropouts = {float(getattr(layer, "dropout", 0.0)) for layer in layers.values()}
+    if len(dropouts) > 1:  # PEFT's LoraConfig has one lora_dropout
+        _backend.warn(
+            f"the adapters use dropouts {sorted(dropouts)}; PEFT's adapter_config.json holds one, written as "
+            f"lora_dropout={max(dropouts)}: training the exported adapter will use it on every layer",
+            stacklevel=4,
+        )
     return LoraConfig(
         r=r,
         lora_alpha=alpha,

@@ -126,3 +126,41 @@ def test_blockwise_uses_the_cache(setup, tmp_path, decomposed):
     second = run()
     assert decomposed == []
     _same(first, second)
+
+
+EDITS = {  # manifest field -> an edit that would change the adapters (or what is checked) if trusted
+    "scale": lambda f: {**f, "scale": f["scale"] * 2},
+    "subtract": lambda f: {**f, "subtract": not f["subtract"]},
+    "trainable": lambda f: {**f, "trainable": ["B"]},
+    "stats": lambda f: {**f, "stats": {**f["stats"], "energy": 0.5}},
+}
+
+
+@pytest.mark.parametrize("field", sorted(EDITS) + ["layer", "format"])
+def test_edited_manifest_fields_are_detected_and_recomputed(setup, tmp_path, decomposed, field):
+    """Every manifest field that affects the result is covered by the entry's digest: an edited
+    field is detected, reported (CordaWarning) and the layer recomputed, like a damaged tensor file."""
+    import json
+
+    model, _, cal = setup
+    target = "model.layers.0.mlp.down_proj"
+    first = _apply(model, cal, tmp_path, target_modules=[target])
+    (path,) = glob.glob(str(tmp_path / "*" / "*.json"))
+    with open(path) as fh:
+        manifest = json.load(fh)
+    if field in EDITS:
+        manifest["fields"] = EDITS[field](manifest["fields"])
+    elif field == "layer":
+        manifest["layer"] = "model.layers.1.mlp.down_proj"
+    else:
+        manifest["format"] = 1
+    with open(path, "w") as fh:
+        json.dump(manifest, fh)
+    decomposed.clear()
+    with pytest.warns(ck.CordaWarning, match=f"cache entry of layer {target} .* is damaged"):
+        again = _apply(model, cal, tmp_path, target_modules=[target])
+    assert decomposed == [target]
+    _same(first, again)
+    decomposed.clear()
+    _apply(model, cal, tmp_path, target_modules=[target])  # rewritten: a hit again
+    assert decomposed == []

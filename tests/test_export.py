@@ -82,3 +82,12 @@ def test_initial_conversion_names_the_original_and_auto_peft_reproduces(original
     loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "converted")).eval()
     batch = token_batches(128, n_batches=1)[0]
     torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_dropouts_are_reported(original, tmp_path):
+    model = ck.apply(_load(original), "lora", rank=2, progress=False, dropout=0.1)
+    model.model.layers[0].self_attn.q_proj.dropout = 0.3
+    with pytest.warns(ck.CordaWarning, match=r"dropouts \[0.1, 0.3\].*lora_dropout=0.3"):
+        ck.save_peft_adapter(model, str(tmp_path / "a"))
+    with open(tmp_path / "a" / "adapter_config.json") as fh:
+        assert json.load(fh)["lora_dropout"] == 0.3

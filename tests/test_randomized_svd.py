@@ -9,6 +9,7 @@ import pytest
 import torch
 from svd_helpers import align_signs, with_spectrum
 
+from corda_kernels.linalg.exact_svd import crop_svd
 from corda_kernels.linalg.randomized_svd import default_oversample, randomized_svd
 
 
@@ -208,3 +209,68 @@ def test_per_matrix_seeds_make_results_batch_independent():
             torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="2 seeds for a batch of 3"):
         randomized_svd(A, 5, oversample=2, seed=[1, 2])
+
+
+def dominant_then_clustered(m, n, batch=(), seed=0, tail_gap=0.005, dtype=torch.float32):
+    """PEFT's CorDA test spectrum in miniature: one dominant value (600x the rest), then a tail
+    that decays by ``tail_gap`` per value (σ_r and σ_{r+1} differ by ~0.5%)."""
+    k = min(m, n)
+    s = 1.5 * (1 - tail_gap) ** torch.arange(k, dtype=torch.float64)
+    s[0] = 1000.0
+    return with_spectrum(m, n, s, batch, seed, torch.float64).to(dtype)
+
+
+def _product(U, S, Vh):
+    return (U.double() * S.double()[..., None, :]) @ Vh.double()
+
+
+def test_checked_result_is_the_exact_one_where_the_sketch_cannot_separate_the_tail(monkeypatch):
+    """A narrow sketch with few iterations cannot resolve a clustered tail under a dominant value
+    (the default CorDA-IPA setting on PEFT's test model): without the check the rank-r product is
+    far off; with it, each matrix is refined or replaced by the exact SVD and agrees with it."""
+    A = dominant_then_clustered(400, 300, batch=(2,))
+    rank = 8
+    U, S, Vh = torch.linalg.svd(A.double(), full_matrices=False)
+    exact = _product(U[..., :rank], S[..., :rank], Vh[..., :rank, :])
+
+    def error(result):  # against σ_r, the scale of what the tail components carry
+        return float((torch.linalg.matrix_norm(_product(*result) - exact) / S[..., rank - 1]).max())
+
+    unchecked = error(randomized_svd(A, rank, oversample=40, n_iter=2, seed=[1, 2]))
+    checked = error(randomized_svd(A, rank, oversample=40, n_iter=2, seed=[1, 2], tol=1e-3))
+    floor = error(crop_svd(A, rank))  # the fp32 exact SVD's own error (σ_1 / σ_r = 670)
+    assert unchecked > 50 * floor  # the failure the check exists for
+    assert checked <= 2 * floor
+
+
+def test_check_keeps_the_randomized_result_on_separated_spectra(monkeypatch):
+    """On a steep, separated spectrum the first result passes: no exact SVD is taken."""
+    import sys
+
+    module = sys.modules["corda_kernels.linalg.randomized_svd"]  # the package exports a function of that name
+
+    def no_exact(*args):
+        raise AssertionError("fell back to the exact SVD on a separated spectrum")
+
+    monkeypatch.setattr(module, "crop_svd", no_exact)
+    A = geometric(400, 300, batch=(3,), ratio=0.8, dtype=torch.float32)
+    U, S, Vh = randomized_svd(A, 8, oversample=40, n_iter=2, seed=[1, 2, 3], tol=1e-3)
+    assert_matches_svd(A, U, S, Vh, 8, rtol=1e-5)
+
+
+def test_ritz_residuals_and_gaps_judge_each_component():
+    """ritz_check on an exact basis: residuals at rounding level, gaps the spectrum's differences;
+    on a poor basis a component's residual exceeds tol times its gap."""
+    from corda_kernels.linalg.randomized_svd import converged, ritz_check
+
+    s = torch.tensor([10.0, 5.0, 4.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    A = with_spectrum(30, 20, torch.cat([s, torch.full((14,), 0.01, dtype=torch.float64)]))
+    U = torch.linalg.svd(A, full_matrices=False)[0]
+    residual, gaps, sigma1 = ritz_check(A, U[:, :6], 3)
+    assert residual.max() < 1e-12
+    torch.testing.assert_close(gaps, torch.tensor([5.0, 1.0, 3.0], dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(sigma1, torch.tensor(10.0, dtype=torch.float64))
+    assert bool(converged(residual, gaps, 1e-3))
+    poor = torch.linalg.qr(U[:, :6] + 0.05 * torch.randn(30, 6, generator=torch.Generator().manual_seed(0))).Q
+    residual, gaps, _ = ritz_check(A, poor, 3)
+    assert not bool(converged(residual, gaps, 1e-3))

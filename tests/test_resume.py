@@ -44,6 +44,24 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     _assert_same(again, full)
 
 
+def test_stale_temporaries_are_removed_on_start(tmp_path):
+    """kill -9 during a checkpoint write leaves write_atomic's temporaries (no except clause runs):
+    the next run on that checkpoint removes them (and only them) and resumes to the same result."""
+    model = tiny_llama(layers=1)
+    batches = token_batches(128, n_batches=4, seed=3)
+    full = ck.calibrate(model, batches, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        ck.calibrate(model, _interrupted(batches, 3), progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    orphans = [".tmp-a1b2c3d4state-4.safetensors", ".tmp-z9y8x7w6manifest.json"]
+    others = [".tmp-q1w2e3r4notes.txt", "notes.txt"]  # not this checkpoint's temporaries: kept
+    for name in orphans + others:
+        (tmp_path / name).write_bytes(b"partial")
+    resumed = ck.calibrate(model, batches, progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    _assert_same(resumed, full)
+    left = set(os.listdir(tmp_path))
+    assert not left & set(orphans) and set(others) <= left
+
+
 def test_foreign_or_damaged_checkpoints_are_refused(tmp_path):
     model = tiny_llama()
     batches = token_batches(128, n_batches=3)

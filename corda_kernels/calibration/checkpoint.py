@@ -19,7 +19,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .._files import file_digest, write_atomic
+from .._files import file_digest, remove_stale_temporaries, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -59,7 +59,11 @@ class CalibrationCheckpoint:
         self.identity = identity
 
     def load(self) -> Optional[dict]:
-        """The saved state, or None if there is none; raises CheckpointMismatch if unusable."""
+        """The saved state, or None if there is none; raises CheckpointMismatch if unusable.
+
+        Run at the start of a calibration: first removes the temporaries of a run killed while
+        writing this checkpoint (``kill -9`` leaves them; nothing else ever would)."""
+        remove_stale_temporaries(self.directory, _is_checkpoint_file)
         path = os.path.join(self.directory, MANIFEST)
         if not os.path.exists(path):
             return None
@@ -114,6 +118,10 @@ class CalibrationCheckpoint:
         for name in os.listdir(self.directory):
             if name.startswith("state-") and name != state_file:
                 os.remove(os.path.join(self.directory, name))
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return name == MANIFEST or (name.startswith("state-") and name.endswith(".safetensors"))
 
 
 def _short(value) -> str:

@@ -34,6 +34,9 @@ SYMMETRY_TOL = 1e-4
 # weights), so a narrower sketch and fewer iterations than randomized_svd's defaults reach the 1e-4
 # accuracy targets (SmolLM2: q = 1 at r = 8, 2 at r = 16-32, 4 at r = 64-128; one more for margin).
 CO_SVD_OVERSAMPLE = 40
+# Per-component acceptance of the randomized result (randomized_svd's tol): each Ritz pair's
+# residual at most this fraction of the gap to the next value (sin θ <= ~1e-3), else refined or exact.
+CO_SVD_TOL = 1e-3
 
 
 def co_svd_n_iter(rank: int) -> int:
@@ -210,7 +213,9 @@ def co_svd(
             (knowledge-preserved: the smallest ``r``; PEFT's ``"kpm"``).
         svd: the solver, as CorDA's ``svd=`` option: ``"randomized"`` (ipa default:
             :func:`randomized_svd` with ``oversample`` (default ``CO_SVD_OVERSAMPLE``), ``n_iter``
-            (default :func:`co_svd_n_iter`), ``seed``: an int or one per matrix) or ``"exact"``
+            (default :func:`co_svd_n_iter`), ``seed``: an int or one per matrix; each result is
+            judged per component and refined, or replaced by the exact SVD, until every Ritz
+            pair's residual is at most ``CO_SVD_TOL`` times its gap to the next value) or ``"exact"``
             (ipa: full SVD cropped; kpa: always :func:`smallest_singular_triplets`).
         damp, growth: see :func:`damp_covariance` (one damp per distinct ``C``).
         cov_index: for a batch of layers whose inputs are shared (q/k/v, gate/up): ``C`` is then
@@ -282,7 +287,7 @@ def co_svd(
         else:
             n_iter = co_svd_n_iter(rank) if n_iter is None else n_iter
             oversample = CO_SVD_OVERSAMPLE if oversample is None else oversample
-            U, S, Vh = randomized_svd(WC, rank, oversample=oversample, n_iter=n_iter, seed=seed)
+            U, S, Vh = randomized_svd(WC, rank, oversample=oversample, n_iter=n_iter, seed=seed, tol=CO_SVD_TOL)
     else:
         WC = W.double() @ Cd.double()
         energy = WC.square().sum((-2, -1))

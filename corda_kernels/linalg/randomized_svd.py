@@ -38,6 +38,7 @@ def randomized_svd(
     n_iter: Optional[int] = None,
     seed: Union[int, Sequence[int]] = 0,
     generator: Optional[torch.Generator] = None,
+    tol: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top ``rank`` singular triplets of every matrix in ``A``, by randomized subspace iteration.
 
@@ -52,6 +53,10 @@ def randomized_svd(
             per matrix (flattened batch order), so that each matrix's sketch, hence its result,
             does not depend on the batch it is computed in.
         generator: the source of the Gaussian sketch, on ``A``'s device.
+        tol: judge each matrix's result per component and refine it until it passes (see
+            :func:`converged`): ``None`` (default) skips the check. A matrix whose components
+            still fail once refining would cost more than a full SVD, or stops improving, gets
+            the exact SVD.
 
     Returns:
         ``U (..., m, r)``, ``S (..., r)`` descending, ``Vh (..., r, n)``, in the compute dtype, so that
@@ -89,9 +94,82 @@ def randomized_svd(
         return crop_svd(A, rank)
     M, omega, transposed = _sketch(A, width, generator, seed)
     Q = torch.linalg.qr(M @ omega).Q
+    Q = _iterate(M, Q, n_iter)
+    if tol is not None:
+        Q = _refine(A, M, Q, rank, tol, n_iter, width)
+        if isinstance(Q, tuple):
+            return Q
+    return _factors(M, Q, rank, transposed)
+
+
+def _iterate(M: torch.Tensor, Q: torch.Tensor, n_iter: int) -> torch.Tensor:
     for _ in range(n_iter):
         Q = torch.linalg.qr(M @ torch.linalg.qr(M.mT @ Q).Q).Q
-    return _factors(M, Q, rank, transposed)
+    return Q
+
+
+def ritz_check(M: torch.Tensor, Q: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(residuals, gaps, σ_1)`` of the top ``rank`` Ritz triplets of ``M`` on the basis ``Q``
+    (``(..., rank)``, ``(..., rank)``, ``(...)``).
+
+    With ``Q^T M = U_b diag(S) V^T`` and ``u_i = Q U_b e_i``: ``M^T u_i = σ_i v_i`` holds exactly,
+    so the residual of pair ``i`` is ``||M v_i − σ_i u_i||`` (the part of ``M v_i`` outside the
+    basis). Its gap is the distance to the next value, ``σ_i − σ_{i+1}`` (for ``i = r``: to the
+    ``(r+1)``-th Ritz value), less the residual of that next pair (Ritz values are lower bounds; a
+    true value lies within a residual of each). By the sin-θ theorem the angle between a computed
+    and a true singular vector is at most about ``residual / gap``.
+    """
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)
+    k = min(rank + 1, S.shape[-1])
+    V = Vh[..., :k, :].mT
+    residual = (M @ V - (Q @ Ub[..., :k]) * S[..., None, :k]).norm(dim=-2)
+    if k == rank:  # the basis spans the whole space: nothing beyond the r-th value
+        return residual, torch.full_like(residual, float("inf")), S[..., 0]
+    gaps = S[..., :rank] - S[..., 1 : rank + 1] - residual[..., 1 : rank + 1]
+    return residual[..., :rank], gaps, S[..., 0]
+
+
+def converged(residual: torch.Tensor, gaps: torch.Tensor, tol: float) -> torch.Tensor:
+    """``(...)`` bool: every component's ``residual <= tol · gap``. A residual at the working
+    precision's floor does not pass by itself: when the gap is below ``floor / tol`` the components
+    are not determined to ``tol`` by this solver, and refining stalls, which sends the matrix to the
+    exact SVD (the solver PEFT and ``svd="exact"`` use)."""
+    return (residual <= tol * gaps.clamp_min(0)).all(dim=-1)
+
+
+def _refine(A, M, Q, rank: int, tol: float, n_iter: int, width: int):
+    """Refine the matrices of the batch whose Ritz pairs fail :func:`converged`: more subspace
+    iterations (twice as many each round) while the total costs less than a full SVD and the worst
+    ``residual / (tol · gap)`` at least halves each round; those still failing get the exact SVD.
+    Returns ``Q``, or ``(U, S, Vh)`` for ``A`` when some matrix went exact."""
+    flatM, flatQ = M.reshape(-1, *M.shape[-2:]), Q.reshape(-1, *Q.shape[-2:]).clone()
+    todo = torch.arange(flatM.shape[0], device=M.device)
+    worst = torch.full((flatM.shape[0],), float("inf"), dtype=flatM.dtype, device=M.device)
+    spent, step, exact = n_iter, max(1, n_iter), []
+    while todo.numel():
+        residual, gaps, _ = ritz_check(flatM[todo], flatQ[todo], rank)
+        ok = converged(residual, gaps, tol)
+        failing = todo[~ok]
+        if not failing.numel():
+            break
+        ratio = (residual / (tol * gaps.clamp_min(torch.finfo(gaps.dtype).tiny))).amax(dim=-1)[~ok]
+        if 4 * (spent + step + 1) * width > EXACT_COST * min(M.shape[-2:]):
+            exact += failing.tolist()
+            break
+        improving = ratio <= 0.5 * worst[failing]
+        exact += failing[~improving].tolist()
+        worst[failing] = ratio
+        todo = failing[improving]
+        if todo.numel():
+            flatQ[todo] = _iterate(flatM[todo], flatQ[todo], step)
+        spent, step = spent + step, 2 * step
+    if not exact:
+        return flatQ.reshape(Q.shape)
+    U, S, Vh = _factors(flatM, flatQ, rank, A.shape[-2] > A.shape[-1])
+    exact_U, exact_S, exact_Vh = crop_svd(A.reshape(-1, *A.shape[-2:])[exact], rank)
+    U[exact], S[exact], Vh[exact] = exact_U, exact_S, exact_Vh
+    batch = A.shape[:-2]
+    return U.reshape(*batch, *U.shape[-2:]), S.reshape(*batch, rank), Vh.reshape(*batch, *Vh.shape[-2:])
 
 
 def _sketch(A: torch.Tensor, width: int, generator: Optional[torch.Generator], seed):
