@@ -19,6 +19,7 @@ the saved JSON as ``<same name>.md``. Run: ``python -m pytest bench --benchmark-
 from __future__ import annotations
 
 import datetime
+import glob
 import os
 import platform
 
@@ -136,10 +137,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "last_run.md"), "w") as fh:
         fh.write(text)
     name = session.save or session.autosave
-    if name and getattr(session, "storage", None) is not None and hasattr(session.storage, "query"):
-        saved = sorted(session.storage.query(f"*_{name}.json" if isinstance(name, str) else "*.json"))
-        if saved:  # the run just saved (numbered files, newest last)
-            beside = str(saved[-1])[: -len(".json")] + ".md"
+    storage = getattr(session, "storage", None)
+    if name and hasattr(storage, "get"):  # file storage: <dir>/<machine id>/NNNN_<name>.json, newest last
+        saved = sorted(glob.glob(os.path.join(glob.escape(str(storage.get(""))), f"[0-9][0-9][0-9][0-9]_{name}.json")))
+        if saved:
+            beside = saved[-1][: -len(".json")] + ".md"
             with open(beside, "w") as fh:
                 fh.write(text)
             terminalreporter.write_line(f"ratio table saved beside the JSON: {beside}")
