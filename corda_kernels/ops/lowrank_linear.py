@@ -6,7 +6,9 @@ Public calls:
   generator, seed, validate_indices) -> y``: ``x (..., in)``, ``weight (out, in)``, ``A (r, n_cols)``
   compact over ``col_index`` (input features; all when None), ``B (n_rows, r)`` compact over
   ``row_index`` (output features; all when None), ``diag (r,)``, ``bias (out,)``; all float tensors
-  of one dtype (fp16/bf16/fp32/fp64) on one device, indices int64. Returns ``(..., out)``.
+  of one dtype (fp16/bf16/fp32/fp64) on one device, indices int64, except that ``A``, ``B`` and
+  ``diag`` may be fp32 on a 16-bit ``weight`` (rounding rule: the reference module's docstring).
+  Returns ``(..., out)`` in ``x``'s dtype.
 - :func:`check_factors`: the validation of everything but ``x`` (used by :class:`LowRankLinear`).
 - :func:`delta_weight`: the dense fp32 update ``s · scatter(B · diag(d) · A)``.
 - :func:`dropout_mask`: the keep-mask a given seed draws (to replay dropout in tests).
@@ -16,6 +18,11 @@ needs a gradient; ``u = drop(x_c)·Aᵀ`` (``(N, r)`` fp32) only when ``B`` or `
 asymmetric LoRA (A frozen) keeps ``N·r`` numbers per layer, not ``N·in``. Dropout masks are a
 counter-based hash of ``(seed, token, column)``, regenerated in the backward instead of saved, and
 identical on every backend.
+
+Autocast (CPU and CUDA): an ``Autocast<device>`` kernel casts ``x``, ``weight`` and ``bias`` to the
+autocast dtype (as ``nn.Linear`` does) and leaves fp32 factors fp32 (rounded inside the kernels,
+their gradients fp32); the op then runs in that dtype, accumulating in fp32. fp64 inputs are
+not cast.
 
 Backends (:mod:`corda_kernels._backend`): ``triton`` (CUDA fp16/bf16/fp32, or CPU fp16/fp32 under
 the interpreter), ``torch`` (a torch composition that runs on any device) and ``reference``. The op
@@ -32,7 +39,7 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend
-from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, accumulation_dtype
+from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, HALF_DTYPES, accumulation_dtype
 from ..kernels.reference import lowrank_linear as reference
 from ..kernels.torch import lowrank_linear as torch_kernel
 
@@ -134,7 +141,8 @@ def _(dy, x, weight, A, B, diag, u, row_index, col_index, seed, scale, dropout, 
         (A.shape[0],),
         (weight.shape[0],),
     )
-    return tuple(dy.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+    like = (dy, weight, A, B, diag if diag is not None else dy, weight)
+    return tuple(t.new_empty(shape if need else (0,)) for t, shape, need in zip(like, shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
@@ -159,6 +167,38 @@ def _backward(ctx, dy, du):
 _lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast_factor(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Factors stay fp32 (the kernels round them at their products) or are cast to ``dtype``."""
+    if t is None or t.dtype in (torch.float32, dtype):
+        return t
+    return t.to(dtype)
+
+
+def _register_autocast(device_type: str) -> None:
+    """Autocast rule for ``device_type``: ``x``, ``weight``, ``bias`` to the autocast dtype (as
+    ``nn.Linear``), fp32 factors kept; then the op runs with autocast excluded."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def cast_and_run(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            if x.dtype != torch.float64 and weight.dtype != torch.float64:
+                dtype = torch.get_autocast_dtype(device_type)
+                x, weight = x.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+                A, B, diag = (_autocast_factor(t, dtype) for t in (A, B, diag))
+            return _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+
+    op = torch.ops.corda_kernels.lowrank_linear.default
+    op.py_impl(getattr(torch._C.DispatchKey, key))(cast_and_run)  # the Python dispatcher (torch.compile)
+    _LIB.impl("lowrank_linear", lambda _keys, *args: cast_and_run(*args), key, with_keyset=True)
+
+
+_LIB = torch.library.Library("corda_kernels", "FRAGMENT")  # noqa: TOR901 - holds the autocast kernels
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
+
+
 def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
@@ -177,6 +217,14 @@ def _check_index(index: torch.Tensor, name: str, bound: int, bound_name: str, va
         raise ValueError(f"lowrank_linear: {name} holds {bad}, out of range for {bound_name}={bound}")
     if torch.unique(index).numel() != index.numel():
         raise ValueError(f"lowrank_linear: {name} holds duplicated entries")
+
+
+_FACTORS = ("A", "B", "diag")
+
+
+def _mixed_ok(factor_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """fp32 factors on a 16-bit weight (the training default) are accepted."""
+    return factor_dtype == torch.float32 and weight_dtype in HALF_DTYPES
 
 
 def check_factors(
@@ -202,8 +250,12 @@ def check_factors(
             raise TypeError(f"lowrank_linear: {name} must be a tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"lowrank_linear: {name} must be a float tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-        if t.dtype != weight.dtype:
-            raise TypeError(f"lowrank_linear: dtype mismatch: {name} is {t.dtype} but weight is {weight.dtype}")
+        if t.dtype != weight.dtype and not (name in _FACTORS and _mixed_ok(t.dtype, weight.dtype)):
+            allowed = "fp32 or weight's dtype" if name in _FACTORS and weight.dtype in HALF_DTYPES else "weight's dtype"
+            raise TypeError(
+                f"lowrank_linear: dtype mismatch: {name} is {t.dtype} but weight is {weight.dtype} "
+                f"({name} must be {allowed})"
+            )
         if t.device != weight.device:
             raise ValueError(
                 f"lowrank_linear: device mismatch: {name} is on {t.device} but weight is on {weight.device}"
@@ -246,6 +298,13 @@ def check_factors(
                 f"lowrank_linear: {name} has {index.numel()} entries but {fname} {_shape(factor)} has "
                 f"{factor.shape[axis]} {what}"
             )
+
+
+def _autocasts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether autocast will bring ``x`` and ``weight`` to one dtype (fp64 is never cast)."""
+    return (
+        torch.is_autocast_enabled(x.device.type) and x.dtype in ACTIVATION_DTYPES and weight.dtype in ACTIVATION_DTYPES
+    )
 
 
 def _seed_tensor(seed, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -314,7 +373,7 @@ def lowrank_linear(
     )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"lowrank_linear: x must be a float tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not _autocasts(x, weight):
         raise TypeError(f"lowrank_linear: dtype mismatch: x is {x.dtype} but weight is {weight.dtype}")
     if x.device != weight.device:
         raise ValueError(f"lowrank_linear: device mismatch: x is on {x.device} but weight is on {weight.device}")

@@ -8,6 +8,11 @@ the forward nor the backward forms an ``(N, n_rows)`` or ``(N, n_cols)`` tempora
 sets need no gather of ``x`` or ``dy``. With dropout, ``x_c`` is gathered and masked once
 (``(N, n_cols)``) and ``dx``'s low-rank part is added with ``index_add_``. ``u`` (``(N, r)``) is
 returned in the accumulation dtype (fp32, or fp64 for fp64 inputs).
+
+fp32 factors on a 16-bit ``x`` are rounded to ``x``'s dtype once per call (factor-sized casts,
+the reference's rounding rule); their gradients come back in fp32 (``ddiag`` accumulated in fp32,
+``dA`` / ``dB`` as products in the compute dtype, widened: CPU matmuls have no fp32 output for
+16-bit inputs, and widening ``x`` instead would be an activation-sized pass).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, sc
     out_f, in_f = weight.shape
     acc = accumulation_dtype(x.dtype)
     x2 = x.reshape(-1, in_f)
+    A, B = A.to(x.dtype), B.to(x.dtype)
     if keep is None:
         u = (x2 @ _dense_cols(A, col_index, in_f).T).to(acc)
     else:
@@ -61,6 +67,8 @@ def backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, 
     dtype = dy.dtype
     acc = accumulation_dtype(dtype)
     dy2 = dy.reshape(-1, out_f)
+    A_dtype, B_dtype = A.dtype, B.dtype
+    A, B = A.to(dtype), B.to(dtype)
     ds = diag_scale(diag, scale, A.shape[0], acc, dy.device)
     grads: list[Optional[torch.Tensor]] = [None] * 6
     g = h = None
@@ -84,14 +92,15 @@ def backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, 
     if need_a:
         if keep is None:
             dA = h.T @ x2
-            grads[2] = dA if col_index is None else dA.index_select(1, col_index)
+            dA = dA if col_index is None else dA.index_select(1, col_index)
         else:
-            grads[2] = (h.T @ _dropped_cols(x2, col_index, keep)).mul_(1.0 / (1.0 - dropout))
+            dA = (h.T @ _dropped_cols(x2, col_index, keep)).mul_(1.0 / (1.0 - dropout))
+        grads[2] = dA.to(A_dtype)
     if need_b:
         dB = dy2.T @ (u * ds).to(dtype)
-        grads[3] = dB if row_index is None else dB.index_select(0, row_index)
+        grads[3] = (dB if row_index is None else dB.index_select(0, row_index)).to(B_dtype)
     if need_d:
-        grads[4] = (scale * (g * u).sum(0)).to(dtype)
+        grads[4] = (scale * (g * u).sum(0)).to(diag.dtype)
     if need_bias:
         grads[5] = dy2.sum(0)
     return grads
