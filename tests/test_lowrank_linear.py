@@ -253,7 +253,7 @@ def test_cpu_autocast_runs_the_op_in_bf16(backend, force_backend):
     assert y.dtype == torch.bfloat16
     cast = {k: v.detach().to(torch.bfloat16 if k in ("x", "weight", "bias") else v.dtype) for k, v in leaves.items()}
     cast = {k: v.requires_grad_() for k, v in cast.items()}
-    y_cast = lowrank_linear(*(cast[k] for k in ("x", "weight", "A", "B")), bias=cast["bias"], diag=cast["diag"], **kw)
+    y_cast = lowrank_linear(*(cast[k] for k in ("x", "weight", "A", "B")), **_extras(cast), **kw)
     assert torch.equal(y, y_cast)
     dy = torch.randn(y.shape, dtype=torch.bfloat16)
     got = torch.autograd.grad(y, list(leaves.values()), dy)
@@ -261,6 +261,10 @@ def test_cpu_autocast_runs_the_op_in_bf16(backend, force_backend):
     for k, g, w in zip(leaves, got, want):
         assert g.dtype == leaves[k].dtype, k
         assert torch.equal(g, w.to(g.dtype)), k
+
+
+def _extras(leaves):
+    return dict(bias=leaves["bias"], diag=leaves["diag"])
 
 
 def test_autocast_leaves_fp64_alone():
