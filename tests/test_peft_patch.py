@@ -31,13 +31,13 @@ def batch():
 def fused_calls(monkeypatch):
     """Counts the patched layers' calls of the fused op (to tell the fused path from the fallback)."""
     calls = []
-    op = peft_patch.lowrank_linear
+    op = peft_patch.fused
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("dropout"))
-        return op(*args, **kwargs)
+    def counting(*args):
+        calls.append(args[-1])  # the dropout probability
+        return op(*args)
 
-    monkeypatch.setattr(peft_patch, "lowrank_linear", counting)
+    monkeypatch.setattr(peft_patch, "fused", counting)
     return calls
 
 

@@ -34,6 +34,7 @@ is registered as ``corda_kernels::lowrank_linear`` with its backward
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Union
 
 import torch
@@ -56,9 +57,18 @@ def _available(x: torch.Tensor) -> dict[str, bool]:
     }
 
 
+_BACKEND_CACHE: dict[tuple, str] = {}
+
+
 def _backend_for(x: torch.Tensor) -> str:
-    preference = _CUDA_PREFERENCE if x.device.type == "cuda" else _CPU_PREFERENCE
-    return _backend.choose("lowrank_linear", x.device, _available(x), preference)
+    """The backend for ``x``'s device and dtype, memoized per environment (a per-call hot path)."""
+    key = (x.device.type, x.dtype, os.environ.get(_backend.ENV_BACKEND), os.environ.get("TRITON_INTERPRET"))
+    backend = _BACKEND_CACHE.get(key)
+    if backend is None:
+        preference = _CUDA_PREFERENCE if x.device.type == "cuda" else _CPU_PREFERENCE
+        backend = _backend.choose("lowrank_linear", x.device, _available(x), preference)
+        _BACKEND_CACHE[key] = backend
+    return backend
 
 
 def _keep_mask(
@@ -67,6 +77,18 @@ def _keep_mask(
     if seed is None or dropout == 0.0:
         return None
     return reference.dropout_keep(int(seed), n_tokens, n_cols, dropout, device)
+
+
+def _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+    """``(y, u)`` on the chosen backend (the body of the registered op and of the eager path)."""
+    backend = _backend_for(x)
+    if backend == "triton":
+        from ..kernels.triton import lowrank_linear as triton_kernel
+
+        return triton_kernel.forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale)
+    keep = None if seed is None else _keep_mask(seed, dropout, math.prod(x.shape[:-1]), A.shape[1], x.device)
+    impl = torch_kernel if backend == "torch" else reference
+    return impl.forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale)
 
 
 @torch.library.custom_op("corda_kernels::lowrank_linear", mutates_args=())
@@ -83,15 +105,7 @@ def _lowrank_linear_op(
     scale: float,
     dropout: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = _backend_for(x)
-    if backend == "triton":
-        from ..kernels.triton import lowrank_linear as triton_kernel
-
-        return triton_kernel.forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale)
-    n_tokens = math.prod(x.shape[:-1])
-    keep = _keep_mask(seed, dropout, n_tokens, A.shape[1], x.device)
-    impl = torch_kernel if backend == "torch" else reference
-    return impl.forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale)
+    return _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
 
 
 @_lowrank_linear_op.register_fake
@@ -99,6 +113,18 @@ def _(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
     n_tokens = math.prod(x.shape[:-1])
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
     return y, x.new_empty(n_tokens, A.shape[0], dtype=accumulation_dtype(x.dtype))
+
+
+def _run_backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, scale, dropout, needs):
+    """``[dx, dweight, dA, dB, ddiag, dbias]`` (None where not flagged in ``needs``) on the chosen backend."""
+    backend = _backend_for(dy)
+    if backend == "triton":
+        from ..kernels.triton import lowrank_linear as triton_kernel
+
+        return triton_kernel.backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, dropout, scale, needs)
+    keep = None if seed is None else _keep_mask(seed, dropout, math.prod(dy.shape[:-1]), A.shape[1], dy.device)
+    impl = torch_kernel if backend == "torch" else reference
+    return impl.backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, scale, needs)
 
 
 @torch.library.custom_op("corda_kernels::lowrank_linear_backward", mutates_args=())
@@ -118,16 +144,7 @@ def _lowrank_linear_backward_op(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dA, dB, ddiag, dbias)``; entries not flagged in ``needs`` are empty tensors."""
-    backend = _backend_for(dy)
-    needs = tuple(needs)
-    if backend == "triton":
-        from ..kernels.triton import lowrank_linear as triton_kernel
-
-        grads = triton_kernel.backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, dropout, scale, needs)
-    else:
-        keep = _keep_mask(seed, dropout, math.prod(dy.shape[:-1]), A.shape[1], dy.device)
-        impl = torch_kernel if backend == "torch" else reference
-        grads = impl.backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, scale, needs)
+    grads = _run_backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, scale, dropout, needs)
     return tuple(dy.new_empty(0) if gr is None else gr for gr in grads)
 
 
@@ -174,6 +191,86 @@ def _autocast_factor(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[
     return t.to(dtype)
 
 
+def _autocast_inputs(device_type, x, weight, A, B, bias, diag):
+    """The autocast rule: ``x``, ``weight``, ``bias`` to the autocast dtype, factors kept when fp32
+    (fp64 inputs are left alone, as autocast leaves them)."""
+    if x.dtype == torch.float64 or weight.dtype == torch.float64:
+        return x, weight, A, B, bias, diag
+    dtype = torch.get_autocast_dtype(device_type)
+    bias = None if bias is None else bias.to(dtype)
+    return (
+        x.to(dtype),
+        weight.to(dtype),
+        _autocast_factor(A, dtype),
+        _autocast_factor(B, dtype),
+        bias,
+        _autocast_factor(diag, dtype),
+    )
+
+
+class _EagerFused(torch.autograd.Function):
+    """The op's forward/backward without the dispatcher (eager mode's hot path: the registered
+    custom op costs tens of µs per call on CPU). Same bodies, same saved tensors as the op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+        y, u = _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+        _setup_context(ctx, (x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout), (y, u))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, A, B, diag, u, row_index, col_index, seed = ctx.saved_tensors
+        args = (dy, x, weight, A, B, diag, u, row_index, col_index, seed, ctx.scale, ctx.dropout, tuple(ctx.needs))
+        if torch.is_autocast_enabled(dy.device.type):  # backward called inside an autocast region
+            with torch.autocast(dy.device.type, enabled=False):
+                grads = _run_backward(*args)
+        else:
+            grads = _run_backward(*args)
+        dx, dw, dA, dB, ddiag, dbias = (gr if need else None for gr, need in zip(grads, ctx.needs))
+        return dx, dw, dA, dB, dbias, None, None, ddiag, None, None, None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def fused(x, weight, A, B, bias, row_index, col_index, diag, seed, scale: float, dropout: float) -> torch.Tensor:
+    """The op without validation, for callers that validated once (modules, patched layers).
+
+    Eager calls on plain tensors skip the dispatcher (:class:`_EagerFused`, autocast applied here by
+    the same rule); under ``torch.compile``, functorch transforms or tensor subclasses the
+    registered op runs.
+    """
+    if (
+        type(x) in _PLAIN
+        and type(weight) in _PLAIN
+        and type(A) in _PLAIN
+        and type(B) in _PLAIN
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    ):
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x, weight, A, B, bias, diag = _autocast_inputs(device_type, x, weight, A, B, bias, diag)
+            with torch.autocast(device_type, enabled=False):  # the kernels choose their own precision
+                return _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+        return _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+    return _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)[0]
+
+
+def _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or weight.requires_grad
+        or A.requires_grad
+        or B.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or (diag is not None and diag.requires_grad)
+    ):
+        return _EagerFused.apply(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+    return _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)[0]
+
+
 def _register_autocast(device_type: str) -> None:
     """Autocast rule for ``device_type``: ``x``, ``weight``, ``bias`` to the autocast dtype (as
     ``nn.Linear``), fp32 factors kept; then the op runs with autocast excluded."""
@@ -182,11 +279,7 @@ def _register_autocast(device_type: str) -> None:
 
     def cast_and_run(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
         with torch._C._ExcludeDispatchKeyGuard(keyset):
-            if x.dtype != torch.float64 and weight.dtype != torch.float64:
-                dtype = torch.get_autocast_dtype(device_type)
-                x, weight = x.to(dtype), weight.to(dtype)
-                bias = None if bias is None else bias.to(dtype)
-                A, B, diag = (_autocast_factor(t, dtype) for t in (A, B, diag))
+            x, weight, A, B, bias, diag = _autocast_inputs(device_type, x, weight, A, B, bias, diag)
             return _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
 
     op = torch.ops.corda_kernels.lowrank_linear.default
@@ -325,6 +418,11 @@ def _seed_tensor(seed, generator: Optional[torch.Generator], device: torch.devic
     return torch.tensor(seed, dtype=torch.int64, device=device)
 
 
+def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A dropout seed for :func:`fused`, drawn from ``generator`` (default: ``device``'s default one)."""
+    return _seed_tensor(None, generator, device)
+
+
 def lowrank_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -384,8 +482,7 @@ def lowrank_linear(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lowrank_linear: dropout must be in [0, 1), got {dropout}")
     seed_t = _seed_tensor(seed, generator, x.device) if dropout > 0.0 else None
-    y, _ = _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed_t, float(scale), float(dropout))
-    return y
+    return fused(x, weight, A, B, bias, row_index, col_index, diag, seed_t, float(scale), float(dropout))
 
 
 def delta_weight(
