@@ -58,6 +58,19 @@ def _lora_linear_class():
     return Linear
 
 
+# PEFT's variant classes by the names its docs use (others print as their class name, shortened).
+_VARIANT_NAMES = {
+    "ALora": "aLoRA",
+    "Kasa": "KaSA",
+    "Velora": "VeLoRA",
+    "BdLora": "BD-LoRA",
+    "QALora": "QA-LoRA",
+    "Monteclora": "MonteCLoRA",
+    "MiCA": "MiCA",
+    "Arrow": "Arrow",
+}
+
+
 def _variant_name(layer: nn.Module, adapter: str) -> str:
     """The LoRA variant of ``adapter`` as users know it ("" for plain LoRA)."""
     if layer.use_dora.get(adapter, False):
@@ -66,7 +79,8 @@ def _variant_name(layer: nn.Module, adapter: str) -> str:
     if variant is None:
         return ""
     name = type(variant).__name__
-    return name.removesuffix("LinearVariant").removesuffix("Variant") or name
+    short = name.removesuffix("LinearVariant").removesuffix("Variant") or name
+    return f"{_VARIANT_NAMES.get(short, short)} ({name})"
 
 
 def _adapter_refusal(name: str, layer: nn.Module, adapter: str) -> str:
