@@ -112,3 +112,60 @@ def test_smollm2_partial_lora_on_real_text():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+# -- 16-bit bases: fp32 trainable factors (the dtype policy) ----------------------------------------
+DTYPE_CASES = {**{m: CASES[m][0] for m in CASES}, "milora": {}}
+
+
+@pytest.mark.parametrize("method", list(DTYPE_CASES))
+def test_fp16_base_trains_with_stock_adam(method, batch):
+    """fp16 model + torch.optim.Adam (default eps): the trainable factors are fp32, so Adam's eps does
+    not round to 0 and the loss falls without NaN (factors stored in fp16 turn to NaN here)."""
+    options = dict(DTYPE_CASES[method])
+    model = tiny_llama(dtype=torch.float16)
+    if method == "corda":
+        options["covariances"] = calibrate(model, token_batches(128, n_batches=2), progress=False)
+    apply(model, method, rank=RANK, alpha=2 * RANK, progress=False, **options)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(m.weight.dtype == torch.float16 for m in model.modules() if isinstance(m, LowRankLinear))
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(STEPS):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        assert all(torch.isfinite(p).all() for p in trainable)
+    assert all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0] - 1e-3, losses
+
+
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_bf16_base_keeps_updates_below_bf16_resolution(batch, autocast_adapter_dtype):
+    """On a bf16 base, an SGD step smaller than bf16's resolution (2⁻⁸ relative) changes the fp32
+    factor; with ``autocast_adapter_dtype=False`` (factors in bf16) the same step is lost."""
+    model = apply(
+        tiny_llama(dtype=torch.bfloat16),
+        "pissa",
+        rank=RANK,
+        progress=False,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    ).train()
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.A.dtype == (torch.float32 if autocast_adapter_dtype else torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16
+    model(**batch).loss.backward()
+    grad = layer.A.grad
+    assert grad.dtype == layer.A.dtype and grad.abs().max() > 0
+    # lr such that every update is below 2^-10 of its entry: bf16 (8 mantissa bits) cannot hold it
+    lr = float((2.0**-10 * layer.A.detach().float().abs() / grad.float().abs().clamp_min(1e-30)).min())
+    before = layer.A.detach().clone()
+    torch.optim.SGD([layer.A], lr=lr).step()
+    changed = int((layer.A.detach() != before).sum())
+    if autocast_adapter_dtype:
+        assert changed > 0.5 * before.numel()
+    else:
+        assert changed == 0
