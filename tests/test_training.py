@@ -169,3 +169,21 @@ def test_bf16_base_keeps_updates_below_bf16_resolution(batch, autocast_adapter_d
         assert changed > 0.5 * before.numel()
     else:
         assert changed == 0
+
+
+def test_decomposition_cache_serves_both_factor_dtypes(tmp_path):
+    """One cache for a bf16 model: the fp32-factor and the bf16-factor adapters read back the same
+    decomposition (bf16 factors are the fp32 ones rounded) and the same residual weights."""
+
+    def adapt(flag):
+        model = tiny_llama(dtype=torch.bfloat16)
+        apply(model, "pissa", rank=RANK, progress=False, cache_dir=str(tmp_path), autocast_adapter_dtype=flag)
+        return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+    fp32, cached_fp32, bf16 = adapt(True), adapt(True), adapt(False)
+    assert len(list(tmp_path.rglob("*"))) > 0
+    for name, layer in fp32.items():
+        assert layer.A.dtype == torch.float32 and bf16[name].A.dtype == torch.bfloat16
+        for t in ("A", "B", "weight"):
+            assert torch.equal(getattr(cached_fp32[name], t), getattr(layer, t)), (name, t)
+        assert torch.equal(bf16[name].A, layer.A.to(torch.bfloat16)) and torch.equal(bf16[name].weight, layer.weight)

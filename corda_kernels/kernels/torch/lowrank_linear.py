@@ -77,6 +77,8 @@ def backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, 
     out_f, in_f = weight.shape
     dtype = dy.dtype
     acc = accumulation_dtype(dtype)
+    # contiguous: a broadcast dy (stride 0, e.g. from y.sum()) sends CPU matmuls down a slow non-BLAS path
+    dy = dy.contiguous()
     dy2 = dy if dy.dim() == 2 else dy.reshape(-1, out_f)
     A_dtype, B_dtype = A.dtype, B.dtype
     A, B = _as(A, dtype), _as(B, dtype)
