@@ -54,27 +54,32 @@ def refuse_tied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
             )
 
 
-def build_module(module: nn.Module, init: LayerInit, dropout: float) -> LowRankLinear:
-    """A ``LowRankLinear`` for ``module`` with ``init``'s factors and the residual weight."""
+def build_module(
+    module: nn.Module, init: LayerInit, dropout: float, autocast_adapter_dtype: bool = True
+) -> LowRankLinear:
+    """A ``LowRankLinear`` for ``module`` with ``init``'s factors and the residual weight.
+
+    The factors are stored as :class:`LowRankLinear` stores them (trainable ones fp32 on a 16-bit
+    base unless ``autocast_adapter_dtype`` is False); the residual subtracts the update the forward
+    computes (``A``, ``B`` rounded to the weight's dtype), so the model reproduces the original."""
     weight = hf.weight_matrix(module).detach()
     dtype = weight.dtype
-    A, B = init.A.to(dtype), init.B.to(dtype)
-    diag = init.diag.to(dtype) if init.diag is not None else None
     layer = LowRankLinear(
         weight.clone() if init.subtract else weight.contiguous(),
-        A,
-        B,
+        init.A,
+        init.B,
         bias=module.bias.detach() if module.bias is not None else None,
         scale=init.scale,
-        diag=diag,
+        diag=init.diag,
         row_index=init.row_index,
         col_index=init.col_index,
         trainable=init.trainable,
         dropout=dropout,
+        autocast_adapter_dtype=autocast_adapter_dtype,
     )
     if init.subtract:
         with torch.no_grad():
-            residual = weight.float() - layer.delta_weight()
+            residual = weight.float() - layer.delta_weight(as_computed=True)
             layer.weight.copy_(residual.to(dtype))
     layer.source_layout = "conv1d" if hf.is_conv1d(module) else "linear"
     layer.base_changed = bool(init.subtract)  # the frozen weight is a residual, not the original
@@ -100,6 +105,7 @@ def apply(
     progress: bool = True,
     process_group=None,
     cache_dir: Optional[str] = None,
+    autocast_adapter_dtype: bool = True,
     **method_options,
 ) -> nn.Module:
     """Initialize adapters with ``method`` and swap them into ``model`` (in place; returns it).
@@ -124,6 +130,8 @@ def apply(
         cache_dir: a directory caching each layer's decomposition (see :mod:`corda_kernels.decomposition.cache`):
             layers whose weights, covariance and settings are unchanged are read back, not
             decomposed again.
+        autocast_adapter_dtype: on a bf16/fp16 model, store the trainable factors in fp32 (default,
+            as PEFT) so optimizers update them at full precision; False keeps the model's dtype.
     """
     method: InitMethod = make_method(method, **method_options)
     check_dropout(dropout, "apply")
@@ -147,7 +155,7 @@ def apply(
         process_group=process_group,
         cache_dir=cache_dir,
     )
-    swap_in(model, targets, inits, dropout)
+    swap_in(model, targets, inits, dropout, autocast_adapter_dtype)
     freeze_all_but_adapters(model)
     hf.forget_gguf_quantization(model)  # GGUF weights were dequantized at load: save and train as plain
     return model
@@ -175,7 +183,11 @@ def prepare_targets(model, target_modules, exclude_modules, rank, alpha, rank_pa
 
 
 def swap_in(
-    model: nn.Module, targets: Mapping[str, nn.Module], inits: Mapping[str, LayerInit], dropout: float
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    inits: Mapping[str, LayerInit],
+    dropout: float,
+    autocast_adapter_dtype: bool = True,
 ) -> list[tuple[str, nn.Module]]:
     """Replace each target by its ``LowRankLinear``; returns ``(name, replaced module)`` pairs (the
     undo log). On any failure the layers already swapped are put back before re-raising."""
@@ -183,7 +195,7 @@ def swap_in(
     try:
         for name, init in inits.items():
             old = targets[name]
-            hf.set_submodule(model, name, build_module(old, init, dropout))
+            hf.set_submodule(model, name, build_module(old, init, dropout, autocast_adapter_dtype))
             swapped.append((name, old))
     except BaseException:
         restore(model, swapped)

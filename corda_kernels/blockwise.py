@@ -110,6 +110,7 @@ def apply_blockwise(
     cache_dir: Optional[str] = None,
     undo: str = "cpu",
     offload: Optional[str] = None,
+    autocast_adapter_dtype: bool = True,
     **method_options,
 ) -> nn.Module:
     """Calibrate, decompose and adapt ``model`` one block at a time (in place; returns it).
@@ -126,6 +127,7 @@ def apply_blockwise(
             ``"reconstruct"`` keeps nothing and rebuilds each layer as ``W' + s·B·A`` in fp32, cast
             once (within one rounding of the original in its dtype; host memory stays flat).
         offload: deprecated name of ``block_inputs_device``.
+        autocast_adapter_dtype: fp32 trainable factors on a 16-bit model (default; see :func:`apply`).
 
     Every target must live inside the model's (single) stack of blocks.
     """
@@ -178,7 +180,7 @@ def apply_blockwise(
                     cache_dir=cache_dir,
                 )
                 del covariances
-                _swap_block(model, targets, inits, dropout, undo, home, undo_log)
+                _swap_block(model, targets, inits, (dropout, autocast_adapter_dtype), undo, home, undo_log)
                 del inits, block_targets
             block.to(home)
     except BaseException:
@@ -191,10 +193,10 @@ def apply_blockwise(
     return model
 
 
-def _swap_block(model, targets, inits, dropout, undo, home, undo_log) -> None:
+def _swap_block(model, targets, inits, options, undo, home, undo_log) -> None:
     """Swap a block's layers in and log them; each replaced layer leaves ``targets`` and lives on
     only in the undo log (parked on the CPU) or not at all (``undo="reconstruct"``)."""
-    for name, old in _adapt.swap_in(model, {n: targets[n] for n in inits}, inits, dropout):
+    for name, old in _adapt.swap_in(model, {n: targets[n] for n in inits}, inits, *options):
         undo_log.append((name, old.to("cpu") if undo == "cpu" else None, home))
         del targets[name]
 

@@ -100,10 +100,12 @@ def _train_batches():
     return token_batches(128, n_batches=3, batch=2 * WORLD, seq=10, seed=7, pad_last=False)
 
 
-def _adapted_model(process_group):
+def _adapted_model(process_group, dtype=torch.float32):
     from corda_kernels.adapt import apply
 
-    model = apply(tiny_llama(), "pissa", svd="exact", progress=False, process_group=process_group, **RANK_ARGS)
+    model = apply(
+        tiny_llama(dtype=dtype), "pissa", svd="exact", progress=False, process_group=process_group, **RANK_ARGS
+    )
     return model.train()
 
 
@@ -180,6 +182,31 @@ def scenario_ddp(rank, out_dir):
     return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
+def _bf16_patched_peft(seed=0):
+    """A patched PEFT LoRA model on a bf16 tiny Llama (PEFT keeps the adapters fp32)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_llama(dtype=torch.bfloat16),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False),
+    )
+    ck.patch_peft(model)
+    return model.train()
+
+
+def scenario_ddp_bf16(rank, out_dir):
+    """DDP over a bf16 model: LowRankLinear's fp32 factors, and a patched PEFT model's fp32 adapters."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {}
+    for label, build in (("lowrank", lambda: _adapted_model(False, torch.bfloat16)), ("peft", _bf16_patched_peft)):
+        model = build()
+        losses = _train(DistributedDataParallel(model), slice(2 * rank, 2 * rank + 2))
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        out[label] = {"losses": losses, "trainable": trained}
+    return out
+
+
 def scenario_fsdp(rank, out_dir):
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -230,7 +257,15 @@ def _small_buckets(nbytes=1024):
         distributed.BUCKET_BYTES = saved
 
 
-SCENARIOS = [scenario_calibration, scenario_resume, scenario_decompose, scenario_ddp, scenario_fsdp, scenario_fsdp1]
+SCENARIOS = [
+    scenario_calibration,
+    scenario_resume,
+    scenario_decompose,
+    scenario_ddp,
+    scenario_ddp_bf16,
+    scenario_fsdp,
+    scenario_fsdp1,
+]
 
 
 def _worker(out_dir):
@@ -443,6 +478,26 @@ def test_ddp_training_matches_one_process_on_the_whole_batch(run):
     # DDP averages gradients: the mean of the two shard losses is the whole-batch loss.
     mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
     assert mean == pytest.approx(losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("label", ["lowrank", "peft"])
+def test_ddp_on_a_bf16_base_trains_fp32_adapters_like_one_process(run, label):
+    """DDP (gloo, 2 processes) over a bf16 model with fp32 adapters (LowRankLinear, patched PEFT):
+    ranks agree exactly, the adapters stay fp32, and training matches one process on the whole batch
+    to bf16 tolerance (the two halves run bf16 GEMMs of another shape)."""
+    ranks = [r[label] for r in run["ddp_bf16"]]
+    _assert_identical(ranks[0]["trainable"], ranks[1]["trainable"])
+    model = _adapted_model(False, torch.bfloat16) if label == "lowrank" else _bf16_patched_peft()
+    losses = _train(model, slice(None))
+    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert list(ranks[0]["trainable"]) == list(trained)
+    for name, value in trained.items():
+        assert value.dtype == torch.float32 == ranks[0]["trainable"][name].dtype
+        # Adam's sign-like steps amplify bf16 rounding on near-zero gradients: compare normwise.
+        err = (ranks[0]["trainable"][name] - value).norm() / value.norm()
+        assert err < 2e-2, f"{name}: relative difference {err:.2e}"
+    mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    assert mean == pytest.approx(losses, rel=1e-2)
 
 
 @pytest.mark.parametrize("scenario", ["fsdp", "fsdp1"])

@@ -173,6 +173,107 @@ def test_fp16_within_twice_plain_error(backend, force_backend):
         assert ours <= 2 * yardstick + 1e-5, f"{k}: {ours:.2e} vs plain fp16 {yardstick:.2e}"
 
 
+def run_mixed(tensors, index, *, dtype, factor_dtype, dropout=0.0, scale=0.7):
+    """Forward + backward of the op with x/weight/bias in ``dtype`` and A/B/diag in ``factor_dtype``."""
+    leaves = {
+        k: v.detach().to(factor_dtype if k in ("A", "B", "diag") else dtype).requires_grad_()
+        for k, v in tensors.items()
+        if v is not None
+    }
+    y = lowrank_linear(
+        leaves["x"],
+        leaves["weight"],
+        leaves["A"],
+        leaves["B"],
+        scale=scale,
+        bias=leaves.get("bias"),
+        diag=leaves.get("diag"),
+        dropout=dropout,
+        seed=SEED,
+        **index,
+    )
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).to(y.dtype)
+    wrt = [k for k in NAMES if k in leaves]
+    return {"y": y.detach(), **dict(zip(wrt, torch.autograd.grad(y, [leaves[k] for k in wrt], dy)))}
+
+
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [
+        ("reference", torch.float16),
+        ("reference", torch.bfloat16),
+        ("torch", torch.float16),
+        ("torch", torch.bfloat16),
+        ("triton", torch.float16),  # the interpreter has no bf16
+    ],
+)
+@pytest.mark.parametrize("mask,dropout", [("dense", 0.0), ("rows+cols", 0.3)])
+def test_fp32_factors_on_16bit_follow_the_rounding_rule(backend, dtype, mask, dropout, force_backend):
+    """fp32 A/B/diag on a 16-bit x/weight: the forward equals, bit for bit, the same-dtype op given the
+    factors rounded to the compute dtype (A, B rounded where they enter a product, diag not: its
+    values here are exact in ``dtype``); factor gradients come back fp32, at least as accurate."""
+    force_backend(backend)
+    rows, cols = MASKS[mask]
+    tensors, index = make_inputs(rows=rows, cols=cols, diag=True, bias=True, shape=(3, 11), r=6)
+    tensors["diag"] = tensors["diag"].to(dtype).double()
+    mixed = run_mixed(tensors, index, dtype=dtype, factor_dtype=torch.float32, dropout=dropout)
+    rounded = {k: (v.to(dtype).double() if v is not None else None) for k, v in tensors.items()}
+    same = run_mixed(rounded, index, dtype=dtype, factor_dtype=dtype, dropout=dropout)
+    expected = run(rounded, index, set(NAMES), dtype=torch.float64, impl="spec", dropout=dropout)
+    assert mixed["y"].dtype == dtype and torch.equal(mixed["y"], same["y"])
+    for k in ("x", "weight", "bias"):
+        assert mixed[k].dtype == dtype and torch.equal(mixed[k], same[k]), k
+    for k in ("A", "B", "diag"):
+        assert mixed[k].dtype == torch.float32, k
+        ours, yardstick = max_rel_err(mixed[k], expected[k]), max_rel_err(same[k], expected[k])
+        assert ours <= 2 * yardstick + 1e-5, f"{k}: {ours:.2e} vs same-dtype {yardstick:.2e}"
+
+
+def test_factor_dtypes_other_than_fp32_or_the_weights_are_refused():
+    w = torch.randn(4, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"A is torch.float16 but weight is torch.bfloat16 \(A must be fp32 or"):
+        lowrank_linear(w.new_ones(2, 3), w, torch.randn(2, 3).half(), torch.randn(4, 2))
+    with pytest.raises(TypeError, match=r"bias is torch.float32 but weight is torch.bfloat16"):
+        lowrank_linear(w.new_ones(2, 3), w, torch.randn(2, 3), torch.randn(4, 2), bias=torch.randn(4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_cpu_autocast_runs_the_op_in_bf16(backend, force_backend):
+    """Under CPU bf16 autocast, fp32 x/weight/bias are cast to bf16 (as nn.Linear), the factors are
+    left fp32 (rounded inside) and their gradients come back fp32: the result is exactly the op on
+    bf16-cast inputs."""
+    force_backend(backend)
+    tensors, index = make_inputs(rows=13, cols=19, diag=True, bias=True, shape=(3, 7))
+    leaves = {k: v.float().requires_grad_() for k, v in tensors.items()}
+    kw = dict(scale=0.5, **index)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lowrank_linear(
+            *(leaves[k] for k in ("x", "weight", "A", "B")), bias=leaves["bias"], diag=leaves["diag"], **kw
+        )
+    assert y.dtype == torch.bfloat16
+    cast = {k: v.detach().to(torch.bfloat16 if k in ("x", "weight", "bias") else v.dtype) for k, v in leaves.items()}
+    cast = {k: v.requires_grad_() for k, v in cast.items()}
+    y_cast = lowrank_linear(*(cast[k] for k in ("x", "weight", "A", "B")), **_extras(cast), **kw)
+    assert torch.equal(y, y_cast)
+    dy = torch.randn(y.shape, dtype=torch.bfloat16)
+    got = torch.autograd.grad(y, list(leaves.values()), dy)
+    want = torch.autograd.grad(y_cast, list(cast.values()), dy)
+    for k, g, w in zip(leaves, got, want):
+        assert g.dtype == leaves[k].dtype, k
+        assert torch.equal(g, w.to(g.dtype)), k
+
+
+def _extras(leaves):
+    return dict(bias=leaves["bias"], diag=leaves["diag"])
+
+
+def test_autocast_leaves_fp64_alone():
+    tensors, index = make_inputs(rows=13, cols=19)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lowrank_linear(tensors["x"], tensors["weight"], tensors["A"], tensors["B"], **index)
+    assert y.dtype == torch.float64
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
 def test_gradcheck_fp64(backend, dropout, force_backend):

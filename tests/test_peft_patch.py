@@ -31,13 +31,13 @@ def batch():
 def fused_calls(monkeypatch):
     """Counts the patched layers' calls of the fused op (to tell the fused path from the fallback)."""
     calls = []
-    op = peft_patch.lowrank_linear
+    op = peft_patch.fused
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("dropout"))
-        return op(*args, **kwargs)
+    def counting(*args):
+        calls.append(args[-1])  # the dropout probability
+        return op(*args)
 
-    monkeypatch.setattr(peft_patch, "lowrank_linear", counting)
+    monkeypatch.setattr(peft_patch, "fused", counting)
     return calls
 
 
@@ -175,7 +175,9 @@ def test_fp32_adapters_on_bf16_base(batch, fused_calls):
 @pytest.mark.parametrize(
     "setup, match",
     [
-        ("dora", "DoRA"),
+        ("dora", r"variant DoRA for adapter 'default'; patch_peft runs plain LoRA only, not DoRA$"),
+        ("kasa", r"variant KaSA \(KasaLinearVariant\) for adapter 'default'; .* not KaSA"),
+        ("alora", r"variant aLoRA \(ALoraLinearVariant\)"),
         ("lora_bias", "lora_bias"),
         ("two_active", "2 active adapters"),
         ("plain", "no PEFT LoRA Linear"),
@@ -184,6 +186,10 @@ def test_fp32_adapters_on_bf16_base(batch, fused_calls):
 def test_refused(setup, match):
     if setup == "dora":
         model = _peft_llama(use_dora=True)
+    elif setup == "kasa":
+        model = _peft_llama(kasa_config={})
+    elif setup == "alora":
+        model = _peft_llama(alora_invocation_tokens=[1, 2], task_type="CAUSAL_LM")
     elif setup == "lora_bias":
         model = _peft_llama(lora_bias=True)
     elif setup == "two_active":
@@ -195,3 +201,54 @@ def test_refused(setup, match):
     with pytest.raises(ValueError, match=match):
         patch_peft(model)
     assert not any(is_patched(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_patched_model_pickles_and_deepcopies(batch, tmp_path, fused_calls, how):
+    """The patch survives torch.save/torch.load and deepcopy: the copy runs fused on its own weights."""
+    model = _peft_llama().eval()
+    patch_peft(model)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    if how == "torch.save":
+        torch.save(model, tmp_path / "model.pt")
+        copied = torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        copied = copy.deepcopy(model)
+    layers = [m for m in copied.modules() if is_patched(m)]
+    assert len(layers) == 14 and all(m.forward.args[0] is m for m in layers)  # bound to the copy, not the original
+    fused_calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(copied(**batch).logits, logits, atol=0, rtol=0)
+        assert len(fused_calls) == 14
+        layers[0].lora_B["default"].weight.zero_()  # the copy's weights are its own
+        assert not torch.equal(copied(**batch).logits, model(**batch).logits)
+    assert len(unpatch_peft(copied)) == 14
+
+
+def test_cpu_bf16_autocast_runs_fused_and_matches_peft(batch, fused_calls):
+    """fp32 model under CPU bf16 autocast: the patched model runs fused (no fallback) and gives PEFT's
+    loss to bf16 tolerance and gradients as close to the fp32 ones as PEFT's own autocast run (flash
+    rule: at most twice its error); the LoRA gradients stay fp32."""
+    reference = _peft_llama().train()
+    patched = copy.deepcopy(reference)
+    patch_peft(patched)
+
+    def loss_and_grads(model, autocast=True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    _, exact_grads = loss_and_grads(reference, autocast=False)
+    expected, expected_grads = loss_and_grads(reference)
+    assert fused_calls == []
+    got, grads = loss_and_grads(patched)
+    assert len(fused_calls) == 14
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        exact = exact_grads[name]
+        ours, peft_error = (grad - exact).norm(), (expected_grads[name] - exact).norm()
+        assert ours <= 2 * peft_error + 1e-3 * exact.norm(), f"{name}: {ours:.2e} vs PEFT autocast {peft_error:.2e}"

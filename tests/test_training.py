@@ -141,3 +141,78 @@ def test_gguf_loaded_model_saves_and_trains_without_helpers(tmp_path):
     before = model.get_submodule(name).B.detach().clone()
     Trainer(model=model, args=args, train_dataset=data).train()
     assert not torch.equal(model.get_submodule(name).B, before)
+
+
+# -- 16-bit bases: fp32 trainable factors (the dtype policy) ----------------------------------------
+DTYPE_CASES = {**{m: CASES[m][0] for m in CASES}, "milora": {}}
+
+
+@pytest.mark.parametrize("method", list(DTYPE_CASES))
+def test_fp16_base_trains_with_stock_adam(method, batch):
+    """fp16 model + torch.optim.Adam (default eps): the trainable factors are fp32, so Adam's eps does
+    not round to 0 and the loss falls without NaN (factors stored in fp16 turn to NaN here)."""
+    options = dict(DTYPE_CASES[method])
+    model = tiny_llama(dtype=torch.float16)
+    if method == "corda":
+        options["covariances"] = calibrate(model, token_batches(128, n_batches=2), progress=False)
+    apply(model, method, rank=RANK, alpha=2 * RANK, progress=False, **options)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(m.weight.dtype == torch.float16 for m in model.modules() if isinstance(m, LowRankLinear))
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(STEPS):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        assert all(torch.isfinite(p).all() for p in trainable)
+    assert all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0] - 1e-3, losses
+
+
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_bf16_base_keeps_updates_below_bf16_resolution(batch, autocast_adapter_dtype):
+    """On a bf16 base, an SGD step smaller than bf16's resolution (2⁻⁸ relative) changes the fp32
+    factor; with ``autocast_adapter_dtype=False`` (factors in bf16) the same step is lost."""
+    model = apply(
+        tiny_llama(dtype=torch.bfloat16),
+        "pissa",
+        rank=RANK,
+        progress=False,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    ).train()
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.A.dtype == (torch.float32 if autocast_adapter_dtype else torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16
+    model(**batch).loss.backward()
+    grad = layer.A.grad
+    assert grad.dtype == layer.A.dtype and grad.abs().max() > 0
+    # lr such that every update is below 2^-10 of its entry: bf16 (8 mantissa bits) cannot hold it
+    lr = float((2.0**-10 * layer.A.detach().float().abs() / grad.float().abs().clamp_min(1e-30)).min())
+    before = layer.A.detach().clone()
+    torch.optim.SGD([layer.A], lr=lr).step()
+    changed = int((layer.A.detach() != before).sum())
+    if autocast_adapter_dtype:
+        assert changed > 0.5 * before.numel()
+    else:
+        assert changed == 0
+
+
+def test_decomposition_cache_serves_both_factor_dtypes(tmp_path):
+    """One cache for a bf16 model: the fp32-factor and the bf16-factor adapters read back the same
+    decomposition (bf16 factors are the fp32 ones rounded) and the same residual weights."""
+
+    def adapt(flag):
+        model = tiny_llama(dtype=torch.bfloat16)
+        apply(model, "pissa", rank=RANK, progress=False, cache_dir=str(tmp_path), autocast_adapter_dtype=flag)
+        return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+    fp32, cached_fp32, bf16 = adapt(True), adapt(True), adapt(False)
+    assert len(list(tmp_path.rglob("*"))) > 0
+    for name, layer in fp32.items():
+        assert layer.A.dtype == torch.float32 and bf16[name].A.dtype == torch.bfloat16
+        for t in ("A", "B", "weight"):
+            assert torch.equal(getattr(cached_fp32[name], t), getattr(layer, t)), (name, t)
+        assert torch.equal(bf16[name].A, layer.A.to(torch.bfloat16)) and torch.equal(bf16[name].weight, layer.weight)

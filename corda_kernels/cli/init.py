@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--normalization", default="token_mean", choices=["token_mean", "peft"], help="covariance normalization"
     )
     parser.add_argument("--no-residual", action="store_true", help="do not save the residual base model")
+    parser.add_argument(
+        "--autocast-adapter-dtype",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a bf16/fp16 model keep the trainable factors in fp32 (default; --no-... keeps the model dtype)",
+    )
 
 
 @torch.no_grad()
@@ -174,6 +180,7 @@ def _run(args, texts, tmp, model_source) -> int:
             target_modules=None if covariances is not None else targets(args.targets),
             seed=args.seed,
             progress=not args.no_progress,
+            autocast_adapter_dtype=args.autocast_adapter_dtype,
             **options,
         )
     stages.append(st)

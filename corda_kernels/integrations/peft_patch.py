@@ -13,32 +13,41 @@ PEFT's. Dropout: PEFT's ``lora_dropout[a]`` (``nn.Dropout`` in training mode giv
 seeded from torch's default generator), so with ``p > 0`` the random mask differs from
 ``nn.Dropout``'s; the distribution is the same.
 
+Checks that cannot change while the model runs (variants, ``lora_bias``, base layer kind,
+dropout module) are made once per adapter at patch time (and on the first call of an adapter added
+later) and cached; the per-call path only reads flags and dtypes, then calls the op's unvalidated
+entry :func:`~corda_kernels.ops.lowrank_linear.fused` (eager calls skip the dispatcher).
+
 Per call, the layer falls back to PEFT's own forward when the fused path does not apply: adapters
 disabled or merged, ``adapter_names`` (mixed batches) or other extra arguments, more or fewer than
-one active adapter, a LoRA variant (DoRA, ...) or ``lora_bias`` on the active adapter, autocast,
-or an input dtype other than the base weight's. Adapter factors stored in another dtype than the
-base weight (PEFT's ``autocast_adapter_dtype`` keeps fp32 adapters on a bf16 base) are cast to
-the base dtype inside the graph, so gradients still reach the fp32 parameters.
+one active adapter, an adapter that cannot run fused, or an input dtype other than the base
+weight's outside autocast. Under ``torch.autocast`` it runs fused: the op's autocast rule casts
+``x``, the base weight and bias to the autocast dtype. Adapter factors may be fp32 on a 16-bit base
+(PEFT's ``autocast_adapter_dtype``, its default): the op reads them as they are, rounds them where
+they enter its products and returns fp32 gradients (no cast in the graph).
 
-:func:`patch_peft` refuses, naming the layer, configurations it would never run fused (several
-active adapters, DoRA or other variants, ``lora_bias``, a quantized or non-linear base layer,
-a dropout module other than ``nn.Dropout`` / ``nn.Identity``). Other LoRA layer types
-(embeddings, convolutions) are left on PEFT's forward. :func:`unpatch_peft` restores.
+:func:`patch_peft` refuses, naming the layer and the variant, configurations it would never run
+fused (several active adapters, DoRA or another LoRA variant, ``lora_bias``, a quantized or
+non-linear base layer, a dropout module other than ``nn.Dropout`` / ``nn.Identity``). Other LoRA
+layer types (embeddings, convolutions) are left on PEFT's forward. :func:`unpatch_peft` restores.
+The patched forward is a ``functools.partial`` of a module-level function, so patched models
+pickle (``torch.save`` / ``torch.load``) and ``copy.deepcopy`` with the patch in place.
 """
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._dtypes import ACTIVATION_DTYPES
-from ..ops.lowrank_linear import lowrank_linear
+from .._dtypes import ACTIVATION_DTYPES, HALF_DTYPES
+from ..ops.lowrank_linear import draw_seed, fused
 from . import hf
 
 _MARK = "_corda_kernels_patched"
+_PLANS = "_corda_kernels_plans"  # {adapter: True when it can run fused}, filled lazily
 
 
 def _lora_linear_class():
@@ -49,23 +58,40 @@ def _lora_linear_class():
     return Linear
 
 
-def _refusal(name: str, layer: nn.Module) -> str:
-    """Why ``layer`` cannot run fused (empty string when it can)."""
-    active = list(layer.active_adapters)
-    if len(active) != 1:
-        return (
-            f"layer {name} has {len(active)} active adapters {active}; "
-            "patch_peft runs exactly one (model.set_adapter(name))"
-        )
-    adapter = active[0]
+# PEFT's variant classes by the names its docs use (others print as their class name, shortened).
+_VARIANT_NAMES = {
+    "ALora": "aLoRA",
+    "Kasa": "KaSA",
+    "Velora": "VeLoRA",
+    "BdLora": "BD-LoRA",
+    "QALora": "QA-LoRA",
+    "Monteclora": "MonteCLoRA",
+    "MiCA": "MiCA",
+    "Arrow": "Arrow",
+}
+
+
+def _variant_name(layer: nn.Module, adapter: str) -> str:
+    """The LoRA variant of ``adapter`` as users know it ("" for plain LoRA)."""
+    if layer.use_dora.get(adapter, False):
+        return "DoRA"
+    variant = layer.lora_variant.get(adapter)
+    if variant is None:
+        return ""
+    name = type(variant).__name__
+    short = name.removesuffix("LinearVariant").removesuffix("Variant") or name
+    return f"{_VARIANT_NAMES.get(short, short)} ({name})"
+
+
+def _adapter_refusal(name: str, layer: nn.Module, adapter: str) -> str:
+    """Why ``adapter`` of ``layer`` cannot run fused (empty string when it can)."""
     if adapter not in layer.lora_A:
         return f"layer {name} has no LoRA weights for its active adapter {adapter!r}"
-    variant = layer.lora_variant.get(adapter)
-    if variant is not None or layer.use_dora.get(adapter, False):
-        kind = type(variant).__name__ if variant is not None else "DoRA"
+    variant = _variant_name(layer, adapter)
+    if variant:
         return (
-            f"layer {name} uses a LoRA variant ({kind}) for adapter {adapter!r}; "
-            "patch_peft runs plain LoRA only (no DoRA)"
+            f"layer {name} uses the LoRA variant {variant} for adapter {adapter!r}; "
+            f"patch_peft runs plain LoRA only, not {variant}"
         )
     if layer.lora_bias.get(adapter, False):
         return f"layer {name} has lora_bias=True for adapter {adapter!r}; the fused op has no adapter bias"
@@ -82,31 +108,52 @@ def _refusal(name: str, layer: nn.Module) -> str:
     return ""
 
 
-def _fusable(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    if args or any(v is not None for v in kwargs.values()) or layer.disable_adapters or layer.merged:
-        return False
-    if len(layer.active_adapters) != 1 or torch.is_autocast_enabled(x.device.type):
-        return False
-    adapter = layer.active_adapters[0]
-    if adapter not in layer.lora_A or adapter in layer.lora_variant or layer.lora_bias.get(adapter, False):
-        return False
+def _refusal(name: str, layer: nn.Module) -> str:
+    """Why ``layer`` cannot run fused (empty string when it can)."""
+    active = list(layer.active_adapters)
+    if len(active) != 1:
+        return (
+            f"layer {name} has {len(active)} active adapters {active}; "
+            "patch_peft runs exactly one (model.set_adapter(name))"
+        )
+    return _adapter_refusal(name, layer, active[0])
+
+
+def _runs_fused(layer: nn.Module, adapter: str) -> bool:
+    plans = layer.__dict__.setdefault(_PLANS, {})
+    ok = plans.get(adapter)
+    if ok is None:
+        ok = plans[adapter] = not _adapter_refusal("", layer, adapter)
+    return ok
+
+
+def _factor_ok(factor: torch.Tensor, weight: torch.Tensor) -> bool:
+    return factor.dtype == weight.dtype or (factor.dtype == torch.float32 and weight.dtype in HALF_DTYPES)
+
+
+def _fused_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Forward of a patched PEFT LoRA ``Linear`` (see the module docstring)."""
+    if args or layer.disable_adapters or layer.merged or (kwargs and any(v is not None for v in kwargs.values())):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    active = layer.active_adapters
+    if len(active) != 1 or not _runs_fused(layer, active[0]):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    adapter = active[0]
+    base = layer.base_layer
+    weight = base.weight
+    A = layer.lora_A[adapter].weight
+    B = layer.lora_B[adapter].weight
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if (x.dtype != weight.dtype and not autocast) or not (_factor_ok(A, weight) and _factor_ok(B, weight)):
+        return type(layer).forward(layer, x, *args, **kwargs)
     drop = layer.lora_dropout[adapter]
-    fits_dropout = isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and drop.p < 1.0)
-    return fits_dropout and x.dtype == layer.base_layer.weight.dtype
-
-
-def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Instance forward of a patched PEFT LoRA ``Linear`` (see the module docstring)."""
-    if not _fusable(self, x, args, kwargs):
-        return type(self).forward(self, x, *args, **kwargs)
-    adapter = self.active_adapters[0]
-    drop = self.lora_dropout[adapter]
-    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    base = self.base_layer
-    weight = hf.weight_matrix(base)
-    A = self.lora_A[adapter].weight.to(weight.dtype)
-    B = self.lora_B[adapter].weight.to(weight.dtype)
-    return lowrank_linear(x, weight, A, B, scale=self.scaling[adapter], bias=base.bias, dropout=p)
+    p = drop.p if drop.training and type(drop) is not nn.Identity else 0.0
+    if p >= 1.0:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    if layer.__dict__.get("_corda_kernels_conv1d"):
+        weight = weight.t()
+    seed = draw_seed(x.device) if p > 0.0 else None
+    return fused(x, weight, A, B, base.bias, None, None, None, seed, float(layer.scaling[adapter]), float(p))
 
 
 def patch_peft(peft_model: nn.Module) -> list[str]:
@@ -126,7 +173,9 @@ def patch_peft(peft_model: nn.Module) -> list[str]:
         if reason:
             raise ValueError(f"patch_peft: {reason}")
     for layer in layers.values():
-        layer.forward = types.MethodType(_fused_forward, layer)
+        layer.__dict__[_PLANS] = {}
+        layer.__dict__["_corda_kernels_conv1d"] = hf.is_conv1d(layer.base_layer)
+        layer.forward = functools.partial(_fused_forward, layer)
         setattr(layer, _MARK, True)
     return list(layers)
 
@@ -138,6 +187,8 @@ def unpatch_peft(peft_model: nn.Module) -> list[str]:
         if getattr(module, _MARK, False):
             del module.forward
             delattr(module, _MARK)
+            module.__dict__.pop(_PLANS, None)
+            module.__dict__.pop("_corda_kernels_conv1d", None)
             restored.append(name)
     return restored
 

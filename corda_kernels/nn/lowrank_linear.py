@@ -14,9 +14,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.lowrank_linear import check_dropout, check_factors, check_scale, delta_weight, lowrank_linear
+from .._dtypes import HALF_DTYPES
+from ..ops.lowrank_linear import check_dropout, check_factors, check_scale, delta_weight, draw_seed, fused
 
 _FACTORS = ("A", "B", "diag")
+
+
+def adapter_dtype(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype trainable factors are stored in: fp32 on a 16-bit weight unless
+    ``autocast_adapter_dtype`` is False, else the weight's dtype."""
+    return torch.float32 if autocast_adapter_dtype and weight_dtype in HALF_DTYPES else weight_dtype
 
 
 class LowRankLinear(nn.Module):
@@ -29,6 +36,13 @@ class LowRankLinear(nn.Module):
     buffer mirroring :attr:`merged`, so a merged module's state dict loads as merged.
 
     Dropout (probability ``dropout``) applies to the adapter's input in training mode only.
+
+    Dtypes: on a bf16/fp16 ``weight`` the trainable factors are stored in fp32 by default
+    (``autocast_adapter_dtype=True``, PEFT's name and default), so optimizers such as Adam see fp32
+    parameters (in fp16 Adam's ``eps`` rounds to 0; in bf16 updates below 2⁻⁸ of a value are lost);
+    the forward rounds them to the compute dtype where they enter a product (the op's rounding
+    rule). ``autocast_adapter_dtype=False`` stores them in the weight's dtype. Frozen factors and the
+    frozen ``weight`` / ``bias`` keep the weight's dtype.
     """
 
     def __init__(
@@ -44,6 +58,7 @@ class LowRankLinear(nn.Module):
         col_index: Optional[torch.Tensor] = None,
         trainable: Union[str, Iterable[str]] = ("A", "B"),
         dropout: float = 0.0,
+        autocast_adapter_dtype: bool = True,
     ):
         super().__init__()
         trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
@@ -54,14 +69,19 @@ class LowRankLinear(nn.Module):
             raise ValueError("LowRankLinear: trainable names 'diag' but no diag was given")
         dropout = check_dropout(dropout, "LowRankLinear")
         scale = check_scale(scale, "LowRankLinear")
+        train_dtype = adapter_dtype(weight.dtype, autocast_adapter_dtype)
+        A, B, diag = (
+            None if t is None else t.detach().to(train_dtype if name in trainable else weight.dtype)
+            for name, t in zip(_FACTORS, (A, B, diag))
+        )
         check_factors(weight, A, B, bias=bias, row_index=row_index, col_index=col_index, diag=diag)
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         for name, tensor in zip(_FACTORS, (A, B, diag)):
             if tensor is not None and name in trainable:
-                self.register_parameter(name, nn.Parameter(tensor.detach()))
+                self.register_parameter(name, nn.Parameter(tensor))
             else:
-                self.register_buffer(name, None if tensor is None else tensor.detach())
+                self.register_buffer(name, tensor)
         self.register_buffer("row_index", row_index)
         self.register_buffer("col_index", col_index)
         self.register_buffer("merged_state", torch.zeros((), dtype=torch.bool, device=weight.device))
@@ -86,25 +106,25 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        return lowrank_linear(
-            x,
-            self.weight,
-            self.A,
-            self.B,
-            scale=self.scale,
-            bias=self.bias,
-            row_index=self.row_index,
-            col_index=self.col_index,
-            diag=self.diag,
-            dropout=self.dropout if self.training else 0.0,
-            validate_indices=False,
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"LowRankLinear: input dtype {x.dtype} differs from the weight's {self.weight.dtype} "
+                "(cast the input, or run under torch.autocast)"
+            )
+        # The factors were validated at construction / load: the op's unvalidated entry (per-call cost).
+        p = self.dropout if self.training else 0.0
+        seed = draw_seed(x.device) if p > 0.0 else None
+        return fused(
+            x, self.weight, self.A, self.B, self.bias, self.row_index, self.col_index, self.diag, seed, self.scale, p
         )
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense fp32 ``(out, in)`` update ``scale · scatter(B · diag · A)``."""
+    def delta_weight(self, as_computed: bool = False) -> torch.Tensor:
+        """The dense fp32 ``(out, in)`` update ``scale · scatter(B · diag · A)``; ``as_computed``
+        rounds ``A`` and ``B`` to the weight's dtype first, as the forward uses them."""
+        A, B = (self.A, self.B) if not as_computed else (self.A.to(self.weight.dtype), self.B.to(self.weight.dtype))
         return delta_weight(
-            self.A,
-            self.B,
+            A,
+            B,
             self.out_features,
             self.in_features,
             scale=self.scale,
@@ -176,11 +196,16 @@ class LowRankLinear(nn.Module):
         )
         module.merged = bool(module.merged_state)
 
+    def _adapter_dtype_name(self) -> str:
+        dtypes = {getattr(self, n).dtype for n in self.trainable if getattr(self, n) is not None}
+        return ",".join(sorted(str(d).replace("torch.", "") for d in dtypes)) or "none"
+
     def extra_repr(self) -> str:
         rows = "all" if self.row_index is None else f"{self.row_index.numel()}/{self.out_features}"
         cols = "all" if self.col_index is None else f"{self.col_index.numel()}/{self.in_features}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"scale={self.scale:g}, rows={rows}, cols={cols}, diag={self.diag is not None}, "
-            f"trainable={self.trainable}, dropout={self.dropout:g}, bias={self.bias is not None}, merged={self.merged}"
+            f"trainable={self.trainable}, dropout={self.dropout:g}, bias={self.bias is not None}, "
+            f"merged={self.merged}, adapter_dtype={self._adapter_dtype_name()}"
         )

@@ -6,7 +6,9 @@ Public calls:
   generator, seed, validate_indices) -> y``: ``x (..., in)``, ``weight (out, in)``, ``A (r, n_cols)``
   compact over ``col_index`` (input features; all when None), ``B (n_rows, r)`` compact over
   ``row_index`` (output features; all when None), ``diag (r,)``, ``bias (out,)``; all float tensors
-  of one dtype (fp16/bf16/fp32/fp64) on one device, indices int64. Returns ``(..., out)``.
+  of one dtype (fp16/bf16/fp32/fp64) on one device, indices int64, except that ``A``, ``B`` and
+  ``diag`` may be fp32 on a 16-bit ``weight`` (rounding rule: the reference module's docstring).
+  Returns ``(..., out)`` in ``x``'s dtype.
 - :func:`check_factors`: the validation of everything but ``x`` (used by :class:`LowRankLinear`).
 - :func:`delta_weight`: the dense fp32 update ``s · scatter(B · diag(d) · A)``.
 - :func:`dropout_mask`: the keep-mask a given seed draws (to replay dropout in tests).
@@ -16,6 +18,11 @@ needs a gradient; ``u = drop(x_c)·Aᵀ`` (``(N, r)`` fp32) only when ``B`` or `
 asymmetric LoRA (A frozen) keeps ``N·r`` numbers per layer, not ``N·in``. Dropout masks are a
 counter-based hash of ``(seed, token, column)``, regenerated in the backward instead of saved, and
 identical on every backend.
+
+Autocast (CPU and CUDA): an ``Autocast<device>`` kernel casts ``x``, ``weight`` and ``bias`` to the
+autocast dtype (as ``nn.Linear`` does) and leaves fp32 factors fp32 (rounded inside the kernels,
+their gradients fp32); the op then runs in that dtype, accumulating in fp32. fp64 inputs are
+not cast.
 
 Backends (:mod:`corda_kernels._backend`): ``triton`` (CUDA fp16/bf16/fp32, or CPU fp16/fp32 under
 the interpreter), ``torch`` (a torch composition that runs on any device) and ``reference``. The op
@@ -28,12 +35,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Optional, Union
 
 import torch
 
 from .. import _backend
-from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, accumulation_dtype
+from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, HALF_DTYPES, accumulation_dtype
 from ..kernels.reference import lowrank_linear as reference
 from ..kernels.torch import lowrank_linear as torch_kernel
 
@@ -50,9 +58,18 @@ def _available(x: torch.Tensor) -> dict[str, bool]:
     }
 
 
+_BACKEND_CACHE: dict[tuple, str] = {}
+
+
 def _backend_for(x: torch.Tensor) -> str:
-    preference = _CUDA_PREFERENCE if x.device.type == "cuda" else _CPU_PREFERENCE
-    return _backend.choose("lowrank_linear", x.device, _available(x), preference)
+    """The backend for ``x``'s device and dtype, memoized per environment (a per-call hot path)."""
+    key = (x.device.type, x.dtype, os.environ.get(_backend.ENV_BACKEND), os.environ.get("TRITON_INTERPRET"))
+    backend = _BACKEND_CACHE.get(key)
+    if backend is None:
+        preference = _CUDA_PREFERENCE if x.device.type == "cuda" else _CPU_PREFERENCE
+        backend = _backend.choose("lowrank_linear", x.device, _available(x), preference)
+        _BACKEND_CACHE[key] = backend
+    return backend
 
 
 def _keep_mask(
@@ -61,6 +78,18 @@ def _keep_mask(
     if seed is None or dropout == 0.0:
         return None
     return reference.dropout_keep(int(seed), n_tokens, n_cols, dropout, device)
+
+
+def _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+    """``(y, u)`` on the chosen backend (the body of the registered op and of the eager path)."""
+    backend = _backend_for(x)
+    if backend == "triton":
+        from ..kernels.triton import lowrank_linear as triton_kernel
+
+        return triton_kernel.forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale)
+    keep = None if seed is None else _keep_mask(seed, dropout, math.prod(x.shape[:-1]), A.shape[1], x.device)
+    impl = torch_kernel if backend == "torch" else reference
+    return impl.forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale)
 
 
 @torch.library.custom_op("corda_kernels::lowrank_linear", mutates_args=())
@@ -77,15 +106,7 @@ def _lowrank_linear_op(
     scale: float,
     dropout: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = _backend_for(x)
-    if backend == "triton":
-        from ..kernels.triton import lowrank_linear as triton_kernel
-
-        return triton_kernel.forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale)
-    n_tokens = math.prod(x.shape[:-1])
-    keep = _keep_mask(seed, dropout, n_tokens, A.shape[1], x.device)
-    impl = torch_kernel if backend == "torch" else reference
-    return impl.forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale)
+    return _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
 
 
 @_lowrank_linear_op.register_fake
@@ -93,6 +114,18 @@ def _(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
     n_tokens = math.prod(x.shape[:-1])
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
     return y, x.new_empty(n_tokens, A.shape[0], dtype=accumulation_dtype(x.dtype))
+
+
+def _run_backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, scale, dropout, needs):
+    """``[dx, dweight, dA, dB, ddiag, dbias]`` (None where not flagged in ``needs``) on the chosen backend."""
+    backend = _backend_for(dy)
+    if backend == "triton":
+        from ..kernels.triton import lowrank_linear as triton_kernel
+
+        return triton_kernel.backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, dropout, scale, needs)
+    keep = None if seed is None else _keep_mask(seed, dropout, math.prod(dy.shape[:-1]), A.shape[1], dy.device)
+    impl = torch_kernel if backend == "torch" else reference
+    return impl.backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, scale, needs)
 
 
 @torch.library.custom_op("corda_kernels::lowrank_linear_backward", mutates_args=())
@@ -112,16 +145,7 @@ def _lowrank_linear_backward_op(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dA, dB, ddiag, dbias)``; entries not flagged in ``needs`` are empty tensors."""
-    backend = _backend_for(dy)
-    needs = tuple(needs)
-    if backend == "triton":
-        from ..kernels.triton import lowrank_linear as triton_kernel
-
-        grads = triton_kernel.backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, dropout, scale, needs)
-    else:
-        keep = _keep_mask(seed, dropout, math.prod(dy.shape[:-1]), A.shape[1], dy.device)
-        impl = torch_kernel if backend == "torch" else reference
-        grads = impl.backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, scale, needs)
+    grads = _run_backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, scale, dropout, needs)
     return tuple(dy.new_empty(0) if gr is None else gr for gr in grads)
 
 
@@ -135,7 +159,8 @@ def _(dy, x, weight, A, B, diag, u, row_index, col_index, seed, scale, dropout, 
         (A.shape[0],),
         (weight.shape[0],),
     )
-    return tuple(dy.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+    like = (dy, weight, A, B, diag if diag is not None else dy, weight)
+    return tuple(t.new_empty(shape if need else (0,)) for t, shape, need in zip(like, shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
@@ -160,6 +185,114 @@ def _backward(ctx, dy, du):
 _lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast_factor(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Factors stay fp32 (the kernels round them at their products) or are cast to ``dtype``."""
+    if t is None or t.dtype in (torch.float32, dtype):
+        return t
+    return t.to(dtype)
+
+
+def _autocast_inputs(device_type, x, weight, A, B, bias, diag):
+    """The autocast rule: ``x``, ``weight``, ``bias`` to the autocast dtype, factors kept when fp32
+    (fp64 inputs are left alone, as autocast leaves them)."""
+    if x.dtype == torch.float64 or weight.dtype == torch.float64:
+        return x, weight, A, B, bias, diag
+    dtype = torch.get_autocast_dtype(device_type)
+    bias = None if bias is None else bias.to(dtype)
+    return (
+        x.to(dtype),
+        weight.to(dtype),
+        _autocast_factor(A, dtype),
+        _autocast_factor(B, dtype),
+        bias,
+        _autocast_factor(diag, dtype),
+    )
+
+
+class _EagerFused(torch.autograd.Function):
+    """The op's forward/backward without the dispatcher (eager mode's hot path: the registered
+    custom op costs tens of µs per call on CPU). Same bodies, same saved tensors as the op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+        y, u = _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+        _setup_context(ctx, (x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout), (y, u))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, A, B, diag, u, row_index, col_index, seed = ctx.saved_tensors
+        args = (dy, x, weight, A, B, diag, u, row_index, col_index, seed, ctx.scale, ctx.dropout, tuple(ctx.needs))
+        if torch.is_autocast_enabled(dy.device.type):  # backward called inside an autocast region
+            with torch.autocast(dy.device.type, enabled=False):
+                grads = _run_backward(*args)
+        else:
+            grads = _run_backward(*args)
+        dx, dw, dA, dB, ddiag, dbias = (gr if need else None for gr, need in zip(grads, ctx.needs))
+        return dx, dw, dA, dB, dbias, None, None, ddiag, None, None, None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def fused(x, weight, A, B, bias, row_index, col_index, diag, seed, scale: float, dropout: float) -> torch.Tensor:
+    """The op without validation, for callers that validated once (modules, patched layers).
+
+    Eager calls on plain tensors skip the dispatcher (:class:`_EagerFused`, autocast applied here by
+    the same rule); under ``torch.compile``, functorch transforms or tensor subclasses the
+    registered op runs.
+    """
+    if (
+        type(x) in _PLAIN
+        and type(weight) in _PLAIN
+        and type(A) in _PLAIN
+        and type(B) in _PLAIN
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    ):
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x, weight, A, B, bias, diag = _autocast_inputs(device_type, x, weight, A, B, bias, diag)
+            with torch.autocast(device_type, enabled=False):  # the kernels choose their own precision
+                return _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+        return _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+    return _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)[0]
+
+
+def _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or weight.requires_grad
+        or A.requires_grad
+        or B.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or (diag is not None and diag.requires_grad)
+    ):
+        return _EagerFused.apply(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+    return _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)[0]
+
+
+def _register_autocast(device_type: str) -> None:
+    """Autocast rule for ``device_type``: ``x``, ``weight``, ``bias`` to the autocast dtype (as
+    ``nn.Linear``), fp32 factors kept; then the op runs with autocast excluded."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def cast_and_run(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            x, weight, A, B, bias, diag = _autocast_inputs(device_type, x, weight, A, B, bias, diag)
+            return _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+
+    op = torch.ops.corda_kernels.lowrank_linear.default
+    op.py_impl(getattr(torch._C.DispatchKey, key))(cast_and_run)  # the Python dispatcher (torch.compile)
+    _LIB.impl("lowrank_linear", lambda _keys, *args: cast_and_run(*args), key, with_keyset=True)
+
+
+_LIB = torch.library.Library("corda_kernels", "FRAGMENT")  # noqa: TOR901 - holds the autocast kernels
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
+
+
 def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
@@ -178,6 +311,14 @@ def _check_index(index: torch.Tensor, name: str, bound: int, bound_name: str, va
         raise ValueError(f"lowrank_linear: {name} holds {bad}, out of range for {bound_name}={bound}")
     if torch.unique(index).numel() != index.numel():
         raise ValueError(f"lowrank_linear: {name} holds duplicated entries")
+
+
+_FACTORS = ("A", "B", "diag")
+
+
+def _mixed_ok(factor_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """fp32 factors on a 16-bit weight (the training default) are accepted."""
+    return factor_dtype == torch.float32 and weight_dtype in HALF_DTYPES
 
 
 def check_factors(
@@ -203,8 +344,12 @@ def check_factors(
             raise TypeError(f"lowrank_linear: {name} must be a tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"lowrank_linear: {name} must be a float tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-        if t.dtype != weight.dtype:
-            raise TypeError(f"lowrank_linear: dtype mismatch: {name} is {t.dtype} but weight is {weight.dtype}")
+        if t.dtype != weight.dtype and not (name in _FACTORS and _mixed_ok(t.dtype, weight.dtype)):
+            allowed = "fp32 or weight's dtype" if name in _FACTORS and weight.dtype in HALF_DTYPES else "weight's dtype"
+            raise TypeError(
+                f"lowrank_linear: dtype mismatch: {name} is {t.dtype} but weight is {weight.dtype} "
+                f"({name} must be {allowed})"
+            )
         if t.device != weight.device:
             raise ValueError(
                 f"lowrank_linear: device mismatch: {name} is on {t.device} but weight is on {weight.device}"
@@ -270,6 +415,13 @@ def check_dropout(dropout, where: str = "lowrank_linear") -> float:
     return float(dropout)
 
 
+def _autocasts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether autocast will bring ``x`` and ``weight`` to one dtype (fp64 is never cast)."""
+    return (
+        torch.is_autocast_enabled(x.device.type) and x.dtype in ACTIVATION_DTYPES and weight.dtype in ACTIVATION_DTYPES
+    )
+
+
 def _seed_tensor(seed, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
     if seed is None:
         gen_device = generator.device if generator is not None else device
@@ -286,6 +438,11 @@ def _seed_tensor(seed, generator: Optional[torch.Generator], device: torch.devic
             f"lowrank_linear: seed must be an int or a one-element integer tensor, got {type(seed).__name__}"
         )
     return torch.tensor(seed, dtype=torch.int64, device=device)
+
+
+def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A dropout seed for :func:`fused`, drawn from ``generator`` (default: ``device``'s default one)."""
+    return _seed_tensor(None, generator, device)
 
 
 def lowrank_linear(
@@ -336,7 +493,7 @@ def lowrank_linear(
     )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"lowrank_linear: x must be a float tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not _autocasts(x, weight):
         raise TypeError(f"lowrank_linear: dtype mismatch: x is {x.dtype} but weight is {weight.dtype}")
     if x.device != weight.device:
         raise ValueError(f"lowrank_linear: device mismatch: x is on {x.device} but weight is on {weight.device}")
@@ -347,8 +504,7 @@ def lowrank_linear(
     dropout = check_dropout(dropout)
     scale = check_scale(scale)
     seed_t = _seed_tensor(seed, generator, x.device) if dropout > 0.0 else None
-    y, _ = _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed_t, scale, dropout)
-    return y
+    return fused(x, weight, A, B, bias, row_index, col_index, diag, seed_t, scale, dropout)
 
 
 def delta_weight(

@@ -8,7 +8,14 @@ With ``x`` viewed as ``(N, in)``, ``x_c = x[:, col_index]`` (all columns when No
     y = x · weightᵀ + bias,  y[:, row_index] += t · Bᵀ    (N, out) cast to x.dtype
 
 The accumulation dtype is float64 for float64 inputs and float32 otherwise; this module computes
-everything in it (inputs upcast), so it is also the precision oracle. ``keep`` is the dropout mask
+everything in it (inputs upcast), so it is also the precision oracle.
+
+Mixed dtypes (fp32 factors on a 16-bit base, as training keeps them): ``A``, ``B`` and ``diag``
+may be fp32 while ``x`` / ``weight`` / ``bias`` are fp16 or bf16 (the compute dtype). The rounding
+rule, followed by every backend: ``A`` and ``B`` are rounded to the compute dtype where they enter
+a product (as if cast once, up front: :func:`compute_factor`); ``diag`` and ``scale`` are never
+rounded (they scale the fp32 ``u`` / ``g``). Gradients of ``A``, ``B``, ``diag`` are accumulated in
+fp32 and returned in each factor's own dtype, so fp32 factors get fp32 gradients. ``keep`` is the dropout mask
 of :func:`dropout_keep` (all True without dropout). Shapes: ``weight (out, in)``, ``A (r, n_cols)``,
 ``B (n_rows, r)``, ``diag (r,)``, ``bias (out,)``, indices int64.
 
@@ -68,6 +75,11 @@ def diag_scale(diag: Optional[torch.Tensor], scale: float, r: int, dtype: torch.
     return torch.full((r,), scale, dtype=dtype, device=device) if diag is None else diag.to(dtype) * scale
 
 
+def compute_factor(factor: torch.Tensor, compute_dtype: torch.dtype, acc: torch.dtype) -> torch.Tensor:
+    """``factor`` rounded to the compute dtype (a no-op for same-dtype factors), then widened to ``acc``."""
+    return factor.to(compute_dtype).to(acc)
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -88,12 +100,12 @@ def forward(
     xc = x2 if col_index is None else x2[:, col_index]
     if keep is not None:
         xc = xc * keep / (1.0 - dropout)
-    u = xc @ A.to(acc).T
+    u = xc @ compute_factor(A, x.dtype, acc).T
     t = u * diag_scale(diag, scale, A.shape[0], acc, x.device)
     y = x2 @ weight.to(acc).T
     if bias is not None:
         y = y + bias.to(acc)
-    low = t @ B.to(acc).T
+    low = t @ compute_factor(B, x.dtype, acc).T
     if row_index is None:
         y = y + low
     else:
@@ -132,7 +144,7 @@ def backward(
     dy2 = dy.reshape(-1, dy.shape[-1]).to(acc)
     ds = diag_scale(diag, scale, A.shape[0], acc, dy.device)
     dy_r = dy2 if row_index is None else dy2[:, row_index]
-    g = dy_r @ B.to(acc)
+    g = dy_r @ compute_factor(B, dy.dtype, acc)
     h = g * ds
     x2 = xc = None
     if x is not None:
@@ -143,7 +155,7 @@ def backward(
     grads: list[Optional[torch.Tensor]] = [None] * 6
     if need_x:
         dx = dy2 @ weight.to(acc)
-        low = h @ A.to(acc)
+        low = h @ compute_factor(A, dy.dtype, acc)
         if keep is not None:
             low = low * keep / (1.0 - dropout)
         dx = dx + low if col_index is None else dx.index_add(1, col_index, low)

@@ -8,6 +8,11 @@ the forward nor the backward forms an ``(N, n_rows)`` or ``(N, n_cols)`` tempora
 sets need no gather of ``x`` or ``dy``. With dropout, ``x_c`` is gathered and masked once
 (``(N, n_cols)``) and ``dx``'s low-rank part is added with ``index_add_``. ``u`` (``(N, r)``) is
 returned in the accumulation dtype (fp32, or fp64 for fp64 inputs).
+
+fp32 factors on a 16-bit ``x`` are rounded to ``x``'s dtype once per call (factor-sized casts,
+the reference's rounding rule); their gradients come back in fp32 (``ddiag`` accumulated in fp32,
+``dA`` / ``dB`` as products in the compute dtype, widened: CPU matmuls have no fp32 output for
+16-bit inputs, and widening ``x`` instead would be an activation-sized pass).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.nn import functional as F
 
 from ..._dtypes import accumulation_dtype
 from ..reference.lowrank_linear import diag_scale
@@ -39,19 +45,30 @@ def _dropped_cols(x2, col_index, keep):
     return xc * keep
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (no call when it already is: a no-op ``.to`` still costs µs per call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale):
     """``(y, u)`` with ``y`` of shape ``(..., out)`` in ``x.dtype`` and ``u`` ``(N, r)`` fp32/fp64."""
     out_f, in_f = weight.shape
-    acc = accumulation_dtype(x.dtype)
-    x2 = x.reshape(-1, in_f)
+    dtype = x.dtype
+    acc = accumulation_dtype(dtype)
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    A, B = _as(A, dtype), _as(B, dtype)
     if keep is None:
-        u = (x2 @ _dense_cols(A, col_index, in_f).T).to(acc)
+        u = _as(F.linear(x2, _dense_cols(A, col_index, in_f)), acc)
     else:
-        u = (_dropped_cols(x2, col_index, keep) @ A.T).to(acc).mul_(1.0 / (1.0 - dropout))
-    t = (u * diag_scale(diag, scale, A.shape[0], acc, x.device)).to(x.dtype)
-    y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
-    y.addmm_(t, _dense_rows(B, row_index, out_f).T)
-    return y.reshape(*x.shape[:-1], out_f), u
+        u = _as(F.linear(_dropped_cols(x2, col_index, keep), A), acc).mul_(1.0 / (1.0 - dropout))
+    y = F.linear(x2, weight, bias)
+    if dtype == acc:  # no rounding of t: fold the scale into the product (one op fewer per call)
+        t = u if diag is None else u * diag
+        y.addmm_(t, _dense_rows(B, row_index, out_f).T, alpha=scale)
+    else:
+        t = (u * diag_scale(diag, scale, A.shape[0], acc, x.device)).to(dtype)
+        y.addmm_(t, _dense_rows(B, row_index, out_f).T)
+    return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)), u
 
 
 def backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, scale, needs):
@@ -60,13 +77,17 @@ def backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, 
     out_f, in_f = weight.shape
     dtype = dy.dtype
     acc = accumulation_dtype(dtype)
-    dy2 = dy.reshape(-1, out_f)
-    ds = diag_scale(diag, scale, A.shape[0], acc, dy.device)
+    # contiguous: a broadcast dy (stride 0, e.g. from y.sum()) sends CPU matmuls down a slow non-BLAS path
+    dy = dy.contiguous()
+    dy2 = dy if dy.dim() == 2 else dy.reshape(-1, out_f)
+    A_dtype, B_dtype = A.dtype, B.dtype
+    A, B = _as(A, dtype), _as(B, dtype)
+    ds = scale if diag is None else diag_scale(diag, scale, A.shape[0], acc, dy.device)  # a scalar is one op fewer
     grads: list[Optional[torch.Tensor]] = [None] * 6
     g = h = None
     if need_x or need_a or need_d:
-        g = (dy2 @ _dense_rows(B, row_index, out_f)).to(acc)
-        h = (g * ds).to(dtype)
+        g = _as(dy2 @ _dense_rows(B, row_index, out_f), acc)
+        h = _as(g * ds, dtype)
     if need_x:
         dx = dy2 @ weight
         if keep is None:
@@ -77,21 +98,22 @@ def backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, 
                 dx += low
             else:
                 dx.index_add_(1, col_index, low)
-        grads[0] = dx.reshape(dy.shape[:-1] + (in_f,))
-    x2 = None if x is None else x.reshape(-1, in_f)
+        grads[0] = dx if dy.dim() == 2 else dx.reshape(dy.shape[:-1] + (in_f,))
+    x2 = None if x is None else (x if x.dim() == 2 else x.reshape(-1, in_f))
     if need_w:
         grads[1] = dy2.T @ x2
     if need_a:
         if keep is None:
             dA = h.T @ x2
-            grads[2] = dA if col_index is None else dA.index_select(1, col_index)
+            dA = dA if col_index is None else dA.index_select(1, col_index)
         else:
-            grads[2] = (h.T @ _dropped_cols(x2, col_index, keep)).mul_(1.0 / (1.0 - dropout))
+            dA = (h.T @ _dropped_cols(x2, col_index, keep)).mul_(1.0 / (1.0 - dropout))
+        grads[2] = _as(dA, A_dtype)
     if need_b:
-        dB = dy2.T @ (u * ds).to(dtype)
-        grads[3] = dB if row_index is None else dB.index_select(0, row_index)
+        dB = dy2.T @ _as(u * ds, dtype)
+        grads[3] = _as(dB if row_index is None else dB.index_select(0, row_index), B_dtype)
     if need_d:
-        grads[4] = (scale * (g * u).sum(0)).to(dtype)
+        grads[4] = _as(scale * (g * u).sum(0), diag.dtype)
     if need_bias:
         grads[5] = dy2.sum(0)
     return grads

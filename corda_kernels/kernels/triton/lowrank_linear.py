@@ -20,7 +20,10 @@ Notation as in :mod:`corda_kernels.kernels.reference.lowrank_linear` (``s`` = sc
   ``dB = dy_rᵀ (u ⊙ s d)`` and ``dAᵀ = drop(x_c)ᵀ (g ⊙ s d)``.
 
 ``u`` and ``g`` are fp32 ``(N, r)``; ``T ⊙ s d`` is rounded to the input dtype right before its
-``tl.dot`` (as a same-dtype torch composition rounds it). Every ``tl.dot`` accumulates in fp32;
+``tl.dot`` (as a same-dtype torch composition rounds it). fp32 factors on 16-bit inputs are read
+as stored and rounded to the input dtype at the ``tl.dot`` inputs (the reference's rounding rule:
+no cast pass), ``s d`` stays fp32, and ``dA`` / ``dB`` come back in each factor's dtype from the
+fp32 accumulators. Every ``tl.dot`` accumulates in fp32;
 fp32 inputs use ``input_precision="ieee"``. The dropout mask is the hash of
 :func:`~corda_kernels.kernels.reference.lowrank_linear.dropout_keep` in uint32 arithmetic, so the
 backward regenerates it instead of saving it. dweight (a plain GEMM) is left to torch/cuBLAS.
@@ -112,7 +115,7 @@ def _project_kernel(
             f_ptr + offs_j.to(tl.int64)[:, None] * stride_fj + offs_r[None, :] * stride_fr,
             mask=j_ok[:, None] & r_ok[None, :],
             other=0.0,
-        )
+        ).to(g_ptr.dtype.element_ty)
         acc = tl.dot(g, f, acc, input_precision=PRECISION, out_dtype=tl.float32)
     if HAS_DROPOUT:
         acc = acc * inv_keep
@@ -190,6 +193,7 @@ def _fused_gemm_kernel(
         t = tl.load(t_rows + offs_k[None, :] * stride_tr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         t = (t * v[None, :]).to(x_ptr.dtype.element_ty)
         f = tl.load(f_cols + offs_k[:, None] * stride_fr, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+        f = f.to(x_ptr.dtype.element_ty)
         acc = tl.dot(t, f, acc, input_precision=PRECISION, out_dtype=tl.float32)
     if HAS_DROPOUT:
         keep = _keep(_row_hash(seed_ptr, offs_m), j, threshold, DROP_SHIFT) & f_ok[None, :]
