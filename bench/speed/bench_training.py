@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import synchronize, tag
 from torch import nn
 
 from corda_kernels.integrations.peft_patch import patch_peft
 from corda_kernels.nn import LowRankLinear
+from corda_kernels.testing import bench_small
 
 ON_GPU = torch.cuda.is_available()
 ROUNDS = 30 if ON_GPU else 200
@@ -32,6 +32,10 @@ PEFT_CASES = {"mlp": ((64, 64, 64), 8), "linear1000": ((1000,), 256)}
 FACTOR_GROUPS = [((512, 512), 512, 16, torch.bfloat16)]
 if ON_GPU:
     FACTOR_GROUPS += [((4096, 4096), 8192, 64, torch.bfloat16), ((4096, 4096), 8192, 64, torch.float16)]
+if bench_small():  # CI: every implementation once at a tiny shape (CORDA_BENCH_SMALL=1)
+    ROUNDS = 2
+    PEFT_CASES = {"mlp": ((16, 16), 4), "linear1000": ((32,), 8)}
+    FACTOR_GROUPS = [((32, 48), 16, 4, torch.bfloat16)]
 
 
 def _peft_model(case: str, device):
@@ -50,7 +54,7 @@ def _peft_model(case: str, device):
 @pytest.mark.parametrize("impl", ["anchor:peft", "ours:patched"])
 @pytest.mark.parametrize("kind", ["fwd", "step"])
 @pytest.mark.parametrize("case", list(PEFT_CASES))
-def test_patched_peft(benchmark, bench_device, case, kind, impl):
+def test_patched_peft(benchmark, bench_device, bench_tag, bench_sync, case, kind, impl):
     model = _peft_model(case, bench_device)
     if impl == "ours:patched":
         patch_peft(model)
@@ -62,18 +66,18 @@ def test_patched_peft(benchmark, bench_device, case, kind, impl):
     def fwd():
         with torch.no_grad():
             model(x)
-        synchronize(bench_device)
+        bench_sync()
 
     def step():
         opt.zero_grad(set_to_none=True)
         model(x).sum().backward()
         opt.step()
-        synchronize(bench_device)
+        bench_sync()
 
     fn = fwd if kind == "fwd" else step
     for _ in range(3):
         fn()
-    tag(benchmark, group=f"peft-patch {case} {kind}", impl=impl)
+    bench_tag(group=f"peft-patch {case} {kind}", impl=impl)
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=2)
 
 
@@ -81,7 +85,7 @@ def test_patched_peft(benchmark, bench_device, case, kind, impl):
 @pytest.mark.parametrize(
     "shape,n,r,dtype", FACTOR_GROUPS, ids=[f"{o}x{i}-N{n}-r{r}-{d}" for (o, i), n, r, d in FACTOR_GROUPS]
 )
-def test_factor_dtype(benchmark, bench_device, shape, n, r, dtype, impl):
+def test_factor_dtype(benchmark, bench_device, bench_tag, bench_sync, shape, n, r, dtype, impl):
     out_f, in_f = shape
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_f, in_f, generator=g) * in_f**-0.5).to(bench_device, dtype)
@@ -96,9 +100,9 @@ def test_factor_dtype(benchmark, bench_device, shape, n, r, dtype, impl):
 
     def step():
         layer(x).backward(dy)
-        synchronize(bench_device)
+        bench_sync()
 
     clear()
     step()
-    tag(benchmark, group=f"factor-dtype {out_f}x{in_f} N={n} r={r} {str(dtype)[6:]}", impl=impl)
-    benchmark.pedantic(step, setup=clear, rounds=max(ROUNDS // 10, 10), warmup_rounds=1)
+    bench_tag(group=f"factor-dtype {out_f}x{in_f} N={n} r={r} {str(dtype)[6:]}", impl=impl)
+    benchmark.pedantic(step, setup=clear, rounds=max(ROUNDS // 10, 2 if bench_small() else 10), warmup_rounds=1)
