@@ -31,6 +31,16 @@ class StopForward(Exception):
     """Raised after the last target layer of a forward pass when the rest need not run."""
 
 
+def _probe_slice(key: str, value, ids_shape):
+    """The first sequence's first 2 tokens of a per-token tensor (``input_ids``-aligned, or a
+    ``decoder_*`` one, whose length may differ), the first sample of any other per-sample one."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != ids_shape[0]:
+        return value
+    if value.shape[:2] == ids_shape[:2] or (key.startswith("decoder_") and value.dim() == 2):
+        return value[:1, :2]
+    return value[:1]
+
+
 class CovarianceRecorder:
     """Forward pre-hooks that route each target's input to its group's accumulator.
 
@@ -109,10 +119,7 @@ class CovarianceRecorder:
         an input (:attr:`groups`) and how often each runs per forward, so that every real batch can
         stop after the last target. Works on a ``meta``-device model (memory estimates)."""
         ids = batch["input_ids"]
-        tiny = {  # every per-sequence tensor (decoder inputs may be of another length)
-            k: (v[:1, :2] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == ids.shape[0] else v)
-            for k, v in batch.items()
-        }
+        tiny = {k: _probe_slice(k, v, ids.shape) for k, v in batch.items()}
         self.probing, self._calls, self._remaining = True, {}, -1
         self._seen.clear()
         try:
