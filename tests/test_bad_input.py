@@ -109,11 +109,11 @@ def test_failed_apply_leaves_the_model_as_it_was(calibrated, monkeypatch):
     real = adapt.build_module
     calls = {"n": 0}
 
-    def flaky(module, init, dropout):
+    def flaky(module, init, *options):
         calls["n"] += 1
         if calls["n"] == 4:
             raise RuntimeError("simulated failure while swapping")
-        return real(module, init, dropout)
+        return real(module, init, *options)
 
     monkeypatch.setattr(adapt, "build_module", flaky)
     with pytest.raises(RuntimeError, match="simulated failure"):
