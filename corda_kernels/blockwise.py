@@ -109,6 +109,8 @@ def apply_blockwise(
     cache_dir: Optional[str] = None,
     undo: str = "cpu",
     offload: Optional[str] = None,
+    quantize: Optional[str] = None,
+    quantize_iters: int = 0,
     **method_options,
 ) -> nn.Module:
     """Calibrate, decompose and adapt ``model`` one block at a time (in place; returns it).
@@ -125,6 +127,7 @@ def apply_blockwise(
             ``"reconstruct"`` keeps nothing and rebuilds each layer as ``W' + s·B·A`` in fp32, cast
             once (within one rounding of the original in its dtype; host memory stays flat).
         offload: deprecated name of ``block_inputs_device``.
+        quantize, quantize_iters: store the residuals quantized, as in :func:`corda_kernels.apply`.
 
     Every target must live inside the model's (single) stack of blocks.
     """
@@ -148,6 +151,7 @@ def apply_blockwise(
         )
     if undo not in ("cpu", "reconstruct"):
         raise ValueError(f"undo must be 'cpu' or 'reconstruct', got {undo!r}")
+    quantization = _adapt.check_quantization(targets, quantize, quantize_iters)
     method.prepare(model, targets)
 
     was_training = model.training
@@ -175,8 +179,9 @@ def apply_blockwise(
                     progress=False,
                     cache_dir=cache_dir,
                 )
-                del covariances
-                _swap_block(model, targets, inits, dropout, undo, home, undo_log)
+                cov = covariances if quantization is not None and method.needs_covariance else None
+                _swap_block(model, targets, inits, dropout, undo, home, undo_log, quantization, cov)
+                del covariances, cov
                 del inits, block_targets
             block.to(home)
     except BaseException:
@@ -188,10 +193,11 @@ def apply_blockwise(
     return model
 
 
-def _swap_block(model, targets, inits, dropout, undo, home, undo_log) -> None:
+def _swap_block(model, targets, inits, dropout, undo, home, undo_log, quantization=None, covariances=None) -> None:
     """Swap a block's layers in and log them; each replaced layer leaves ``targets`` and lives on
     only in the undo log (parked on the CPU) or not at all (``undo="reconstruct"``)."""
-    for name, old in _adapt.swap_in(model, {n: targets[n] for n in inits}, inits, dropout):
+    block_targets = {n: targets[n] for n in inits}
+    for name, old in _adapt.swap_in(model, block_targets, inits, dropout, quantization, covariances):
         undo_log.append((name, old.to("cpu") if undo == "cpu" else None, home))
         del targets[name]
 

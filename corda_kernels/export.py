@@ -25,6 +25,7 @@ from torch import nn
 
 from .integrations import hf
 from .nn import LowRankLinear
+from .ops.quantized import QuantizedWeight
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -56,6 +57,12 @@ def plain_layer(layer: LowRankLinear, weight: torch.Tensor) -> nn.Module:
     return plain
 
 
+def residual_weight(layer: LowRankLinear) -> torch.Tensor:
+    """The frozen base ``W'`` as a tensor (a quantized base dequantized, bit-exact, to its dtype)."""
+    weight = layer.weight
+    return weight.dequantize() if isinstance(weight, QuantizedWeight) else weight.detach()
+
+
 def merged_weight(layer: LowRankLinear) -> torch.Tensor:
     """``W' + scale·delta`` computed in fp32 and cast once to the weight dtype."""
     with torch.no_grad():
@@ -69,7 +76,7 @@ def plain_layers(model: nn.Module, kind: str) -> Iterator[nn.Module]:
     """Temporarily replace adapters by plain layers (``kind``: "merged" or "residual")."""
     layers = adapters(model)
     for name, layer in layers.items():
-        weight = merged_weight(layer) if kind == "merged" else layer.weight.detach()
+        weight = merged_weight(layer) if kind == "merged" else residual_weight(layer)
         hf.set_submodule(model, name, plain_layer(layer, weight))
     try:
         yield model
@@ -88,7 +95,7 @@ def merge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Drop the adapters, keeping the frozen residual weights, in place."""
     for name, layer in adapters(model).items():
-        hf.set_submodule(model, name, plain_layer(layer, layer.weight.detach()))
+        hf.set_submodule(model, name, plain_layer(layer, residual_weight(layer)))
     return model
 
 
