@@ -34,7 +34,10 @@ def dequantize_nf4(packed, absmax_q, nested_absmax, offset, code, nested_code, s
     b = packed.reshape(-1)
     nibbles = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n].long()
     absmax = nf4_absmax(absmax_q, nested_absmax, offset, nested_code)
-    values = code[nibbles] * absmax[torch.arange(n, device=b.device) // NF4_BLOCK]
+    if n % NF4_BLOCK == 0:
+        values = code[nibbles].view(-1, NF4_BLOCK) * absmax.view(-1, 1)
+    else:
+        values = code[nibbles] * absmax[torch.arange(n, device=b.device) // NF4_BLOCK]
     return values.reshape(shape).to(dtype)
 
 
