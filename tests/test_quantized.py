@@ -194,3 +194,58 @@ def test_apply_with_quantize_iters_and_blockwise():
         tiny_llama(intermediate=128), token_batches(128), "pissa", rank=4, quantize="int8", progress=False
     )
     assert all(isinstance(m.weight, QuantizedWeight) for m in blockwise.modules() if isinstance(m, ck.LowRankLinear))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_loads_quantized_in_transformers_and_peft(fmt, tmp_path):
+    """save_residual_model writes a pre-quantized bitsandbytes checkpoint: transformers loads the same
+    codes, and PEFT's adapter on it gives our outputs (NF4: to fp32 rounding; int8: bitsandbytes also
+    quantizes the activations in eval, so only the weights are compared exactly)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model, cal = _model_and_cal()
+    ck.apply(model, "corda", rank=8, covariances=cal, quantize=fmt, progress=False)
+    ck.save_residual_model(model, str(tmp_path / "residual"))
+    ck.save_peft_adapter(model, str(tmp_path / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "residual"), dtype=torch.float32)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, ck.LowRankLinear):
+            continue
+        loaded = base.get_submodule(name)
+        if fmt == "nf4":
+            assert isinstance(loaded, bnb.nn.Linear4bit)
+            loaded.support_avx512bf16_for_cpu = False  # else an eval forward repacks the weight for bf16 kernels
+            got = bnbf.dequantize_4bit(loaded.weight.data, loaded.weight.quant_state)
+        else:
+            assert isinstance(loaded, bnb.nn.Linear8bitLt)
+            got = bnbf.int8_vectorwise_dequant(loaded.weight.data, loaded.weight.SCB)
+        assert torch.equal(got, layer.weight.dequantize()), name
+    assert type(base.lm_head) is torch.nn.Linear  # not quantized: it is not a target
+    adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = token_batches(128)[0]["input_ids"]
+    with torch.no_grad():
+        want, got = model(ids).logits, adapted(ids).logits
+    tol = 1e-5 if fmt == "nf4" else 0.05
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    # dequantize=True: a plain full-precision checkpoint of the dequantized residual
+    ck.save_residual_model(model, str(tmp_path / "plain"), dequantize=True)
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain"), dtype=torch.float32)
+    layer = model.get_submodule("model.layers.1.mlp.down_proj")
+    assert torch.equal(plain.get_submodule("model.layers.1.mlp.down_proj").weight, layer.weight.dequantize())
+
+
+def test_conversion_for_the_original_base_as_today(tmp_path):
+    """The rank-2r conversion applies to the original full-precision weights: right after init it
+    reproduces the original model, not the quantized one."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama(intermediate=128)
+    ck.apply(model, "pissa", rank=8, quantize="nf4", progress=False)
+    ck.save_peft_adapter(model, str(tmp_path / "initial"))
+    ck.save_peft_adapter(model, str(tmp_path / "converted"), initial=str(tmp_path / "initial"))
+    adapted = peft.PeftModel.from_pretrained(tiny_llama(intermediate=128), str(tmp_path / "converted")).eval()
+    ids = token_batches(128)[0]["input_ids"]
+    with torch.no_grad():
+        want, got, quantized = tiny_llama(intermediate=128)(ids).logits, adapted(ids).logits, model(ids).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (quantized - want).abs().max() > 100 * (got - want).abs().max()

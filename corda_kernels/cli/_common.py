@@ -24,6 +24,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--quantize nf4|int8`` and ``--quantize-iters T`` (apply's ``quantize`` / ``quantize_iters``)."""
+    parser.add_argument(
+        "--quantize", choices=["nf4", "int8"], help="store the frozen residuals quantized (bitsandbytes formats)"
+    )
+    parser.add_argument("--quantize-iters", type=int, default=0, help="LoftQ-style refinements of the residual")
+
+
 def targets(spec):
     """``--targets``: comma-separated names (suffix match) or a regex."""
     if spec is None:
