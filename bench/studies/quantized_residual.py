@@ -35,10 +35,14 @@ def uptime() -> str:
 
 
 def weight_bytes(model) -> int:
-    total = 0
+    """Bytes of parameters and weight buffers (a tied embedding / head counted once)."""
+    seen, total = set(), 0
     for module in model.modules():
         for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            if t is not None and t.is_floating_point() or isinstance(module, QuantizedWeight):
+            if t is None or t.data_ptr() in seen:
+                continue
+            if t.is_floating_point() or isinstance(module, QuantizedWeight):
+                seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
     return total
 
@@ -49,11 +53,10 @@ def weighted_errors(model, originals, cal) -> dict:
     for name, layer in model.named_modules():
         if not isinstance(layer, ck.LowRankLinear):
             continue
-        W = originals[name].double()
-        C = cal.covariance(name, "cpu").double()
-        base = layer.weight.dequantize(torch.float64) if isinstance(layer.weight, QuantizedWeight) else layer.weight
-        E = W - base.double() - layer.delta_weight().double()
-        per_kind[name.rsplit(".", 1)[1]].append(float((E @ C).norm() / (W @ C).norm()))
+        W, C, WC = originals[name]
+        base = layer.weight.float()  # dequantized (fp32 base: exact)
+        E = W - base - layer.delta_weight()
+        per_kind[name.rsplit(".", 1)[1]].append(float((E @ C).norm() / WC))
     return {k: sum(v) / len(v) for k, v in per_kind.items() if v}
 
 
@@ -78,7 +81,12 @@ def main():
     heldout = loading.token_batches(tok, loading.load_texts("heldout")[: args.eval_samples], args.seq_len, 8)
     targets = list(KINDS)
     cal = ck.calibrate(model, calib, target_modules=targets, progress=False)
-    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(KINDS)}
+    originals = {}
+    for n, m in model.named_modules():
+        if n.endswith(KINDS):
+            C = cal.covariance(n, "cpu").float()
+            W = m.weight.detach().float().clone()
+            originals[n] = (W, C, float((W @ C).norm()))
     rows = []
 
     def run(label, method, rank, iters, **kw):

@@ -31,13 +31,14 @@ def nf4_absmax(absmax_q: torch.Tensor, nested_absmax: torch.Tensor, offset: torc
 def dequantize_nf4(packed, absmax_q, nested_absmax, offset, code, nested_code, shape, dtype) -> torch.Tensor:
     """The ``shape`` weight in ``dtype`` from its NF4 storage (see the module docstring)."""
     n = shape[0] * shape[1]
-    b = packed.reshape(-1)
-    nibbles = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n].long()
+    byte = torch.arange(256, device=code.device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 15]], 1)  # (256, 2): a byte's two values, high first
+    codes = pairs[packed.reshape(-1).long()].reshape(-1)[:n]
     absmax = nf4_absmax(absmax_q, nested_absmax, offset, nested_code)
     if n % NF4_BLOCK == 0:
-        values = code[nibbles].view(-1, NF4_BLOCK) * absmax.view(-1, 1)
+        values = codes.view(-1, NF4_BLOCK) * absmax.view(-1, 1)
     else:
-        values = code[nibbles] * absmax[torch.arange(n, device=b.device) // NF4_BLOCK]
+        values = codes * absmax[torch.arange(n, device=codes.device) // NF4_BLOCK]
     return values.reshape(shape).to(dtype)
 
 
