@@ -12,7 +12,8 @@ of time by Triton's NVIDIA backend (LLVM -> PTX -> ptxas -> cubin, no GPU needed
 (H100/H200) and sm_80 (A100). Checked: a cubin exists; its shared memory fits the device's
 per-block limit; register spills (the stack frame ``cuobjdump --dump-resource-usage`` reports) are
 zero on aligned shapes with 16-bit inputs: for the covariance and skinny kernels, and for at least
-one autotune candidate of every flag set of the fused GEMM.
+one autotune candidate of every flag set of the fused GEMM. The fused GEMM dequantizing an NF4 /
+int8 base (``QUANT``, one fixed tile, not autotuned) is compiled and checked for shared memory only.
 
 This runs in subprocesses without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
 builds interpreter objects, not compilable ones): ``python tests/test_triton_compile.py sm_90``

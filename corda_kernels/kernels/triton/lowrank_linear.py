@@ -347,6 +347,11 @@ _GEMM_CONFIGS = [
 ]
 
 
+# The dequantizing GEMM on CUDA: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); 2 stages keep the
+# pipelined code/scale loads within sm_80's shared memory.
+_QUANT_GEMM_CONFIG = (64, 64, 64, 4, 2)
+
+
 def _configs_for_dtype(configs, named_args, **kwargs):
     block_k = 32 if named_args["x_ptr"].dtype == torch.float32 else 64
     return [c for c in configs if c.kwargs["BLOCK_K"] == block_k]
@@ -482,6 +487,9 @@ def _fused_gemm(out, x, w_strides, w, bias, t, v, f, f_strides, inv, seed, dropo
     )
     if q_mode:  # no FMA contraction: the dequantized weight matches the reference bit for bit
         flags.update(QUANT=q_mode, enable_fp_fusion=False)
+        if "bn" not in cfg:  # CUDA: one fixed, 2-stage tile (not tuned yet: no GPU measured it)
+            bm, bn, bk, warps, stages = _QUANT_GEMM_CONFIG
+            cfg = dict(bm=bm, bn=bn, bk=bk if x.dtype != torch.float32 else 32, warps=warps, stages=stages, group_m=8)
     if "bn" not in cfg:  # CUDA: autotuned tiles
 
         def grid(meta):
