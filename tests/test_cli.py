@@ -104,3 +104,18 @@ def test_bad_arguments(tmp_path, capsys):
     )
     assert code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_init_quantized(tmp_path, smollm2_available, capsys):
+    """``--quantize nf4``: the residual is written as a pre-quantized 4-bit checkpoint that transformers
+    loads, and the output check is reported, not enforced (quantizing changes the logits)."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    args = ["init", "--rank", "4", "--samples", "4", "--seq-len", "32", "--batch-size", "4", "--quantize", "nf4"]
+    args += ["--targets", r"model\.layers\.0\..*", "--out", str(out), "--no-progress"]
+    code = cli.main(args)
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "not checked (nf4 residual)" in printed
+    config = json.loads((out / "residual_model" / "config.json").read_text())
+    assert config["quantization_config"]["load_in_4bit"] and config["quantization_config"]["bnb_4bit_use_double_quant"]
