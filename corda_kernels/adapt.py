@@ -5,7 +5,8 @@ layer's factors exist), then replaces each layer by a ``LowRankLinear`` holding 
 residual ``W' = W − scale·B·A`` (formed in fp32 from the factors as stored, then cast once, so the
 adapted model reproduces the original right after initialization) and the trainable factors.
 If anything fails while swapping, the layers already swapped are put back: the model is left as it
-was.
+was. With ``quantize="nf4"|"int8"`` the residual is then stored quantized (bitsandbytes' formats,
+:mod:`corda_kernels.decomposition.quantized`), the adapters stay in full precision.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import torch
 from torch import nn
 
 from .decomposition import decompose, plan
+from .decomposition.quantized import Quantization, damped, make_quantization, quantize_residual
 from .integrations import hf
 from .methods import InitMethod, LayerInit, make_method
 from .nn import LowRankLinear
 from .ops.lowrank_linear import check_dropout
+from .ops.quantized import check_quantizable, quantize_weight, require_bitsandbytes
 
 
 def pattern_value(pattern: Optional[Mapping[str, float]], name: str, default):
@@ -55,13 +58,21 @@ def refuse_tied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
 
 
 def build_module(
-    module: nn.Module, init: LayerInit, dropout: float, autocast_adapter_dtype: bool = True
+    module: nn.Module,
+    init: LayerInit,
+    dropout: float,
+    autocast_adapter_dtype: bool = True,
+    quantization: Optional[Quantization] = None,
+    covariance: Optional[torch.Tensor] = None,
+    name: str = "",
 ) -> LowRankLinear:
     """A ``LowRankLinear`` for ``module`` with ``init``'s factors and the residual weight.
 
     The factors are stored as :class:`LowRankLinear` stores them (trainable ones fp32 on a 16-bit
     base unless ``autocast_adapter_dtype`` is False); the residual subtracts the update the forward
-    computes (``A``, ``B`` rounded to the weight's dtype), so the model reproduces the original."""
+    computes (``A``, ``B`` rounded to the weight's dtype), so the model reproduces the original. The
+    residual is then quantized per ``quantization`` (``covariance``: the layer's input covariance,
+    CorDA's refinement metric)."""
     weight = hf.weight_matrix(module).detach()
     dtype = weight.dtype
     layer = LowRankLinear(
@@ -84,7 +95,27 @@ def build_module(
     layer.source_layout = "conv1d" if hf.is_conv1d(module) else "linear"
     layer.base_changed = bool(init.subtract)  # the frozen weight is a residual, not the original
     layer.init_stats = dict(init.stats)
+    if quantization is not None:
+        _quantize_layer(layer, weight, init, quantization, covariance, name)
     return layer
+
+
+@torch.no_grad()
+def _quantize_layer(layer, weight, init: LayerInit, quantization: Quantization, covariance, name) -> None:
+    if not quantization.iters:
+        layer.quantize_base(quantize_weight(layer.weight, quantization.fmt, name))
+        return
+    if not init.subtract or init.diag is not None or init.row_index is not None or init.col_index is not None:
+        raise ValueError(
+            f"layer {name}: quantize_iters refits dense factors B·A to W − Q; this method's adapter "
+            "(no residual, a diagonal or feature indices) does not allow it"
+        )
+    C = None if covariance is None else damped(covariance, init.stats.get("damp", 0.0))
+    Q, A, B, errors = quantize_residual(weight.float(), init.A, init.B, init.scale, weight.dtype, quantization, C, name)
+    layer.A.copy_(A)
+    layer.B.copy_(B)
+    layer.quantize_base(Q)
+    layer.init_stats["quantization_errors"] = errors
 
 
 def apply(
@@ -106,6 +137,8 @@ def apply(
     process_group=None,
     cache_dir: Optional[str] = None,
     autocast_adapter_dtype: bool = True,
+    quantize: Optional[str] = None,
+    quantize_iters: int = 0,
     **method_options,
 ) -> nn.Module:
     """Initialize adapters with ``method`` and swap them into ``model`` (in place; returns it).
@@ -132,6 +165,11 @@ def apply(
             decomposed again.
         autocast_adapter_dtype: on a bf16/fp16 model, store the trainable factors in fp32 (default,
             as PEFT) so optimizers update them at full precision; False keeps the model's dtype.
+        quantize: ``"nf4"`` (bitsandbytes NF4, block 64, double quantization) or ``"int8"``
+            (row-wise, as ``Linear8bitLt``): decompose in full precision, then store each frozen
+            residual quantized; the adapters stay in full precision. Needs bitsandbytes.
+        quantize_iters: LoftQ-style refinements of factors and quantized residual (CorDA: in its
+            covariance-weighted metric; others: Frobenius); the best iterate is kept.
     """
     method: InitMethod = make_method(method, **method_options)
     check_dropout(dropout, "apply")
@@ -141,6 +179,7 @@ def apply(
     targets, ranks, alphas = prepare_targets(
         model, target_modules, exclude_modules, rank, alpha, rank_pattern, alpha_pattern
     )
+    quantization = check_quantization(targets, quantize, quantize_iters)
     method.prepare(model, targets)
     inits = decompose(
         targets,
@@ -155,10 +194,29 @@ def apply(
         process_group=process_group,
         cache_dir=cache_dir,
     )
-    swap_in(model, targets, inits, dropout, autocast_adapter_dtype)
+    swap_in(
+        model,
+        targets,
+        inits,
+        dropout,
+        autocast_adapter_dtype,
+        quantization,
+        covariances if method.needs_covariance else None,
+    )
     freeze_all_but_adapters(model)
     hf.forget_gguf_quantization(model)  # GGUF weights were dequantized at load: save and train as plain
     return model
+
+
+def check_quantization(targets: Mapping[str, nn.Module], quantize, quantize_iters) -> Optional[Quantization]:
+    """The quantization asked for, after checking bitsandbytes is there and every target's shape fits
+    (before anything is decomposed or modified)."""
+    quantization = make_quantization(quantize, quantize_iters)
+    if quantization is not None:
+        require_bitsandbytes()
+        for name, module in targets.items():
+            check_quantizable(name, tuple(hf.weight_matrix(module).shape), quantization.fmt)
+    return quantization
 
 
 def prepare_targets(model, target_modules, exclude_modules, rank, alpha, rank_pattern, alpha_pattern):
@@ -188,14 +246,23 @@ def swap_in(
     inits: Mapping[str, LayerInit],
     dropout: float,
     autocast_adapter_dtype: bool = True,
+    quantization: Optional[Quantization] = None,
+    covariances=None,
 ) -> list[tuple[str, nn.Module]]:
     """Replace each target by its ``LowRankLinear``; returns ``(name, replaced module)`` pairs (the
-    undo log). On any failure the layers already swapped are put back before re-raising."""
+    undo log). On any failure the layers already swapped are put back before re-raising.
+    ``covariances`` (when quantize_iters refines in CorDA's metric) maps layers to input covariances."""
     swapped: list[tuple[str, nn.Module]] = []
     try:
         for name, init in inits.items():
             old = targets[name]
-            hf.set_submodule(model, name, build_module(old, init, dropout, autocast_adapter_dtype))
+            cov = None
+            if quantization is not None and quantization.iters and covariances is not None:
+                in_f = hf.weight_matrix(old).shape[1]
+                cov = plan.layer_covariances(covariances, [name], in_f, init.A.device).unique[0]
+            hf.set_submodule(
+                model, name, build_module(old, init, dropout, autocast_adapter_dtype, quantization, cov, name)
+            )
             swapped.append((name, old))
     except BaseException:
         restore(model, swapped)

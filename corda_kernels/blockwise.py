@@ -111,6 +111,8 @@ def apply_blockwise(
     undo: str = "cpu",
     offload: Optional[str] = None,
     autocast_adapter_dtype: bool = True,
+    quantize: Optional[str] = None,
+    quantize_iters: int = 0,
     **method_options,
 ) -> nn.Module:
     """Calibrate, decompose and adapt ``model`` one block at a time (in place; returns it).
@@ -128,6 +130,7 @@ def apply_blockwise(
             once (within one rounding of the original in its dtype; host memory stays flat).
         offload: deprecated name of ``block_inputs_device``.
         autocast_adapter_dtype: fp32 trainable factors on a 16-bit model (default; see :func:`apply`).
+        quantize, quantize_iters: store the residuals quantized, as in :func:`corda_kernels.apply`.
 
     Every target must live inside the model's (single) stack of blocks.
     """
@@ -152,6 +155,7 @@ def apply_blockwise(
         )
     if undo not in ("cpu", "reconstruct"):
         raise ValueError(f"undo must be 'cpu' or 'reconstruct', got {undo!r}")
+    quantization = _adapt.check_quantization(targets, quantize, quantize_iters)
     method.prepare(model, targets)
 
     was_training = model.training
@@ -179,8 +183,10 @@ def apply_blockwise(
                     progress=False,
                     cache_dir=cache_dir,
                 )
-                del covariances
-                _swap_block(model, targets, inits, (dropout, autocast_adapter_dtype), undo, home, undo_log)
+                cov = covariances if quantization is not None and method.needs_covariance else None
+                options = (dropout, autocast_adapter_dtype, quantization, cov)
+                _swap_block(model, targets, inits, options, undo, home, undo_log)
+                del covariances, cov
                 del inits, block_targets
             block.to(home)
     except BaseException:
@@ -194,8 +200,9 @@ def apply_blockwise(
 
 
 def _swap_block(model, targets, inits, options, undo, home, undo_log) -> None:
-    """Swap a block's layers in and log them; each replaced layer leaves ``targets`` and lives on
-    only in the undo log (parked on the CPU) or not at all (``undo="reconstruct"``)."""
+    """Swap a block's layers in and log them (``options``: :func:`corda_kernels.adapt.swap_in`'s
+    after ``inits``); each replaced layer leaves ``targets`` and lives on only in the undo log
+    (parked on the CPU) or not at all (``undo="reconstruct"``)."""
     for name, old in _adapt.swap_in(model, {n: targets[n] for n in inits}, inits, *options):
         undo_log.append((name, old.to("cpu") if undo == "cpu" else None, home))
         del targets[name]

@@ -3,7 +3,8 @@
 - :func:`merge` folds every adapter into its layer (``W' + scale·delta``) and restores plain
   ``nn.Linear`` / ``Conv1D`` modules: ``save_pretrained`` then writes an ordinary checkpoint.
 - :func:`unload` drops the adapters and keeps the frozen residual ``W'`` (the base model PEFT needs
-  for CorDA/PiSSA adapters); :func:`save_residual_model` saves it without changing ``model``.
+  for CorDA/PiSSA adapters); :func:`save_residual_model` saves it without changing ``model`` (a
+  quantized residual as a pre-quantized bitsandbytes checkpoint that transformers loads 4/8-bit).
 - :func:`save_peft_adapter` writes ``adapter_config.json`` + ``adapter_model.safetensors`` that
   ``peft.PeftModel.from_pretrained(residual_base, path)`` loads with the same outputs. With
   ``initial=`` (a directory written by this function right after ``apply``) it writes instead the
@@ -26,6 +27,7 @@ from torch import nn
 from . import _backend
 from .integrations import hf
 from .nn import LowRankLinear
+from .ops.quantized import QuantizedWeight
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -57,6 +59,12 @@ def plain_layer(layer: LowRankLinear, weight: torch.Tensor) -> nn.Module:
     return plain
 
 
+def residual_weight(layer: LowRankLinear) -> torch.Tensor:
+    """The frozen base ``W'`` as a tensor (a quantized base dequantized, bit-exact, to its dtype)."""
+    weight = layer.weight
+    return weight.dequantize() if isinstance(weight, QuantizedWeight) else weight.detach()
+
+
 def merged_weight(layer: LowRankLinear) -> torch.Tensor:
     """``W' + scale·delta`` computed in fp32 and cast once to the weight dtype."""
     with torch.no_grad():
@@ -70,7 +78,7 @@ def plain_layers(model: nn.Module, kind: str) -> Iterator[nn.Module]:
     """Temporarily replace adapters by plain layers (``kind``: "merged" or "residual")."""
     layers = adapters(model)
     for name, layer in layers.items():
-        weight = merged_weight(layer) if kind == "merged" else layer.weight.detach()
+        weight = merged_weight(layer) if kind == "merged" else residual_weight(layer)
         hf.set_submodule(model, name, plain_layer(layer, weight))
     try:
         yield model
@@ -90,7 +98,7 @@ def merge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Drop the adapters, keeping the frozen residual weights, in place."""
     for name, layer in adapters(model).items():
-        hf.set_submodule(model, name, plain_layer(layer, layer.weight.detach()))
+        hf.set_submodule(model, name, plain_layer(layer, residual_weight(layer)))
     hf.forget_gguf_quantization(model)
     return model
 
@@ -103,12 +111,75 @@ def save_merged_model(model: nn.Module, path: str, **save_kwargs) -> None:
         model.save_pretrained(path, **save_kwargs)
 
 
-def save_residual_model(model: nn.Module, path: str, **save_kwargs) -> None:
+def save_residual_model(model: nn.Module, path: str, *, dequantize: bool = False, **save_kwargs) -> None:
     """``save_pretrained`` of the residual base (adapters dropped), leaving ``model``'s weights
-    unchanged (GGUF quantization marks dropped, as in :func:`save_merged_model`)."""
+    unchanged (GGUF quantization marks dropped, as in :func:`save_merged_model`).
+
+    Quantized residuals (``apply(quantize=...)``) are written as a pre-quantized bitsandbytes
+    checkpoint (codes and quantization state as ``Linear4bit`` / ``Linear8bitLt`` save them, the
+    ``BitsAndBytesConfig`` in ``config.json``, every other linear layer listed in
+    ``llm_int8_skip_modules``): ``AutoModelForCausalLM.from_pretrained(path)`` loads the very same
+    codes (QLoRA-style base for the PEFT adapter). ``dequantize=True`` writes the dequantized
+    weights in full precision instead.
+    """
     hf.forget_gguf_quantization(model)
+    layers = adapters(model)
+    quantized = {n: layer.weight for n, layer in layers.items() if isinstance(layer.weight, QuantizedWeight)}
     with plain_layers(model, "residual"):
-        model.save_pretrained(path, **save_kwargs)
+        if not quantized or dequantize:
+            model.save_pretrained(path, **save_kwargs)
+            return
+        state = model.state_dict()
+        for name, weight in quantized.items():
+            state.update(_bnb_state(name, weight))
+        config = _bnb_config(model, quantized)
+        model.config.quantization_config = config
+        try:
+            model.save_pretrained(path, state_dict=state, **save_kwargs)
+        finally:
+            del model.config.quantization_config
+
+
+def _bnb_state(name: str, weight: QuantizedWeight) -> dict:
+    """``name``'s state-dict entries as bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` save them."""
+    if weight.fmt == "int8":
+        return {f"{name}.weight": weight.CB, f"{name}.SCB": weight.SCB, f"{name}.weight_format": torch.tensor(0).byte()}
+    from bitsandbytes.functional import QuantState
+
+    nested = QuantState(absmax=weight.nested_absmax, code=weight.nested_code, blocksize=256, dtype=torch.float32)
+    state = QuantState(
+        absmax=weight.absmax_q,
+        shape=weight.shape,
+        code=weight.code,
+        blocksize=64,
+        quant_type="nf4",
+        dtype=weight.dtype,
+        offset=weight.offset,
+        state2=nested,
+    )
+    out = {f"{name}.weight": weight.packed.reshape(-1, 1)}
+    out.update({f"{name}.weight.{k}": v for k, v in state.as_dict(packed=True).items()})
+    return out
+
+
+def _bnb_config(model: nn.Module, quantized: dict):
+    """The ``BitsAndBytesConfig`` that loads ``quantized``'s layers and keeps every other linear as it is."""
+    from transformers import BitsAndBytesConfig
+
+    formats = {w.fmt for w in quantized.values()}
+    if len(formats) != 1:
+        raise ValueError(f"save_residual_model: the residuals mix quantization formats {sorted(formats)}")
+    skip = sorted({n for n, m in model.named_modules() if hf.is_linear_like(m) and n not in quantized} | {"lm_head"})
+    dtype = next(iter(quantized.values())).dtype
+    if formats == {"int8"}:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=skip,
+    )
 
 
 def dense_factors(layer: LowRankLinear) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,6 +65,9 @@ BAD_ARGUMENTS = [
     ("seq-len 1", lambda t: ["init", "--seq-len", "1"], "--seq-len: must be at least 2"),
     ("batch-size 0", lambda t: ["init", "--batch-size", "0"], "--batch-size: must be a positive integer"),
     ("rank 0", lambda t: ["init", "--rank", "0"], "--rank: must be a positive integer"),
+    ("quantize bad", lambda t: ["init", "--quantize", "nf3"], "--quantize: invalid choice"),
+    ("quantize iters -1", lambda t: ["init", "--quantize", "nf4", "--quantize-iters", "-1"], "must be an integer >= 0"),
+    ("quantize iters alone", lambda t: ["init", "--quantize-iters", "2"], "give --quantize nf4|int8 too"),
     ("alpha 0", lambda t: ["init", "--alpha", "0"], "--alpha: must be a finite number > 0"),
     ("alpha nan", lambda t: ["init", "--alpha", "nan"], "--alpha: must be a finite number > 0"),
     ("device bogus", lambda t: ["init", "--device", "gpu7"], "is not a device"),
@@ -458,3 +461,19 @@ def test_report_command(tmp_path, smollm2_available, capsys):
     rows = [line for line in printed.splitlines() if line.startswith("| 16 |")]
     svd, asvd, cosvd = (float(v) for v in rows[0].strip("|").split("|")[1:])
     assert cosvd <= svd  # the paper's central claim, on real weights and text
+
+
+@pytest.mark.slow
+def test_init_quantized(tmp_path, smollm2_available, capsys):
+    """``--quantize nf4``: the residual is written as a pre-quantized 4-bit checkpoint that transformers
+    loads, and the output check is reported, not enforced (quantizing changes the logits)."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    args = ["init", "--rank", "4", "--samples", "4", "--seq-len", "32", "--batch-size", "4", "--quantize", "nf4"]
+    args += ["--targets", r"model\.layers\.0\..*", "--out", str(out), "--no-progress"]
+    code = cli.main(args)
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "not checked (nf4 residual)" in printed
+    config = json.loads((out / "residual_model" / "config.json").read_text())
+    assert config["quantization_config"]["load_in_4bit"] and config["quantization_config"]["bnb_4bit_use_double_quant"]

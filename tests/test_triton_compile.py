@@ -12,7 +12,8 @@ of time by Triton's NVIDIA backend (LLVM -> PTX -> ptxas -> cubin, no GPU needed
 (H100/H200) and sm_80 (A100). Checked: a cubin exists; its shared memory fits the device's
 per-block limit; register spills (the stack frame ``cuobjdump --dump-resource-usage`` reports) are
 zero on aligned shapes with 16-bit inputs: for the covariance and skinny kernels, and for at least
-one autotune candidate of every flag set of the fused GEMM.
+one autotune candidate of every flag set of the fused GEMM. The fused GEMM dequantizing an NF4 /
+int8 base (``QUANT``, one fixed tile, not autotuned) is compiled and checked for shared memory only.
 
 This runs in subprocesses without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
 builds interpreter objects, not compilable ones): ``python tests/test_triton_compile.py sm_90``
@@ -37,7 +38,7 @@ import torch
 TARGETS = {"sm_90": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}
 H100_SMS = 132
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FLAGS = ("HAS_", "ATOMIC", "BLOCK_")
+FLAGS = ("HAS_", "ATOMIC", "BLOCK_", "QUANT")
 
 
 class _Recorder:
@@ -77,6 +78,7 @@ def record() -> list:
     try:
         _covariance_launches(ct, case)
         _lowrank_launches(lt, case)
+        _quantized_lowrank_launches(lt, case)
     finally:
         for patch in patches:
             patch.stop()
@@ -123,6 +125,48 @@ def _lowrank_launches(lt, case):
             dropout,
             1.0,
             (True, False, True, True, False, False),
+        )
+
+
+def _quantized_lowrank_launches(lt, case):
+    """The fused GEMM dequantizing NF4 / int8 tiles (forward and dx), aligned, plain and all flags."""
+    try:
+        from corda_kernels.ops.quantized import quantize_weight
+    except ImportError:  # pragma: no cover
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return
+    out_f, in_f, n, r = 256, 128, 128, 16
+    for dtype, fmt, flags in itertools.product(DTYPES, ("nf4", "int8"), [(False,) * 4, (True,) * 4]):
+        rows, cols, dropout, bias = flags
+        case[0] = ("lowrank-" + fmt, str(dtype), True)
+        dropout = 0.1 if dropout else 0.0
+        weight = quantize_weight(torch.randn(out_f, in_f).to(dtype), fmt)
+        x = torch.zeros(n, in_f, dtype=dtype)
+        row_index = torch.arange(0, out_f, 2) if rows else None
+        col_index = torch.arange(0, in_f, 2) if cols else None
+        A = torch.zeros(r, in_f // 2 if cols else in_f, dtype=dtype)
+        B = torch.zeros(out_f // 2 if rows else out_f, r, dtype=dtype)
+        seed = torch.zeros((), dtype=torch.int64) if dropout else None
+        b = torch.zeros(out_f, dtype=dtype) if bias else None
+        lt.forward(x, weight, A, B, b, row_index, col_index, None, seed, dropout, 1.0)
+        needs = (True, False, True, True, False, False)
+        lt.backward(
+            torch.zeros(n, out_f, dtype=dtype),
+            x,
+            weight,
+            A,
+            B,
+            None,
+            torch.zeros(n, r),
+            row_index,
+            col_index,
+            seed,
+            dropout,
+            1.0,
+            needs,
         )
 
 

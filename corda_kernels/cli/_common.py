@@ -45,6 +45,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def seq_len(text: str) -> int:
     value = int(text)
     if value < 2:
@@ -106,6 +113,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, out_default: Optional[
             "--overwrite", action="store_true", help="replace a non-empty --out (at the end, atomically)"
         )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--quantize nf4|int8`` and ``--quantize-iters T`` (apply's ``quantize`` / ``quantize_iters``)."""
+    parser.add_argument(
+        "--quantize", choices=["nf4", "int8"], help="store the frozen residuals quantized (bitsandbytes formats)"
+    )
+    parser.add_argument(
+        "--quantize-iters", type=non_negative_int, default=0, help="LoftQ-style refinements of the residual"
+    )
 
 
 def targets(spec):
@@ -436,6 +453,10 @@ def validate(args, *, out: bool = True) -> list[str]:
         check_method(args)
         if args.method == "partial_lora" and args.density is None:
             method_options(args)  # reads and checks the few-shot texts
+    if getattr(args, "quantize", None) is not None:
+        check_extra("bitsandbytes", "quant", f"--quantize {args.quantize}")
+    elif getattr(args, "quantize_iters", 0):
+        raise UsageError("--quantize-iters refines a quantized residual: give --quantize nf4|int8 too")
     texts = read_texts(args.calib, "--calib", args.samples)
     if out:
         check_out(args.out, args.overwrite)

@@ -15,7 +15,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._dtypes import HALF_DTYPES
-from ..ops.lowrank_linear import check_dropout, check_factors, check_scale, delta_weight, draw_seed, fused
+from ..ops.lowrank_linear import (
+    check_dropout,
+    check_factors,
+    check_scale,
+    delta_weight,
+    draw_seed,
+    fused,
+)
+from ..ops.quantized import QuantizedWeight, quantize_weight
 
 _FACTORS = ("A", "B", "diag")
 
@@ -134,8 +142,29 @@ class LowRankLinear(nn.Module):
         )
 
     @torch.no_grad()
+    def quantize_base(self, quantized: Union[str, QuantizedWeight]) -> LowRankLinear:
+        """Hold the frozen base quantized: ``"nf4"`` / ``"int8"`` quantizes the current ``weight`` with
+        bitsandbytes (:mod:`corda_kernels.ops.quantized`), or pass a :class:`QuantizedWeight` of the
+        weight's shape and dtype. The factors keep their precision; the op dequantizes the base.
+        A quantized base cannot be merged into (``to_linear`` dequantizes)."""
+        if self.merged or isinstance(self.weight, QuantizedWeight):
+            raise ValueError("LowRankLinear.quantize_base: the base is merged or already quantized")
+        if isinstance(quantized, str):
+            quantized = quantize_weight(self.weight, quantized)
+        if quantized.shape != self.weight.shape or quantized.dtype != self.weight.dtype:
+            raise ValueError(
+                f"LowRankLinear.quantize_base: quantized base is {quantized.dtype} {tuple(quantized.shape)}, "
+                f"the weight {self.weight.dtype} {tuple(self.weight.shape)}"
+            )
+        del self.weight
+        self.weight = quantized.to(self.A.device)
+        return self
+
+    @torch.no_grad()
     def merge(self) -> LowRankLinear:
         """Add the update into ``weight`` in place (fp32 sum, one cast); forward becomes plain linear."""
+        if isinstance(self.weight, QuantizedWeight):
+            raise ValueError("LowRankLinear.merge: the base is quantized; to_linear() builds a dequantized merged one")
         if not self.merged:
             self.weight.copy_(self.weight.float() + self.delta_weight())
             self._set_merged(True)

@@ -44,6 +44,7 @@ from .. import _backend
 from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, HALF_DTYPES, accumulation_dtype
 from ..kernels.reference import lowrank_linear as reference
 from ..kernels.torch import lowrank_linear as torch_kernel
+from .quantized import QuantizedWeight
 
 _CUDA_PREFERENCE = ("triton", "torch", "reference")
 _CPU_PREFERENCE = ("torch", "reference")
@@ -240,8 +241,10 @@ def fused(x, weight, A, B, bias, row_index, col_index, diag, seed, scale: float,
 
     Eager calls on plain tensors skip the dispatcher (:class:`_EagerFused`, autocast applied here by
     the same rule); under ``torch.compile``, functorch transforms or tensor subclasses the
-    registered op runs.
+    registered op runs. A quantized base (:class:`QuantizedWeight`) takes its own path.
     """
+    if isinstance(weight, QuantizedWeight):
+        return _quantized_lowrank_linear(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
     if (
         type(x) in _PLAIN
         and type(weight) in _PLAIN
@@ -335,7 +338,11 @@ def check_factors(
     """Raise TypeError/ValueError naming the offending tensor if the factors are inconsistent.
 
     ``validate_indices`` also reads the index values (range and uniqueness; a device sync on GPU).
+    ``weight`` may be a :class:`~corda_kernels.ops.quantized.QuantizedWeight` (checked as the
+    ``(out, in)`` weight of the dtype it dequantizes to).
     """
+    if isinstance(weight, QuantizedWeight):
+        weight = weight.stand_in()
     named = {"weight": weight, "A": A, "B": B, "bias": bias, "diag": diag}
     for name, t in named.items():
         if t is None:
@@ -527,3 +534,41 @@ def dropout_mask(seed: int, n_tokens: int, n_cols: int, p: float, device=None) -
     """The ``(n_tokens, n_cols)`` bool keep-mask that :func:`lowrank_linear` uses for ``seed``
     (tokens are the rows of ``x.reshape(-1, in)``, columns the compact ``col_index`` positions)."""
     return reference.dropout_keep(seed, n_tokens, n_cols, p, device)
+
+
+# --- Quantized base (a QuantizedWeight): W is dequantized per call on the torch/reference backends,
+# tile by tile inside the fused GEMM's K loop on Triton (no full-precision copy of W). W is frozen.
+
+
+def _quantized_lowrank_linear(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+    if _backend_for(x) == "triton":
+        return _QuantizedTriton.apply(x, weight, A, B, bias, row_index, col_index, diag, seed, float(scale), dropout)
+    y, _ = _lowrank_linear_op(
+        x, weight.dequantize(), A, B, bias, row_index, col_index, diag, seed, float(scale), float(dropout)
+    )
+    return y
+
+
+class _QuantizedTriton(torch.autograd.Function):
+    """The Triton forward/backward with a quantized frozen base (gradients for x, A, B, diag, bias)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+        from ..kernels.triton import lowrank_linear as triton_kernel
+
+        y, u = triton_kernel.forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale)
+        ctx.weight, ctx.scale, ctx.dropout = weight, scale, dropout
+        ctx.save_for_backward(x, A, B, diag, u, row_index, col_index, seed)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ..kernels.triton import lowrank_linear as triton_kernel
+
+        x, A, B, diag, u, row_index, col_index, seed = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_bias, _, _, need_d = ctx.needs_input_grad[:8]
+        needs = (need_x, False, need_a, need_b, need_d, need_bias)
+        dx, _, dA, dB, ddiag, dbias = triton_kernel.backward(
+            dy.contiguous(), x, ctx.weight, A, B, diag, u, row_index, col_index, seed, ctx.dropout, ctx.scale, needs
+        )
+        return dx, None, dA, dB, dbias, None, None, ddiag, None, None, None

@@ -39,7 +39,14 @@ import triton.language as tl
 
 from ..._backend import triton_interpreted
 from ..reference.lowrank_linear import DROPOUT_BITS, diag_scale, dropout_threshold
+from ..reference.quantized import INT8_INV_SCALE as _INT8_INV_SCALE
+from ..reference.quantized import NESTED_BLOCK as _NESTED_BLOCK
+from ..reference.quantized import NF4_BLOCK as _NF4_BLOCK
 from . import sm_count
+
+NF4_BLOCK = tl.constexpr(_NF4_BLOCK)
+NESTED_BLOCK = tl.constexpr(_NESTED_BLOCK)
+INT8_INV_SCALE = tl.constexpr(_INT8_INV_SCALE)
 
 
 @triton.jit
@@ -61,6 +68,23 @@ def _keep(row_h, offs_j, threshold, DROP_SHIFT: tl.constexpr):
     """The (len(row_h), len(offs_j)) dropout keep-mask of hashed tokens row_h, compact columns offs_j."""
     h = _mix32(row_h[:, None] ^ _mix32(offs_j.to(tl.uint32))[None, :])
     return (h >> DROP_SHIFT).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _dequant_tile(w_ptr, q1_ptr, q2_ptr, code_ptr, code2_ptr, q_offset, q_cols, flat, ok, QUANT: tl.constexpr):
+    """fp32 weight elements at flat row-major indices ``flat`` of a quantized weight (QUANT 1: NF4,
+    2: int8), as :mod:`corda_kernels.kernels.reference.quantized` specifies them bit for bit."""
+    if QUANT == 1:
+        byte = tl.load(w_ptr + flat // 2, mask=ok, other=0).to(tl.int32)
+        nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
+        block = flat // NF4_BLOCK
+        absmax_q = tl.load(q1_ptr + block, mask=ok, other=0).to(tl.int32)
+        absmax = tl.load(code2_ptr + absmax_q) * tl.load(q2_ptr + block // NESTED_BLOCK, mask=ok, other=0.0)
+        absmax = absmax + q_offset
+        return tl.load(code_ptr + nibble) * absmax
+    else:
+        cb = tl.load(w_ptr + flat, mask=ok, other=0).to(tl.float32)
+        return cb * tl.load(q1_ptr + flat // q_cols, mask=ok, other=0.0) * INT8_INV_SCALE
 
 
 @triton.jit
@@ -150,6 +174,12 @@ def _fused_gemm_kernel(
     stride_on,
     threshold,
     inv_keep,
+    q1_ptr,
+    q2_ptr,
+    code_ptr,
+    code2_ptr,
+    q_offset,
+    q_cols,
     HAS_BIAS: tl.constexpr,
     HAS_INV: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -159,6 +189,7 @@ def _fused_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    QUANT: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -205,7 +236,15 @@ def _fused_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_cols + offs_k.to(tl.int64)[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if QUANT == 0:
+            b = tl.load(
+                w_cols + offs_k.to(tl.int64)[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0
+            )
+        else:
+            flat = offs_k.to(tl.int64)[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+            b = _dequant_tile(
+                w_ptr, q1_ptr, q2_ptr, code_ptr, code2_ptr, q_offset, q_cols, flat, k_ok[:, None] & n_ok[None, :], QUANT
+            ).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
 
     if HAS_BIAS:
@@ -312,6 +351,11 @@ _GEMM_CONFIGS = [
 ]
 
 
+# The dequantizing GEMM on CUDA: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); 2 stages keep the
+# pipelined code/scale loads within sm_80's shared memory.
+_QUANT_GEMM_CONFIG = (64, 64, 64, 4, 2)
+
+
 def _configs_for_dtype(configs, named_args, **kwargs):
     block_k = 32 if named_args["x_ptr"].dtype == torch.float32 else 64
     return [c for c in configs if c.kwargs["BLOCK_K"] == block_k]
@@ -322,7 +366,7 @@ _fused_gemm_tuned = triton.autotune(
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=st)
         for m, n, k, w, st in _GEMM_CONFIGS
     ],
-    key=["N", "K", "R", "HAS_BIAS", "HAS_INV", "HAS_DROPOUT"],
+    key=["N", "K", "R", "HAS_BIAS", "HAS_INV", "HAS_DROPOUT", "QUANT"],
     prune_configs_by={"early_config_prune": _configs_for_dtype},
 )(_fused_gemm_kernel)
 
@@ -381,11 +425,30 @@ def _project(out, g, index, n_idx, f, f_strides, seed, dropout, cfg):
     )
 
 
-def _fused_gemm(out, x, w_strides, w, bias, t, v, f, f_strides, inv, seed, dropout, cfg):
-    """out (M, N) = x (M, K) @ Wt (K, N) + bias + lowrank (see the module docstring)."""
+def _weight_operand(weight, transposed: bool):
+    """``(w, (stride_wk, stride_wn), quant)`` for the fused GEMM's ``Wt`` operand: ``W`` itself
+    (forward, ``transposed``) or ``W`` read as ``(out, in)`` (dx). A quantized weight (an object
+    with ``fmt``, like :class:`~corda_kernels.ops.quantized.QuantizedWeight`) passes its codes as
+    ``w``, logical row-major strides, and ``quant = (QUANT, q1, q2, code, code2, offset, in)``."""
+    fmt = getattr(weight, "fmt", None)
+    if fmt is None:
+        strides = (weight.stride(1), weight.stride(0)) if transposed else weight.stride()
+        return weight, strides, None
+    in_f = weight.shape[1]
+    strides = (1, in_f) if transposed else (in_f, 1)
+    if fmt == "int8":
+        return weight.CB, strides, (2, weight.SCB, weight.SCB, weight.SCB, weight.SCB, 0.0, in_f)
+    quant = (1, weight.absmax_q, weight.nested_absmax, weight.code, weight.nested_code, float(weight.offset), in_f)
+    return weight.packed, strides, quant
+
+
+def _fused_gemm(out, x, w_strides, w, bias, t, v, f, f_strides, inv, seed, dropout, cfg, quant=None):
+    """out (M, N) = x (M, K) @ Wt (K, N) + bias + lowrank (see the module docstring); ``quant``
+    (from :func:`_weight_operand`) makes ``Wt`` tiles dequantize inside the K loop."""
     M, N = out.shape
     K = x.shape[1]
     seed_arg, has_drop, threshold, inv_keep = _dropout_args(seed, dropout, out)
+    q_mode, q1, q2, code, code2, q_offset, q_cols = quant if quant is not None else (0, out, out, out, out, 0.0, 1)
     args = (
         x,
         w,
@@ -412,6 +475,12 @@ def _fused_gemm(out, x, w_strides, w, bias, t, v, f, f_strides, inv, seed, dropo
         out.stride(1),
         threshold,
         inv_keep,
+        q1,
+        q2,
+        code,
+        code2,
+        q_offset,
+        q_cols,
     )
     flags = dict(
         HAS_BIAS=bias is not None,
@@ -420,6 +489,11 @@ def _fused_gemm(out, x, w_strides, w, bias, t, v, f, f_strides, inv, seed, dropo
         DROP_SHIFT=32 - DROPOUT_BITS,
         PRECISION=_precision(x.dtype),
     )
+    if q_mode:  # no FMA contraction: the dequantized weight matches the reference bit for bit
+        flags.update(QUANT=q_mode, enable_fp_fusion=False)
+        if "bn" not in cfg:  # CUDA: one fixed, 2-stage tile (not tuned yet: no GPU measured it)
+            bm, bn, bk, warps, stages = _QUANT_GEMM_CONFIG
+            cfg = dict(bm=bm, bn=bn, bk=bk if x.dtype != torch.float32 else 32, warps=warps, stages=stages, group_m=8)
     if "bn" not in cfg:  # CUDA: autotuned tiles
 
         def grid(meta):
@@ -495,9 +569,8 @@ def forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, sc
         if out_f > 0:
             v = diag_scale(diag, scale, r, torch.float32, x.device)
             inv = inverse_map(row_index, out_f)
-            _fused_gemm(
-                y, x2, (weight.stride(1), weight.stride(0)), weight, bias, u, v, B, B.stride(), inv, None, 0.0, cfg
-            )
+            w, w_strides, quant = _weight_operand(weight, transposed=True)
+            _fused_gemm(y, x2, w_strides, w, bias, u, v, B, B.stride(), inv, None, 0.0, cfg, quant)
     return y.reshape(*x.shape[:-1], out_f), u
 
 
@@ -521,7 +594,8 @@ def backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, dropout, 
         if N > 0 and in_f > 0:
             inv = inverse_map(col_index, in_f)
             f_strides = (A.stride(1), A.stride(0))
-            _fused_gemm(dx, dy2, weight.stride(), weight, None, g, v, A, f_strides, inv, seed, dropout, cfg)
+            w, w_strides, quant = _weight_operand(weight, transposed=False)
+            _fused_gemm(dx, dy2, w_strides, w, None, g, v, A, f_strides, inv, seed, dropout, cfg, quant)
         grads[0] = dx.reshape(dy.shape[:-1] + (in_f,))
     x2 = None if x is None else x.reshape(-1, in_f)
     if need_w:

@@ -1,0 +1,93 @@
+"""Quantized residuals: store ``W' = W − s·B·A`` quantized (NF4 / int8), optionally refined LoftQ-style.
+
+Without refinement (``iters = 0``) the residual is quantized once (QPiSSA / QCorDA). With ``iters = T``
+the factors and the quantized residual are alternated (LoftQ)::
+
+    Q_0 = quant(W − s·B_0·A_0);   for t = 1..T:   s·B_t·A_t = best rank-r fit of (W − Q_{t−1}) in the metric,
+                                                  Q_t = quant(W − s·B_t·A_t)
+
+The metric is CorDA's own when a covariance is given, ``‖(W − Q − s·B·A)·C_d‖_F`` (``C_d`` the
+damped covariance CorDA decomposed with; the fit is the truncated SVD of ``(W − Q)·C_d`` mapped back
+through ``C_d⁻¹``, as CorDA splits it), else Frobenius (truncated SVD of ``W − Q``). Quantization is
+not a projection in either metric, so an iterate can be worse than its predecessor: the best iterate
+(lowest error, ``Q_0`` included) is kept, so the error never increases with ``T``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..ops.quantized import QuantizedWeight, check_format, quantize_weight
+
+
+class Quantization(NamedTuple):
+    """What ``apply(quantize=..., quantize_iters=...)`` asks for."""
+
+    fmt: str
+    iters: int = 0
+
+
+def make_quantization(quantize: Optional[str], iters: int = 0) -> Optional[Quantization]:
+    check_format(quantize)
+    if iters < 0 or (iters and quantize is None):
+        raise ValueError(f"quantize_iters must be >= 0 and needs quantize='nf4'|'int8', got {iters} with {quantize!r}")
+    return None if quantize is None else Quantization(quantize, int(iters))
+
+
+def damped(C: torch.Tensor, damp: float) -> torch.Tensor:
+    """``C + damp · mean(diag C) · I`` in fp64 (CorDA's damping with the factor it settled on)."""
+    C = C.double()
+    return C + damp * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+
+
+def weighted_error(W: torch.Tensor, Q: torch.Tensor, delta: torch.Tensor, C: Optional[torch.Tensor] = None) -> float:
+    """``‖(W − Q − delta)·C‖_F`` (Frobenius without ``C``), in fp64."""
+    E = W.double() - Q.double() - delta.double()
+    return float(torch.linalg.matrix_norm(E if C is None else E @ C.double()))
+
+
+def _fit(E: torch.Tensor, r: int, scale: float, C: Optional[torch.Tensor]):
+    """Factors ``(A (r, in), B (out, r))`` fp64 with ``s·B·A`` the best rank-r fit of ``E`` in the metric."""
+    M = E if C is None else E @ C
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    if C is not None:
+        Vh = torch.linalg.solve(C, Vh.T).T  # Vh · C⁻¹ (C symmetric)
+    root = (S / scale).sqrt()
+    return root[:, None] * Vh, U * root
+
+
+def quantize_residual(
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    quantization: Quantization,
+    C: Optional[torch.Tensor] = None,
+    name: str = "weight",
+) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor, list[float]]:
+    """``(Q, A, B, errors)``: the quantized residual of ``W (out, in)`` in ``dtype`` and the factors (fp32)
+    after ``quantization.iters`` refinements; ``errors[t]`` is the metric's error of iterate ``t``
+    (the returned one is the smallest). ``C``: the (damped) covariance of CorDA's metric, or None."""
+    W64 = W.double()
+    Cd = None if C is None else C.double().to(W.device)
+    r = A.shape[0]
+
+    def step(A, B):
+        delta = scale * (B.double() @ A.double())
+        Q = quantize_weight((W64 - delta).to(dtype), quantization.fmt, name)
+        return Q, weighted_error(W64, Q.dequantize(torch.float64), delta, Cd)
+
+    Q, err = step(A, B)
+    best, errors = (err, Q, A, B), [err]
+    for _ in range(quantization.iters):
+        A, B = _fit(W64 - Q.dequantize(torch.float64), r, scale, Cd)
+        Q, err = step(A, B)
+        errors.append(err)
+        if err < best[0]:
+            best = (err, Q, A, B)
+    _, Q, A, B = best
+    return Q, A.float(), B.float(), errors

@@ -1,0 +1,138 @@
+"""Quantized frozen weights: :class:`QuantizedWeight`, an ``(out, in)`` weight stored 4-bit (NF4) or
+8-bit (int8 row-wise) in bitsandbytes' formats, which :func:`~corda_kernels.ops.lowrank_linear.lowrank_linear`
+takes as its base.
+
+:func:`quantize_weight` quantizes with bitsandbytes itself (``quantize_4bit`` NF4, block size 64,
+double quantization; ``int8_vectorwise_quant`` as ``Linear8bitLt`` stores its weight), so
+transformers' ``BitsAndBytesConfig`` loading of the same weight gives the same codes. Dequantizing
+needs no bitsandbytes: :mod:`corda_kernels.kernels.reference.quantized` is the bit-exact
+specification, and the Triton kernels dequantize tiles inside the GEMM's K loop.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._dtypes import ACTIVATION_DTYPES
+from ..kernels.reference import quantized as reference
+
+FORMATS = ("nf4", "int8")
+_NF4_BUFFERS = ("packed", "absmax_q", "nested_absmax", "offset", "code", "nested_code")
+_INT8_BUFFERS = ("CB", "SCB")
+
+
+def require_bitsandbytes():
+    """The ``bitsandbytes`` module, or an ImportError saying how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "quantize='nf4'/'int8' needs bitsandbytes: pip install bitsandbytes (or pip install 'corda-kernels[quant]')"
+        ) from err
+    return bitsandbytes
+
+
+def check_format(quantize: Optional[str]) -> Optional[str]:
+    if quantize is not None and quantize not in FORMATS:
+        raise ValueError(f"quantize must be one of {FORMATS} or None, got {quantize!r}")
+    return quantize
+
+
+def check_quantizable(name: str, shape, fmt: str) -> None:
+    """Refuse shapes the format cannot store faithfully (the message names the layer)."""
+    out_f, in_f = shape
+    if fmt == "nf4" and in_f % reference.NF4_BLOCK != 0:
+        raise ValueError(
+            f"layer {name}: nf4 needs in_features divisible by {reference.NF4_BLOCK}, got {in_f} "
+            "(bitsandbytes' CPU dequantization mis-handles other widths); exclude the layer or use quantize='int8'"
+        )
+
+
+class QuantizedWeight(nn.Module):
+    """A frozen ``(out, in)`` weight in ``fmt`` (``"nf4"`` or ``"int8"``) that dequantizes to ``dtype``.
+
+    Buffers (persistent, so they travel with ``state_dict`` and ``.to(device)``): NF4 ``packed``
+    ``(out·in/2,)`` uint8, ``absmax_q`` ``(out·in/64,)`` uint8, ``nested_absmax`` fp32, ``offset``
+    fp32 scalar, ``code (16,)`` and ``nested_code (256,)`` fp32; int8 ``CB (out, in)`` int8 and
+    ``SCB (out,)`` fp32. It quacks like the weight tensor where the adapter code reads one
+    (``shape``, ``dtype``, ``device``, ``dim()``, ``float()``, ``dequantize()``).
+    """
+
+    def __init__(self, fmt: str, shape, dtype: torch.dtype, tensors: dict):
+        super().__init__()
+        check_format(fmt)
+        self.fmt = fmt
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        for name in _NF4_BUFFERS if fmt == "nf4" else _INT8_BUFFERS:
+            self.register_buffer(name, tensors[name])
+
+    @property
+    def device(self) -> torch.device:
+        return self.CB.device if self.fmt == "int8" else self.packed.device
+
+    def dim(self) -> int:
+        return 2
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The full weight in ``dtype`` (default: the dtype it was quantized from), per the reference."""
+        dtype = dtype or self.dtype
+        if self.fmt == "int8":
+            return reference.dequantize_int8(self.CB, self.SCB, dtype)
+        return reference.dequantize_nf4(
+            self.packed, self.absmax_q, self.nested_absmax, self.offset, self.code, self.nested_code, self.shape, dtype
+        )
+
+    def float(self) -> torch.Tensor:
+        return self.dequantize(torch.float32)
+
+    def stand_in(self) -> torch.Tensor:
+        """A storage-free ``(out, in)`` tensor of the weight's dtype and device, for shape/dtype checks."""
+        return torch.empty((), dtype=self.dtype, device=self.device).expand(self.shape)
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt}, shape={tuple(self.shape)}, dtype={self.dtype}"
+
+
+def quantize_weight(weight: torch.Tensor, fmt: str, name: str = "weight") -> QuantizedWeight:
+    """Quantize ``weight (out, in)`` (fp16/bf16/fp32) with bitsandbytes into ``fmt``.
+
+    NF4: ``bitsandbytes.functional.quantize_4bit(blocksize=64, compress_statistics=True,
+    quant_type="nf4")``; int8: ``int8_vectorwise_quant`` (no outlier threshold), as
+    ``Linear8bitLt(has_fp16_weights=False)`` quantizes its weight. Runs where bitsandbytes has a
+    backend for ``weight.device`` (CPU and CUDA in current releases).
+    """
+    check_format(fmt)
+    if weight.dim() != 2 or weight.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{name}: needs a 2-D fp16/bf16/fp32 weight, got {weight.dtype} {tuple(weight.shape)}")
+    check_quantizable(name, weight.shape, fmt)
+    require_bitsandbytes()
+    import bitsandbytes.functional as bnbf
+
+    w = weight.detach().contiguous()
+    if fmt == "int8":
+        CB, SCB, _ = bnbf.int8_vectorwise_quant(w.clone())
+        return QuantizedWeight("int8", w.shape, w.dtype, {"CB": CB.contiguous(), "SCB": SCB.float().contiguous()})
+    packed, state = bnbf.quantize_4bit(w, blocksize=reference.NF4_BLOCK, compress_statistics=True, quant_type="nf4")
+    nested = state.state2
+    if state.blocksize != reference.NF4_BLOCK or nested.blocksize != reference.NESTED_BLOCK:
+        raise RuntimeError(f"{name}: bitsandbytes used blocks {state.blocksize}/{nested.blocksize}, expected 64/256")
+    tensors = {
+        "packed": packed.reshape(-1).view(torch.uint8).contiguous(),
+        "absmax_q": state.absmax.reshape(-1).contiguous(),
+        "nested_absmax": nested.absmax.float().reshape(-1).contiguous(),
+        "offset": torch.as_tensor(state.offset, dtype=torch.float32, device=w.device).reshape(()),
+        "code": state.code.float().to(w.device).contiguous(),
+        "nested_code": nested.code.float().to(w.device).contiguous(),
+    }
+    return QuantizedWeight("nf4", w.shape, w.dtype, tensors)
