@@ -89,14 +89,15 @@ def test_speed_suites_run_at_small_size(tmp_path):
 
 def test_regression_workflow_saves_and_compares(tmp_path):
     """The README's workflow on one tiny suite: --benchmark-save writes pytest-benchmark's JSON with
-    the ratio table inside and a .md beside it; --benchmark-compare(-fail) reads it back."""
+    the ratio table inside and a .md beside it; --benchmark-compare reads it back."""
     import glob
 
     root = os.path.join(os.path.dirname(__file__), "..")
     env = dict(os.environ, CORDA_BENCH_SMALL="1")
     base = [sys.executable, "-m", "pytest", "bench/speed/bench_decompose.py", "-k", "randomized_svd", "-q"]
     base += ["-p", "no:cacheprovider", "--benchmark-enable", f"--benchmark-storage=file://{tmp_path}"]
-    for extra in (["--benchmark-save=baseline"], ["--benchmark-compare=0001", "--benchmark-compare-fail=median:1000%"]):
+    # No --benchmark-compare-fail here: tiny cases on a shared machine vary by orders of magnitude.
+    for extra in (["--benchmark-save=baseline"], ["--benchmark-compare=0001"]):
         done = subprocess.run(base + extra, cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     (saved,) = glob.glob(str(tmp_path / "*" / "0001_baseline.json"))
@@ -105,4 +106,4 @@ def test_regression_workflow_saves_and_compares(tmp_path):
     assert table[0].startswith("Device: ") and "torch " in table[0] and "load average" in table[0]
     assert sum("| rsvd " in line for line in table) == 3  # ours and two anchors, one group
     assert open(saved[: -len(".json")] + ".md").read().splitlines() == table
-    assert "anchor:linalg.svd" in done.stdout  # the comparison table names the saved run's cases
+    assert "anchor:linalg.svd (0001_baselin)" in done.stdout and "(NOW)" in done.stdout  # compared with the save

@@ -121,17 +121,24 @@ def _timed_session(config):
     return session
 
 
+def _session_table(config) -> list[str]:
+    """The run's ratio table, built once (the JSON, the terminal and the .md files show the same)."""
+    if getattr(config, "_corda_ratio_table", None) is None:
+        config._corda_ratio_table = _ratio_table(config._benchmarksession.benchmarks)
+    return config._corda_ratio_table
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Keep the ratio table inside pytest-benchmark's own JSON (saved runs and --benchmark-json)."""
     if _timed_session(config) is not None:
-        output_json["corda_ratio_table"] = _ratio_table(config._benchmarksession.benchmarks)
+        output_json["corda_ratio_table"] = _session_table(config)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = _timed_session(config)
     if session is None:
         return
-    text = "\n".join(_ratio_table(session.benchmarks)) + "\n"
+    text = "\n".join(_session_table(config)) + "\n"
     terminalreporter.write_sep("=", "ratios against same-run anchors")
     terminalreporter.write(text)
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "last_run.md"), "w") as fh:
