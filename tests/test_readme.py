@@ -218,12 +218,6 @@ def test_corda_kernels_init_at_small_size(tmp_path, smollm2_available):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="a model loaded from GGUF by transformers stays marked GGUF-quantized, so save_pretrained (used by "
-    "save_residual_model / save_merged_model) refuses it; being fixed in the library (issue 11). Remove this "
-    "mark when it passes.",
-)
 def test_python_api_snippet_end_to_end(tmp_path, smollm2_available, monkeypatch):
     """The README's Python API block as written, on the default GGUF model (the block loads it)."""
     code = block("python", "import corda_kernels as ck")
