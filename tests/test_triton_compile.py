@@ -93,81 +93,49 @@ def _covariance_launches(ct, case):
         ct.covariance_update(torch.zeros(d, d), x, mask, upper_only=True)
 
 
+def _launch_lowrank(lt, weight, dtype, shape, flags) -> None:
+    """One forward and one backward (dx, dA, dB) of the fused op on zero inputs of ``shape``
+    ``(out, in, n, r)`` with ``flags`` ``(rows, cols, dropout, bias)``; ``weight`` dense or quantized."""
+    out_f, in_f, n, r = shape
+    rows, cols, dropout, bias = flags
+    dropout = 0.1 if dropout else 0.0
+    x = torch.zeros(n, in_f, dtype=dtype)
+    row_index = torch.arange(0, out_f, 2) if rows else None
+    col_index = torch.arange(0, in_f, 2) if cols else None
+    A = torch.zeros(r, in_f // 2 if cols else in_f, dtype=dtype)
+    B = torch.zeros(out_f // 2 if rows else out_f, r, dtype=dtype)
+    seed = torch.zeros((), dtype=torch.int64) if dropout else None
+    b = torch.zeros(out_f, dtype=dtype) if bias else None
+    lt.forward(x, weight, A, B, b, row_index, col_index, None, seed, dropout, 1.0)
+    dy, u = torch.zeros(n, out_f, dtype=dtype), torch.zeros(n, r)
+    needs = (True, False, True, True, False, False)
+    lt.backward(dy, x, weight, A, B, None, u, row_index, col_index, seed, dropout, 1.0, needs)
+
+
 def _lowrank_launches(lt, case):
     """Every flag combination on an aligned shape; all flags at once on an odd one."""
     combos = list(itertools.product((False, True), repeat=4))
     for dtype, (out_f, in_f, n, r), flags in [(dt, (256, 128, 128, 16), f) for dt in DTYPES for f in combos] + [
         (dt, (96, 72, 50, 12), (True,) * 4) for dt in DTYPES
     ]:
-        rows, cols, dropout, bias = flags
         case[0] = ("lowrank", str(dtype), out_f % 32 == 0 and in_f % 32 == 0 and n % 16 == 0)
-        dropout = 0.1 if dropout else 0.0
-        x = torch.zeros(n, in_f, dtype=dtype)
         weight = torch.zeros(out_f, in_f, dtype=dtype)
-        row_index = torch.arange(0, out_f, 2) if rows else None
-        col_index = torch.arange(0, in_f, 2) if cols else None
-        A = torch.zeros(r, in_f // 2 if cols else in_f, dtype=dtype)
-        B = torch.zeros(out_f // 2 if rows else out_f, r, dtype=dtype)
-        seed = torch.zeros((), dtype=torch.int64) if dropout else None
-        b = torch.zeros(out_f, dtype=dtype) if bias else None
-        lt.forward(x, weight, A, B, b, row_index, col_index, None, seed, dropout, 1.0)
-        lt.backward(
-            torch.zeros(n, out_f, dtype=dtype),
-            x,
-            weight,
-            A,
-            B,
-            None,
-            torch.zeros(n, r),
-            row_index,
-            col_index,
-            seed,
-            dropout,
-            1.0,
-            (True, False, True, True, False, False),
-        )
+        _launch_lowrank(lt, weight, dtype, (out_f, in_f, n, r), flags)
 
 
 def _quantized_lowrank_launches(lt, case):
     """The fused GEMM dequantizing NF4 / int8 tiles (forward and dx), aligned, plain and all flags."""
     try:
-        from corda_kernels.ops.quantized import quantize_weight
-    except ImportError:  # pragma: no cover
-        return
-    try:
         import bitsandbytes  # noqa: F401
+
+        from corda_kernels.ops.quantized import quantize_weight
     except ImportError:
         return
-    out_f, in_f, n, r = 256, 128, 128, 16
+    shape = (256, 128, 128, 16)
     for dtype, fmt, flags in itertools.product(DTYPES, ("nf4", "int8"), [(False,) * 4, (True,) * 4]):
-        rows, cols, dropout, bias = flags
         case[0] = ("lowrank-" + fmt, str(dtype), True)
-        dropout = 0.1 if dropout else 0.0
-        weight = quantize_weight(torch.randn(out_f, in_f).to(dtype), fmt)
-        x = torch.zeros(n, in_f, dtype=dtype)
-        row_index = torch.arange(0, out_f, 2) if rows else None
-        col_index = torch.arange(0, in_f, 2) if cols else None
-        A = torch.zeros(r, in_f // 2 if cols else in_f, dtype=dtype)
-        B = torch.zeros(out_f // 2 if rows else out_f, r, dtype=dtype)
-        seed = torch.zeros((), dtype=torch.int64) if dropout else None
-        b = torch.zeros(out_f, dtype=dtype) if bias else None
-        lt.forward(x, weight, A, B, b, row_index, col_index, None, seed, dropout, 1.0)
-        needs = (True, False, True, True, False, False)
-        lt.backward(
-            torch.zeros(n, out_f, dtype=dtype),
-            x,
-            weight,
-            A,
-            B,
-            None,
-            torch.zeros(n, r),
-            row_index,
-            col_index,
-            seed,
-            dropout,
-            1.0,
-            needs,
-        )
+        weight = quantize_weight(torch.randn(shape[0], shape[1]).to(dtype), fmt)
+        _launch_lowrank(lt, weight, dtype, shape, flags)
 
 
 def _compile_inputs(kernel, args, kwargs, backend):
