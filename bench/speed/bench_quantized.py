@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import synchronize, tag
 
 from corda_kernels.nn import LowRankLinear
+from corda_kernels.testing import bench_small
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -28,6 +28,9 @@ DTYPE, ROUNDS = (torch.bfloat16, 20) if ON_GPU else (torch.float32, 5)
 GROUPS = [((576, 576), 512, 32), ((1536, 576), 512, 32), ((576, 1536), 512, 32)]
 IMPLS = ("anchor:full", "anchor:dequant-matmul", "ours:nf4", "ours:int8")
 FORMAT = {"ours:nf4": "nf4", "ours:int8": "int8"}
+if bench_small():  # CI: every implementation once at a tiny shape (CORDA_BENCH_SMALL=1)
+    DTYPE, ROUNDS = torch.float32, 2
+    GROUPS = [((64, 128), 16, 4)]
 
 
 def _randn(*shape, scale=1.0, device, seed):
@@ -49,7 +52,7 @@ def _dequant_matmul(weight, A, B):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,n,r", GROUPS, ids=[f"{o}x{i}-N{n}-r{r}" for (o, i), n, r in GROUPS])
-def test_quantized_fwd_bwd(benchmark, bench_device, shape, n, r, impl):
+def test_quantized_fwd_bwd(benchmark, bench_device, bench_tag, bench_sync, shape, n, r, impl):
     out_f, in_f = shape
     weight = _randn(out_f, in_f, scale=in_f**-0.5, device=bench_device, seed=0)
     A = _randn(r, in_f, scale=in_f**-0.5, device=bench_device, seed=2).requires_grad_()
@@ -71,10 +74,10 @@ def test_quantized_fwd_bwd(benchmark, bench_device, shape, n, r, impl):
 
     def step():
         fn(x).backward(dy)
-        synchronize(bench_device)
+        bench_sync()
 
     clear()
     step()
     dtype = str(DTYPE).replace("torch.", "")
-    tag(benchmark, group=f"quantized {out_f}x{in_f} N={n} r={r} {dtype}", impl=impl, flops=4.0 * n * in_f * out_f)
+    bench_tag(group=f"quantized {out_f}x{in_f} N={n} r={r} {dtype}", impl=impl, flops=4.0 * n * in_f * out_f)
     benchmark.pedantic(step, setup=clear, rounds=ROUNDS, warmup_rounds=1)
