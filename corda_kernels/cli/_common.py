@@ -38,25 +38,23 @@ class UsageError(ValueError):
 # -- argparse value types (argparse turns their ValueError/ArgumentTypeError into a usage error) --
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _int_at_least(name: str, minimum: int, what: str):
+    """An argparse type: an int >= ``minimum``, else "must be ``what``" (``name``: argparse's label
+    for a value that is not an int at all)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def seq_len(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 tokens (one next-token target), got {text}")
-    return value
+positive_int = _int_at_least("positive_int", 1, "a positive integer")
+non_negative_int = _int_at_least("non_negative_int", 0, "an integer >= 0")
+seq_len = _int_at_least("seq_len", 2, "at least 2 tokens (one next-token target)")
 
 
 def positive_float(text: str) -> float:
