@@ -341,6 +341,34 @@ def test_asymmetric_saves_only_n_by_r(backend, force_backend):
     assert any(s.data_ptr() == x.data_ptr() for s in trainable)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_training_runs_native_autograd(dtype, force_backend):
+    """Torch backend, one fp32/fp64 dtype, no index sets or dropout: the graph holds only torch's
+    own backward nodes (no Python Function per layer), still saves no ``x`` when A and W are frozen,
+    and matches the fp64 spec (the spec comparisons above cover every feature of this path too)."""
+    force_backend("torch")
+    tensors, _ = make_inputs(shape=(4, 6), diag=True, bias=True)
+    t = {k: v.to(dtype) for k, v in tensors.items()}
+    x = t["x"].requires_grad_()
+    for k in ("B", "diag"):
+        t[k].requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        y = lowrank_linear(x, t["weight"], t["A"], t["B"], bias=t["bias"], diag=t["diag"], scale=0.7)
+    nodes, stack = [], [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            nodes.append(node)
+            stack += [n for n, _ in node.next_functions]
+    assert not any(isinstance(n, torch.autograd.function.BackwardCFunction) for n in nodes), nodes
+    assert all(s.data_ptr() != x.data_ptr() for s in saved)
+    index = {"row_index": None, "col_index": None}
+    got = run(tensors, index, {"x", "B", "diag", "bias"}, dtype=dtype)
+    expected = run(tensors, index, {"x", "B", "diag", "bias"}, dtype=torch.float64, impl="spec")
+    assert_matches(got, expected, FP32_RTOL if dtype == torch.float32 else 1e-12)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_zero_tokens(backend, force_backend):
     force_backend(backend)

@@ -17,7 +17,9 @@ Autograd: only inputs that require grad get one. ``x`` is saved only when ``weig
 needs a gradient; ``u = drop(x_c)·Aᵀ`` (``(N, r)`` fp32) only when ``B`` or ``diag`` does. So
 asymmetric LoRA (A frozen) keeps ``N·r`` numbers per layer, not ``N·in``. Dropout masks are a
 counter-based hash of ``(seed, token, column)``, regenerated in the backward instead of saved, and
-identical on every backend.
+identical on every backend. Eager training calls of the plain case on the torch backend (one
+fp32/fp64 dtype, no index sets, no dropout) run as differentiable torch ops, so the backward is
+autograd's own (same products and saved tensors; no Python per layer in the backward).
 
 Autocast (CPU and CUDA): an ``Autocast<device>`` kernel casts ``x``, ``weight`` and ``bias`` to the
 autocast dtype (as ``nn.Linear`` does) and leaves fp32 factors fp32 (rounded inside the kernels,
@@ -234,6 +236,10 @@ class _EagerFused(torch.autograd.Function):
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# Training calls in these dtypes (no rounding between products) on the torch backend, without index
+# sets or dropout, run as differentiable torch ops (torch_kernel.forward_autograd): same products,
+# backward in autograd's C++ engine instead of a Python autograd.Function.
+_NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 def fused(x, weight, A, B, bias, row_index, col_index, diag, seed, scale: float, dropout: float) -> torch.Tensor:
@@ -271,6 +277,17 @@ def _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropo
         or (bias is not None and bias.requires_grad)
         or (diag is not None and diag.requires_grad)
     ):
+        if (
+            seed is None
+            and row_index is None
+            and col_index is None
+            and x.dtype in _NATIVE_DTYPES
+            and x.dtype == weight.dtype == A.dtype == B.dtype
+            and (diag is None or diag.dtype == x.dtype)
+            and (bias is None or bias.dtype == x.dtype)
+            and _backend_for(x) == "torch"
+        ):
+            return torch_kernel.forward_autograd(x, weight, A, B, bias, diag, scale)
         return _EagerFused.apply(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
     return _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)[0]
 

@@ -71,6 +71,19 @@ def forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, sc
     return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)), u
 
 
+def forward_autograd(x, weight, A, B, bias, diag, scale):
+    """``y`` for the plain case (every tensor fp32 or every tensor fp64; no index sets, no
+    dropout) in differentiable torch ops: the products of :func:`forward`, with autograd's C++
+    engine running the backward. No Python runs per layer in the backward, which is what a
+    training step of small layers on the CPU spends its time on. Saves what autograd's own
+    ``mm``/``addmm`` save (``x`` only when ``A`` or ``weight`` needs a gradient, ``u`` for ``B``)."""
+    out_f, in_f = weight.shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    u = F.linear(x2, A)
+    y = F.linear(x2, weight, bias).addmm_(u if diag is None else u * diag, B.T, alpha=scale)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
+
+
 def backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, scale, needs):
     """``[dx, dweight, dA, dB, ddiag, dbias]`` for the inputs flagged in ``needs`` (None otherwise)."""
     need_x, need_w, need_a, need_b, need_d, need_bias = needs
