@@ -36,7 +36,7 @@ class Stage:
 
     def line(self) -> str:
         cuda = f", peak GPU {self.peak_cuda / 2**20:,.0f} MiB" if self.peak_cuda else ""
-        return f"{self.name:<12} {self.seconds:8.1f} s   peak RSS {self.peak_rss / 2**20:,.0f} MiB{cuda}"
+        return f"{self.name:<17} {self.seconds:8.1f} s   peak RSS {self.peak_rss / 2**20:,.0f} MiB{cuda}"
 
 
 class measure:

@@ -367,6 +367,9 @@ def test_plain_training_runs_native_autograd(dtype, force_backend):
     got = run(tensors, index, {"x", "B", "diag", "bias"}, dtype=dtype)
     expected = run(tensors, index, {"x", "B", "diag", "bias"}, dtype=torch.float64, impl="spec")
     assert_matches(got, expected, FP32_RTOL if dtype == torch.float32 else 1e-12)
+    big = torch.zeros(lr_ops._NATIVE_MAX_ELEMENTS // 37 + 1, 37, dtype=dtype, requires_grad=True)
+    y = lowrank_linear(big, t["weight"], t["A"], t["B"], diag=t["diag"])  # large: the Function's in-place dx
+    assert isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

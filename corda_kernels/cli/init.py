@@ -210,7 +210,7 @@ def _run(args, texts, tmp, model_source) -> int:
         f"\ncorda-kernels init: {label}, rank {args.rank}, {len(energy['per_layer']) or len(adapters(model))} layers, "
         f"{len(batches)} batches, device {args.device}, {args.dtype}"
     )
-    print("\nstage          time        memory")
+    print(f"\n  {'stage':<17} {'time':>10}   memory")
     for stage in stages:
         print("  " + stage.line())
     if energy["per_kind"]:

@@ -18,7 +18,7 @@ needs a gradient; ``u = drop(x_c)·Aᵀ`` (``(N, r)`` fp32) only when ``B`` or `
 asymmetric LoRA (A frozen) keeps ``N·r`` numbers per layer, not ``N·in``. Dropout masks are a
 counter-based hash of ``(seed, token, column)``, regenerated in the backward instead of saved, and
 identical on every backend. Eager training calls of the plain case on the torch backend (one
-fp32/fp64 dtype, no index sets, no dropout) run as differentiable torch ops, so the backward is
+fp32/fp64 dtype, no index sets, no dropout, small inputs) run as differentiable torch ops, so the backward is
 autograd's own (same products and saved tensors; no Python per layer in the backward).
 
 Autocast (CPU and CUDA): an ``Autocast<device>`` kernel casts ``x``, ``weight`` and ``bias`` to the
@@ -240,6 +240,9 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # sets or dropout, run as differentiable torch ops (torch_kernel.forward_autograd): same products,
 # backward in autograd's C++ engine instead of a Python autograd.Function.
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+# ... for inputs up to this size: there the Function's per-call Python cost (~40 µs) dominates; on
+# larger ones its in-place accumulation of dx wins by a few percent (bench/results/speed.md, training).
+_NATIVE_MAX_ELEMENTS = 1 << 18
 
 
 def fused(x, weight, A, B, bias, row_index, col_index, diag, seed, scale: float, dropout: float) -> torch.Tensor:
@@ -282,6 +285,7 @@ def _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropo
             and row_index is None
             and col_index is None
             and x.dtype in _NATIVE_DTYPES
+            and x.numel() <= _NATIVE_MAX_ELEMENTS
             and x.dtype == weight.dtype == A.dtype == B.dtype
             and (diag is None or diag.dtype == x.dtype)
             and (bias is None or bias.dtype == x.dtype)
