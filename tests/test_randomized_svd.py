@@ -274,3 +274,44 @@ def test_ritz_residuals_and_gaps_judge_each_component():
     poor = torch.linalg.qr(U[:, :6] + 0.05 * torch.randn(30, 6, generator=torch.Generator().manual_seed(0))).Q
     residual, gaps, _ = ritz_check(A, poor, 3)
     assert not bool(converged(residual, gaps, 1e-3))
+
+
+def _spy_iterations(monkeypatch):
+    """Records the iteration counts of every ``_iterate`` call and every exact SVD taken."""
+    import sys
+
+    module = sys.modules["corda_kernels.linalg.randomized_svd"]
+    calls = {"iterate": [], "exact": 0}
+    iterate, crop = module._iterate, module.crop_svd
+
+    def spy_iterate(M, Q, n):
+        calls["iterate"].append(n)
+        return iterate(M, Q, n)
+
+    def spy_crop(A, rank):
+        calls["exact"] += 1
+        return crop(A, rank)
+
+    monkeypatch.setattr(module, "_iterate", spy_iterate)
+    monkeypatch.setattr(module, "crop_svd", spy_crop)
+    return calls
+
+
+def test_refinement_iterates_as_predicted_where_the_spectrum_decays(monkeypatch):
+    """One iteration is too few for a slowly decaying spectrum, but its Ritz values predict how
+    many more pass: one refinement round (no doubling rounds), no exact SVD, an accurate result."""
+    calls = _spy_iterations(monkeypatch)
+    A = geometric(400, 300, batch=(2,), ratio=0.9, dtype=torch.float64)
+    U, S, Vh = randomized_svd(A, 8, oversample=8, n_iter=1, seed=[1, 2], tol=1e-3)
+    assert calls["exact"] == 0 and len(calls["iterate"]) == 2 and calls["iterate"][1] > 1, calls
+    assert_matches_svd(A, U, S, Vh, 8, rtol=1e-4)  # vectors to sin θ <= tol: 10 x 1e-4
+
+
+def test_flat_spectrum_goes_exact_after_one_check(monkeypatch):
+    """A flat spectrum around σ_r (a Gaussian matrix) cannot pass within the cost of a full SVD:
+    the first check sends it to the exact SVD, with no refinement iterations spent before."""
+    calls = _spy_iterations(monkeypatch)
+    A = torch.randn(2, 400, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    U, S, Vh = randomized_svd(A, 16, oversample=40, n_iter=3, seed=[1, 2], tol=1e-3)
+    assert calls == {"iterate": [3], "exact": 1}, calls
+    assert_matches_svd(A, U, S, Vh, 16, rtol=1e-9)

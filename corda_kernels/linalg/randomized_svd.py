@@ -8,6 +8,8 @@ Accuracy of the defaults, measured: ``bench/results/RESULTS_decompose.md``.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence, Union
 
 import torch
@@ -119,14 +121,20 @@ def ritz_check(M: torch.Tensor, Q: torch.Tensor, rank: int) -> tuple[torch.Tenso
     true value lies within a residual of each). By the sin-θ theorem the angle between a computed
     and a true singular vector is at most about ``residual / gap``.
     """
+    residual, gaps, S = _ritz(M, Q, rank)
+    return residual, gaps, S[..., 0]
+
+
+def _ritz(M: torch.Tensor, Q: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`ritz_check` with every Ritz value ``(..., l)`` in place of ``σ_1``."""
     Ub, S, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)
     k = min(rank + 1, S.shape[-1])
     V = Vh[..., :k, :].mT
     residual = (M @ V - (Q @ Ub[..., :k]) * S[..., None, :k]).norm(dim=-2)
     if k == rank:  # the basis spans the whole space: nothing beyond the r-th value
-        return residual, torch.full_like(residual, float("inf")), S[..., 0]
+        return residual, torch.full_like(residual, float("inf")), S
     gaps = S[..., :rank] - S[..., 1 : rank + 1] - residual[..., 1 : rank + 1]
-    return residual[..., :rank], gaps, S[..., 0]
+    return residual[..., :rank], gaps, S
 
 
 def converged(residual: torch.Tensor, gaps: torch.Tensor, tol: float) -> torch.Tensor:
@@ -138,31 +146,45 @@ def converged(residual: torch.Tensor, gaps: torch.Tensor, tol: float) -> torch.T
 
 
 def _refine(A, M, Q, rank: int, tol: float, n_iter: int, width: int):
-    """Refine the matrices of the batch whose Ritz pairs fail :func:`converged`: more subspace
-    iterations (twice as many each round) while the total costs less than a full SVD and the worst
-    ``residual / (tol · gap)`` at least halves each round; those still failing get the exact SVD.
+    """Refine the matrices of the batch whose Ritz pairs fail :func:`converged` by more subspace
+    iterations, as many as predicted to pass: the worst ``residual / (tol · gap)`` shrinks by about
+    ``(σ_l / σ_r)²`` per iteration (``σ_l`` the basis' smallest Ritz value), and at least twice as
+    many as the last round. A matrix whose prediction, doubled, would cost more than a full SVD, or
+    whose ratio did not at least halve in a round, gets the exact SVD at once (a flat spectrum
+    around ``σ_r`` goes exact after one check instead of after rounds of iterations).
     Returns ``Q``, or ``(U, S, Vh)`` for ``A`` when some matrix went exact."""
     flatM, flatQ = M.reshape(-1, *M.shape[-2:]), Q.reshape(-1, *Q.shape[-2:]).clone()
     todo = torch.arange(flatM.shape[0], device=M.device)
     worst = torch.full((flatM.shape[0],), float("inf"), dtype=flatM.dtype, device=M.device)
-    spent, step, exact = n_iter, max(1, n_iter), []
+    budget = EXACT_COST * min(M.shape[-2:]) / (4 * width) - 1  # iterations that cost a full SVD
+    spent, step, exact = n_iter, 1, []
     while todo.numel():
-        residual, gaps, _ = ritz_check(flatM[todo], flatQ[todo], rank)
+        residual, gaps, S = _ritz(flatM[todo], flatQ[todo], rank)
         ok = converged(residual, gaps, tol)
         failing = todo[~ok]
         if not failing.numel():
             break
-        ratio = (residual / (tol * gaps.clamp_min(torch.finfo(gaps.dtype).tiny))).amax(dim=-1)[~ok]
-        if 4 * (spent + step + 1) * width > EXACT_COST * min(M.shape[-2:]):
-            exact += failing.tolist()
-            break
-        improving = ratio <= 0.5 * worst[failing]
-        exact += failing[~improving].tolist()
+        tiny = torch.finfo(S.dtype).tiny
+        ratio = (residual / (tol * gaps.clamp_min(tiny))).amax(dim=-1)[~ok]
+        # Prediction: the residual shrinks by `rate` per iteration towards tol times the Ritz gap
+        # (the gap less the next residual, as converged() uses, is not yet known while it is negative).
+        S = S[~ok]
+        ritz_gaps = (S[:, :rank] - S[:, 1 : rank + 1]).clamp_min(tiny)
+        target = (residual[~ok] / (tol * ritz_gaps)).amax(dim=-1)
+        rate = (S[:, -1] / S[:, rank - 1].clamp_min(tiny)).square().clamp(tiny, 1.0)
+        needed = torch.log(target).clamp_min(0) / -torch.log(rate)  # inf on a flat spectrum
+        hopeful = (ratio <= 0.5 * worst[failing]) & (spent + 2 * needed <= budget)  # 2x: the rate is estimated
+        exact += failing[~hopeful].tolist()
         worst[failing] = ratio
-        todo = failing[improving]
-        if todo.numel():
-            flatQ[todo] = _iterate(flatM[todo], flatQ[todo], step)
-        spent, step = spent + step, 2 * step
+        todo = failing[hopeful]
+        if not todo.numel():
+            break
+        step = max(2 * step, math.ceil(float(needed[hopeful].amax())))
+        if spent + step > budget:
+            exact += todo.tolist()
+            break
+        flatQ[todo] = _iterate(flatM[todo], flatQ[todo], step)
+        spent += step
     if not exact:
         return flatQ.reshape(Q.shape)
     U, S, Vh = _factors(flatM, flatQ, rank, A.shape[-2] > A.shape[-1])
