@@ -9,7 +9,6 @@ Accuracy of the defaults, measured: ``bench/results/RESULTS_decompose.md``.
 from __future__ import annotations
 
 import math
-
 from typing import Optional, Sequence, Union
 
 import torch
