@@ -61,14 +61,13 @@ def capture_block_inputs(
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     device = hf.input_device(model)
-    extra = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
     inputs = []
     try:
         for index, batch in enumerate(tqdm(batches, desc="capture block inputs", disable=not progress)):
             check_batch(model, batch, index)
             batch = to_device(batch, device)
             try:
-                model(**batch, **extra)
+                model(**hf.without_cache(model, batch))
             except StopForward:
                 pass
             if len(captured) != index + 1:

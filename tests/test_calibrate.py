@@ -259,3 +259,31 @@ def test_encoder_decoder_stacks_use_their_own_mask(decoder_mask, dec_len):
         expected = (sums / count).float()
         assert cal.token_counts[cal.group(name)] == count, name
         torch.testing.assert_close(cal.covariance(name), expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_calibration_forwards_keep_no_kv_cache_and_accumulators_exist_before_the_first_batch():
+    """Calibration's forwards pass use_cache=False (a KV cache would hold every layer's keys and
+    values until the forward returns), and every accumulator is allocated after the 2-token probe,
+    before the first real forward (allocated between its activations they fragment the heap)."""
+    model = tiny_llama(layers=2)
+    batches = token_batches(128, n_batches=2, batch=2, seq=12)
+    seen = []
+    recorder_groups = []
+
+    def spy(module, args, kwargs):
+        seen.append(kwargs.get("use_cache"))
+        if len(seen) == 2:  # the first real batch: the accumulators must all exist already
+            import gc
+
+            from corda_kernels.calibration.recorder import CovarianceRecorder
+
+            live = [o for o in gc.get_objects() if isinstance(o, CovarianceRecorder)]
+            recorder_groups.append({g: acc.count for r in live for g, acc in r.accumulators.items()})
+
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        result = ck.calibrate(model, batches, progress=False)
+    finally:
+        handle.remove()
+    assert seen[1:] == [False, False]  # seen[0] is the probe
+    assert set(recorder_groups[0]) == set(result.covariances) and set(recorder_groups[0].values()) == {0}

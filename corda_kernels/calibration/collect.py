@@ -243,7 +243,7 @@ def _stream(model, recorder: CovarianceRecorder, batches, max_batches, progress,
                 mask = batch.get("attention_mask")
                 recorder.start_batch(index, mask, batch.get("decoder_attention_mask"))
                 try:
-                    model(**batch)
+                    model(**hf.without_cache(model, batch))
                 except StopForward:
                     pass
                 tokens += count_tokens(batch["input_ids"].shape, mask)

@@ -83,6 +83,7 @@ class CovarianceRecorder:
         self._expected: Optional[dict[str, int]] = None
         self._remaining = 0
         self.probing = False
+        self._probe_inputs: dict[str, tuple[int, torch.device]] = {}  # group -> (in features, device)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> CovarianceRecorder:
@@ -124,13 +125,19 @@ class CovarianceRecorder:
         self._seen.clear()
         try:
             with torch.no_grad():
-                model(**tiny)
+                model(**tiny)  # with its KV cache: 2 tokens, and transformers' uncached mask path cannot run on meta
         except StopForward:
             pass
         finally:
             self.probing = False
             self._seen.clear()
         self._expected = dict(self._calls)
+        # Every accumulator now, before the first real forward: allocated between that forward's
+        # transient activations they fragment the heap (measured on SmolLM2, 8x256 tokens: ~270 MB
+        # of freed-but-resident memory), and a run that cannot hold them all fails before any work.
+        for group, (dim, device) in self._probe_inputs.items():
+            if group not in self.accumulators and device.type != "meta":
+                self.accumulators[group] = self._new_accumulator(group, dim, device)
 
     def _encoder_done(self, module, args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
@@ -169,6 +176,7 @@ class CovarianceRecorder:
             self.groups[name] = group
         if self.probing:
             self._seen.setdefault(group, weakref.ref(x))
+            self._probe_inputs.setdefault(group, (x.shape[-1], x.device))
             return
         ref = self._seen.get(group)
         if ref is not None:
@@ -247,7 +255,8 @@ class CovarianceRecorder:
         for group, acc in self.accumulators.items():
             if acc.count == 0:
                 raise ValueError(
-                    f"layer {group} saw no tokens: every calibration token was padding (attention_mask all 0)"
+                    f"layer {group} saw no tokens: every calibration token was padding (attention_mask all 0), "
+                    "or the layer ran on the 2-token probe but on no real batch"
                 )
             full = finalize_covariance(acc.cov, acc.count, upper_only=self.upper_only, inplace=True)
             acc.cov = None

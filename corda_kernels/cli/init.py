@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import torch
 
-from .._measure import measure
+from .._measure import measure, release_free_memory
 from ..adapt import apply
 from ..calibration import calibrate
 from ..export import adapters, save_peft_adapter, save_residual_model
@@ -74,7 +74,10 @@ def _final_hidden(model, batches, device):
     (hidden 576, vocabulary 49,152) the logits of the check batches held through calibrate and
     decompose were 85x larger (2.8 GB in fp64 at the default options)."""
     body = model.base_model
-    return [body(**{k: v.to(device) for k, v in b.items()}).last_hidden_state.cpu() for b in batches]
+    return [
+        body(**hf.without_cache(model, {k: v.to(device) for k, v in b.items()})).last_hidden_state.cpu()
+        for b in batches
+    ]
 
 
 def _max_delta(a, b, batches, head: torch.nn.Module) -> float:
@@ -165,6 +168,7 @@ def _run(args, texts, tmp, model_source) -> int:
     head = model.get_output_embeddings()  # not a target: the same before and after
     before = _final_hidden(model, check_batches, args.device)
     truth = _reference_hidden(model, check_batches, args.device, args.dtype)
+    release_free_memory()  # the fp64 copy's pages, kept by the allocator, would count in every stage below
     covariances = None
     if args.method == "corda":
         with measure("calibrate") as st:

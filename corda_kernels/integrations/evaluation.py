@@ -24,7 +24,7 @@ def next_token_stats(model: nn.Module, batch: Mapping) -> tuple[torch.Tensor, to
     mask = torch.ones_like(ids) if mask is None else mask.to(device)
     labels = batch.get("labels")
     labels = ids.masked_fill(mask == 0, -100) if labels is None else labels.to(device)
-    out = model(input_ids=ids, attention_mask=mask)
+    out = model(**hf.without_cache(model, {"input_ids": ids, "attention_mask": mask}))
     logits = getattr(out, "logits", None)
     if logits is None:
         raise TypeError(

@@ -10,8 +10,10 @@ equals it or ends with ``"." + entry``. The default is every ``nn.Linear`` (and 
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import re
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -132,6 +134,24 @@ def input_device(model: nn.Module) -> torch.device:
     if emb is not None and getattr(emb, "weight", None) is not None:
         return emb.weight.device
     return next(model.parameters()).device
+
+
+def without_cache(model: nn.Module, batch: Mapping) -> dict:
+    """``batch`` as keyword arguments with ``use_cache=False`` when the model has a KV cache: a
+    forward that only reads activations must not keep every layer's keys and values (SmolLM2 at
+    8x256 tokens: 94 MB held until the forward returns; a 7B model without GQA: ~1 GB)."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is None or not _takes_use_cache(type(model)):
+        return dict(batch)
+    return {**batch, "use_cache": False}
+
+
+@functools.cache
+def _takes_use_cache(cls: type) -> bool:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def named(modules: Iterable[str]) -> str:
