@@ -9,6 +9,7 @@ import torch
 import corda_kernels as ck
 from corda_kernels.decomposition.quantized import Quantization, damped, quantize_residual, weighted_error
 from corda_kernels.kernels.reference import lowrank_linear as reference
+from corda_kernels.kernels.reference import quantized as reference_quantized
 from corda_kernels.ops.lowrank_linear import lowrank_linear
 from corda_kernels.ops.quantized import QuantizedWeight, quantize_weight
 from corda_kernels.testing import tiny_llama, token_batches
@@ -36,6 +37,11 @@ def test_reference_dequantize_is_bitsandbytes_bit_for_bit(fmt, dtype, shape):
     assert q.dequantize().dtype == dtype
     assert torch.equal(q.dequantize(), _bnb_dequantized(W, fmt))
     assert (q.dequantize().float() - W.float()).abs().max() < 0.3 * W.float().abs().max()  # it is W, roughly
+    if fmt == "nf4":  # dequantize() runs bitsandbytes' kernel on CPU: the pure-torch reference, bit for bit
+        spec = reference_quantized.dequantize_nf4(
+            q.packed, q.absmax_q, q.nested_absmax, q.offset, q.code, q.nested_code, q.shape, dtype
+        )
+        assert q._bitsandbytes_nf4() is not None and torch.equal(q.dequantize(), spec)
 
 
 def test_refuses_bad_input():

@@ -86,9 +86,38 @@ class QuantizedWeight(nn.Module):
         dtype = dtype or self.dtype
         if self.fmt == "int8":
             return reference.dequantize_int8(self.CB, self.SCB, dtype)
+        fast = self._bitsandbytes_nf4()
+        if fast is not None:
+            return fast.to(dtype)
         return reference.dequantize_nf4(
             self.packed, self.absmax_q, self.nested_absmax, self.offset, self.code, self.nested_code, self.shape, dtype
         )
+
+    def _bitsandbytes_nf4(self) -> Optional[torch.Tensor]:
+        """The fp32 weight by bitsandbytes' own NF4 kernel on CPU (bit-identical to the reference,
+        tested; ~20x faster than its table gather there), or None where it does not apply: no
+        bitsandbytes, another device, a width it mis-handles, or while tracing (torch.compile
+        traces the reference)."""
+        if self.packed.device.type != "cpu" or self.shape[1] % reference.NF4_BLOCK or torch.compiler.is_compiling():
+            return None
+        try:
+            import bitsandbytes.functional as bnbf
+        except ImportError:
+            return None
+        nested = bnbf.QuantState(
+            absmax=self.nested_absmax, code=self.nested_code, blocksize=reference.NESTED_BLOCK, dtype=torch.float32
+        )
+        state = bnbf.QuantState(
+            absmax=self.absmax_q,
+            shape=self.shape,
+            code=self.code,
+            blocksize=reference.NF4_BLOCK,
+            quant_type="nf4",
+            dtype=torch.float32,
+            offset=self.offset,
+            state2=nested,
+        )
+        return bnbf.dequantize_4bit(self.packed.view(-1, 1), state)
 
     def float(self) -> torch.Tensor:
         return self.dequantize(torch.float32)
