@@ -200,6 +200,16 @@ def _(model, cal, tmp):
     ck.LowRankLinear(*_layer()[1:], dropout=-0.1)
 
 
+@case("module_scale_set_inf")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:]).scale = math.inf
+
+
+@case("module_dropout_set_one")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:]).dropout = 1.0
+
+
 @case("unknown_method")
 def _(model, cal, tmp):
     _apply(model, "cordaa", covariances=cal)

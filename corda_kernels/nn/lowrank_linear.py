@@ -100,6 +100,31 @@ class LowRankLinear(nn.Module):
         self.register_load_state_dict_post_hook(LowRankLinear._after_load)
 
     @property
+    def scale(self) -> float:
+        """The adapter's multiplier (``alpha / r`` for LoRA); checked when set, as at construction."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value) -> None:
+        self._scale = check_scale(value, "LowRankLinear.scale")
+
+    @property
+    def dropout(self) -> float:
+        """Dropout probability on the adapter's input while training; checked when set."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, value) -> None:
+        self._dropout = check_dropout(value, "LowRankLinear.dropout")
+
+    def __setstate__(self, state: dict) -> None:
+        # modules pickled before scale/dropout became checked properties kept them as plain attributes
+        for name in ("scale", "dropout"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        super().__setstate__(state)
+
+    @property
     def in_features(self) -> int:
         return self.weight.shape[1]
 
