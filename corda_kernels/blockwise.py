@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 
 from . import adapt as _adapt
 from ._deprecation import renamed
-from .calibration.collect import check_batch, to_device
+from .calibration.collect import to_device
 from .calibration.recorder import CovarianceRecorder, StopForward
 from .decomposition import decompose
 from .export import merged_weight, plain_layer
 from .integrations import hf
+from .integrations.batches import check_batch
 from .methods import make_method
 from .ops.lowrank_linear import check_dropout
 

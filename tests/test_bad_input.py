@@ -369,6 +369,18 @@ def _(model, cal, tmp):
     ck.apply(t5, "partial_lora", rank=2, few_shot=[batch], progress=False)
 
 
+@case("partial_lora_few_shot_oov")
+def _(model, cal, tmp):
+    batches = token_batches(128, n_batches=2)
+    batches[1] = {"input_ids": torch.full((2, 5), 10_000)}
+    _apply(model, "partial_lora", few_shot=batches)
+
+
+@case("partial_lora_few_shot_empty")
+def _(model, cal, tmp):
+    _apply(model, "partial_lora", few_shot=[{"input_ids": torch.zeros(2, 0, dtype=torch.long)}])
+
+
 @case("unmaskable_layer_input")
 def _(model, cal, tmp):
     layer = model.model.layers[0].mlp.down_proj

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from .._deprecation import renamed
 from ..integrations import hf
+from ..integrations.batches import check_batch
 from ..ops.covariance import count_tokens
 from . import sharding
 from . import storage as _storage
@@ -35,77 +36,6 @@ from .result import Calibration
 
 def to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-def vocabulary_size(model: nn.Module) -> Optional[int]:
-    """Rows of the model's input embedding (the valid token ids), or ``config.vocab_size``."""
-    get_emb = getattr(model, "get_input_embeddings", None)
-    emb = get_emb() if callable(get_emb) else None
-    if isinstance(getattr(emb, "num_embeddings", None), int):
-        return emb.num_embeddings
-    return getattr(getattr(model, "config", None), "vocab_size", None)
-
-
-def _check_ids(batch: Mapping, key: str, index: int, vocab: Optional[int]) -> None:
-    ids = batch[key]
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise TypeError(f"calibration batch {index}: {key} must be an integer tensor of token ids, got {got}")
-    if ids.dim() != 2:
-        raise ValueError(
-            f"calibration batch {index}: {key} must be (batch, sequence) like a tokenizer's output, got shape "
-            f"{tuple(ids.shape)}"
-        )
-    if ids.numel() == 0:
-        raise ValueError(
-            f"calibration batch {index}: {key} of shape {tuple(ids.shape)} holds no tokens (sequences of length 0); "
-            "drop empty texts before tokenizing"
-        )
-    if vocab is not None and not ids.is_meta:
-        lo, hi = (int(v) for v in torch.aminmax(ids))
-        if lo < 0 or hi >= vocab:
-            raise ValueError(
-                f"calibration batch {index}: {key} holds token id {lo if lo < 0 else hi}, outside the model's "
-                f"vocabulary of {vocab} (ids 0..{vocab - 1}); was it tokenized for another model?"
-            )
-
-
-def _check_mask(batch: Mapping, key: str, ids_key: str, index: int) -> None:
-    mask = batch.get(key)
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"calibration batch {index}: {key} must be a tensor, got {type(mask).__name__}")
-    if tuple(mask.shape) != tuple(batch[ids_key].shape):
-        raise ValueError(
-            f"calibration batch {index}: {key} has shape {tuple(mask.shape)} but {ids_key} has "
-            f"{tuple(batch[ids_key].shape)}; they must match (1 = token, 0 = padding)"
-        )
-
-
-def check_batch(model: nn.Module, batch, index: int) -> None:
-    """Refuse a calibration batch the model cannot run as meant, naming the batch: not a dict
-    with ``input_ids``; ids not ``(batch, sequence)`` integers, empty, or outside the vocabulary;
-    an ``attention_mask`` (``decoder_attention_mask``) of another shape than its ids; sequences
-    longer than ``max_position_embeddings``."""
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise TypeError(
-            f"calibration batch {index} must be a dict with 'input_ids' (and 'attention_mask'), like a tokenizer's "
-            f"output; got {type(batch).__name__}"
-        )
-    vocab = vocabulary_size(model)
-    _check_ids(batch, "input_ids", index, vocab)
-    _check_mask(batch, "attention_mask", "input_ids", index)
-    if batch.get("decoder_input_ids") is not None:
-        _check_ids(batch, "decoder_input_ids", index, vocab)
-        _check_mask(batch, "decoder_attention_mask", "decoder_input_ids", index)
-    ids = batch["input_ids"]
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and ids.shape[-1] > limit:
-        raise ValueError(
-            f"calibration batch {index} has sequences of {ids.shape[-1]} tokens but the model allows at most {limit} "
-            "(max_position_embeddings); truncate the calibration text"
-        )
 
 
 @torch.no_grad()

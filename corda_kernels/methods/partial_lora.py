@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ..integrations import hf
+from ..integrations.batches import check_batch
 from . import partial_lora_ratios as ratio_search
 from .base import InitMethod, LayerInit
 from .lora import kaiming_A, layer_generator
@@ -141,6 +142,9 @@ class PartialLoRA(InitMethod):
                 f"Partial-LoRA's {what} is a causal LM's next-token measure; {type(model).__name__} is an "
                 f"encoder-decoder model: pass {option}, or densities= to skip the derivation"
             )
+        if builtin:  # our next-token measures run the model on them: refuse what it cannot run, by batch
+            for index, batch in enumerate(self.few_shot):
+                check_batch(model, batch, index, "Partial-LoRA few-shot batch")
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
