@@ -101,31 +101,11 @@ def _build(impl: str, weight: torch.Tensor, r: int, device, monkeypatch):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,n,r", GROUPS, ids=[f"{o}x{i}-N{n}-r{r}" for (o, i), n, r in GROUPS])
-def test_lowrank_fwd_bwd(benchmark, bench_device, bench_tag, bench_sync, monkeypatch, shape, n, r, impl):
+def test_lowrank_fwd_bwd(bench_backward, bench_device, monkeypatch, shape, n, r, impl):
     out_f, in_f = shape
     weight = _randn(out_f, in_f, scale=in_f**-0.5, device=bench_device, seed=0)
     fn, params = _build(impl, weight, r, bench_device, monkeypatch)
     x = _randn(n, in_f, device=bench_device, seed=4).requires_grad_()
     dy = _randn(n, out_f, device=bench_device, seed=5)
-
-    def clear():
-        x.grad = None
-        for p in params:
-            p.grad = None
-
-    def step():
-        fn(x).backward(dy)
-        bench_sync()
-
-    clear()
-    step()  # compiles / autotunes outside the timed rounds
-    extra = {}
-    if bench_device.type == "cuda":
-        clear()
-        torch.cuda.reset_peak_memory_stats(bench_device)
-        base = torch.cuda.memory_allocated(bench_device)
-        step()
-        extra["peak_mib"] = round((torch.cuda.max_memory_allocated(bench_device) - base) / 2**20, 1)
-    dtype = str(DTYPE).replace("torch.", "")
-    bench_tag(group=f"lowrank {out_f}x{in_f} N={n} r={r} {dtype}", impl=impl, flops=4.0 * n * in_f * out_f, **extra)
-    benchmark.pedantic(step, setup=clear, rounds=ROUNDS, warmup_rounds=1)
+    group = f"lowrank {out_f}x{in_f} N={n} r={r} {str(DTYPE).replace('torch.', '')}"
+    bench_backward(fn, x, dy, params, ROUNDS, peak=True, group=group, impl=impl, flops=4.0 * n * in_f * out_f)

@@ -52,7 +52,7 @@ def _dequant_matmul(weight, A, B):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,n,r", GROUPS, ids=[f"{o}x{i}-N{n}-r{r}" for (o, i), n, r in GROUPS])
-def test_quantized_fwd_bwd(benchmark, bench_device, bench_tag, bench_sync, shape, n, r, impl):
+def test_quantized_fwd_bwd(bench_backward, bench_device, shape, n, r, impl):
     out_f, in_f = shape
     weight = _randn(out_f, in_f, scale=in_f**-0.5, device=bench_device, seed=0)
     A = _randn(r, in_f, scale=in_f**-0.5, device=bench_device, seed=2).requires_grad_()
@@ -66,18 +66,5 @@ def test_quantized_fwd_bwd(benchmark, bench_device, bench_tag, bench_sync, shape
     params = [A, B] if impl == "anchor:dequant-matmul" else [fn.A, fn.B]
     x = _randn(n, in_f, device=bench_device, seed=4).requires_grad_()
     dy = _randn(n, out_f, device=bench_device, seed=5)
-
-    def clear():
-        x.grad = None
-        for p in params:
-            p.grad = None
-
-    def step():
-        fn(x).backward(dy)
-        bench_sync()
-
-    clear()
-    step()
-    dtype = str(DTYPE).replace("torch.", "")
-    bench_tag(group=f"quantized {out_f}x{in_f} N={n} r={r} {dtype}", impl=impl, flops=4.0 * n * in_f * out_f)
-    benchmark.pedantic(step, setup=clear, rounds=ROUNDS, warmup_rounds=1)
+    group = f"quantized {out_f}x{in_f} N={n} r={r} {str(DTYPE).replace('torch.', '')}"
+    bench_backward(fn, x, dy, params, ROUNDS, group=group, impl=impl, flops=4.0 * n * in_f * out_f)

@@ -85,7 +85,7 @@ def test_patched_peft(benchmark, bench_device, bench_tag, bench_sync, case, kind
 @pytest.mark.parametrize(
     "shape,n,r,dtype", FACTOR_GROUPS, ids=[f"{o}x{i}-N{n}-r{r}-{d}" for (o, i), n, r, d in FACTOR_GROUPS]
 )
-def test_factor_dtype(benchmark, bench_device, bench_tag, bench_sync, shape, n, r, dtype, impl):
+def test_factor_dtype(bench_backward, bench_device, shape, n, r, dtype, impl):
     out_f, in_f = shape
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_f, in_f, generator=g) * in_f**-0.5).to(bench_device, dtype)
@@ -94,15 +94,6 @@ def test_factor_dtype(benchmark, bench_device, bench_tag, bench_sync, shape, n, 
     layer = LowRankLinear(weight, A, B, autocast_adapter_dtype=impl == "ours:fp32").to(bench_device)
     x = torch.randn(n, in_f, generator=g).to(bench_device, dtype).requires_grad_()
     dy = torch.randn(n, out_f, generator=g).to(bench_device, dtype)
-
-    def clear():
-        x.grad = layer.A.grad = layer.B.grad = None
-
-    def step():
-        layer(x).backward(dy)
-        bench_sync()
-
-    clear()
-    step()
-    bench_tag(group=f"factor-dtype {out_f}x{in_f} N={n} r={r} {str(dtype)[6:]}", impl=impl)
-    benchmark.pedantic(step, setup=clear, rounds=max(ROUNDS // 10, 2 if bench_small() else 10), warmup_rounds=1)
+    group = f"factor-dtype {out_f}x{in_f} N={n} r={r} {str(dtype)[6:]}"
+    rounds = max(ROUNDS // 10, 2 if bench_small() else 10)
+    bench_backward(layer, x, dy, [layer.A, layer.B], rounds, group=group, impl=impl)

@@ -62,12 +62,16 @@ def bench_tag(benchmark):
     """``bench_tag(group=..., impl=..., flops=None, **extra)`` labels this test's benchmark: its
     comparison group, implementation name (``anchor:...`` for anchors) and optional FLOP count."""
 
-    def tag(*, group: str, impl: str, flops: float | None = None, **extra) -> None:
-        benchmark.group = group
-        benchmark.extra_info.update(impl=impl, flops=flops, **extra)
-        benchmark.name = f"{group} :: {impl}"
+    def tag(**labels) -> None:
+        _label(benchmark, **labels)
 
     return tag
+
+
+def _label(benchmark, *, group: str, impl: str, flops: float | None = None, **extra) -> None:
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, flops=flops, **extra)
+    benchmark.name = f"{group} :: {impl}"
 
 
 @pytest.fixture
@@ -79,6 +83,37 @@ def bench_sync(bench_device):
             torch.cuda.synchronize(bench_device)
 
     return sync
+
+
+@pytest.fixture
+def bench_backward(benchmark, bench_device, bench_sync):
+    """``bench_backward(fn, x, dy, params, rounds, *, peak=False, **tag)`` times ``fn(x).backward(dy)``
+    (gradients of ``x`` and ``params`` cleared before each round, one untimed step first: compiles
+    and autotunes). ``tag`` goes to ``bench_tag``; ``peak=True`` adds the step's peak CUDA memory
+    above what was allocated before it as ``peak_mib`` (GPU only)."""
+
+    def run(fn, x, dy, params, rounds: int, *, peak: bool = False, **tag) -> None:
+        def clear():
+            x.grad = None
+            for p in params:
+                p.grad = None
+
+        def step():
+            fn(x).backward(dy)
+            bench_sync()
+
+        clear()
+        step()
+        if peak and bench_device.type == "cuda":
+            clear()
+            torch.cuda.reset_peak_memory_stats(bench_device)
+            base = torch.cuda.memory_allocated(bench_device)
+            step()
+            tag["peak_mib"] = round((torch.cuda.max_memory_allocated(bench_device) - base) / 2**20, 1)
+        _label(benchmark, **tag)
+        benchmark.pedantic(step, setup=clear, rounds=rounds, warmup_rounds=1)
+
+    return run
 
 
 def _median(bench) -> float:
