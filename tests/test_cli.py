@@ -396,16 +396,8 @@ def test_discard_report_matches_fp64():
 # -- the real embedded model (slow) --
 
 
-@pytest.fixture(scope="module")
-def smollm2_available():
-    try:
-        loading.default_model_location()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.mark.slow
-def test_init_main_job(tmp_path, smollm2_available, capsys):
+def test_init_main_job(tmp_path, smollm2, capsys):
     out = tmp_path / "run"
     argv = ["init", "--mode", "kpa", "--rank", "4", "--samples", "8", "--seq-len", "48", "--batch-size", "4"]
     argv += ["--targets", r"model\.layers\.(0|29)\..*", "--out", str(out), "--no-progress"]
@@ -442,14 +434,14 @@ def test_init_main_job(tmp_path, smollm2_available, capsys):
 
 
 @pytest.mark.slow
-def test_init_small_options_pass_the_check(tmp_path, smollm2_available, capsys):
+def test_init_small_options_pass_the_check(tmp_path, smollm2, capsys):
     """Issue 13: `init --samples 8 --seq-len 32` failed its output check on correct adapters."""
     code = cli.main(["init", "--samples", "8", "--seq-len", "32", "--out", str(tmp_path / "o"), "--no-progress"])
     assert code == 0, capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_report_command(tmp_path, smollm2_available, capsys):
+def test_report_command(tmp_path, smollm2, capsys):
     argv = ["report", "--samples", "4", "--seq-len", "32", "--eval-samples", "4", "--discard", "0,16"]
     argv += ["--targets", r"model\.layers\.(3|4)\.mlp\..*", "--out", str(tmp_path / "r"), "--no-progress"]
     code = cli.main(argv)
@@ -464,7 +456,7 @@ def test_report_command(tmp_path, smollm2_available, capsys):
 
 
 @pytest.mark.slow
-def test_init_quantized(tmp_path, smollm2_available, capsys):
+def test_init_quantized(tmp_path, smollm2, capsys):
     """``--quantize nf4``: the residual is written as a pre-quantized 4-bit checkpoint that transformers
     loads, and the output check is reported, not enforced (quantizing changes the logits)."""
     pytest.importorskip("bitsandbytes")

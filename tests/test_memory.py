@@ -10,7 +10,6 @@ import torch
 
 import corda_kernels as ck
 from corda_kernels import cli
-from corda_kernels.integrations import loading
 from corda_kernels.testing import tiny_llama, token_batches
 
 # Big enough that covariances, weights and decomposition dominate the runtime's noise.
@@ -120,11 +119,7 @@ def test_items_match_what_calibration_holds():
         ck.estimate_memory(model, batch_size=0, seq_len=12, n_batches=2)
 
 
-def test_cli_estimate(capsys):
-    try:
-        loading.default_model_location()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+def test_cli_estimate(capsys, smollm2):
     assert cli.main(["estimate", "--samples", "16", "--seq-len", "64", "--blockwise", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "block-wise" in printed and "210 target layers" in printed and "undo copies" in printed
@@ -161,11 +156,7 @@ def estimated_totals(printed: str) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(INIT_OPTIONS))
-def test_estimate_matches_init_peak_rss(tmp_path, name):
-    try:
-        loading.default_model_location()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+def test_estimate_matches_init_peak_rss(tmp_path, name, smollm2):
     options = [*INIT_OPTIONS[name], "--device", "cpu"]
     _command(["init", *options, "--no-progress", "--no-residual", "--out", str(tmp_path / "out")], tmp_path)
     report = json.loads((tmp_path / "out" / "report.json").read_text())

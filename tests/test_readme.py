@@ -58,14 +58,6 @@ def bash_commands() -> list[list[str]]:
     return commands
 
 
-@pytest.fixture(scope="module")
-def smollm2_available():
-    try:
-        loading.default_model_location()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
 def _cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     """``corda-kernels ARGS`` as a user runs it (the installed entry point), on this checkout."""
     exe = shutil.which("corda-kernels")
@@ -207,7 +199,7 @@ def test_ops_table_and_registration_claims():
 
 
 @pytest.mark.slow
-def test_corda_kernels_init_at_small_size(tmp_path, smollm2_available):
+def test_corda_kernels_init_at_small_size(tmp_path, smollm2):
     (cmd,) = [c for c in bash_commands() if c[:2] == ["corda-kernels", "init"]]
     done = _cli([*cmd[1:], *SMALL_INIT, "--no-progress"], cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -218,7 +210,7 @@ def test_corda_kernels_init_at_small_size(tmp_path, smollm2_available):
 
 
 @pytest.mark.slow
-def test_python_api_snippet_end_to_end(tmp_path, smollm2_available, monkeypatch):
+def test_python_api_snippet_end_to_end(tmp_path, smollm2, monkeypatch):
     """The README's Python API block as written, on the default GGUF model (the block loads it)."""
     code = block("python", "import corda_kernels as ck")
     monkeypatch.chdir(tmp_path)

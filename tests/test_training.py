@@ -115,18 +115,13 @@ def test_smollm2_partial_lora_on_real_text():
 
 
 @pytest.mark.slow
-def test_gguf_loaded_model_saves_and_trains_without_helpers(tmp_path):
+def test_gguf_loaded_model_saves_and_trains_without_helpers(tmp_path, smollm2):
     """A model loaded from GGUF by transformers itself (as users do, not through our loader) is
     marked quantized although its weights are dequantized floats: after apply, save_residual_model,
     save_merged_model and HF Trainer work on it, and the saved residual reloads with its weights."""
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from corda_kernels.integrations.loading import default_model_location
-
-    try:
-        directory, gguf = default_model_location()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    directory, gguf = smollm2
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
     assert model.is_quantized  # what made save_pretrained and Trainer refuse it
     name = "model.layers.0.self_attn.q_proj"

@@ -31,35 +31,20 @@ if SMALL:
     RANK, SAMPLES, SEQ = 4, 16, 16
 
 
+# LlamaConfig sizes: CI's tiny stand-in, LLaMA-2-7B block shapes (2 blocks) on GPU, a 4-block
+# 512-wide model with LLaMA's vocabulary on CPU.
+_SIZES = {
+    "small": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=256),
+    "cuda": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32),
+    "cpu": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
+}
+_MAX_POSITIONS = {"small": 64, "cuda": 2048, "cpu": 512}
+
+
 def _model(device):
     torch.manual_seed(0)
-    if SMALL:
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=256,
-            max_position_embeddings=64,
-        )
-    elif device.type == "cuda":  # LLaMA-2-7B block shapes, 2 blocks
-        config = LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=2,
-            num_attention_heads=32,
-            vocab_size=32000,
-            max_position_embeddings=2048,
-        )
-    else:
-        config = LlamaConfig(
-            hidden_size=512,
-            intermediate_size=1376,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            vocab_size=32000,
-            max_position_embeddings=512,
-        )  # LLaMA's vocabulary
+    size = "small" if SMALL else ("cuda" if device.type == "cuda" else "cpu")
+    config = LlamaConfig(**{"vocab_size": 32000, **_SIZES[size]}, max_position_embeddings=_MAX_POSITIONS[size])
     return LlamaForCausalLM(config).to(device).eval()
 
 
