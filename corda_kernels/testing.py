@@ -89,3 +89,13 @@ def bench_small() -> bool:
     then pick tiny shapes, so CI can run every benchmark once (``--benchmark-disable``) in seconds
     to check that none is broken. Figures from such a run mean nothing."""
     return os.environ.get(BENCH_SMALL_ENV, "") not in ("", "0")
+
+
+BENCH_CHECK_ENV = "CORDA_BENCH_CHECK"
+
+
+def bench_check() -> bool:
+    """True when ``CORDA_BENCH_CHECK`` is set (not "" or "0") and ``CORDA_BENCH_SMALL`` is not: the
+    GPU speed suites then pick the one-command GPU check's shapes (``bench/gpu/run.sh``: the target
+    shapes only, few rounds) instead of their full grids. No effect on a CPU."""
+    return not bench_small() and os.environ.get(BENCH_CHECK_ENV, "") not in ("", "0")

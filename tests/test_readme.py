@@ -98,6 +98,11 @@ def test_bash_commands_exist():
         elif cmd[0] == "corda-kernels":
             done = _cli([*cmd[1:], "--help"])
             assert done.returncode == 0, done.stderr
+        elif cmd[:2] == ["bash", "bench/gpu/run.sh"]:  # its --small run is tests/test_gpu_check.py
+            done = subprocess.run(["bash", os.path.join(ROOT, cmd[1]), "--help"], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            for arg in cmd[2:]:
+                assert not arg.startswith("--") or arg in done.stdout, f"run.sh has no option {arg}"
         else:
             raise AssertionError(f"README command not covered by this test: {cmd}")
 

@@ -13,7 +13,8 @@ chosen by the dispatcher and the NaN/Inf check on.
 
 TFLOP/s count only the triangle's FLOPs, n·d·(d+1), for every implementation (the useful work).
 
-Shapes: on a GPU d in {4096, 11008} x tokens in {2k, 8k, 16k}, bf16, and a masked case per d; on the
+Shapes: on a GPU d in {4096, 11008} x tokens in {2k, 8k, 16k}, bf16, and a masked case per d (with
+``CORDA_BENCH_CHECK=1``, the GPU check's set: d {4096, 11008} x {8k, 16k} tokens, masked and not); on the
 CPU small shapes (d 576-2048, 2k tokens, fp32 and bf16, one masked case) that finish in about a
 minute. Run: ``python -m pytest bench/speed/bench_covariance.py --benchmark-enable``.
 """
@@ -27,7 +28,7 @@ import torch
 
 import corda_kernels as ck
 from corda_kernels import _backend
-from corda_kernels.testing import bench_small
+from corda_kernels.testing import bench_check, bench_small
 
 ON_GPU = torch.cuda.is_available()
 
@@ -35,6 +36,10 @@ if bench_small():  # CI: every case once at tiny sizes (CORDA_BENCH_SMALL=1)
     SHAPES = [(64, 2048, torch.float32, False), (64, 2048, torch.bfloat16, True)]
     BACKENDS = ["triton", "cuda", "reference"] if ON_GPU else ["torch", "reference"]
     ROUNDS, WARMUP = 2, 1
+elif ON_GPU and bench_check():  # bench/gpu/run.sh: the target shapes, few rounds
+    SHAPES = [(d, n, torch.bfloat16, masked) for d in (4096, 11008) for n in (8192, 16384) for masked in (False, True)]
+    BACKENDS = ["triton", "cuda", "reference"]
+    ROUNDS, WARMUP = 5, 1
 elif ON_GPU:
     SHAPES = [(d, n, torch.bfloat16, False) for d in (4096, 11008) for n in (2048, 8192, 16384)]
     SHAPES += [(d, 8192, torch.bfloat16, True) for d in (4096, 11008)]

@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from corda_kernels.linalg import DEFAULT_N_ITER, co_svd, default_oversample, randomized_svd
-from corda_kernels.testing import bench_small
+from corda_kernels.testing import bench_check, bench_small
 
 if bench_small():  # CI: every case once at a tiny size (CORDA_BENCH_SMALL=1)
     CASES = [(2, 48, 32, 4)]
+elif torch.cuda.is_available() and bench_check():  # bench/gpu/run.sh: the batched 4096² case
+    CASES = [(4, 4096, 4096, 128)]
 elif torch.cuda.is_available():
     CASES = [(4, 4096, 4096, 128), (4, 11008, 4096, 128)]
 else:

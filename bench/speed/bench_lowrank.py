@@ -16,7 +16,8 @@ composition forced with ``CORDA_KERNELS_BACKEND=torch``, to keep the backend pre
 memory of a step is in each benchmark's ``extra_info`` on GPU.
 
 GPU grid: bf16, shapes 4096×4096 / 11008×4096 / 4096×11008, N in {4096, 16384}, r in {16, 64,
-128} (several minutes, mostly PEFT compiles; subset with ``-k``). CPU: two small fp32 groups.
+128} (several minutes, mostly PEFT compiles; subset with ``-k``); with ``CORDA_BENCH_CHECK=1`` the GPU
+check's set (4096×4096 and 4096×11008, N 8192, r 16 / 128, no compiled PEFT). CPU: two small fp32 groups.
 Run: ``python -m pytest bench/speed/bench_lowrank.py --benchmark-enable``.
 """
 
@@ -28,13 +29,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from corda_kernels.nn import LowRankLinear
-from corda_kernels.testing import bench_small
+from corda_kernels.testing import bench_check, bench_small
 
 ON_GPU = torch.cuda.is_available()
 if bench_small():  # CI: every implementation once at a tiny shape (CORDA_BENCH_SMALL=1)
     DTYPE, ROUNDS = torch.float32, 2
     GROUPS = [((32, 48), 64, 4)]
     OURS = ("lora", "asymmetric", "partial50", "lora-torch") if ON_GPU else ("lora", "asymmetric", "partial50")
+elif ON_GPU and bench_check():  # bench/gpu/run.sh: the target shapes, few rounds, no compiled PEFT
+    DTYPE, ROUNDS = torch.bfloat16, 5
+    GROUPS = [(shape, 8192, r) for shape in [(4096, 4096), (4096, 11008)] for r in (16, 128)]
+    OURS = ("lora", "asymmetric", "partial50", "lora-torch")
 elif ON_GPU:
     DTYPE, ROUNDS = torch.bfloat16, 20
     GROUPS = [
@@ -48,7 +53,12 @@ else:
     DTYPE, ROUNDS = torch.float32, 5
     GROUPS = [((256, 512), 1024, 16), ((512, 512), 2048, 32)]
     OURS = ("lora", "asymmetric", "partial50")
-IMPLS = ("anchor:linear", "anchor:peft", "anchor:peft-compile") + tuple(f"ours:{v}" for v in OURS)
+ANCHORS = (
+    ("anchor:linear", "anchor:peft")
+    if ON_GPU and bench_check()
+    else ("anchor:linear", "anchor:peft", "anchor:peft-compile")
+)
+IMPLS = ANCHORS + tuple(f"ours:{v}" for v in OURS)
 
 
 def _randn(*shape, scale=1.0, device, seed):

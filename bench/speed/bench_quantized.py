@@ -1,7 +1,8 @@
 """Low-rank linear over a quantized frozen base: forward + dx/dA/dB time against same-run anchors.
 
-Each group is one SmolLM2-135M projection shape ``(out, in)`` with ``N`` tokens and rank ``r``; one
-timed step is ``y = f(x); y.backward(dy)`` (A, B trainable, x requiring grad). Implementations:
+Each group is one projection shape ``(out, in)`` (SmolLM2-135M's on a CPU, LLaMA-2-7B's on a GPU) with
+``N`` tokens and rank ``r``; one timed step is ``y = f(x); y.backward(dy)`` (A, B trainable, x
+requiring grad). Implementations:
 
 - ``anchor:dequant-matmul``: bitsandbytes' own dequantization of the stored NF4 / int8 weight
   (``dequantize_4bit`` / ``int8_vectorwise_dequant``) every call, then ``x·Wᵀ + s·(x·Aᵀ)·Bᵀ`` in torch,
@@ -19,13 +20,16 @@ import pytest
 import torch
 
 from corda_kernels.nn import LowRankLinear
-from corda_kernels.testing import bench_small
+from corda_kernels.testing import bench_check, bench_small
 
 bnb = pytest.importorskip("bitsandbytes")
 
 ON_GPU = torch.cuda.is_available()
 DTYPE, ROUNDS = (torch.bfloat16, 20) if ON_GPU else (torch.float32, 5)
 GROUPS = [((576, 576), 512, 32), ((1536, 576), 512, 32), ((576, 1536), 512, 32)]
+if ON_GPU:  # LLaMA-2-7B projection shapes (bench/gpu/run.sh: few rounds)
+    GROUPS = [((4096, 4096), 8192, 16), ((4096, 11008), 8192, 16)]
+    ROUNDS = 5 if bench_check() else ROUNDS
 IMPLS = ("anchor:full", "anchor:dequant-matmul", "ours:nf4", "ours:int8")
 FORMAT = {"ours:nf4": "nf4", "ours:int8": "int8"}
 if bench_small():  # CI: every implementation once at a tiny shape (CORDA_BENCH_SMALL=1)

@@ -14,12 +14,17 @@ and load average. The table is written to ``bench/last_run.md``, stored in pytes
 (key ``corda_ratio_table``) and, with ``--benchmark-save``/``--benchmark-autosave``, written beside
 the saved JSON as ``<same name>.md``. Run: ``python -m pytest bench --benchmark-enable``;
 ``CORDA_BENCH_SMALL=1`` picks tiny shapes (``corda_kernels.testing.bench_small``).
+
+With ``CORDA_BENCH_STREAM=FILE``, every finished benchmark (group, impl, median and min seconds,
+rounds, FLOPs, extra info) and every failed case is appended to FILE as one JSON line the moment it
+ends, so a run killed by a time budget still leaves what it measured (``bench/gpu/run.sh`` reads it).
 """
 
 from __future__ import annotations
 
 import datetime
 import glob
+import json
 import os
 import platform
 
@@ -187,3 +192,48 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             with open(beside, "w") as fh:
                 fh.write(text)
             terminalreporter.write_line(f"ratio table saved beside the JSON: {beside}")
+
+
+STREAM_ENV = "CORDA_BENCH_STREAM"
+
+
+def _stream(row: dict) -> None:
+    path = os.environ.get(STREAM_ENV)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row, default=str) + "\n")
+
+
+def _stats(bench) -> dict:
+    stats = getattr(bench, "stats", None)
+    stats = getattr(stats, "stats", stats)
+    return {k: getattr(stats, k, None) for k in ("median", "min", "mean", "stddev", "rounds")}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not os.environ.get(STREAM_ENV):
+        return
+    if report.failed:
+        _stream({"nodeid": item.nodeid, "when": report.when, "error": str(report.longrepr)[-2000:]})
+    elif report.when == "teardown":
+        session = getattr(item.config, "_benchmarksession", None)
+        seen = item.config.__dict__.setdefault("_corda_streamed", set())
+        for bench in getattr(session, "benchmarks", None) or []:
+            if id(bench) in seen or _median(bench) is None:
+                continue
+            seen.add(id(bench))
+            info = dict(bench.extra_info)
+            _stream(
+                {
+                    "nodeid": item.nodeid,
+                    "group": bench.group,
+                    "impl": info.pop("impl", None),
+                    "flops": info.pop("flops", None),
+                    **_stats(bench),
+                    "extra": info,
+                    "device": device_description(),
+                }
+            )
