@@ -116,3 +116,20 @@ def test_targets_read_off_the_rows(check):
     assert by_target[text["corda7b_ipa"]][0]["met"] is True
     table = check.render({"small": False, "started": "now", "budget_s": 540, "command": "x", "stages": {}, **results})
     assert "MISSED" in table and "| met |" in table
+
+
+def test_a_stopped_test_run_is_counted_from_its_progress_lines(check):
+    """The H200 run's test stage ran out of time before pytest wrote its junit file: the verbose
+    lines still say what finished (plain and xdist forms)."""
+    out = "\n".join(
+        [
+            "[gw0] [  1%] PASSED tests/test_a.py::test_x[1]",
+            "[gw1] [  2%] FAILED tests/test_a.py::test_y",
+            "tests/test_b.py::test_z SKIPPED (needs a CUDA device) [  3%]",
+            "tests/test_b.py::test_w PASSED                 [  4%]",
+            "collected 9 items",
+        ]
+    )
+    counts = check.progress_counts(out)
+    assert counts["tests"] == 4 and counts["passed"] == 2 and counts["failed"] == 1 and counts["skipped"] == 1
+    assert counts["first_failure"] == "tests/test_a.py::test_y" and counts["unfinished_run"]

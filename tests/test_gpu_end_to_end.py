@@ -150,6 +150,23 @@ def _quantized_inputs(fmt, dtype, out_f=200, in_f=320, r=16, rows=None, cols=Non
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_quantize_on_the_device_matches_the_cpu(fmt, dtype):
+    """Quantizing a CUDA weight (bitsandbytes' CUDA kernels; int8 there takes fp16 only, other dtypes
+    go through its CPU kernel) dequantizes like quantizing on the CPU (the H200 run found int8 on a bf16
+    CUDA weight raising)."""
+    pytest.importorskip("bitsandbytes")
+    from corda_kernels.ops.quantized import quantize_weight
+
+    W = (torch.randn(96, 256, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    on_gpu, on_cpu = quantize_weight(W.cuda(), fmt), quantize_weight(W, fmt)
+    assert on_gpu.device.type == "cuda"
+    err = (on_gpu.dequantize().cpu().double() - on_cpu.dequantize().double()).abs().max().item()
+    step = W.double().abs().max().item() / 127  # one int8 step; NF4 codes are coarser, its kernels agree
+    assert err <= step, (err, step)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_quantized_tiles_bit_for_bit(fmt, dtype, force_backend):
     """x = I and B = 0 make y = Wᵀ exactly; dy = I makes dx = W (one-hot products, fp32 sums)."""
     pytest.importorskip("bitsandbytes")

@@ -276,3 +276,42 @@ def test_conversion_for_the_original_base_as_today(tmp_path):
         want, got, quantized = tiny_llama(intermediate=128)(ids).logits, adapted(ids).logits, model(ids).logits
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert (quantized - want).abs().max() > 100 * (got - want).abs().max()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_eager_training_keeps_no_full_precision_weight(fmt):
+    """QLoRA's memory rule: the dequantized W is a per-pass temporary, never saved for backward."""
+    q, A, B, _, _ = _factors(fmt, torch.float32, out_f=64, in_f=128)
+    A, B = A.requires_grad_(), B.requires_grad_()
+    x = torch.randn(300, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lowrank_linear(x, q, A, B)
+    assert saved and not any(tuple(t.shape) in ((64, 128), (128, 64)) for t in saved)
+    y.square().sum().backward()
+    W = q.dequantize().double().requires_grad_(False)
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    reference.lowrank_linear(leaves[0], W, leaves[1], leaves[2]).square().sum().backward()
+    for got, want in zip((x.grad, A.grad, B.grad), (t.grad for t in leaves)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,path", [(96, "in-kernel"), (200, "dequantized"), (200, "forced")])
+def test_quantized_path_by_token_count(tokens, path, monkeypatch):
+    """Where Triton runs, small token counts dequantize inside the GEMM; larger ones dequantize W once
+    per pass and take the dense path (forcing the triton backend keeps the in-kernel path)."""
+    from corda_kernels.ops import lowrank_linear as op
+
+    if path == "forced":
+        monkeypatch.setenv("CORDA_KERNELS_BACKEND", "triton")
+    else:  # as on a GPU: Triton for calls with index sets, the torch composition for plain ones
+        monkeypatch.setattr(op, "_backend_for", lambda x, plain=True: "torch" if plain else "triton")
+    ran = []
+    for cls, label in ((op._QuantizedTriton, "in-kernel"), (op._QuantizedDequantized, "dequantized")):
+        original = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, _o=original, _l=label: ran.append(_l) or _o(*a))
+    q, A, B, _, _ = _factors("nf4", torch.float32, out_f=48, in_f=128)
+    x = torch.randn(tokens, 128)
+    y = lowrank_linear(x, q, A, B)
+    assert ran == ["in-kernel" if path == "forced" else path]
+    torch.testing.assert_close(y, x @ q.dequantize().T + (x @ A.T) @ B.T, rtol=1e-4, atol=1e-4)

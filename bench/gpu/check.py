@@ -267,7 +267,8 @@ class Run:
     def call(self, cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int | None, str]:
         """Run ``cmd`` in its own process group; ``(returncode or None on timeout, output)``."""
         self.log(f"$ {' '.join(cmd)}   (timeout {timeout:.0f} s)")
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # this checkout's package
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **(env or {}))
         log_file = os.path.join(self.scratch, "call.log")
         with open(log_file, "w") as fh:
             proc = subprocess.Popen(
@@ -334,7 +335,7 @@ class Run:
 
     def stage_tests(self, budget):
         junit = os.path.join(self.scratch, "junit.xml")
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
         cmd += [] if self.args.keep_going else ["-x"]
         if _importable("pytest_timeout"):
             cmd.append("--timeout=180")
@@ -342,10 +343,11 @@ class Run:
             cmd += ["-n", "8"]  # Triton compiles on the CPU: several workers share the GPU
         cmd.append("tests")
         code, output = self.call(cmd, budget)
-        counts = junit_counts(junit)
+        counts = junit_counts(junit) or progress_counts(output)  # a killed run writes no junit file
         self.results["tests"] = counts
         ok = code in (0, 5) and counts.get("failed", 0) == 0 and counts.get("errors", 0) == 0
-        summary = f"{counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, "
+        summary = "before it was stopped: " if counts.get("unfinished_run") else ""
+        summary += f"{counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, "
         summary += f"{counts.get('errors', 0)} errors, {counts.get('skipped', 0)} skipped"
         if counts.get("first_failure"):
             summary += f"; first failure: {counts['first_failure']}"
@@ -383,7 +385,16 @@ class Run:
     def stage_corda7b(self, budget):
         path = os.path.join(self.scratch, "corda7b.json")
         sizes = STAND_IN_7B if (self.args.small or not self._cuda_visible()) else []
-        cmd = [sys.executable, os.path.join(HERE, "decompose_7b.py"), *sizes, "--modes", "ipa", "--json", path]
+        cmd = [
+            sys.executable,
+            os.path.join(HERE, "decompose_7b.py"),
+            *sizes,
+            "--modes",
+            "ipa",
+            "--progress",
+            "--json",
+            path,
+        ]
         code, _ = self.call(cmd, budget)
         if code != 0 or not os.path.exists(path):
             return False, "no result"
@@ -490,6 +501,33 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def progress_counts(output: str) -> dict:
+    """Test outcomes from ``pytest -v`` lines (``tests/x.py::t PASSED`` or, under xdist,
+    ``[gw0] [ 5%] PASSED tests/x.py::t``): what a run cut short had finished."""
+    import re
+
+    counts = {"tests": 0, "failed": 0, "errors": 0, "skipped": 0}
+    key = {"PASSED": None, "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped", "XFAIL": "skipped"}
+    words = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+    pattern = rf"(?:^|\] )({words}) (\S+::\S+)|^(\S+::\S+) ({words})"
+    first = None
+    for line in output.splitlines():
+        m = re.search(pattern, line)
+        if not m:
+            continue
+        outcome, nodeid = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
+        counts["tests"] += 1
+        if key.get(outcome):
+            counts[key[outcome]] += 1
+        if outcome in ("FAILED", "ERROR") and first is None:
+            first = nodeid
+    counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
+    counts["unfinished_run"] = True
+    if first:
+        counts["first_failure"] = first
+    return counts
 
 
 def junit_counts(path: str) -> dict:

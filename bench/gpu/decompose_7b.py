@@ -6,6 +6,11 @@ input covariances, ``corda_kernels.apply(method="corda")`` timed end to end (dec
 layer, batched by shape, plus forming the residuals and swapping the modules in), for ``ipa`` and
 ``kpa``. Target: ipa under 60 s on an H100.
 
+Weights: by default each projection gets the singular-value profile SmolLM2-135M's projection of the
+same kind measured (``--spectrum smollm2``; see :func:`shape_spectra`): random Gaussian weights have
+flat spectra, on which the randomized SVD's per-component check sends every layer to the exact SVD,
+which real weights do not need (``--spectrum random`` times exactly that).
+
 Synthetic covariances: one per distinct input of a block (q/k/v share one, gate/up share one, o and
 down one each: 128 in all, 20.9 GiB in fp32), each accumulated with ``covariance_update`` from
 ``2 d`` bf16 Gaussian tokens whose first 8 channels are scaled by 30 (outlier channels, as in real
@@ -29,6 +34,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import sys
 import time
 
 import torch
@@ -45,8 +52,52 @@ BLOCK_INPUTS = {  # group (first layer) -> the layers sharing that input
 }
 
 
+SPECTRA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smollm2_spectra.json")
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+PROJECTIONS += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """A phase line on stderr with the seconds since start (a run cut short shows where it was)."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def shape_spectra(model, seed: int = 4) -> None:
+    """Give every projection SmolLM2's measured singular-value profile for its kind
+    (``smollm2_spectra.json``, made by ``bench/studies/smollm2_spectra.py``) and keep its Frobenius
+    norm: ``W = U diag(σ ⊙ ±1) Vᵀ`` with one random orthonormal ``U, V`` pair per shape and random
+    signs per layer. Random Gaussian weights have flat spectra; real ones do not."""
+    with open(SPECTRA) as fh:
+        profiles = json.load(fh)["profiles"]
+    device = model.model.embed_tokens.weight.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    grid = torch.linspace(0, 1, 65, dtype=torch.float64, device=device) ** 2
+    bases = {}
+    for block in model.model.layers:
+        for path in PROJECTIONS:
+            lin = block.get_submodule(path)
+            m, n = lin.weight.shape
+            k = min(m, n)
+            if (m, n) not in bases:
+                U = torch.linalg.qr(torch.randn(m, k, generator=g, device=device)).Q
+                V = torch.linalg.qr(torch.randn(n, k, generator=g, device=device)).Q
+                bases[(m, n)] = (U, V)
+            U, V = bases[(m, n)]
+            logs = torch.tensor(profiles[path.split(".")[1]], dtype=torch.float64, device=device).log()
+            pos = torch.arange(k, dtype=torch.float64, device=device) / max(k - 1, 1)
+            hi = torch.searchsorted(grid, pos).clamp(1, grid.numel() - 1)
+            t = (pos - grid[hi - 1]) / (grid[hi] - grid[hi - 1])
+            sigma = (logs[hi - 1] * (1 - t) + logs[hi] * t).exp().float()
+            signs = torch.randint(0, 2, (k,), generator=g, device=device).float() * 2 - 1
+            W = (U * (sigma * signs)) @ V.T
+            lin.weight.copy_(W * (lin.weight.float().norm() / W.norm()))
+
+
 def build_model(args, device):
-    """A random-weight ``LlamaForCausalLM`` with the given shapes, built in ``args.dtype`` on ``device``."""
+    """A random-weight ``LlamaForCausalLM`` with the given shapes, built in ``args.dtype`` on ``device``
+    (``args.spectrum == "smollm2"``: its projections given SmolLM2's spectral profile)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -62,9 +113,12 @@ def build_model(args, device):
     torch.set_default_dtype(args.dtype)
     try:
         with torch.device(device):
-            return LlamaForCausalLM(config).eval()
+            model = LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(default)
+    if getattr(args, "spectrum", "random") == "smollm2" and str(device) != "meta":
+        shape_spectra(model)
+    return model
 
 
 def synthetic_calibration(model, device) -> Calibration:
@@ -93,16 +147,19 @@ def _sync(device) -> None:
 
 
 def time_ours(args, calibration, device, mode, ids) -> dict:
+    log(f"ours ({mode}): building the model")
     model = build_model(args, device)
     with torch.no_grad():
         before = model(ids).logits.float()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
+    log(f"ours ({mode}): apply(corda) on {sum(1 for _ in calibration.groups)} targets")
     start = time.perf_counter()
     ck.apply(model, "corda", mode=mode, rank=args.rank, covariances=calibration, progress=args.progress)
     _sync(device)
     seconds = time.perf_counter() - start
+    log(f"ours ({mode}): {seconds:.2f} s")
     with torch.no_grad():
         delta = float((model(ids).logits.float() - before).abs().max())
     layers = sum(isinstance(m, ck.LowRankLinear) for m in model.modules())
@@ -121,6 +178,7 @@ def time_peft(args, calibration, device) -> dict:
     model = build_model(args, device)
     config = LoraConfig(r=args.rank, init_lora_weights="corda", corda_config=CordaConfig())
     names = [n for n in calibration.groups if int(n.split(".")[2]) < args.peft_blocks]
+    log(f"PEFT: collect_eigens_for_layer on {len(names)} layers")
     _sync(device)
     start = time.perf_counter()
     for name in names:
@@ -159,7 +217,9 @@ def warm_up(args, device, ids) -> None:
 def run(args) -> list[str]:
     device = torch.device(args.device)
     ids = torch.randint(0, args.vocab, (2, 64), generator=torch.Generator().manual_seed(2)).to(device)
+    log("warm-up on a one-block stand-in")
     warm_up(args, device, ids)
+    log("synthetic covariances")
     calibration = synthetic_calibration(build_model(args, "meta"), device)
     rows = {mode: time_ours(args, calibration, device, mode, ids) for mode in args.modes}
     peft = time_peft(args, calibration, device) if args.peft_blocks else None
@@ -176,7 +236,8 @@ def run(args) -> list[str]:
     gib = calibration.nbytes / 2**30
     lines = [
         f"{name}, torch {torch.__version__}; {args.blocks} blocks, hidden {args.hidden}, intermediate "
-        f"{args.intermediate}, {args.dtype}, rank {args.rank}; {len(calibration.covariances)} covariances "
+        f"{args.intermediate}, {args.dtype}, rank {args.rank}, {args.spectrum} spectra; "
+        f"{len(calibration.covariances)} covariances "
         f"({gib:.1f} GiB fp32)\n",
         "| implementation | layers | time (s) | vs PEFT (extrapolated / ours) | max abs Δlogits "
         "| peak GPU memory (GiB) |",
@@ -231,6 +292,13 @@ def parse(argv=None) -> argparse.Namespace:
     add_model_arguments(p)
     p.add_argument("--modes", nargs="+", default=["ipa", "kpa"], choices=["ipa", "kpa"])
     p.add_argument("--peft-blocks", type=int, default=1, help="blocks PEFT's anchor runs on (0: skip it)")
+    p.add_argument(
+        "--spectrum",
+        default="smollm2",
+        choices=["smollm2", "random"],
+        help="weights with SmolLM2's singular-value profile per projection kind (default) or as initialized "
+        "(flat spectra: the randomized SVD's check sends every layer to the exact SVD)",
+    )
     return parse_model_arguments(p, argv)
 
 

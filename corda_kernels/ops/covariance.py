@@ -25,8 +25,10 @@ from .._dtypes import ACTIVATION_DTYPES
 from ..kernels.reference import covariance as reference
 from ..kernels.torch import covariance as torch_kernel
 
-# GPU preference, fastest first (measured per device in bench/; re-checked on every GPU session).
-_CUDA_PREFERENCE = ("triton", "cuda", "reference")
+# GPU preference, fastest first. H200 (bench/results/gpu-h200-2026-12-04.md): cuBLAS's triangle 1.5-2.5x
+# the Triton kernel at d 4096 / 11008 and 8k / 16k bf16 tokens; masked rows are compacted first (the
+# compaction + full-square GEMM anchor already beat Triton's in-kernel masking there).
+_CUDA_PREFERENCE = ("cuda", "triton", "reference")
 _CPU_PREFERENCE = ("torch", "reference")
 
 
@@ -64,8 +66,9 @@ def _check(cov: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Tensor
 
 
 def _check_finite(x: torch.Tensor, token_mask: Optional[torch.Tensor], name: str) -> None:
-    """One read of ``x``: a row holding NaN or ±Inf has a non-finite fp32 sum of |values|."""
-    row_sums = x.reshape(-1, x.shape[-1]).abs().sum(dim=-1, dtype=torch.float32) if x.numel() else None
+    """One read of ``x``: a row holding NaN or ±Inf has a non-finite fp32 sum (so does a row whose
+    fp32 sum overflows, whose squares would overflow the covariance anyway)."""
+    row_sums = x.reshape(-1, x.shape[-1]).sum(dim=-1, dtype=torch.float32) if x.numel() else None
     if row_sums is None:
         return
     bad = ~torch.isfinite(row_sums)
@@ -75,7 +78,8 @@ def _check_finite(x: torch.Tensor, token_mask: Optional[torch.Tensor], name: str
         rows = bad.nonzero().squeeze(1)
         where = f" in {name}" if name else ""
         raise FloatingPointError(
-            f"covariance_update: x{where} holds NaN or Inf in {rows.numel()} token row(s) (first flat row "
+            f"covariance_update: x{where} holds NaN or Inf (or values beyond fp32's range) in {rows.numel()} "
+            f"token row(s) (first flat row "
             f"{int(rows[0])} of {row_sums.numel()}); the covariance was not updated"
         )
 
@@ -84,11 +88,7 @@ def _available(cov: torch.Tensor, x: torch.Tensor, token_mask: Optional[torch.Te
     on_cuda = x.device.type == "cuda"
     return {
         "triton": cov.dtype == torch.float32 and _backend.triton_runs_on(x.device),
-        "cuda": on_cuda
-        and token_mask is None
-        and cov.dtype == torch.float32
-        and cov.is_contiguous()
-        and _backend.extension_has_cuda(),
+        "cuda": on_cuda and cov.dtype == torch.float32 and cov.is_contiguous() and _backend.extension_has_cuda(),
         "torch": x.device.type == "cpu",
     }
 
@@ -106,7 +106,7 @@ def _covariance_update_op(
     elif backend == "cuda":
         from ..kernels import cuda
 
-        cuda.covariance_update(cov, x, upper_only)
+        cuda.covariance_update(cov, x, token_mask, upper_only)
     elif backend == "torch":
         torch_kernel.covariance_update(cov, x, token_mask, upper_only)
     else:

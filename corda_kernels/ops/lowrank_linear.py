@@ -48,8 +48,18 @@ from ..kernels.reference import lowrank_linear as reference
 from ..kernels.torch import lowrank_linear as torch_kernel
 from .quantized import QuantizedWeight
 
-_CUDA_PREFERENCE = ("triton", "torch", "reference")
+# GPU preference, fastest first, by call kind. H200, bf16, forward + backward at 4096x4096 and
+# 4096x11008, 8k tokens, r 16 / 128 (bench/results/gpu-h200-2026-12-04.md): without index sets or
+# dropout the torch composition (cuBLAS GEMMs) took 0.70-0.80x the Triton fused kernels' time; calls
+# with index sets or dropout keep Triton (its in-kernel gather/scatter and hashed dropout; the torch
+# composition was not measured there).
+_CUDA_PREFERENCE = {True: ("torch", "triton", "reference"), False: ("triton", "torch", "reference")}
 _CPU_PREFERENCE = ("torch", "reference")
+# A quantized base on Triton is dequantized tile by tile inside the GEMM's K loop, once per token
+# tile: up to this many tokens (two 64-row tiles) that beats dequantizing W once; above it W is
+# dequantized once per call into a temporary and the dense path runs (the H200 run at 8k tokens:
+# in-kernel 95 ms vs 1.1 ms for bitsandbytes' dequantize + matmul).
+QUANT_IN_KERNEL_MAX_TOKENS = 128
 _SEED_RANGE = 2**31 - 1
 
 
@@ -64,12 +74,14 @@ def _available(x: torch.Tensor) -> dict[str, bool]:
 _BACKEND_CACHE: dict[tuple, str] = {}
 
 
-def _backend_for(x: torch.Tensor) -> str:
-    """The backend for ``x``'s device and dtype, memoized per environment (a per-call hot path)."""
-    key = (x.device.type, x.dtype, os.environ.get(_backend.ENV_BACKEND), os.environ.get("TRITON_INTERPRET"))
+def _backend_for(x: torch.Tensor, plain: bool = True) -> str:
+    """The backend for ``x``'s device and dtype and the call's kind (``plain``: no index sets, no
+    dropout), memoized per environment (a per-call hot path). Forward and backward of one call pass
+    the same ``plain``, so they run on one backend."""
+    key = (x.device.type, x.dtype, plain, os.environ.get(_backend.ENV_BACKEND), os.environ.get("TRITON_INTERPRET"))
     backend = _BACKEND_CACHE.get(key)
     if backend is None:
-        preference = _CUDA_PREFERENCE if x.device.type == "cuda" else _CPU_PREFERENCE
+        preference = _CUDA_PREFERENCE[plain] if x.device.type == "cuda" else _CPU_PREFERENCE
         backend = _backend.choose("lowrank_linear", x.device, _available(x), preference)
         _BACKEND_CACHE[key] = backend
     return backend
@@ -85,7 +97,7 @@ def _keep_mask(
 
 def _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
     """``(y, u)`` on the chosen backend (the body of the registered op and of the eager path)."""
-    backend = _backend_for(x)
+    backend = _backend_for(x, row_index is None and col_index is None and seed is None)
     if backend == "triton":
         from ..kernels.triton import lowrank_linear as triton_kernel
 
@@ -121,7 +133,7 @@ def _(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
 
 def _run_backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, scale, dropout, needs):
     """``[dx, dweight, dA, dB, ddiag, dbias]`` (None where not flagged in ``needs``) on the chosen backend."""
-    backend = _backend_for(dy)
+    backend = _backend_for(dy, row_index is None and col_index is None and seed is None)
     if backend == "triton":
         from ..kernels.triton import lowrank_linear as triton_kernel
 
@@ -557,17 +569,62 @@ def dropout_mask(seed: int, n_tokens: int, n_cols: int, p: float, device=None) -
     return reference.dropout_keep(seed, n_tokens, n_cols, p, device)
 
 
-# --- Quantized base (a QuantizedWeight): W is dequantized per call on the torch/reference backends,
-# tile by tile inside the fused GEMM's K loop on Triton (no full-precision copy of W). W is frozen.
+# --- Quantized base (a QuantizedWeight). W is frozen. Up to QUANT_IN_KERNEL_MAX_TOKENS tokens on
+# Triton (or at any size with CORDA_KERNELS_BACKEND=triton) the fused GEMM dequantizes W tile by tile
+# inside its K loop (no full-precision copy of W); otherwise W is dequantized once per call into a
+# temporary, the dense path runs, and the backward dequantizes again (QLoRA's memory rule: nothing
+# full precision is kept between forward and backward). Under torch.compile the registered op runs on
+# the dequantized weight.
 
 
 def _quantized_lowrank_linear(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
-    if _backend_for(x) == "triton":
+    tokens = x.numel() // max(x.shape[-1], 1)
+    forced = _backend.requested_backend() == "triton"
+    if _backend_for(x, False) == "triton" and (forced or tokens <= QUANT_IN_KERNEL_MAX_TOKENS):
         return _QuantizedTriton.apply(x, weight, A, B, bias, row_index, col_index, diag, seed, float(scale), dropout)
-    y, _ = _lowrank_linear_op(
-        x, weight.dequantize(), A, B, bias, row_index, col_index, diag, seed, float(scale), float(dropout)
-    )
-    return y
+    eager = type(x) in _PLAIN and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    if not eager:
+        y, _ = _lowrank_linear_op(
+            x, weight.dequantize(), A, B, bias, row_index, col_index, diag, seed, float(scale), float(dropout)
+        )
+        return y
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+        x, _, A, B, bias, diag = _autocast_inputs(device_type, x, x, A, B, bias, diag)
+        with torch.autocast(device_type, enabled=False):
+            return _QuantizedDequantized.apply(
+                x, weight, A, B, bias, row_index, col_index, diag, seed, float(scale), dropout
+            )
+    return _QuantizedDequantized.apply(x, weight, A, B, bias, row_index, col_index, diag, seed, float(scale), dropout)
+
+
+def _dequantized_as(weight: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+    W = weight.dequantize()
+    return W if W.dtype == x.dtype else W.to(x.dtype)
+
+
+class _QuantizedDequantized(torch.autograd.Function):
+    """Dense forward/backward on ``weight.dequantize()``, made afresh in each pass (gradients for x,
+    A, B, diag, bias; none for the frozen quantized weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+        y, u = _run_forward(x, _dequantized_as(weight, x), A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+        need_x, _, need_a, need_b, need_bias, _, _, need_d = ctx.needs_input_grad[:8]
+        ctx.needs = [need_x, False, need_a, need_b, need_d, need_bias]
+        ctx.weight, ctx.scale, ctx.dropout = weight, scale, dropout
+        ctx.save_for_backward(
+            x if need_a else None, A, B, diag, u if (need_b or need_d) else None, row_index, col_index, seed
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, A, B, diag, u, row_index, col_index, seed = ctx.saved_tensors
+        W = _dequantized_as(ctx.weight, dy)
+        grads = _run_backward(dy, x, W, A, B, diag, u, row_index, col_index, seed, ctx.scale, ctx.dropout, ctx.needs)
+        dx, _, dA, dB, ddiag, dbias = (gr if need else None for gr, need in zip(grads, ctx.needs))
+        return dx, None, dA, dB, dbias, None, None, ddiag, None, None, None
 
 
 class _QuantizedTriton(torch.autograd.Function):

@@ -150,8 +150,13 @@ def quantize_weight(weight: torch.Tensor, fmt: str, name: str = "weight") -> Qua
 
     w = weight.detach().contiguous()
     if fmt == "int8":
-        CB, SCB, _ = bnbf.int8_vectorwise_quant(w.clone())
-        return QuantizedWeight("int8", w.shape, w.dtype, {"CB": CB.contiguous(), "SCB": SCB.float().contiguous()})
+        # bitsandbytes' CUDA kernel takes fp16 only (bf16/fp32 raise there); its CPU kernel takes any
+        # float dtype, rounding the same formula (round(127 · w / absmax_row)), so other dtypes go
+        # through the CPU and the codes come back to w's device.
+        src = w if w.device.type == "cpu" or w.dtype == torch.float16 else w.cpu()
+        CB, SCB, _ = bnbf.int8_vectorwise_quant(src.clone())
+        tensors = {"CB": CB.contiguous().to(w.device), "SCB": SCB.float().contiguous().to(w.device)}
+        return QuantizedWeight("int8", w.shape, w.dtype, tensors)
     packed, state = bnbf.quantize_4bit(w, blocksize=reference.NF4_BLOCK, compress_statistics=True, quant_type="nf4")
     nested = state.state2
     if state.blocksize != reference.NF4_BLOCK or nested.blocksize != reference.NESTED_BLOCK:
