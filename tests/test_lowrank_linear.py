@@ -416,39 +416,17 @@ def test_delta_weight_is_the_dense_update():
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_opcheck(backend, force_backend):
+    """The one registered op (dense base here; tests/test_quantized.py checks quantized bases) with
+    every optional part, and with none: schema, fake kernel, autograd registration."""
     force_backend(backend)
     tensors, index = make_inputs(shape=(2, 5), d_in=12, d_out=10, r=3, rows=6, cols=7, diag=True, bias=True)
     t = {k: v.float().requires_grad_(k in ("x", "A", "B", "diag")) for k, v in tensors.items()}
-    seed = torch.tensor(11)
-    args = (
-        t["x"],
-        t["weight"],
-        t["A"],
-        t["B"],
-        t["bias"],
-        index["row_index"],
-        index["col_index"],
-        t["diag"],
-        seed,
-        0.5,
-        0.25,
-    )
+    opts = lr_ops.Options(0.5, t["bias"], index["row_index"], index["col_index"], t["diag"], 0.25, torch.tensor(11))
+    args = (t["x"], [t["weight"]], 0, [10, 12], t["A"], t["B"], *opts)
     torch.library.opcheck(lr_ops._lowrank_linear_op, args)
     dense, _ = make_inputs(shape=(4,), d_in=12, d_out=10, r=3)
     d = {k: v.float() for k, v in dense.items() if v is not None}
-    args = (
-        d["x"].requires_grad_(),
-        d["weight"],
-        d["A"],
-        d["B"].requires_grad_(),
-        None,
-        None,
-        None,
-        None,
-        None,
-        1.0,
-        0.0,
-    )
+    args = (d["x"].requires_grad_(), [d["weight"]], 0, [10, 12], d["A"], d["B"].requires_grad_(), *lr_ops.Options())
     torch.library.opcheck(lr_ops._lowrank_linear_op, args)
 
 

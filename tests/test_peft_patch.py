@@ -34,7 +34,7 @@ def fused_calls(monkeypatch):
     op = peft_patch.fused
 
     def counting(*args):
-        calls.append(args[-1])  # the dropout probability
+        calls.append(args[-1].dropout)  # the call's Options: its dropout probability
         return op(*args)
 
     monkeypatch.setattr(peft_patch, "fused", counting)

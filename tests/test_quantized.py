@@ -296,7 +296,7 @@ def test_eager_training_keeps_no_full_precision_weight(fmt):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("tokens,path", [(96, "in-kernel"), (200, "dequantized"), (200, "forced")])
+@pytest.mark.parametrize("tokens,path", [(96, "in-kernel"), (200, "dequantize"), (200, "forced")])
 def test_quantized_path_by_token_count(tokens, path, monkeypatch):
     """Where Triton runs, small token counts dequantize inside the GEMM; larger ones dequantize W once
     per pass and take the dense path (forcing the triton backend keeps the in-kernel path)."""
@@ -306,12 +306,24 @@ def test_quantized_path_by_token_count(tokens, path, monkeypatch):
         monkeypatch.setenv("CORDA_KERNELS_BACKEND", "triton")
     else:  # as on a GPU: Triton for calls with index sets, the torch composition for plain ones
         monkeypatch.setattr(op, "_backend_for", lambda x, plain=True: "torch" if plain else "triton")
-    ran = []
-    for cls, label in ((op._QuantizedTriton, "in-kernel"), (op._QuantizedDequantized, "dequantized")):
-        original = cls.apply
-        monkeypatch.setattr(cls, "apply", lambda *a, _o=original, _l=label: ran.append(_l) or _o(*a))
+    planned = []
+    original = op._plan
+    monkeypatch.setattr(op, "_plan", lambda *a: planned.append(original(*a)) or planned[-1])
     q, A, B, _, _ = _factors("nf4", torch.float32, out_f=48, in_f=128)
     x = torch.randn(tokens, 128)
     y = lowrank_linear(x, q, A, B)
-    assert ran == ["in-kernel" if path == "forced" else path]
+    assert planned == [("triton", "in-kernel")] if path != "dequantize" else planned == [("torch", "dequantize")]
     torch.testing.assert_close(y, x @ q.dequantize().T + (x @ A.T) @ B.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck_quantized_base(fmt):
+    """The same registered op takes a quantized base (its storage tensors, kind and shape)."""
+    from corda_kernels.ops import lowrank_linear as op
+
+    q, A, B, _, _ = _factors(fmt, torch.float32, out_f=40, in_f=128)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    base, kind, shape = op._flatten_base(q)
+    assert kind == (1 if fmt == "nf4" else 2) and shape == [40, 128]
+    args = (x, base, kind, shape, A.requires_grad_(), B.requires_grad_(), *op.Options(scale=0.5))
+    torch.library.opcheck(op._lowrank_linear_op, args)

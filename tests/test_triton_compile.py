@@ -106,10 +106,11 @@ def _launch_lowrank(lt, weight, dtype, shape, flags) -> None:
     B = torch.zeros(out_f // 2 if rows else out_f, r, dtype=dtype)
     seed = torch.zeros((), dtype=torch.int64) if dropout else None
     b = torch.zeros(out_f, dtype=dtype) if bias else None
-    lt.forward(x, weight, A, B, b, row_index, col_index, None, seed, dropout, 1.0)
+    opts = lt.Options(1.0, b, row_index, col_index, None, dropout, seed)
+    lt.forward(x, weight, A, B, opts)
     dy, u = torch.zeros(n, out_f, dtype=dtype), torch.zeros(n, r)
     needs = (True, False, True, True, False, False)
-    lt.backward(dy, x, weight, A, B, None, u, row_index, col_index, seed, dropout, 1.0, needs)
+    lt.backward(dy, x, weight, A, B, u, opts, needs)
 
 
 def _lowrank_launches(lt, case):

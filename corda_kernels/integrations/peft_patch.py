@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .._dtypes import ACTIVATION_DTYPES, HALF_DTYPES
-from ..ops.lowrank_linear import draw_seed, fused
+from ..ops.lowrank_linear import Options, draw_seed, fused
 from . import hf
 
 _MARK = "_corda_kernels_patched"
@@ -153,7 +153,7 @@ def _fused_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
     if layer.__dict__.get("_corda_kernels_conv1d"):
         weight = weight.t()
     seed = draw_seed(x.device) if p > 0.0 else None
-    return fused(x, weight, A, B, base.bias, None, None, None, seed, float(layer.scaling[adapter]), float(p))
+    return fused(x, weight, A, B, Options(float(layer.scaling[adapter]), base.bias, dropout=float(p), seed=seed))
 
 
 def patch_peft(peft_model: nn.Module) -> list[str]:

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from .._dtypes import HALF_DTYPES
 from ..ops.lowrank_linear import (
+    Options,
     check_dropout,
     check_factors,
     check_scale,
@@ -147,9 +148,8 @@ class LowRankLinear(nn.Module):
         # The factors were validated at construction / load: the op's unvalidated entry (per-call cost).
         p = self.dropout if self.training else 0.0
         seed = draw_seed(x.device) if p > 0.0 else None
-        return fused(
-            x, self.weight, self.A, self.B, self.bias, self.row_index, self.col_index, self.diag, seed, self.scale, p
-        )
+        opts = Options(self.scale, self.bias, self.row_index, self.col_index, self.diag, p, seed)
+        return fused(x, self.weight, self.A, self.B, opts)
 
     def delta_weight(self, as_computed: bool = False) -> torch.Tensor:
         """The dense fp32 ``(out, in)`` update ``scale · scatter(B · diag · A)``; ``as_computed``

@@ -3,34 +3,47 @@
 Public calls:
 
 - :func:`lowrank_linear` ``(x, weight, A, B, *, scale, bias, row_index, col_index, diag, dropout,
-  generator, seed, validate_indices) -> y``: ``x (..., in)``, ``weight (out, in)``, ``A (r, n_cols)``
-  compact over ``col_index`` (input features; all when None), ``B (n_rows, r)`` compact over
-  ``row_index`` (output features; all when None), ``diag (r,)``, ``bias (out,)``; all float tensors
-  of one dtype (fp16/bf16/fp32/fp64) on one device, indices int64, except that ``A``, ``B`` and
-  ``diag`` may be fp32 on a 16-bit ``weight`` (rounding rule: the reference module's docstring).
-  Returns ``(..., out)`` in ``x``'s dtype.
-- :func:`check_factors`: the validation of everything but ``x`` (used by :class:`LowRankLinear`).
+  generator, seed, validate_indices) -> y``: ``x (..., in)``, ``weight (out, in)`` dense or a
+  :class:`~corda_kernels.ops.quantized.QuantizedWeight`, ``A (r, n_cols)`` compact over
+  ``col_index`` (input features; all when None), ``B (n_rows, r)`` compact over ``row_index``
+  (output features; all when None), ``diag (r,)``, ``bias (out,)``; all float tensors of one dtype
+  (fp16/bf16/fp32/fp64) on one device, indices int64, except that ``A``, ``B`` and ``diag`` may be
+  fp32 on a 16-bit ``weight`` (rounding rule: the reference module's docstring). Returns
+  ``(..., out)`` in ``x``'s dtype.
+- :func:`fused` ``(x, weight, A, B, opts)``: the same without validation, the optional parts as one
+  :class:`Options` record (for modules and patched layers that validated once).
+- :func:`check_factors`, :func:`check_scale`, :func:`check_dropout`: the validation.
 - :func:`delta_weight`: the dense fp32 update ``s · scatter(B · diag(d) · A)``.
 - :func:`dropout_mask`: the keep-mask a given seed draws (to replay dropout in tests).
 
+One op, one record. Every layer passes ``(x, weight, A, B, opts)`` with :class:`Options` =
+``(scale, bias, row_index, col_index, diag, dropout, seed)`` in that order: this module, the
+registered op's schema (flattened in the same order), its autograd, and the reference, torch and
+Triton kernels. The base weight is dense or quantized codes
+(:class:`~corda_kernels.ops.quantized.QuantizedCodes`); the registered op carries it as a tensor
+list plus its kind and shape, so one ``corda_kernels::lowrank_linear`` (and its backward) covers
+both.
+
+One place chooses how a call runs: :func:`_plan` picks the backend (``triton``, ``torch``,
+``reference``; see :mod:`corda_kernels._backend`) from the device, dtype and call kind, and, for a
+quantized base, whether Triton dequantizes inside the GEMM or the base is dequantized once per
+pass. :func:`fused` picks the autograd wrapper: the registered op under ``torch.compile``,
+functorch transforms or tensor subclasses; in eager mode a plain ``autograd.Function`` with the
+same bodies (the dispatcher costs tens of µs per call on a CPU), or, for small fp32/fp64 training
+calls on the torch backend without index sets or dropout, differentiable torch ops (backward in
+autograd's C++ engine).
+
 Autograd: only inputs that require grad get one. ``x`` is saved only when ``weight`` or ``A``
 needs a gradient; ``u = drop(x_c)·Aᵀ`` (``(N, r)`` fp32) only when ``B`` or ``diag`` does. So
-asymmetric LoRA (A frozen) keeps ``N·r`` numbers per layer, not ``N·in``. Dropout masks are a
-counter-based hash of ``(seed, token, column)``, regenerated in the backward instead of saved, and
-identical on every backend. Eager training calls of the plain case on the torch backend (one
-fp32/fp64 dtype, no index sets, no dropout, small inputs) run as differentiable torch ops, so the backward is
-autograd's own (same products and saved tensors; no Python per layer in the backward).
+asymmetric LoRA (A frozen) keeps ``N·r`` numbers per layer, not ``N·in``. A quantized base is
+never differentiated and no full-precision copy of it is kept between forward and backward.
+Dropout masks are a counter-based hash of ``(seed, token, column)``, regenerated in the backward
+instead of saved, and identical on every backend.
 
-Autocast (CPU and CUDA): an ``Autocast<device>`` kernel casts ``x``, ``weight`` and ``bias`` to the
-autocast dtype (as ``nn.Linear`` does) and leaves fp32 factors fp32 (rounded inside the kernels,
-their gradients fp32); the op then runs in that dtype, accumulating in fp32. fp64 inputs are
-not cast.
-
-Backends (:mod:`corda_kernels._backend`): ``triton`` (CUDA fp16/bf16/fp32, or CPU fp16/fp32 under
-the interpreter), ``torch`` (a torch composition that runs on any device) and ``reference``. The op
-is registered as ``corda_kernels::lowrank_linear`` with its backward
-``corda_kernels::lowrank_linear_backward``, both with fake implementations, so
-``torch.compile(fullgraph=True)`` traces models that use it.
+Autocast (CPU and CUDA): ``x``, a dense ``weight`` and ``bias`` are cast to the autocast dtype (as
+``nn.Linear`` does), fp32 factors stay fp32 (rounded inside the kernels, their gradients fp32), a
+quantized base dequantizes to that dtype; the op then runs in that dtype, accumulating in fp32.
+fp64 inputs are not cast.
 """
 
 from __future__ import annotations
@@ -45,8 +58,11 @@ import torch
 from .. import _backend
 from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, HALF_DTYPES, accumulation_dtype
 from ..kernels.reference import lowrank_linear as reference
+from ..kernels.reference.lowrank_linear import Options
 from ..kernels.torch import lowrank_linear as torch_kernel
-from .quantized import QuantizedWeight
+from .quantized import BUFFERS, KINDS, QuantizedCodes, QuantizedWeight
+
+__all__ = ["Options", "lowrank_linear", "fused", "check_factors", "check_scale", "check_dropout", "delta_weight"]
 
 # GPU preference, fastest first, by call kind. H200, bf16, forward + backward at 4096x4096 and
 # 4096x11008, 8k tokens, r 16 / 128 (bench/results/gpu-h200-2026-12-04.md): without index sets or
@@ -57,10 +73,24 @@ _CUDA_PREFERENCE = {True: ("torch", "triton", "reference"), False: ("triton", "t
 _CPU_PREFERENCE = ("torch", "reference")
 # A quantized base on Triton is dequantized tile by tile inside the GEMM's K loop, once per token
 # tile: up to this many tokens (two 64-row tiles) that beats dequantizing W once; above it W is
-# dequantized once per call into a temporary and the dense path runs (the H200 run at 8k tokens:
-# in-kernel 95 ms vs 1.1 ms for bitsandbytes' dequantize + matmul).
+# dequantized once per pass into a temporary and the dense path runs (the H200 run at 8k tokens:
+# in-kernel 95 ms vs 1.1 ms for bitsandbytes' dequantize + matmul). CORDA_KERNELS_BACKEND=triton
+# keeps the in-kernel path at any size.
 QUANT_IN_KERNEL_MAX_TOKENS = 128
 _SEED_RANGE = 2**31 - 1
+_DENSE = 0
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# Training calls in these dtypes (no rounding between products) on the torch backend, without index
+# sets or dropout, run as differentiable torch ops (torch_kernel.forward_autograd): same products,
+# backward in autograd's C++ engine instead of a Python autograd.Function ...
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+# ... for inputs up to this size: there the Function's per-call Python cost (~40 µs) dominates; on
+# larger ones its in-place accumulation of dx wins by a few percent (bench/results/speed.md, training).
+_NATIVE_MAX_ELEMENTS = 1 << 18
+
+
+# ---------------------------------------------------------------------------------------------
+# the one place that chooses how a call runs
 
 
 def _available(x: torch.Tensor) -> dict[str, bool]:
@@ -76,8 +106,7 @@ _BACKEND_CACHE: dict[tuple, str] = {}
 
 def _backend_for(x: torch.Tensor, plain: bool = True) -> str:
     """The backend for ``x``'s device and dtype and the call's kind (``plain``: no index sets, no
-    dropout), memoized per environment (a per-call hot path). Forward and backward of one call pass
-    the same ``plain``, so they run on one backend."""
+    dropout), memoized per environment (a per-call hot path)."""
     key = (x.device.type, x.dtype, plain, os.environ.get(_backend.ENV_BACKEND), os.environ.get("TRITON_INTERPRET"))
     backend = _BACKEND_CACHE.get(key)
     if backend is None:
@@ -87,117 +116,202 @@ def _backend_for(x: torch.Tensor, plain: bool = True) -> str:
     return backend
 
 
-def _keep_mask(
-    seed: Optional[torch.Tensor], dropout: float, n_tokens: int, n_cols: int, device
-) -> Optional[torch.Tensor]:
-    if seed is None or dropout == 0.0:
-        return None
-    return reference.dropout_keep(int(seed), n_tokens, n_cols, dropout, device)
+def _plan(x: torch.Tensor, weight, opts: Options) -> tuple[str, Optional[str]]:
+    """``(backend, quantized)`` for one call: ``quantized`` is None for a dense base, ``"in-kernel"``
+    (Triton dequantizes tiles inside the GEMM) or ``"dequantize"`` (the base is dequantized once per
+    pass, then the dense path). Forward and backward of a call plan alike."""
+    if isinstance(weight, torch.Tensor):
+        return _backend_for(x, opts.plain), None
+    tokens = x.numel() // max(x.shape[-1], 1)
+    if _backend_for(x, False) == "triton" and (
+        tokens <= QUANT_IN_KERNEL_MAX_TOKENS or _backend.requested_backend() == "triton"
+    ):
+        return "triton", "in-kernel"
+    return _backend_for(x, opts.plain), "dequantize"
 
 
-def _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
-    """``(y, u)`` on the chosen backend (the body of the registered op and of the eager path)."""
-    backend = _backend_for(x, row_index is None and col_index is None and seed is None)
+def _kernels(backend: str):
     if backend == "triton":
         from ..kernels.triton import lowrank_linear as triton_kernel
 
-        return triton_kernel.forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale)
-    keep = None if seed is None else _keep_mask(seed, dropout, math.prod(x.shape[:-1]), A.shape[1], x.device)
-    impl = torch_kernel if backend == "torch" else reference
-    return impl.forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale)
+        return triton_kernel
+    return torch_kernel if backend == "torch" else reference
 
 
-@torch.library.custom_op("corda_kernels::lowrank_linear", mutates_args=())
-def _lowrank_linear_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    row_index: Optional[torch.Tensor],
-    col_index: Optional[torch.Tensor],
-    diag: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    scale: float,
-    dropout: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+def _forward(x, weight, A, B, opts: Options):
+    """``(y, u)`` of one call, as :func:`_plan` says (the body of every wrapper)."""
+    backend, quantized = _plan(x, weight, opts)
+    if quantized == "dequantize":
+        weight = weight.dequantize(x.dtype)
+    return _kernels(backend).forward(x, weight, A, B, opts)
 
 
-@_lowrank_linear_op.register_fake
-def _(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+def _backward(dy, x, weight, A, B, u, opts: Options, needs):
+    """``[dx, dweight, dA, dB, ddiag, dbias]`` of one call (None where ``needs`` says so)."""
+    backend, quantized = _plan(dy, weight, opts)
+    if quantized == "dequantize":
+        weight = weight.dequantize(dy.dtype)
+    elif quantized == "in-kernel":
+        dy = dy.contiguous()
+    return _kernels(backend).backward(dy, x, weight, A, B, u, opts, needs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registered op: one schema for dense and quantized bases, the options flattened in order
+
+
+def _flatten_base(weight) -> tuple[list, int, list]:
+    """``(tensors, kind, shape)`` of a base: a dense tensor, or quantized codes / a QuantizedWeight."""
+    if isinstance(weight, torch.Tensor):
+        return [weight], _DENSE, list(weight.shape)
+    if isinstance(weight, QuantizedWeight):  # its buffers directly (traceable: no codes object is built)
+        return [getattr(weight, name) for name in BUFFERS[weight.fmt]], KINDS[weight.fmt], list(weight.shape)
+    return list(weight.tensors), weight.kind, list(weight.shape)
+
+
+_FORMATS = {v: k for k, v in KINDS.items()}
+
+
+def _base(tensors: list, kind: int, shape: list):
+    return tensors[0] if kind == _DENSE else QuantizedCodes(_FORMATS[kind], torch.Size(shape), tuple(tensors))
+
+
+# The schema, written once: the base (dense: one tensor, kind 0; quantized: its storage tensors, kind
+# and (out, in) shape), the factors, then Options' fields in their order.
+_BASE_SCHEMA = "Tensor[] base, int base_kind, int[] base_shape, Tensor A, Tensor B"
+_OPTIONS_SCHEMA = (
+    "float scale, Tensor? bias, Tensor? row_index, Tensor? col_index, Tensor? diag, float dropout, Tensor? seed"
+)
+
+
+def _op_forward(x, base, base_kind, base_shape, A, B, *opts):
+    """``(y, u)`` (the registered op's body)."""
+    return _forward(x, _base(base, base_kind, base_shape), A, B, Options(*opts))
+
+
+def _op_forward_fake(x, base, base_kind, base_shape, A, B, *opts):
     n_tokens = math.prod(x.shape[:-1])
-    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    y = x.new_empty(*x.shape[:-1], base_shape[0])
     return y, x.new_empty(n_tokens, A.shape[0], dtype=accumulation_dtype(x.dtype))
 
 
-def _run_backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, scale, dropout, needs):
-    """``[dx, dweight, dA, dB, ddiag, dbias]`` (None where not flagged in ``needs``) on the chosen backend."""
-    backend = _backend_for(dy, row_index is None and col_index is None and seed is None)
-    if backend == "triton":
-        from ..kernels.triton import lowrank_linear as triton_kernel
-
-        return triton_kernel.backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, dropout, scale, needs)
-    keep = None if seed is None else _keep_mask(seed, dropout, math.prod(dy.shape[:-1]), A.shape[1], dy.device)
-    impl = torch_kernel if backend == "torch" else reference
-    return impl.backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, scale, needs)
-
-
-@torch.library.custom_op("corda_kernels::lowrank_linear_backward", mutates_args=())
-def _lowrank_linear_backward_op(
-    dy: torch.Tensor,
-    x: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    diag: Optional[torch.Tensor],
-    u: Optional[torch.Tensor],
-    row_index: Optional[torch.Tensor],
-    col_index: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    scale: float,
-    dropout: float,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _op_backward(dy, x, base, base_kind, base_shape, A, B, u, *rest):
     """``(dx, dweight, dA, dB, ddiag, dbias)``; entries not flagged in ``needs`` are empty tensors."""
-    grads = _run_backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, scale, dropout, needs)
+    *opts, needs = rest
+    grads = _backward(dy, x, _base(base, base_kind, base_shape), A, B, u, Options(*opts), needs)
     return tuple(dy.new_empty(0) if gr is None else gr for gr in grads)
 
 
-@_lowrank_linear_backward_op.register_fake
-def _(dy, x, weight, A, B, diag, u, row_index, col_index, seed, scale, dropout, needs):
+def _op_backward_fake(dy, x, base, base_kind, base_shape, A, B, u, *rest):
+    *opts, needs = rest
+    opts = Options(*opts)
+    weight_like = base[0] if base_kind == _DENSE else dy
     shapes = (
-        (*dy.shape[:-1], weight.shape[1]),
-        tuple(weight.shape),
+        (*dy.shape[:-1], base_shape[1]),
+        tuple(base_shape),
         tuple(A.shape),
         tuple(B.shape),
         (A.shape[0],),
-        (weight.shape[0],),
+        (base_shape[0],),
     )
-    like = (dy, weight, A, B, diag if diag is not None else dy, weight)
+    like = (
+        dy,
+        weight_like,
+        A,
+        B,
+        opts.diag if opts.diag is not None else dy,
+        opts.bias if opts.bias is not None else dy,
+    )
     return tuple(t.new_empty(shape if need else (0,)) for t, shape, need in zip(like, shapes, needs))
 
 
+_lowrank_linear_op = torch.library.custom_op(
+    "corda_kernels::lowrank_linear",
+    _op_forward,
+    mutates_args=(),
+    schema=f"(Tensor x, {_BASE_SCHEMA}, {_OPTIONS_SCHEMA}) -> (Tensor, Tensor)",
+)
+_lowrank_linear_op.register_fake(_op_forward_fake)
+_lowrank_linear_backward_op = torch.library.custom_op(
+    "corda_kernels::lowrank_linear_backward",
+    _op_backward,
+    mutates_args=(),
+    schema=f"(Tensor dy, Tensor? x, {_BASE_SCHEMA}, Tensor? u, {_OPTIONS_SCHEMA}, bool[] needs) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+_lowrank_linear_backward_op.register_fake(_op_backward_fake)
+
+
+def _needs(need_x, need_w, need_a, need_b, need_bias, need_d) -> list[bool]:
+    """The kernels' ``needs`` order: ``(x, weight, A, B, diag, bias)``."""
+    return [bool(need_x), bool(need_w), bool(need_a), bool(need_b), bool(need_d), bool(need_bias)]
+
+
 def _setup_context(ctx, inputs, output):
-    x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout = inputs
-    need_x, need_w, need_a, need_b, need_bias, _, _, need_d = ctx.needs_input_grad[:8]
-    ctx.needs = [need_x, need_w, need_a, need_b, need_d, need_bias]
-    ctx.scale, ctx.dropout = scale, dropout
+    x, base, kind, shape, A, B, *opts = inputs
+    opts = Options(*opts)
+    g, n = ctx.needs_input_grad, len(base) - 1  # needs_input_grad has one entry per tensor of `base`
+    ctx.needs = _needs(g[0], kind == _DENSE and g[1], g[4 + n], g[5 + n], g[7 + n], g[10 + n])
+    ctx.kind, ctx.shape, ctx.scale, ctx.dropout = kind, shape, opts.scale, opts.dropout
+    need_x, need_w, need_a, need_b, need_d, _ = ctx.needs
     keep_x = x if (need_w or need_a) else None
     keep_u = output[1] if (need_b or need_d) else None
-    ctx.save_for_backward(keep_x, weight, A, B, diag, keep_u, row_index, col_index, seed)
+    ctx.save_for_backward(keep_x, A, B, keep_u, opts.bias, opts.row_index, opts.col_index, opts.diag, opts.seed, *base)
 
 
-def _backward(ctx, dy, du):
-    x, weight, A, B, diag, u, row_index, col_index, seed = ctx.saved_tensors
-    grads = _lowrank_linear_backward_op(
-        dy, x, weight, A, B, diag, u, row_index, col_index, seed, ctx.scale, ctx.dropout, ctx.needs
-    )
+def _backward_registered(ctx, dy, du):
+    x, A, B, u, bias, row_index, col_index, diag, seed, *base = ctx.saved_tensors
+    opts = Options(ctx.scale, bias, row_index, col_index, diag, ctx.dropout, seed)
+    grads = _lowrank_linear_backward_op(dy, x, base, ctx.kind, ctx.shape, A, B, u, *opts, ctx.needs)
     dx, dw, dA, dB, ddiag, dbias = (gr if need else None for gr, need in zip(grads, ctx.needs))
-    return dx, dw, dA, dB, dbias, None, None, ddiag, None, None, None
+    base_grads = [dw] + [None] * (len(base) - 1)
+    return dx, base_grads, None, None, dA, dB, None, dbias, None, None, ddiag, None, None
 
 
-_lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_lowrank_linear_op.register_autograd(_backward_registered, setup_context=_setup_context)
+
+
+def _registered(x, weight, A, B, opts: Options) -> torch.Tensor:
+    base, kind, shape = _flatten_base(weight)
+    return _lowrank_linear_op(x, base, kind, shape, A, B, *opts)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# eager mode
+
+
+class _EagerFused(torch.autograd.Function):
+    """The op's forward/backward without the dispatcher (eager mode's hot path). Same bodies and
+    saved tensors as the registered op; a quantized base is kept by reference, never saved
+    dequantized."""
+
+    @staticmethod
+    def forward(ctx, x, weight, A, B, scale, bias, row_index, col_index, diag, dropout, seed):
+        opts = Options(scale, bias, row_index, col_index, diag, dropout, seed)
+        y, u = _forward(x, weight, A, B, opts)
+        g = ctx.needs_input_grad
+        ctx.needs = _needs(g[0], isinstance(weight, torch.Tensor) and g[1], g[2], g[3], g[5], g[8])
+        need_x, need_w, need_a, need_b, need_d, _ = ctx.needs
+        ctx.scale, ctx.dropout = scale, dropout
+        ctx.quantized = None if isinstance(weight, torch.Tensor) else weight
+        dense = weight if ctx.quantized is None else None
+        keep_x = x if (need_w or need_a) else None
+        keep_u = u if (need_b or need_d) else None
+        ctx.save_for_backward(keep_x, dense, A, B, keep_u, bias, row_index, col_index, diag, seed)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, dense, A, B, u, bias, row_index, col_index, diag, seed = ctx.saved_tensors
+        weight = dense if ctx.quantized is None else ctx.quantized
+        opts = Options(ctx.scale, bias, row_index, col_index, diag, ctx.dropout, seed)
+        if torch.is_autocast_enabled(dy.device.type):  # backward called inside an autocast region
+            with torch.autocast(dy.device.type, enabled=False):
+                grads = _backward(dy, x, weight, A, B, u, opts, ctx.needs)
+        else:
+            grads = _backward(dy, x, weight, A, B, u, opts, ctx.needs)
+        dx, dw, dA, dB, ddiag, dbias = (gr if need else None for gr, need in zip(grads, ctx.needs))
+        return dx, dw, dA, dB, None, dbias, None, None, ddiag, None, None
 
 
 def _autocast_factor(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -207,117 +321,82 @@ def _autocast_factor(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[
     return t.to(dtype)
 
 
-def _autocast_inputs(device_type, x, weight, A, B, bias, diag):
-    """The autocast rule: ``x``, ``weight``, ``bias`` to the autocast dtype, factors kept when fp32
-    (fp64 inputs are left alone, as autocast leaves them)."""
-    if x.dtype == torch.float64 or weight.dtype == torch.float64:
-        return x, weight, A, B, bias, diag
+def _autocast_inputs(device_type, x, weight, A, B, opts: Options):
+    """The autocast rule: ``x``, a dense ``weight`` and ``bias`` to the autocast dtype, factors kept
+    when fp32 (fp64 inputs are left alone, as autocast leaves them; a quantized base dequantizes to
+    ``x``'s dtype by itself)."""
+    dense = isinstance(weight, torch.Tensor)
+    if x.dtype == torch.float64 or (dense and weight.dtype == torch.float64):
+        return x, weight, A, B, opts
     dtype = torch.get_autocast_dtype(device_type)
-    bias = None if bias is None else bias.to(dtype)
+    bias = None if opts.bias is None else opts.bias.to(dtype)
+    opts = opts._replace(bias=bias, diag=_autocast_factor(opts.diag, dtype))
+    weight = weight.to(dtype) if dense else weight
+    return x.to(dtype), weight, _autocast_factor(A, dtype), _autocast_factor(B, dtype), opts
+
+
+def _eager_ok(x, weight, A, B) -> bool:
     return (
-        x.to(dtype),
-        weight.to(dtype),
-        _autocast_factor(A, dtype),
-        _autocast_factor(B, dtype),
-        bias,
-        _autocast_factor(diag, dtype),
-    )
-
-
-class _EagerFused(torch.autograd.Function):
-    """The op's forward/backward without the dispatcher (eager mode's hot path: the registered
-    custom op costs tens of µs per call on CPU). Same bodies, same saved tensors as the op."""
-
-    @staticmethod
-    def forward(ctx, x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
-        y, u = _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
-        _setup_context(ctx, (x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout), (y, u))
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, A, B, diag, u, row_index, col_index, seed = ctx.saved_tensors
-        args = (dy, x, weight, A, B, diag, u, row_index, col_index, seed, ctx.scale, ctx.dropout, tuple(ctx.needs))
-        if torch.is_autocast_enabled(dy.device.type):  # backward called inside an autocast region
-            with torch.autocast(dy.device.type, enabled=False):
-                grads = _run_backward(*args)
-        else:
-            grads = _run_backward(*args)
-        dx, dw, dA, dB, ddiag, dbias = (gr if need else None for gr, need in zip(grads, ctx.needs))
-        return dx, dw, dA, dB, dbias, None, None, ddiag, None, None, None
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-# Training calls in these dtypes (no rounding between products) on the torch backend, without index
-# sets or dropout, run as differentiable torch ops (torch_kernel.forward_autograd): same products,
-# backward in autograd's C++ engine instead of a Python autograd.Function.
-_NATIVE_DTYPES = (torch.float32, torch.float64)
-# ... for inputs up to this size: there the Function's per-call Python cost (~40 µs) dominates; on
-# larger ones its in-place accumulation of dx wins by a few percent (bench/results/speed.md, training).
-_NATIVE_MAX_ELEMENTS = 1 << 18
-
-
-def fused(x, weight, A, B, bias, row_index, col_index, diag, seed, scale: float, dropout: float) -> torch.Tensor:
-    """The op without validation, for callers that validated once (modules, patched layers).
-
-    Eager calls on plain tensors skip the dispatcher (:class:`_EagerFused`, autocast applied here by
-    the same rule); under ``torch.compile``, functorch transforms or tensor subclasses the
-    registered op runs. A quantized base (:class:`QuantizedWeight`) takes its own path.
-    """
-    if isinstance(weight, QuantizedWeight):
-        return _quantized_lowrank_linear(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
-    if (
         type(x) in _PLAIN
-        and type(weight) in _PLAIN
+        and (type(weight) in _PLAIN or isinstance(weight, (QuantizedWeight, QuantizedCodes)))
         and type(A) in _PLAIN
         and type(B) in _PLAIN
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
-    ):
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            x, weight, A, B, bias, diag = _autocast_inputs(device_type, x, weight, A, B, bias, diag)
-            with torch.autocast(device_type, enabled=False):  # the kernels choose their own precision
-                return _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
-        return _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
-    return _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)[0]
+    )
 
 
-def _eager(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+def fused(x, weight, A, B, opts: Options) -> torch.Tensor:
+    """The op without validation, for callers that validated once (modules, patched layers):
+    ``weight`` dense or quantized, the optional parts as one :class:`Options`. Chooses the wrapper
+    (module docstring): the registered op when tracing or under tensor subclasses, else eager."""
+    if not _eager_ok(x, weight, A, B):
+        return _registered(x, weight, A, B, opts)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x, weight, A, B, opts = _autocast_inputs(device_type, x, weight, A, B, opts)
+        with torch.autocast(device_type, enabled=False):  # the kernels choose their own precision
+            return _eager(x, weight, A, B, opts)
+    return _eager(x, weight, A, B, opts)
+
+
+def _eager(x, weight, A, B, opts: Options) -> torch.Tensor:
+    dense = isinstance(weight, torch.Tensor)
     if torch.is_grad_enabled() and (
         x.requires_grad
-        or weight.requires_grad
+        or (dense and weight.requires_grad)
         or A.requires_grad
         or B.requires_grad
-        or (bias is not None and bias.requires_grad)
-        or (diag is not None and diag.requires_grad)
+        or (opts.bias is not None and opts.bias.requires_grad)
+        or (opts.diag is not None and opts.diag.requires_grad)
     ):
         if (
-            seed is None
-            and row_index is None
-            and col_index is None
+            dense
+            and opts.plain
             and x.dtype in _NATIVE_DTYPES
             and x.numel() <= _NATIVE_MAX_ELEMENTS
             and x.dtype == weight.dtype == A.dtype == B.dtype
-            and (diag is None or diag.dtype == x.dtype)
-            and (bias is None or bias.dtype == x.dtype)
+            and (opts.diag is None or opts.diag.dtype == x.dtype)
+            and (opts.bias is None or opts.bias.dtype == x.dtype)
             and _backend_for(x) == "torch"
         ):
-            return torch_kernel.forward_autograd(x, weight, A, B, bias, diag, scale)
-        return _EagerFused.apply(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
-    return _run_forward(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)[0]
+            return torch_kernel.forward_autograd(x, weight, A, B, opts.bias, opts.diag, opts.scale)
+        return _EagerFused.apply(x, weight, A, B, *opts)
+    return _forward(x, weight, A, B, opts)[0]
 
 
 def _register_autocast(device_type: str) -> None:
-    """Autocast rule for ``device_type``: ``x``, ``weight``, ``bias`` to the autocast dtype (as
-    ``nn.Linear``), fp32 factors kept; then the op runs with autocast excluded."""
+    """Autocast rule for ``device_type`` on the registered op (see :func:`_autocast_inputs`); the op
+    then runs with autocast excluded."""
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-    def cast_and_run(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
+    def cast_and_run(x, base, kind, shape, A, B, *opts):
         with torch._C._ExcludeDispatchKeyGuard(keyset):
-            x, weight, A, B, bias, diag = _autocast_inputs(device_type, x, weight, A, B, bias, diag)
-            return _lowrank_linear_op(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout)
+            opts = Options(*opts)
+            weight = _base(base, kind, shape)
+            x, weight, A, B, opts = _autocast_inputs(device_type, x, weight, A, B, opts)
+            return _lowrank_linear_op(x, *_flatten_base(weight), A, B, *opts)
 
     op = torch.ops.corda_kernels.lowrank_linear.default
     op.py_impl(getattr(torch._C.DispatchKey, key))(cast_and_run)  # the Python dispatcher (torch.compile)
@@ -327,6 +406,10 @@ def _register_autocast(device_type: str) -> None:
 _LIB = torch.library.Library("corda_kernels", "FRAGMENT")  # noqa: TOR901 - holds the autocast kernels
 for _device_type in ("cpu", "cuda"):
     _register_autocast(_device_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and the public entry
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -544,7 +627,7 @@ def lowrank_linear(
     dropout = check_dropout(dropout)
     scale = check_scale(scale)
     seed_t = _seed_tensor(seed, generator, x.device) if dropout > 0.0 else None
-    return fused(x, weight, A, B, bias, row_index, col_index, diag, seed_t, scale, dropout)
+    return fused(x, weight, A, B, Options(scale, bias, row_index, col_index, diag, dropout, seed_t))
 
 
 def delta_weight(
@@ -567,86 +650,3 @@ def dropout_mask(seed: int, n_tokens: int, n_cols: int, p: float, device=None) -
     """The ``(n_tokens, n_cols)`` bool keep-mask that :func:`lowrank_linear` uses for ``seed``
     (tokens are the rows of ``x.reshape(-1, in)``, columns the compact ``col_index`` positions)."""
     return reference.dropout_keep(seed, n_tokens, n_cols, p, device)
-
-
-# --- Quantized base (a QuantizedWeight). W is frozen. Up to QUANT_IN_KERNEL_MAX_TOKENS tokens on
-# Triton (or at any size with CORDA_KERNELS_BACKEND=triton) the fused GEMM dequantizes W tile by tile
-# inside its K loop (no full-precision copy of W); otherwise W is dequantized once per call into a
-# temporary, the dense path runs, and the backward dequantizes again (QLoRA's memory rule: nothing
-# full precision is kept between forward and backward). Under torch.compile the registered op runs on
-# the dequantized weight.
-
-
-def _quantized_lowrank_linear(x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
-    tokens = x.numel() // max(x.shape[-1], 1)
-    forced = _backend.requested_backend() == "triton"
-    if _backend_for(x, False) == "triton" and (forced or tokens <= QUANT_IN_KERNEL_MAX_TOKENS):
-        return _QuantizedTriton.apply(x, weight, A, B, bias, row_index, col_index, diag, seed, float(scale), dropout)
-    eager = type(x) in _PLAIN and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
-    if not eager:
-        y, _ = _lowrank_linear_op(
-            x, weight.dequantize(), A, B, bias, row_index, col_index, diag, seed, float(scale), float(dropout)
-        )
-        return y
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
-        x, _, A, B, bias, diag = _autocast_inputs(device_type, x, x, A, B, bias, diag)
-        with torch.autocast(device_type, enabled=False):
-            return _QuantizedDequantized.apply(
-                x, weight, A, B, bias, row_index, col_index, diag, seed, float(scale), dropout
-            )
-    return _QuantizedDequantized.apply(x, weight, A, B, bias, row_index, col_index, diag, seed, float(scale), dropout)
-
-
-def _dequantized_as(weight: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
-    W = weight.dequantize()
-    return W if W.dtype == x.dtype else W.to(x.dtype)
-
-
-class _QuantizedDequantized(torch.autograd.Function):
-    """Dense forward/backward on ``weight.dequantize()``, made afresh in each pass (gradients for x,
-    A, B, diag, bias; none for the frozen quantized weight)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
-        y, u = _run_forward(x, _dequantized_as(weight, x), A, B, bias, row_index, col_index, diag, seed, scale, dropout)
-        need_x, _, need_a, need_b, need_bias, _, _, need_d = ctx.needs_input_grad[:8]
-        ctx.needs = [need_x, False, need_a, need_b, need_d, need_bias]
-        ctx.weight, ctx.scale, ctx.dropout = weight, scale, dropout
-        ctx.save_for_backward(
-            x if need_a else None, A, B, diag, u if (need_b or need_d) else None, row_index, col_index, seed
-        )
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, A, B, diag, u, row_index, col_index, seed = ctx.saved_tensors
-        W = _dequantized_as(ctx.weight, dy)
-        grads = _run_backward(dy, x, W, A, B, diag, u, row_index, col_index, seed, ctx.scale, ctx.dropout, ctx.needs)
-        dx, _, dA, dB, ddiag, dbias = (gr if need else None for gr, need in zip(grads, ctx.needs))
-        return dx, None, dA, dB, dbias, None, None, ddiag, None, None, None
-
-
-class _QuantizedTriton(torch.autograd.Function):
-    """The Triton forward/backward with a quantized frozen base (gradients for x, A, B, diag, bias)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, A, B, bias, row_index, col_index, diag, seed, scale, dropout):
-        from ..kernels.triton import lowrank_linear as triton_kernel
-
-        y, u = triton_kernel.forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale)
-        ctx.weight, ctx.scale, ctx.dropout = weight, scale, dropout
-        ctx.save_for_backward(x, A, B, diag, u, row_index, col_index, seed)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        from ..kernels.triton import lowrank_linear as triton_kernel
-
-        x, A, B, diag, u, row_index, col_index, seed = ctx.saved_tensors
-        need_x, _, need_a, need_b, need_bias, _, _, need_d = ctx.needs_input_grad[:8]
-        needs = (need_x, False, need_a, need_b, need_d, need_bias)
-        dx, _, dA, dB, ddiag, dbias = triton_kernel.backward(
-            dy.contiguous(), x, ctx.weight, A, B, diag, u, row_index, col_index, seed, ctx.dropout, ctx.scale, needs
-        )
-        return dx, None, dA, dB, dbias, None, None, ddiag, None, None, None

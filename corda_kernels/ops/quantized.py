@@ -11,7 +11,7 @@ specification, and the Triton kernels dequantize tiles inside the GEMM's K loop.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,73 @@ from ..kernels.reference import quantized as reference
 FORMATS = ("nf4", "int8")
 _NF4_BUFFERS = ("packed", "absmax_q", "nested_absmax", "offset", "code", "nested_code")
 _INT8_BUFFERS = ("CB", "SCB")
+BUFFERS = {"nf4": _NF4_BUFFERS, "int8": _INT8_BUFFERS}
+# The base weight's kind, as the registered op carries it: 0 dense, then one code per format.
+KINDS = {"nf4": 1, "int8": 2}
+
+
+class QuantizedCodes(NamedTuple):
+    """A quantized ``(out, in)`` base as the op and its kernels read it: the format, the logical shape
+    and the storage tensors in :data:`BUFFERS` order (also reachable by name, e.g. ``codes.packed``).
+    :meth:`QuantizedWeight.codes` makes one; the registered op rebuilds one from its flat arguments."""
+
+    fmt: str
+    shape: torch.Size
+    tensors: tuple
+
+    def __getattr__(self, name: str):  # only reached for names the tuple does not define
+        if not name.startswith("_") and len(self) == 3:
+            names = BUFFERS.get(tuple.__getitem__(self, 0), ())
+            if name in names:
+                return tuple.__getitem__(self, 2)[names.index(name)]
+        raise AttributeError(name)
+
+    @property
+    def kind(self) -> int:
+        return KINDS[self.fmt]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The full weight in ``dtype``, per :mod:`corda_kernels.kernels.reference.quantized` (bitsandbytes'
+        own NF4 kernel on the CPU where it applies: bit-identical, faster)."""
+        if self.fmt == "int8":
+            return reference.dequantize_int8(self.CB, self.SCB, dtype)
+        fast = _bitsandbytes_nf4(self)
+        if fast is not None:
+            return fast.to(dtype)
+        return reference.dequantize_nf4(
+            self.packed, self.absmax_q, self.nested_absmax, self.offset, self.code, self.nested_code, self.shape, dtype
+        )
+
+
+def _bitsandbytes_nf4(codes: QuantizedCodes) -> Optional[torch.Tensor]:
+    """The fp32 weight by bitsandbytes' own NF4 kernel on CPU (bit-identical to the reference,
+    tested; ~20x faster than its table gather there), or None where it does not apply: no
+    bitsandbytes, another device, a width it mis-handles, or while tracing (torch.compile
+    traces the reference)."""
+    if codes.packed.device.type != "cpu" or codes.shape[1] % reference.NF4_BLOCK or torch.compiler.is_compiling():
+        return None
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return None
+    nested = bnbf.QuantState(
+        absmax=codes.nested_absmax, code=codes.nested_code, blocksize=reference.NESTED_BLOCK, dtype=torch.float32
+    )
+    state = bnbf.QuantState(
+        absmax=codes.absmax_q,
+        shape=codes.shape,
+        code=codes.code,
+        blocksize=reference.NF4_BLOCK,
+        quant_type="nf4",
+        dtype=torch.float32,
+        offset=codes.offset,
+        state2=nested,
+    )
+    return bnbf.dequantize_4bit(codes.packed.view(-1, 1), state)
 
 
 def require_bitsandbytes():
@@ -81,43 +148,17 @@ class QuantizedWeight(nn.Module):
     def requires_grad(self) -> bool:
         return False
 
+    def codes(self) -> QuantizedCodes:
+        """The storage as the op reads it (format, shape, tensors; no copy)."""
+        return QuantizedCodes(self.fmt, self.shape, tuple(getattr(self, n) for n in BUFFERS[self.fmt]))
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The full weight in ``dtype`` (default: the dtype it was quantized from), per the reference."""
-        dtype = dtype or self.dtype
-        if self.fmt == "int8":
-            return reference.dequantize_int8(self.CB, self.SCB, dtype)
-        fast = self._bitsandbytes_nf4()
-        if fast is not None:
-            return fast.to(dtype)
-        return reference.dequantize_nf4(
-            self.packed, self.absmax_q, self.nested_absmax, self.offset, self.code, self.nested_code, self.shape, dtype
-        )
+        return self.codes().dequantize(dtype or self.dtype)
 
     def _bitsandbytes_nf4(self) -> Optional[torch.Tensor]:
-        """The fp32 weight by bitsandbytes' own NF4 kernel on CPU (bit-identical to the reference,
-        tested; ~20x faster than its table gather there), or None where it does not apply: no
-        bitsandbytes, another device, a width it mis-handles, or while tracing (torch.compile
-        traces the reference)."""
-        if self.packed.device.type != "cpu" or self.shape[1] % reference.NF4_BLOCK or torch.compiler.is_compiling():
-            return None
-        try:
-            import bitsandbytes.functional as bnbf
-        except ImportError:
-            return None
-        nested = bnbf.QuantState(
-            absmax=self.nested_absmax, code=self.nested_code, blocksize=reference.NESTED_BLOCK, dtype=torch.float32
-        )
-        state = bnbf.QuantState(
-            absmax=self.absmax_q,
-            shape=self.shape,
-            code=self.code,
-            blocksize=reference.NF4_BLOCK,
-            quant_type="nf4",
-            dtype=torch.float32,
-            offset=self.offset,
-            state2=nested,
-        )
-        return bnbf.dequantize_4bit(self.packed.view(-1, 1), state)
+        """bitsandbytes' NF4 dequantization of this weight on CPU, or None (see :func:`_bitsandbytes_nf4`)."""
+        return _bitsandbytes_nf4(self.codes())
 
     def float(self) -> torch.Tensor:
         return self.dequantize(torch.float32)

@@ -28,7 +28,7 @@ The gradients (``s = scale``, ``d = diag`` or ones, ``g = dy[:, row_index] · B`
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -70,6 +70,36 @@ def dropout_keep(seed: int, n_tokens: int, n_cols: int, p: float, device=None) -
     return (h >> (32 - DROPOUT_BITS)) >= dropout_threshold(p)
 
 
+class Options(NamedTuple):
+    """The optional parts of one call of the op, in the one order every layer of the package uses
+    (public op, registered op, autograd, and the reference / torch / Triton kernels).
+
+    ``scale`` the adapter scale ``s``; ``bias (out,)``; ``row_index`` / ``col_index`` int64 feature
+    indices of ``B``'s rows / ``A``'s columns (Partial-LoRA; None: all); ``diag (r,)`` between the
+    factors (SiVA); ``dropout`` the probability ``p`` on ``x_c``; ``seed`` the int64 scalar tensor
+    that draws the dropout mask (:func:`dropout_keep`; None when ``p == 0``).
+    """
+
+    scale: float = 1.0
+    bias: Optional[torch.Tensor] = None
+    row_index: Optional[torch.Tensor] = None
+    col_index: Optional[torch.Tensor] = None
+    diag: Optional[torch.Tensor] = None
+    dropout: float = 0.0
+    seed: Optional[torch.Tensor] = None
+
+    @property
+    def plain(self) -> bool:
+        """No index sets and no dropout: the adapter covers every feature."""
+        return self.row_index is None and self.col_index is None and self.seed is None
+
+    def keep(self, n_tokens: int, n_cols: int, device) -> Optional[torch.Tensor]:
+        """The ``(n_tokens, n_cols)`` dropout keep-mask of this call (None without dropout)."""
+        if self.seed is None or self.dropout == 0.0:
+            return None
+        return dropout_keep(int(self.seed), n_tokens, n_cols, self.dropout, device)
+
+
 def diag_scale(diag: Optional[torch.Tensor], scale: float, r: int, dtype: torch.dtype, device) -> torch.Tensor:
     """``scale · diag`` (``scale`` repeated ``r`` times without a diagonal) in ``dtype``."""
     return torch.full((r,), scale, dtype=dtype, device=device) if diag is None else diag.to(dtype) * scale
@@ -85,16 +115,15 @@ def forward(
     weight: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    row_index: Optional[torch.Tensor],
-    col_index: Optional[torch.Tensor],
-    diag: Optional[torch.Tensor],
-    keep: Optional[torch.Tensor],
-    dropout: float,
-    scale: float,
+    opts: Options,
+    keep: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, u)``: ``y`` of shape ``(..., out)`` in ``x.dtype``; ``u`` of shape ``(N, r)`` in the
-    accumulation dtype. Differentiable by torch autograd (the gradients' specification)."""
+    accumulation dtype. Differentiable by torch autograd (the gradients' specification). ``keep``
+    replays a given dropout mask instead of drawing ``opts.seed``'s."""
+    scale, bias, row_index, col_index, diag, dropout, _ = opts
+    if keep is None:
+        keep = opts.keep(x.numel() // max(x.shape[-1], 1), A.shape[1], x.device)
     acc = accumulation_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(acc)
     xc = x2 if col_index is None else x2[:, col_index]
@@ -117,7 +146,8 @@ def lowrank_linear(
     x, weight, A, B, *, scale=1.0, bias=None, row_index=None, col_index=None, diag=None, keep=None, dropout=0.0
 ):
     """The op's output ``y`` (see the module docstring); ``keep`` replays a dropout mask."""
-    return forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale)[0]
+    opts = Options(scale, bias, row_index, col_index, diag, dropout, None)
+    return forward(x, weight, A, B, opts, keep if keep is not None and dropout else None)[0]
 
 
 def backward(
@@ -126,19 +156,16 @@ def backward(
     weight: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    diag: Optional[torch.Tensor],
     u: Optional[torch.Tensor],
-    row_index: Optional[torch.Tensor],
-    col_index: Optional[torch.Tensor],
-    keep: Optional[torch.Tensor],
-    dropout: float,
-    scale: float,
+    opts: Options,
     needs: tuple[bool, bool, bool, bool, bool, bool],
 ) -> list[Optional[torch.Tensor]]:
     """``[dx, dweight, dA, dB, ddiag, dbias]`` for the inputs flagged in ``needs`` (None otherwise).
 
     ``x`` is only read for dweight/dA and ``u`` only for dB/ddiag, so callers save them only then.
     """
+    scale, _, row_index, col_index, diag, dropout, _ = opts
+    keep = opts.keep(dy.numel() // max(dy.shape[-1], 1), A.shape[1], dy.device)
     need_x, need_w, need_a, need_b, need_d, need_bias = needs
     acc = u.dtype if u is not None else accumulation_dtype(dy.dtype)
     dy2 = dy.reshape(-1, dy.shape[-1]).to(acc)

@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from ..._dtypes import accumulation_dtype
-from ..reference.lowrank_linear import diag_scale
+from ..reference.lowrank_linear import Options, diag_scale
 
 
 def _dense_cols(A: torch.Tensor, col_index: Optional[torch.Tensor], in_features: int) -> torch.Tensor:
@@ -50,9 +50,11 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def forward(x, weight, A, B, bias, row_index, col_index, diag, keep, dropout, scale):
+def forward(x, weight, A, B, opts: Options):
     """``(y, u)`` with ``y`` of shape ``(..., out)`` in ``x.dtype`` and ``u`` ``(N, r)`` fp32/fp64."""
+    scale, bias, row_index, col_index, diag, dropout, _ = opts
     out_f, in_f = weight.shape
+    keep = opts.keep(x.numel() // max(in_f, 1), A.shape[1], x.device)
     dtype = x.dtype
     acc = accumulation_dtype(dtype)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
@@ -84,10 +86,12 @@ def forward_autograd(x, weight, A, B, bias, diag, scale):
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
 
 
-def backward(dy, x, weight, A, B, diag, u, row_index, col_index, keep, dropout, scale, needs):
+def backward(dy, x, weight, A, B, u, opts: Options, needs):
     """``[dx, dweight, dA, dB, ddiag, dbias]`` for the inputs flagged in ``needs`` (None otherwise)."""
+    scale, _, row_index, col_index, diag, dropout, _ = opts
     need_x, need_w, need_a, need_b, need_d, need_bias = needs
     out_f, in_f = weight.shape
+    keep = opts.keep(dy.numel() // max(out_f, 1), A.shape[1], dy.device)
     dtype = dy.dtype
     acc = accumulation_dtype(dtype)
     # contiguous: a broadcast dy (stride 0, e.g. from y.sum()) sends CPU matmuls down a slow non-BLAS path

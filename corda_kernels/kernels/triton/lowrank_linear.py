@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpreted
-from ..reference.lowrank_linear import DROPOUT_BITS, diag_scale, dropout_threshold
+from ..reference.lowrank_linear import DROPOUT_BITS, Options, diag_scale, dropout_threshold
 from ..reference.quantized import INT8_INV_SCALE as _INT8_INV_SCALE
 from ..reference.quantized import NESTED_BLOCK as _NESTED_BLOCK
 from ..reference.quantized import NF4_BLOCK as _NF4_BLOCK
@@ -555,8 +555,10 @@ def _gram(out, out_strides, g, index, h, v, seed, dropout, cfg):
     )
 
 
-def forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, scale):
-    """``(y, u)``: ``y`` ``(..., out)`` in ``x.dtype``, ``u = drop(x_c) · Aᵀ`` ``(N, r)`` fp32."""
+def forward(x, weight, A, B, opts: Options):
+    """``(y, u)``: ``y`` ``(..., out)`` in ``x.dtype``, ``u = drop(x_c) · Aᵀ`` ``(N, r)`` fp32.
+    ``weight`` dense, or quantized codes (an object with ``fmt``: dequantized inside the GEMM)."""
+    scale, bias, row_index, col_index, diag, dropout, seed = opts
     out_f, in_f = weight.shape
     r = A.shape[0]
     x2 = x.reshape(-1, in_f)
@@ -574,8 +576,9 @@ def forward(x, weight, A, B, bias, row_index, col_index, diag, seed, dropout, sc
     return y.reshape(*x.shape[:-1], out_f), u
 
 
-def backward(dy, x, weight, A, B, diag, u, row_index, col_index, seed, dropout, scale, needs):
+def backward(dy, x, weight, A, B, u, opts: Options, needs):
     """``[dx, dweight, dA, dB, ddiag, dbias]`` for the inputs flagged in ``needs`` (None otherwise)."""
+    scale, _, row_index, col_index, diag, dropout, seed = opts
     need_x, need_w, need_a, need_b, need_d, need_bias = needs
     out_f, in_f = weight.shape
     r = A.shape[0]
