@@ -35,6 +35,23 @@ def adapter_dtype(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True
     return torch.float32 if autocast_adapter_dtype and weight_dtype in HALF_DTYPES else weight_dtype
 
 
+class _Checked:
+    """A float attribute of a module validated on every assignment by ``check(value, where)`` (the
+    constructor's check), stored as ``_<name>`` (so pickles keep it as a plain attribute)."""
+
+    def __init__(self, check, doc: str):
+        self.check, self.__doc__ = check, doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name, self.slot = f"{owner.__name__}.{name}", "_" + name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.__dict__[self.slot]
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = self.check(value, self.name)
+
+
 class LowRankLinear(nn.Module):
     """A linear layer ``(..., in) -> (..., out)`` with a fused low-rank adapter.
 
@@ -100,23 +117,8 @@ class LowRankLinear(nn.Module):
         self.merged = False
         self.register_load_state_dict_post_hook(LowRankLinear._after_load)
 
-    @property
-    def scale(self) -> float:
-        """The adapter's multiplier (``alpha / r`` for LoRA); checked when set, as at construction."""
-        return self._scale
-
-    @scale.setter
-    def scale(self, value) -> None:
-        self._scale = check_scale(value, "LowRankLinear.scale")
-
-    @property
-    def dropout(self) -> float:
-        """Dropout probability on the adapter's input while training; checked when set."""
-        return self._dropout
-
-    @dropout.setter
-    def dropout(self, value) -> None:
-        self._dropout = check_dropout(value, "LowRankLinear.dropout")
+    scale = _Checked(check_scale, "The adapter's multiplier (``alpha / r`` for LoRA); checked when set.")
+    dropout = _Checked(check_dropout, "Dropout probability on the adapter's input while training; checked when set.")
 
     def __setstate__(self, state: dict) -> None:
         # modules pickled before scale/dropout became checked properties kept them as plain attributes
@@ -155,16 +157,11 @@ class LowRankLinear(nn.Module):
         """The dense fp32 ``(out, in)`` update ``scale · scatter(B · diag · A)``; ``as_computed``
         rounds ``A`` and ``B`` to the weight's dtype first, as the forward uses them."""
         A, B = (self.A, self.B) if not as_computed else (self.A.to(self.weight.dtype), self.B.to(self.weight.dtype))
-        return delta_weight(
-            A,
-            B,
-            self.out_features,
-            self.in_features,
-            scale=self.scale,
-            diag=self.diag,
-            row_index=self.row_index,
-            col_index=self.col_index,
-        )
+        return delta_weight(A, B, self.out_features, self.in_features, scale=self.scale, **self._sparsity())
+
+    def _sparsity(self) -> dict:
+        """The index sets and diagonal, as the op's keyword arguments."""
+        return {"row_index": self.row_index, "col_index": self.col_index, "diag": self.diag}
 
     @torch.no_grad()
     def quantize_base(self, quantized: Union[str, QuantizedWeight]) -> LowRankLinear:
@@ -239,15 +236,7 @@ class LowRankLinear(nn.Module):
 
     @staticmethod
     def _after_load(module: LowRankLinear, incompatible_keys) -> None:
-        check_factors(
-            module.weight,
-            module.A,
-            module.B,
-            bias=module.bias,
-            row_index=module.row_index,
-            col_index=module.col_index,
-            diag=module.diag,
-        )
+        check_factors(module.weight, module.A, module.B, bias=module.bias, **module._sparsity())
         module.merged = bool(module.merged_state)
 
     def _adapter_dtype_name(self) -> str:

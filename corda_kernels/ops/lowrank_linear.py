@@ -630,20 +630,8 @@ def lowrank_linear(
     return fused(x, weight, A, B, Options(scale, bias, row_index, col_index, diag, dropout, seed_t))
 
 
-def delta_weight(
-    A: torch.Tensor,
-    B: torch.Tensor,
-    out_features: int,
-    in_features: int,
-    *,
-    scale: float = 1.0,
-    diag: Optional[torch.Tensor] = None,
-    row_index: Optional[torch.Tensor] = None,
-    col_index: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """The dense fp32 ``(out, in)`` weight update ``scale · scatter(B · diag(d) · A)`` (no grad)."""
-    with torch.no_grad():
-        return reference.delta_weight(A, B, out_features, in_features, scale, diag, row_index, col_index)
+# The dense update, without autograd (merging, exporting, forming residuals).
+delta_weight = torch.no_grad()(reference.delta_weight)
 
 
 def dropout_mask(seed: int, n_tokens: int, n_cols: int, p: float, device=None) -> torch.Tensor:

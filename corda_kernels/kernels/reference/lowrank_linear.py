@@ -205,13 +205,15 @@ def delta_weight(
     B: torch.Tensor,
     out_features: int,
     in_features: int,
+    *,
     scale: float = 1.0,
     diag: Optional[torch.Tensor] = None,
     row_index: Optional[torch.Tensor] = None,
     col_index: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The dense ``(out, in)`` update ``scale · scatter(B · diag(d) · A)`` computed in ``dtype``."""
+    """The dense ``(out, in)`` update ``scale · scatter(B · diag(d) · A)`` computed in ``dtype``
+    (``A (r, n_cols)`` over ``col_index``, ``B (n_rows, r)`` over ``row_index``, ``diag (r,)``)."""
     core = (B.to(dtype) * diag_scale(diag, scale, A.shape[0], dtype, A.device)) @ A.to(dtype)
     if row_index is not None:
         core = torch.zeros(out_features, core.shape[1], dtype=dtype, device=A.device).index_copy_(0, row_index, core)
