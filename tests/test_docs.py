@@ -42,6 +42,7 @@ PUBLIC = [name for name in ck.__all__ if name != "__version__"]
 # Public callables that raise nothing of their own, and why (a Raises: section would be empty).
 NO_RAISES = {"unpatch_peft": "it only removes what patch_peft set; a model without patches is returned as is"}
 INTERNAL_EXCEPTIONS = {"StopForward"}  # control flow caught inside the function, never seen by a caller
+GENERATED = {"bench/last_run.md"}  # files the docs name that a run writes (gitignored)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -341,3 +342,15 @@ def test_ops_table_and_registration_claims():
     for name in names:
         if name not in claimed:
             assert not hasattr(namespace, name), f"{name} is registered but the ops page says it is not"
+
+
+def test_paths_named_in_docs_exist():
+    """Files quoted in docs/ (`bench/results/x.md`, `tests/test_x.py::test_y`, `corda_kernels/...`) exist."""
+    named = 0
+    for page in PAGES:
+        for path in re.findall(r"`((?:bench|tests|corda_kernels|csrc)/[\w./-]+)(?:::\w+)?`", read(page)):
+            named += 1
+            if path in GENERATED:
+                continue
+            assert os.path.exists(os.path.join(ROOT, path)), f"{page} names {path}, which does not exist"
+    assert named >= 20, named
