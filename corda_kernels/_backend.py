@@ -32,10 +32,15 @@ _warned: set[str] = set()
 
 
 class CordaWarning(UserWarning):
-    """Something that changes results happened (e.g. padding that could not be excluded, a damaged
-    cache entry recomputed). Shown by default; silence it with
-    ``warnings.filterwarnings("ignore", category=corda_kernels.CordaWarning)``. Progress and
-    diagnostics go to the ``corda_kernels`` logger instead."""
+    """Something that changes results happened, and the run went on.
+
+    Raised through :func:`warnings.warn` (never as an exception) when, for example, padding could
+    not be excluded from a layer's covariance, a damaged decomposition-cache entry was recomputed,
+    or adapters with different dropouts were exported to PEFT's single ``lora_dropout``. A
+    ``UserWarning`` subclass, so Python shows it by default; silence it with
+    ``warnings.filterwarnings("ignore", category=corda_kernels.CordaWarning)``. Progress and backend
+    diagnostics go to the ``corda_kernels`` logger instead.
+    """
 
 
 def warn(message: str, stacklevel: int = 2) -> None:

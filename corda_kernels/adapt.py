@@ -143,26 +143,42 @@ def apply(
 ) -> nn.Module:
     """Initialize adapters with ``method`` and swap them into ``model`` (in place; returns it).
 
+    Every target is decomposed first (layers of one shape as a batch, under a memory bound); only
+    then is each replaced by a :class:`~corda_kernels.LowRankLinear` holding the frozen residual
+    ``W' = W − s·B·A`` and the factors. A failure leaves the model as it was. Afterwards only the
+    adapters' trainable factors require grad. A model loaded from GGUF by transformers has its
+    quantization marks dropped, so ``save_pretrained`` and HF ``Trainer`` accept it.
+
     Args:
+        model: a Hugging Face model (or any module with linear layers), without adapters.
         method: ``"corda"`` (options ``mode="ipa"|"kpa"``, ``damp``, ``svd``), ``"pissa"`` (``svd``),
             ``"milora"``, ``"lora"``, ``"asymmetric"``, ``"siva"`` (``perc``), ``"partial_lora"``
             (``few_shot``, ``margin``, ``score``, ``metric``, ``densities``), or an
-            :class:`~corda_kernels.methods.InitMethod`; see README.md for what each trains.
-        rank, alpha: adapter rank and LoRA alpha (scaling ``alpha / rank``); ``alpha`` defaults to
-            ``rank`` (scaling 1, as the CorDA and PiSSA papers use; PEFT's default is 8).
-        covariances: the :class:`~corda_kernels.calibration.Calibration` for CorDA; its layers are
-            the default targets.
-        target_modules / exclude_modules: PEFT-style selection (names or a regex).
-        rank_pattern / alpha_pattern: per-layer overrides, PEFT semantics.
-        dropout: dropout on the adapter input during training.
+            :class:`~corda_kernels.methods.InitMethod`; see the methods page for what each trains.
+        rank: adapter rank ``r`` (a positive int, at most the layer's smaller dimension).
+        alpha: LoRA alpha (scaling ``alpha / rank``); defaults to ``rank`` (scaling 1, as the CorDA
+            and PiSSA papers use; PEFT's default is 8). Must be positive and finite.
+        covariances: the :class:`~corda_kernels.Calibration` CorDA needs; its layers are the
+            default targets.
+        target_modules: names (suffix match) or a regex (full match), as PEFT takes them; default:
+            the calibrated layers, else every linear layer in the block stacks.
+        exclude_modules: names or a regex of layers to leave out.
+        rank_pattern: per-layer rank overrides, PEFT semantics (first key matching the end of the
+            layer name).
+        alpha_pattern: per-layer alpha overrides, as ``rank_pattern``.
+        use_rslora: scaling ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
+        dropout: dropout probability in [0, 1) on the adapter input while training.
         seed: seed of randomized decompositions and random initializations.
+        max_batch_bytes: working-set bound of one decomposition chunk (default: a quarter of free
+            GPU memory, 2 GiB on CPU).
+        progress: show a tqdm bar over layers.
         process_group: decompose the layers sharded across a ``torch.distributed`` group and
             broadcast the factors, so every rank builds the same adapters (see
             :func:`corda_kernels.decompose`; default: the default group when initialized,
             every rank must call; False for one process).
-        cache_dir: a directory caching each layer's decomposition (see :mod:`corda_kernels.decomposition.cache`):
-            layers whose weights, covariance and settings are unchanged are read back, not
-            decomposed again.
+        cache_dir: a directory caching each layer's decomposition (see
+            :mod:`corda_kernels.decomposition.cache`): layers whose weights, covariance and
+            settings are unchanged are read back, not decomposed again.
         autocast_adapter_dtype: on a bf16/fp16 model, store the trainable factors in fp32 (default,
             as PEFT) so optimizers update them at full precision; False keeps the model's dtype.
         quantize: ``"nf4"`` (bitsandbytes NF4, block 64, double quantization) or ``"int8"``
@@ -170,6 +186,24 @@ def apply(
             residual quantized; the adapters stay in full precision. Needs bitsandbytes.
         quantize_iters: LoftQ-style refinements of factors and quantized residual (CorDA: in its
             covariance-weighted metric; others: Frobenius); the best iterate is kept.
+        **method_options: the method's own options (listed under ``method``).
+
+    Returns:
+        ``model`` itself, its targets replaced by ``LowRankLinear`` layers.
+
+    Raises:
+        ValueError: an unknown method or method option value; CorDA without ``covariances``, or
+            covariances of another model, all zero or not damped into positive definite; a rank,
+            alpha, dropout or ``quantize`` value out of range; the model already carries adapters
+            (ours or PEFT's) or sits on the ``meta`` device; ``target_modules`` matches nothing; a
+            target's weight is tied to another module; an NF4 target's ``in_features`` is not a
+            multiple of 64.
+        TypeError: a target's weight is not fp32/fp16/bf16, an alpha or dropout is not a number,
+            or a method option is unknown (or given with an already built method).
+        FloatingPointError: a target's weight or a covariance holds NaN or Inf.
+        ImportError: ``quantize`` without bitsandbytes installed.
+        RuntimeError: a single layer's decomposition does not fit in memory, or it failed on
+            another rank of ``process_group``.
     """
     method: InitMethod = make_method(method, **method_options)
     check_dropout(dropout, "apply")

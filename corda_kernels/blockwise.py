@@ -117,22 +117,60 @@ def apply_blockwise(
 ) -> nn.Module:
     """Calibrate, decompose and adapt ``model`` one block at a time (in place; returns it).
 
-    Same arguments as :func:`corda_kernels.calibrate` + :func:`corda_kernels.apply`, plus:
+    The inputs of the first decoder block are cached; then each block in turn is run over them
+    (its targets' covariances collected), decomposed and adapted, and its outputs become the next
+    block's inputs. Peak memory is one block's weights and covariances plus the cached hidden
+    states, whatever the depth; the adapters equal whole-model :func:`corda_kernels.calibrate` +
+    :func:`corda_kernels.apply`. A failure puts back the blocks already adapted.
+
+    Args:
+        model: a Hugging Face model with one stack of decoder blocks, without adapters.
+        batches: a sequence of dicts like a tokenizer's output, as for
+            :func:`corda_kernels.calibrate`.
+        method: as for :func:`corda_kernels.apply`.
+        rank: as for :func:`corda_kernels.apply`.
+        alpha: as for :func:`corda_kernels.apply`.
+        target_modules: as for :func:`corda_kernels.apply`; every target must live inside the
+            stack of blocks.
+        exclude_modules: as for :func:`corda_kernels.apply`.
+        rank_pattern: as for :func:`corda_kernels.apply`.
+        alpha_pattern: as for :func:`corda_kernels.apply`.
+        use_rslora: as for :func:`corda_kernels.apply`.
+        dropout: as for :func:`corda_kernels.apply`.
+        normalization: as for :func:`corda_kernels.calibrate`.
         block_inputs_device: where the block inputs are kept between blocks (e.g. ``"cpu"``);
             default: the execution device.
         execution_device: run each block there (moved in, adapted, moved back to where it lives),
             for models whose blocks live on the CPU; default: each block runs where it is.
-        cache_dir: cache each layer's decomposition there (see :mod:`corda_kernels.decomposition.cache`); the
-            blocks are still run (their outputs feed the next block), only decompositions are saved.
+        seed: as for :func:`corda_kernels.apply`.
+        max_batch_bytes: as for :func:`corda_kernels.apply`.
+        progress: show a tqdm bar over blocks.
+        cache_dir: cache each layer's decomposition there (see
+            :mod:`corda_kernels.decomposition.cache`); the blocks are still run (their outputs feed
+            the next block), only decompositions are read back.
         undo: how a failure puts back the blocks already adapted. ``"cpu"`` keeps each replaced
             layer on the CPU (exact; host memory grows with depth by the target weights).
             ``"reconstruct"`` keeps nothing and rebuilds each layer as ``W' + s·B·A`` in fp32, cast
             once (within one rounding of the original in its dtype; host memory stays flat).
         offload: deprecated name of ``block_inputs_device``.
-        autocast_adapter_dtype: fp32 trainable factors on a 16-bit model (default; see :func:`apply`).
-        quantize, quantize_iters: store the residuals quantized, as in :func:`corda_kernels.apply`.
+        autocast_adapter_dtype: fp32 trainable factors on a 16-bit model (default; see
+            :func:`corda_kernels.apply`).
+        quantize: store the residuals quantized, as in :func:`corda_kernels.apply`.
+        quantize_iters: as in :func:`corda_kernels.apply`.
+        **method_options: the method's own options, as for :func:`corda_kernels.apply`.
 
-    Every target must live inside the model's (single) stack of blocks.
+    Returns:
+        ``model`` itself, its targets replaced by ``LowRankLinear`` layers.
+
+    Raises:
+        ValueError: the model has no single stack of blocks, a target lies outside it, ``undo``
+            is not ``"cpu"`` or ``"reconstruct"``, ``batches`` is empty or a batch is malformed,
+            or any of :func:`corda_kernels.apply`'s value checks fails.
+        TypeError: as for :func:`corda_kernels.apply` (and a batch that is not a dict with
+            integer ``input_ids``).
+        FloatingPointError: a weight, a covariance or a layer's input holds NaN or Inf.
+        ImportError: ``quantize`` without bitsandbytes installed.
+        RuntimeError: a single layer's decomposition does not fit in memory.
     """
     block_inputs_device = renamed("apply_blockwise", "offload", offload, "block_inputs_device", block_inputs_device)
     method = make_method(method, **method_options)

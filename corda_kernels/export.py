@@ -88,7 +88,21 @@ def plain_layers(model: nn.Module, kind: str) -> Iterator[nn.Module]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its layer, in place; the model becomes a plain HF model."""
+    """Fold every adapter into its layer, in place; the model becomes a plain HF model.
+
+    Each ``LowRankLinear`` becomes an ``nn.Linear`` (or ``Conv1D``, as it came) holding
+    ``W' + s·delta``, summed in fp32 and cast once to the weight's dtype. GGUF quantization marks
+    are dropped, so ``save_pretrained`` writes an ordinary checkpoint.
+
+    Args:
+        model: a model adapted by :func:`corda_kernels.apply` (or ``apply_blockwise``).
+
+    Returns:
+        ``model`` itself, without adapters.
+
+    Raises:
+        ValueError: ``model`` carries no ``LowRankLinear`` layer.
+    """
     for name, layer in adapters(model).items():
         hf.set_submodule(model, name, plain_layer(layer, merged_weight(layer)))
     hf.forget_gguf_quantization(model)
@@ -96,7 +110,21 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Drop the adapters, keeping the frozen residual weights, in place."""
+    """Drop the adapters, keeping the frozen residual weights, in place.
+
+    Each ``LowRankLinear`` becomes an ``nn.Linear`` / ``Conv1D`` holding the frozen base ``W'``
+    (a quantized base dequantized, bit-exact, to its dtype): the base PEFT needs for a CorDA or
+    PiSSA adapter written by :func:`save_peft_adapter`.
+
+    Args:
+        model: a model adapted by :func:`corda_kernels.apply`.
+
+    Returns:
+        ``model`` itself, holding the residual weights.
+
+    Raises:
+        ValueError: ``model`` carries no ``LowRankLinear`` layer.
+    """
     for name, layer in adapters(model).items():
         hf.set_submodule(model, name, plain_layer(layer, residual_weight(layer)))
     hf.forget_gguf_quantization(model)
@@ -104,8 +132,19 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def save_merged_model(model: nn.Module, path: str, **save_kwargs) -> None:
-    """``save_pretrained`` of the merged model, leaving ``model``'s weights unchanged (a GGUF-loaded
-    model's quantization marks are dropped: its weights are plain floats, saved as such)."""
+    """``save_pretrained`` of the merged model, leaving ``model``'s weights unchanged.
+
+    The adapters are swapped for merged plain layers during the save and put back after it. A
+    GGUF-loaded model's quantization marks are dropped: its weights are plain floats, saved as such.
+
+    Args:
+        model: a model adapted by :func:`corda_kernels.apply`.
+        path: the output directory.
+        **save_kwargs: passed to ``model.save_pretrained`` (e.g. ``safe_serialization``).
+
+    Raises:
+        ValueError: ``model`` carries no ``LowRankLinear`` layer.
+    """
     hf.forget_gguf_quantization(model)
     with plain_layers(model, "merged"):
         model.save_pretrained(path, **save_kwargs)
@@ -119,8 +158,17 @@ def save_residual_model(model: nn.Module, path: str, *, dequantize: bool = False
     checkpoint (codes and quantization state as ``Linear4bit`` / ``Linear8bitLt`` save them, the
     ``BitsAndBytesConfig`` in ``config.json``, every other linear layer listed in
     ``llm_int8_skip_modules``): ``AutoModelForCausalLM.from_pretrained(path)`` loads the very same
-    codes (QLoRA-style base for the PEFT adapter). ``dequantize=True`` writes the dequantized
-    weights in full precision instead.
+    codes (QLoRA-style base for the PEFT adapter).
+
+    Args:
+        model: a model adapted by :func:`corda_kernels.apply`.
+        path: the output directory.
+        dequantize: write a quantized residual dequantized, in full precision, instead.
+        **save_kwargs: passed to ``model.save_pretrained``.
+
+    Raises:
+        ValueError: ``model`` carries no ``LowRankLinear`` layer, or its quantized residuals mix
+            NF4 and int8.
     """
     hf.forget_gguf_quantization(model)
     layers = adapters(model)
@@ -275,14 +323,30 @@ def save_peft_adapter(
 ) -> None:
     """Write a PEFT LoRA adapter of ``model``'s adapters to directory ``path``.
 
-    Without ``initial`` the adapter applies to the residual base (:func:`save_residual_model`):
-    ``adapter_config.json``'s ``base_model_name_or_path`` names ``residual_model`` (the directory
-    the residual was or will be saved to, as PEFT resolves it: from the working directory or the
-    hub), or, when not given, says that the residual model is needed (the original id only when
-    the method left the base weights unchanged). With ``initial`` (an adapter saved by this
-    function right after ``apply``) it is converted to apply to the original base weights (rank
-    doubles, scaling kept), as PEFT's ``path_initial_model_for_weight_conversion`` does, and names
-    the original model. ``base_model_name_or_path`` overrides either.
+    Writes ``adapter_config.json``, ``adapter_model.safetensors`` (fp32 or the factors' dtype;
+    row/column masks and SiVA's diagonal expanded to dense ``lora_A (r, in)`` / ``lora_B (out, r)``)
+    and ``corda_kernels.json`` (what the adapter applies to). Without ``initial`` the adapter
+    applies to the residual base (:func:`save_residual_model`); with ``initial`` it is converted,
+    as PEFT's ``path_initial_model_for_weight_conversion`` does, to a rank-2r LoRA
+    ``[A | A₀], [B | −B₀]`` (scaling kept) that applies to the original base weights.
+
+    Args:
+        model: a model adapted by :func:`corda_kernels.apply` (trained or not).
+        path: the output directory.
+        base_model_name_or_path: the value written to ``adapter_config.json``; overrides the
+            defaults below.
+        initial: a directory this function wrote right after ``apply`` (the initial adapter);
+            the adapter then names the original model.
+        residual_model: the directory the residual was or will be saved to (as PEFT resolves it:
+            from the working directory or the hub). When not given, ``base_model_name_or_path``
+            says that the residual model is needed, never the original id, except for methods that
+            left the base weights unchanged (LoRA, asymmetric, Partial-LoRA): loading a CorDA or
+            PiSSA adapter onto the original weights would silently give wrong outputs.
+
+    Raises:
+        ValueError: ``model`` carries no ``LowRankLinear`` layer, or ``initial`` lacks one of its
+            layers' factors (saved from another model).
+        ImportError: peft is not installed.
     """
     from safetensors.torch import load_file, save_file
 

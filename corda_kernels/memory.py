@@ -53,8 +53,19 @@ _BLOCKWISE = ("capture", "run block", "decompose block", "swap block")
 
 @dataclass
 class MemoryEstimate:
-    """``phases``: phase -> {(item, where): bytes}, ``where`` a device string (``"cpu"``,
-    ``"cuda:0"``); ``device``: where the run computes; ``title`` and ``notes`` describe the run."""
+    """The itemized peak memory of a run, per phase and device: what :func:`estimate_memory` returns.
+
+    ``summary()`` prints it as a table (items x phases, MiB); ``peak_bytes(where)`` is the largest
+    phase total on a device, ``extra_bytes(where)`` the same above the loaded model.
+
+    Attributes:
+        phases: phase -> ``{(item, where): bytes}``, ``where`` a device string (``"cpu"``,
+            ``"cuda:0"``). Whole-model phases: calibrate, decompose, swap; block-wise: capture,
+            run block, decompose block, swap block.
+        device: where the run computes.
+        title: one line describing the run.
+        notes: caveats printed under the table.
+    """
 
     phases: dict[str, dict[tuple[str, str], int]]
     device: str
@@ -228,14 +239,21 @@ def estimate_memory(
     offload: Optional[str] = None,
     **method_options,
 ) -> MemoryEstimate:
-    """Estimate the peak memory of calibrating and adapting ``model`` (see the module docstring).
+    """Estimate the peak memory of calibrating and adapting ``model``, before running it.
+
+    Counted from shapes and dtypes (no calibration is run): weights, covariances (deduplicated as
+    calibration shares them, found by a 2-token forward that also works on a ``meta``-device
+    model), activations of one block's forward, the block-wise hidden-state cache, decomposition
+    chunks, residual copies and adapters (see :mod:`corda_kernels.memory`). Not counted: allocator
+    slack, the Python/torch runtime, tokenizers and data.
 
     Args:
         model: the model as it will be run (its weights may be on the ``meta`` device).
-        batch_size, seq_len, n_batches: calibration batches (``seq_len``: the padded length, an
-            upper bound when texts are shorter).
-        method, rank, rank_pattern, target_modules, exclude_modules, max_batch_bytes,
-            method_options: as for :func:`corda_kernels.apply`.
+        batch_size: calibration texts per batch.
+        seq_len: the padded sequence length (an upper bound when texts are shorter).
+        n_batches: calibration batches (block-wise: all are cached).
+        method: as for :func:`corda_kernels.apply`.
+        rank: as for :func:`corda_kernels.apply`.
         blockwise: estimate :func:`corda_kernels.apply_blockwise` instead of ``calibrate`` + ``apply``.
         covariance_device: ``"cpu"``: whole-model, where the finalized covariances are kept
             (``calibrate(covariance_device=)``).
@@ -244,8 +262,22 @@ def estimate_memory(
         storage: ``"full"`` or ``"packed"`` finalized covariances (whole-model; ``calibrate(storage=)``).
         undo: block-wise, ``apply_blockwise(undo=)``: ``"cpu"`` counts the parked originals,
             ``"reconstruct"`` none.
+        target_modules: as for :func:`corda_kernels.apply`.
+        exclude_modules: as for :func:`corda_kernels.apply`.
+        rank_pattern: as for :func:`corda_kernels.apply`.
+        max_batch_bytes: as for :func:`corda_kernels.apply`.
         device: where the run computes (default: the model's input device; ``meta`` counts as CPU).
         offload: deprecated: ``covariance_device`` (whole-model) or ``block_inputs_device`` (block-wise).
+        **method_options: as for :func:`corda_kernels.apply`.
+
+    Returns:
+        A :class:`MemoryEstimate`; ``print(estimate.summary())`` shows it.
+
+    Raises:
+        ValueError: ``batch_size``, ``seq_len`` or ``n_batches`` is not a positive int;
+            ``storage`` or ``covariance_device`` is not a known value; an unknown method;
+            ``target_modules`` matches nothing.
+        TypeError: an unknown method option.
     """
     if blockwise:
         block_inputs_device = renamed("estimate_memory", "offload", offload, "block_inputs_device", block_inputs_device)

@@ -58,24 +58,33 @@ def calibrate(
 ) -> Calibration:
     """Collect the input covariance of every target layer of ``model`` over ``batches``.
 
+    Forward hooks stream each target's input into an fp32 ``(d, d)`` sum of ``xᵀx``: layers that
+    receive the same input tensor share one (found at run time by tensor identity, not by names),
+    padding is excluded through ``attention_mask`` and tokens are counted, so the result is a
+    per-token mean. After a 2-token probe, each forward stops after the last target layer.
+
     Args:
-        model: a Hugging Face model (any device placement, fp32/fp16/bf16).
-        batches: iterable of dicts like a tokenizer's output (``input_ids`` ``(B, S)``, optional
-            ``attention_mask`` ``(B, S)``; any batch size). Padding tokens are excluded.
-        target_modules: names (suffix match) or a regex (full match); default: every linear layer
-            in the model's block stacks (see :func:`corda_kernels.integrations.hf.find_targets`).
-        normalization: ``"token_mean"`` (default) or ``"peft"`` (PEFT's per-call max scaling).
+        model: a Hugging Face model (any device placement, fp32/fp16/bf16), without adapters.
+        batches: iterable of dicts like a tokenizer's output (``input_ids`` ``(B, S)`` integers,
+            optional ``attention_mask`` ``(B, S)``; any batch size). Padding tokens are excluded.
+            Encoder-decoder models: decoder layers use ``decoder_attention_mask``.
+        target_modules: names (suffix match) or a regex (full match), as PEFT takes them; default:
+            every ``nn.Linear`` / ``Conv1D`` in the model's block stacks (not ``lm_head``).
+        exclude_modules: names or a regex of layers to leave out, as ``target_modules``.
+        normalization: ``"token_mean"`` (default) or ``"peft"`` (PEFT's per-call max scaling,
+            padding included: reproduces PEFT's ``calib_cov_distribution``).
         max_batches: stop after this many batches.
         progress: show a tqdm bar of batches and tokens.
         checkpoint_dir: save the running state there every ``checkpoint_every`` batches and at the
-            end (atomically; see :mod:`corda_kernels.calibration.checkpoint`). Re-running the same call after a
-            crash resumes from it and gives the same covariances as an uninterrupted run; a
-            checkpoint of another model, target set, normalization or data is refused.
-        process_group: data-parallel calibration (see :mod:`corda_kernels.calibration.sharding`): by default
-            the default group when ``torch.distributed`` is initialized (every rank must call), a
-            ``ProcessGroup``, or False for a single process. Ranks' sums and token counts are
-            all-reduced before finalization: every rank returns the same Calibration. Checkpoints
-            go to ``checkpoint_dir/rank-<r>``.
+            end (atomically; see :mod:`corda_kernels.calibration.checkpoint`). Re-running the same
+            call after a crash resumes from it and gives the same covariances as an uninterrupted
+            run; a checkpoint of another model, target set, normalization or data is refused.
+        checkpoint_every: batches between checkpoints (a positive int).
+        process_group: data-parallel calibration (see :mod:`corda_kernels.calibration.sharding`): by
+            default the default group when ``torch.distributed`` is initialized (every rank must
+            call), a ``ProcessGroup``, or False for a single process. Ranks' sums and token counts
+            are all-reduced before finalization: every rank returns the same Calibration.
+            Checkpoints go to ``checkpoint_dir/rank-<r>``.
         shard: how ranks split ``batches``: ``"stride"`` (default; every rank gets the same
             ``batches`` and runs batches ``rank, rank + world, ...``, so the result is that of one
             process over all of them, ``max_batches`` counting shared batches) or ``"local"``
@@ -84,8 +93,25 @@ def calibrate(
             ``"packed"``, its upper triangle (half the bytes; unpacked per decomposition chunk).
             Accumulation is always into full ``(d, d)`` buffers, so calibration's own peak is
             unchanged; what is held afterwards (through decomposition) is halved.
-        covariance_device: ``"cpu"`` keeps the finalized covariances in CPU memory (pinned when CUDA is
-            available); decomposition moves one chunk's to the layers' device at a time.
+        covariance_device: ``"cpu"`` keeps the finalized covariances in CPU memory (pinned when
+            CUDA is available); decomposition moves one chunk's to the layers' device at a time.
+        offload: deprecated name of ``covariance_device``.
+
+    Returns:
+        The :class:`~corda_kernels.Calibration`: one fp32 covariance per distinct layer input.
+
+    Raises:
+        ValueError: an option is out of range (``checkpoint_every``, ``normalization``,
+            ``storage``, ``covariance_device``, ``shard``), the model already carries adapters or
+            sits on the ``meta`` device, ``target_modules`` matches no layer, a batch is malformed
+            (ids outside the vocabulary, no tokens, a mask of another shape), ``batches`` is
+            empty, a layer saw only padding, or ``checkpoint_dir`` holds another run's checkpoint.
+        TypeError: a batch is not a dict with integer ``input_ids``, or a target's weight is not
+            fp32/fp16/bf16 (e.g. int8).
+        FloatingPointError: a parameter, or a layer's input in some batch, holds NaN or Inf (the
+            message names it, and the batch).
+        RuntimeError: ``process_group`` was given without an initialized ``torch.distributed``, a
+            target never ran, or calibration failed on another rank.
     """
     covariance_device = renamed("calibrate", "offload", offload, "covariance_device", covariance_device)
     _storage.check_options(storage, covariance_device)

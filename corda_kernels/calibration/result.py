@@ -20,13 +20,23 @@ NORMALIZATIONS = ("token_mean", "peft")
 
 @dataclass
 class Calibration:
-    """Covariances of target layers' inputs.
+    """Covariances of target layers' inputs: what :func:`corda_kernels.calibrate` returns.
 
-    covariances: group -> the stored covariance (the group is named after its first layer): a
-    ``(d, d)`` fp32 symmetric matrix, or with ``storage="packed"`` its upper triangle as a 1-D
-    ``d (d + 1) / 2`` tensor (see :mod:`corda_kernels.calibration.storage`); use :meth:`covariance` for the
-    full matrix. groups: module name -> group; token_counts: group -> tokens seen (forward calls
-    for ``normalization="peft"``).
+    Layers that receive the same input tensor (q/k/v, gate/up) share one group and one covariance.
+    Pass it to :func:`corda_kernels.apply` as ``covariances=``; its layers are then the default
+    targets. :meth:`save` / :meth:`load` write and read it (safetensors + a JSON manifest).
+
+    Attributes:
+        covariances: group -> the stored covariance (the group is named after its first layer): a
+            ``(d, d)`` fp32 symmetric matrix, or with ``storage="packed"`` its upper triangle as a
+            1-D ``d (d + 1) / 2`` tensor (see :mod:`corda_kernels.calibration.storage`); use
+            :meth:`covariance` for the full matrix.
+        groups: module name -> group.
+        token_counts: group -> tokens seen (forward calls for ``normalization="peft"``).
+        normalization: ``"token_mean"`` (per-token mean over non-padding tokens) or ``"peft"``.
+        batches: how many batches were streamed.
+        meta: provenance, e.g. ``meta["tokens"]``, the tokens seen in all.
+        storage: ``"full"`` or ``"packed"``.
     """
 
     covariances: dict[str, torch.Tensor]
@@ -40,11 +50,19 @@ class Calibration:
     def covariance(self, module_name: str, device=None) -> torch.Tensor:
         """The full ``(d, d)`` fp32 covariance of a layer's input, on ``device`` (default: where it
         is kept). With ``storage="full"`` on its own device this is the stored tensor itself;
-        otherwise a new tensor (unpacked / copied) on every call."""
+        otherwise a new tensor (unpacked / copied) on every call.
+
+        Raises:
+            KeyError: ``module_name`` was not calibrated.
+        """
         return _storage.expand(self.covariances[self.group(module_name)], self.storage, device)
 
     def group(self, module_name: str) -> str:
-        """The group (shared input) of a layer: layers of one group have one covariance."""
+        """The group (shared input) of a layer: layers of one group have one covariance.
+
+        Raises:
+            KeyError: ``module_name`` was not calibrated (the message lists the calibrated layers).
+        """
         if module_name not in self.groups:
             raise KeyError(f"no covariance for layer {module_name!r}; calibrated layers: {hf.named(self.groups)}")
         return self.groups[module_name]
@@ -80,7 +98,11 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str, device=None) -> Calibration:
-        """Read a :meth:`save` d calibration (in the storage it was saved with) onto ``device``."""
+        """Read a calibration written by :meth:`save` (in the storage it was saved with) onto ``device``.
+
+        Raises:
+            ValueError: the tensor file lacks a group the manifest names.
+        """
         from safetensors.torch import load_file
 
         with open(os.path.join(path, "calibration.json")) as fh:

@@ -35,16 +35,27 @@ def decompose(
     process_group=None,
     cache_dir: Optional[str] = None,
 ) -> dict[str, LayerInit]:
-    """Initial adapters of every target layer.
+    """Initial adapters of every target layer, without touching the model.
+
+    :func:`corda_kernels.apply` runs this for you; call it directly to inspect or cache factors.
+    Layers of one shape and rank are decomposed as a batch under a memory bound (a chunk that runs
+    out of memory is retried in halves); randomized steps are seeded per layer, so a layer's
+    result does not depend on its batch.
 
     Args:
-        targets: name -> linear-like module.
-        method: the initialization recipe (after its ``prepare``).
-        ranks, alphas: per-layer rank and LoRA alpha.
-        covariances: a :class:`~corda_kernels.calibration.Calibration` (or ``{name: C}``) when the
-            method needs input covariances.
+        targets: layer name -> ``nn.Linear`` / ``Conv1D``.
+        method: the initialization recipe, an :class:`~corda_kernels.methods.InitMethod`
+            (``corda_kernels.methods.make_method("corda", mode="ipa")``) after its ``prepare``.
+        ranks: layer name -> adapter rank ``r``.
+        alphas: layer name -> LoRA alpha (scaling ``alpha / r``, or ``alpha / sqrt(r)`` with
+            ``use_rslora``).
+        use_rslora: rank-stabilized scaling, as PEFT's ``use_rslora``.
+        covariances: a :class:`~corda_kernels.Calibration` (or ``{name: C}``) when the method
+            needs input covariances (CorDA).
+        seed: seed of randomized decompositions and random initializations.
         max_batch_bytes: working-set bound per chunk (default: a quarter of free GPU memory, 2 GiB
             on CPU).
+        progress: show a tqdm bar over layers.
         process_group: split the layers across a ``torch.distributed`` group, balanced by cost, and
             broadcast each result from its owner (:mod:`corda_kernels.decomposition.sharding`): by
             default the default group when ``torch.distributed`` is initialized (every rank must
@@ -52,6 +63,22 @@ def decompose(
         cache_dir: keep each layer's init there (:mod:`corda_kernels.decomposition.cache`): a layer
             whose method, options, rank, scaling, seed, name, weights and covariance are unchanged
             is read back instead of decomposed; with a process group each rank caches its layers.
+
+    Returns:
+        ``{name: LayerInit}`` in ``targets``' order: fp32 factors ``A (r, n_cols)``,
+        ``B (n_rows, r)``, optional ``diag``/index sets, the scale, and whether the residual
+        ``W − scale·B·A`` replaces the weight.
+
+    Raises:
+        ValueError: the method needs covariances and none were given; a rank is not a positive
+            int or exceeds a layer's smaller dimension; an alpha is not positive and finite; a
+            covariance does not fit its layer (collected on another model), is all zero, or cannot
+            be damped into a positive definite matrix.
+        TypeError: an alpha is not a number.
+        KeyError: ``covariances`` has no entry for a target.
+        FloatingPointError: a weight or covariance holds NaN or Inf.
+        RuntimeError: a single layer does not fit in memory, or the decomposition failed on another
+            rank of ``process_group``.
     """
     if method.needs_covariance and covariances is None:
         raise ValueError(

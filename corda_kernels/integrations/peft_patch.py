@@ -157,10 +157,26 @@ def _fused_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
 
 
 def patch_peft(peft_model: nn.Module) -> list[str]:
-    """Make every PEFT LoRA ``Linear`` of ``peft_model`` run on the fused op; returns their names.
+    """Make every PEFT LoRA ``Linear`` of ``peft_model`` run on the fused op, in place.
 
-    Raises ValueError (naming the layer) for configurations listed in the module docstring, and
-    when the model has no PEFT LoRA ``Linear`` layer. Idempotent.
+    Each layer's forward becomes one call of the fused low-rank op on PEFT's own tensors (nothing
+    is copied), so training, ``save_pretrained``, loading and merging stay PEFT's. Per call it falls
+    back to PEFT's forward where the fused path does not apply (adapters disabled or merged, mixed
+    batches, an input dtype other than the base weight's outside autocast). Idempotent; patched
+    models pickle and deep-copy. :func:`unpatch_peft` restores.
+
+    Args:
+        peft_model: a ``peft.PeftModel`` (or any module) holding PEFT LoRA ``Linear`` layers.
+
+    Returns:
+        The names of the patched layers.
+
+    Raises:
+        ValueError: the model has no PEFT LoRA ``Linear`` layer, or a layer has a configuration it
+            would never run fused (several active adapters, DoRA or another LoRA variant,
+            ``lora_bias``, a quantized or non-linear base layer, a dropout module other than
+            ``nn.Dropout`` / ``nn.Identity``); the message names the layer and the variant.
+        ImportError: peft is not installed.
     """
     linear_cls = _lora_linear_class()
     layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, linear_cls)}
@@ -181,7 +197,14 @@ def patch_peft(peft_model: nn.Module) -> list[str]:
 
 
 def unpatch_peft(peft_model: nn.Module) -> list[str]:
-    """Restore PEFT's forward on every layer :func:`patch_peft` patched; returns their names."""
+    """Restore PEFT's forward on every layer :func:`patch_peft` patched, in place.
+
+    Args:
+        peft_model: a model :func:`patch_peft` patched (an unpatched one is left as it is).
+
+    Returns:
+        The names of the restored layers (empty when none was patched).
+    """
     restored = []
     for name, module in peft_model.named_modules():
         if getattr(module, _MARK, False):

@@ -107,7 +107,8 @@ def damp_covariance(
         growth: ``damp`` is multiplied by this while the check fails (PEFT: 2).
         tol: threshold of the conditioning check (PEFT: 0.05).
         max_increases: after this many increases a still-failing matrix raises ``ValueError``.
-        probes: random probe vectors of the check; ``seed`` makes them deterministic.
+        probes: random probe vectors of the check.
+        seed: seeds the probes, so the check (hence the damp) is deterministic.
         factor_dtype: dtype of the returned factor (default: ``C``'s compute dtype); fp64 asks for
             an fp64 Cholesky of the accepted ``C_d``.
         name: a label (e.g. the layer) used in error messages.
@@ -128,6 +129,14 @@ def damp_covariance(
         :class:`DampedCovariance` ``(covariance, cholesky, damp)``: ``C_d`` in ``C``'s compute
         dtype, its lower Cholesky factor in ``factor_dtype``, and the damp used per matrix, an fp64
         tensor of shape ``C.shape[:-2]``.
+
+    Raises:
+        TypeError: ``C`` is not a float tensor.
+        ValueError: ``C`` is not square, not symmetric (an upper-triangle accumulator not
+            finalized), empty, has a non-positive mean diagonal (no calibration data reached it),
+            is still not positive definite after ``max_increases`` increases, or an option is out
+            of range.
+        FloatingPointError: ``C`` holds NaN or Inf.
     """
     op = "damp_covariance"
     _check_covariance(C, op, name)
@@ -212,12 +221,15 @@ def co_svd(
         mode: ``"ipa"`` (instruction-previewed: the largest ``r``; PEFT's ``"ipm"``) or ``"kpa"``
             (knowledge-preserved: the smallest ``r``; PEFT's ``"kpm"``).
         svd: the solver, as CorDA's ``svd=`` option: ``"randomized"`` (ipa default:
-            :func:`randomized_svd` with ``oversample`` (default ``CO_SVD_OVERSAMPLE``), ``n_iter``
-            (default :func:`co_svd_n_iter`), ``seed``: an int or one per matrix; each result is
-            judged per component and refined, or replaced by the exact SVD, until every Ritz
-            pair's residual is at most ``CO_SVD_TOL`` times its gap to the next value) or ``"exact"``
-            (ipa: full SVD cropped; kpa: always :func:`smallest_singular_triplets`).
-        damp, growth: see :func:`damp_covariance` (one damp per distinct ``C``).
+            :func:`randomized_svd`; each result is judged per component and refined, or replaced
+            by the exact SVD, until every Ritz pair's residual is at most ``CO_SVD_TOL`` times its
+            gap to the next value) or ``"exact"`` (ipa: full SVD cropped; kpa: always
+            :func:`smallest_singular_triplets`).
+        damp: the first damping factor, see :func:`damp_covariance` (one damp per distinct ``C``).
+        growth: the factor ``damp`` grows by while the check fails, see :func:`damp_covariance`.
+        oversample: extra sketch columns of the randomized solver (default ``CO_SVD_OVERSAMPLE``).
+        n_iter: power iterations of the randomized solver (default :func:`co_svd_n_iter`).
+        seed: the randomized solver's seed, an int or one per matrix.
         cov_index: for a batch of layers whose inputs are shared (q/k/v, gate/up): ``C`` is then
             ``(G, in, in)``, the G distinct covariances, and matrix ``i`` of ``W``'s ``(L, out, in)``
             batch uses ``C[cov_index[i]]``; each distinct covariance is damped and factored once.
@@ -232,8 +244,16 @@ def co_svd(
     ``V`` with an fp64 factor of ``C_d`` (its condition reaches ``1 + n / damp``).
 
     Returns:
-        :class:`CoSVD` ``(U, S, V, damp)``, fp32 (fp64 when ``W`` is fp64); ``damp`` has ``W``'s
-        batch shape.
+        :class:`CoSVD` ``(U, S, V, damp, energy)``, fp32 (fp64 when ``W`` is fp64); ``damp`` and
+        ``energy`` (fp64) have ``W``'s batch shape.
+
+    Raises:
+        TypeError: ``W`` or ``C`` is not a float tensor.
+        ValueError: ``mode`` or ``svd`` is unknown (kpa takes ``svd="exact"`` only); shapes
+            disagree (``C`` not ``(..., in, in)``, batch dims that do not broadcast, a bad
+            ``cov_index``); ``rank`` is outside ``1..min(out, in)``; ``W`` and ``C`` are on
+            different devices; ``C`` cannot be damped (see :func:`damp_covariance`).
+        FloatingPointError: ``W`` or ``C`` holds NaN or Inf.
     """
     op = "co_svd"
     if method is not None:

@@ -56,8 +56,19 @@ def crop_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, to
 def largest_singular_triplets(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``rank`` largest singular triplets of every matrix in ``A`` by a full SVD.
 
-    ``A``: ``(..., m, n)`` bf16/fp16/fp32 (computed in fp32) or fp64. Returns ``U (..., m, r)``,
-    ``S (..., r)`` descending, ``Vh (..., r, n)`` in the compute dtype.
+    The exact counterpart of :func:`corda_kernels.randomized_svd` (PiSSA's ``svd="exact"``).
+
+    Args:
+        A: ``(..., m, n)`` bf16/fp16/fp32 (computed in fp32) or fp64.
+        rank: ``r`` in ``1..min(m, n)``.
+
+    Returns:
+        ``U (..., m, r)``, ``S (..., r)`` descending, ``Vh (..., r, n)`` in the compute dtype.
+
+    Raises:
+        TypeError: ``A`` is not a float tensor.
+        ValueError: ``A`` is not ``(..., m, n)``, is empty, or ``rank`` is outside ``1..min(m, n)``.
+        FloatingPointError: ``A`` holds NaN or Inf.
     """
     op = "largest_singular_triplets"
     check_matrix(A, op)
@@ -97,6 +108,11 @@ def smallest_singular_triplets(A: torch.Tensor, rank: int) -> tuple[torch.Tensor
         ``S`` in descending order, so that they equal the last ``r`` triplets of
         ``torch.linalg.svd(A)`` (columns up to sign, where the singular values are distinct).
         The singular values are accurate to ``O(eps_fp64 · σ_max)`` absolute (see the module doc).
+
+    Raises:
+        TypeError: ``A`` is not a float tensor.
+        ValueError: ``A`` is not ``(..., m, n)``, is empty, or ``rank`` is outside ``1..min(m, n)``.
+        FloatingPointError: ``A`` holds NaN or Inf.
     """
     op = "smallest_singular_triplets"
     check_matrix(A, op)

@@ -3,7 +3,7 @@
 Public call: :func:`randomized_svd` ``(A, rank, *, oversample=None, n_iter=None, seed=0,
 generator=None) -> (U, S, Vh)``. Pure torch: on a GPU the matmuls run on cuBLAS and the QR/SVD
 factorizations on cuSOLVER through ``torch.linalg``; every step is batched over leading dims.
-Accuracy of the defaults, measured: ``bench/results/RESULTS_decompose.md``.
+Accuracy of the defaults, measured: ``bench/results/decompose.md``.
 """
 
 from __future__ import annotations
@@ -74,6 +74,13 @@ def randomized_svd(
     Accuracy: relative excess error ``(||A - A_r||_F - ||A - A*_r||_F) / ||A - A*_r||_F <= 1e-4`` on real
     weights, CorDA's ``W C_d`` and power-law spectra at ranks 8..128; on nearly degenerate top-r
     subspaces (very flat spectra) convergence is slow: pass a larger ``n_iter``.
+
+    Raises:
+        TypeError: ``A`` is not a float tensor.
+        ValueError: ``A`` is not ``(..., m, n)`` or is empty; ``rank`` is outside ``1..min(m, n)``;
+            ``oversample`` / ``n_iter`` is not a non-negative int; ``generator`` is on another
+            device; the number of seeds differs from the number of matrices.
+        FloatingPointError: ``A`` holds NaN or Inf.
     """
     op = "randomized_svd"
     check_matrix(A, op)

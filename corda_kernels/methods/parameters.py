@@ -52,7 +52,23 @@ class ParameterReport:
 
 
 def trainable_parameter_report(model: nn.Module) -> ParameterReport:
-    """Trainable adapter parameters of every ``LowRankLinear`` in ``model`` vs dense LoRA."""
+    """Trainable adapter parameters of every ``LowRankLinear`` in ``model`` vs dense LoRA.
+
+    Dense LoRA of rank ``r`` on an ``(out, in)`` layer trains ``r·(out + in)``; asymmetric LoRA
+    trains ``out·r``, SiVA ``k``, Partial-LoRA ``kept_rows·r + r·kept_cols``.
+
+    Args:
+        model: an adapted model (trainable parameters outside its ``LowRankLinear`` layers are
+            counted in ``other_trainable``).
+
+    Returns:
+        A ``ParameterReport``: ``layers`` (name -> trainable count, dense-LoRA count, rank, shape),
+        the totals ``trainable`` / ``dense_lora`` / ``fraction``, ``other_trainable`` (trainable
+        parameters outside the adapters) and ``table()``, a printable per-layer table.
+
+    Raises:
+        ValueError: ``model`` carries no ``LowRankLinear`` layer.
+    """
     layers, seen = {}, set()
     for name, module in model.named_modules():
         if not isinstance(module, LowRankLinear):

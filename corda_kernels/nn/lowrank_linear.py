@@ -68,7 +68,29 @@ class LowRankLinear(nn.Module):
     parameters (in fp16 Adam's ``eps`` rounds to 0; in bf16 updates below 2⁻⁸ of a value are lost);
     the forward rounds them to the compute dtype where they enter a product (the op's rounding
     rule). ``autocast_adapter_dtype=False`` stores them in the weight's dtype. Frozen factors and the
-    frozen ``weight`` / ``bias`` keep the weight's dtype.
+    frozen ``weight`` / ``bias`` keep the weight's dtype. The forward takes ``x`` in the weight's
+    dtype (any dtype under ``torch.autocast``) and raises ``TypeError`` otherwise.
+
+    Args:
+        weight: ``(out, in)`` frozen base (fp16/bf16/fp32/fp64).
+        A: ``(r, n_cols)`` down projection over the input features ``col_index`` (all when None).
+        B: ``(n_rows, r)`` up projection onto the output features ``row_index`` (all when None).
+        bias: optional ``(out,)`` frozen bias.
+        scale: the adapter's multiplier ``s`` (``alpha / r``); finite.
+        diag: optional ``(r,)`` diagonal between the factors (SiVA).
+        row_index: optional distinct int64 output features the adapter writes (Partial-LoRA).
+        col_index: optional distinct int64 input features the adapter reads (Partial-LoRA).
+        trainable: which of ``"A"``, ``"B"``, ``"diag"`` are parameters (the rest are buffers).
+        dropout: probability in [0, 1) of dropping an adapter input entry while training.
+        autocast_adapter_dtype: store trainable factors in fp32 on a 16-bit ``weight``.
+
+    Raises:
+        ValueError: ``trainable`` names something other than A, B, diag (or diag without a
+            ``diag``); shapes disagree (rank, index lengths, bias); an index is out of range or
+            duplicated; ``scale`` is not finite or ``dropout`` outside [0, 1) (also when set later).
+        TypeError: a tensor is not a float tensor, a dtype differs from the weight's (factors may
+            be fp32 on a 16-bit weight), an index is not int64, or ``scale`` / ``dropout`` is not a
+            number.
     """
 
     def __init__(

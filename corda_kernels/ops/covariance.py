@@ -138,6 +138,17 @@ def covariance_update(
         check_finite: raise :class:`FloatingPointError` before touching ``cov`` if a selected row
             of ``x`` holds NaN/Inf (one extra read of ``x``).
         name: a label (e.g. the layer name) used in error messages.
+
+    Returns:
+        ``cov`` itself, updated in place. Registered as ``torch.ops.corda_kernels.covariance_update``
+        (``torch.compile`` traces it). Backends: Triton, cuBLAS (``_C``), chunked CPU BLAS,
+        reference; ``CORDA_KERNELS_BACKEND`` forces one.
+
+    Raises:
+        TypeError: ``cov`` is not fp32/fp64, ``x`` not bf16/fp16/fp32, or ``token_mask`` not bool.
+        ValueError: ``cov`` is not ``(d, d)`` with ``d = x.shape[-1]``, ``x`` is 0-d,
+            ``token_mask``'s shape is not ``x.shape[:-1]``, or the tensors are on different devices.
+        FloatingPointError: ``check_finite`` and a selected row of ``x`` holds NaN or Inf.
     """
     _check(cov, x, token_mask, name)
     if check_finite:
@@ -172,7 +183,18 @@ def finalize_covariance(
 ) -> torch.Tensor:
     """The per-token mean covariance: symmetric ``cov / count``.
 
-    ``upper_only`` says how ``cov`` was accumulated (mirror the upper triangle when True).
+    Args:
+        cov: the ``(d, d)`` sum that :func:`covariance_update` accumulated.
+        count: the number of tokens accumulated (a positive int).
+        upper_only: how ``cov`` was accumulated: True mirrors its upper triangle first.
+        inplace: overwrite ``cov`` instead of returning a new tensor.
+
+    Returns:
+        The symmetric ``(d, d)`` mean, in ``cov``'s dtype (``cov`` itself when ``inplace``).
+
+    Raises:
+        TypeError: ``count`` is not an int.
+        ValueError: ``count`` is negative or 0 (no tokens: every row was padding, or no data).
     """
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"finalize_covariance: count must be an int (tokens accumulated), got {type(count).__name__}")
@@ -192,10 +214,33 @@ def finalize_covariance(
 class CovarianceAccumulator:
     """An fp32 ``(d, d)`` covariance accumulator that counts the tokens it has seen.
 
-    >>> acc = CovarianceAccumulator(4096, device="cuda")
-    >>> for hidden, mask in batches:   # hidden: (B, S, 4096) bf16, mask: (B, S) bool
-    ...     acc.update(hidden, mask)
-    >>> C = acc.finalize()              # symmetric, divided by acc.count
+    ``update(x, token_mask)`` adds ``x``'s selected rows through :func:`covariance_update` (and
+    raises what it raises); ``finalize()`` returns the symmetric per-token mean;
+    ``merge_(other)`` adds another shard's sums; ``state_dict()`` / ``load_state_dict()`` save
+    and restore it.
+
+    Args:
+        dim: the feature size ``d``.
+        device: where the ``(d, d)`` fp32 buffer lives.
+        upper_only: accumulate the upper triangle only (half the FLOPs); ``finalize`` mirrors it.
+        name: a label used in error messages.
+
+    Attributes:
+        cov: the running ``(d, d)`` fp32 sum.
+        count: tokens accumulated so far.
+
+    Raises:
+        TypeError: ``update`` with a ``x`` or mask of a wrong dtype (see :func:`covariance_update`).
+        ValueError: ``update`` with a ``x`` of another width or a mask of another shape;
+            ``merge_`` / ``load_state_dict`` with a state of another size; ``finalize`` before any
+            token was added.
+        FloatingPointError: ``update`` with NaN or Inf in a selected row of ``x``.
+
+    Examples:
+        >>> acc = CovarianceAccumulator(4096, device="cuda")
+        >>> for hidden, mask in batches:   # hidden: (B, S, 4096) bf16, mask: (B, S) bool
+        ...     acc.update(hidden, mask)
+        >>> C = acc.finalize()              # symmetric, divided by acc.count
     """
 
     def __init__(self, dim: int, device=None, *, upper_only: bool = True, name: str = ""):

@@ -593,14 +593,30 @@ def lowrank_linear(
         B: ``(n_rows, r)`` up projection onto the output features ``row_index`` (all when None).
         scale: the adapter scale ``s``.
         bias: optional ``(out,)``.
-        row_index, col_index: optional distinct int64 feature indices (Partial-LoRA).
+        row_index: optional distinct int64 output features ``B`` writes (Partial-LoRA).
+        col_index: optional distinct int64 input features ``A`` reads (Partial-LoRA).
         diag: optional ``(r,)`` diagonal between the factors (SiVA).
         dropout: probability ``p`` in [0, 1) of zeroing an entry of ``x_c`` (kept ones scale by
             ``1/(1-p)``); applies to the low-rank path only, as in LoRA.
-        generator, seed: the dropout seed (an int or int tensor); drawn from ``generator`` (or the
-            default generator of ``x``'s device) when ``seed`` is None.
+        generator: the source of the dropout seed when ``seed`` is None (default: the default
+            generator of ``x``'s device).
+        seed: the dropout seed (an int or a one-element int tensor).
         validate_indices: check index range and uniqueness (reads the indices: a device sync on
             GPU; skipped under ``torch.compile``). Modules check once at construction instead.
+
+    Returns:
+        ``y`` ``(..., out)`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``).
+        Gradients flow to whichever of ``x``, ``weight``, ``A``, ``B``, ``diag``, ``bias``
+        require them; fp32 factors on a 16-bit ``x`` / ``weight`` are rounded where they enter a
+        product and get fp32 gradients. Registered as ``torch.ops.corda_kernels.lowrank_linear``.
+
+    Raises:
+        TypeError: a tensor is not a float tensor, dtypes disagree (factors may be fp32 on a
+            16-bit weight; ``x`` may differ from ``weight`` only under autocast), an index is not
+            int64, or ``scale`` / ``dropout`` / ``seed`` has the wrong type.
+        ValueError: shapes disagree (``x``'s last dim, rank, index lengths, ``diag``, ``bias``),
+            the rank is 0, an index is out of range or duplicated, tensors are on different
+            devices, ``scale`` is not finite, or ``dropout`` is outside [0, 1).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"lowrank_linear: x must be a tensor, got {type(x).__name__}")
