@@ -216,6 +216,48 @@ def test_state_dict_round_trip(merged):
     torch.testing.assert_close(fresh.weight, layer.weight)
 
 
+def _noncontiguous(t):
+    """``t``'s values in a transposed (or strided) layout, as a decomposition may hand them over."""
+    if t.dim() == 2:
+        return t.T.contiguous().T
+    return torch.stack([t, t], -1)[..., 0] if t.dim() else t
+
+
+def test_stores_contiguous_tensors_whatever_it_is_given(tmp_path):
+    """Transposed factors (CorDA's A came as a (1, r) strided view) made the layer unsaveable:
+    safetensors and transformers' save_pretrained view tensors flat. The layer stores contiguous
+    copies of whatever it is given, and loading (also with assign=True) keeps them contiguous."""
+    from safetensors.torch import load_file, save_file
+
+    f = factors(0, rows=ROWS, cols=COLS)
+    given = {k: _noncontiguous(v) for k, v in f.items()}
+    assert not any(v.is_contiguous() for v in given.values())
+    for trainable in (("A", "B"), ("B",), ("diag",)):
+        layer = LowRankLinear(
+            given["weight"],
+            given["A"],
+            given["B"],
+            bias=given["bias"],
+            diag=given["diag"],
+            row_index=given["row_index"],
+            col_index=given["col_index"],
+            trainable=trainable,
+            scale=0.5,
+        )
+        tensors = dict(layer.state_dict())
+        assert all(t.is_contiguous() for t in tensors.values()), {k: t.stride() for k, t in tensors.items()}
+        save_file(tensors, tmp_path / "layer.safetensors")
+        assert all(torch.equal(load_file(tmp_path / "layer.safetensors")[k], t) for k, t in tensors.items())
+        for assign in (False, True):
+            fresh = make(seed=1, trainable=trainable)
+            fresh.load_state_dict({k: _noncontiguous(t) for k, t in tensors.items()}, assign=assign)
+            state = fresh.state_dict()
+            assert all(t.is_contiguous() for t in state.values()), (assign, {k: t.stride() for k, t in state.items()})
+            assert all(torch.equal(state[k], t) for k, t in tensors.items())
+            x = torch.randn(4, D_IN)
+            torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
 def test_load_rejects_bad_indices():
     layer = make()
     state = layer.state_dict()

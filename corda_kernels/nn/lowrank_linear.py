@@ -78,13 +78,16 @@ class LowRankLinear(nn.Module):
         dropout = check_dropout(dropout, "LowRankLinear")
         scale = check_scale(scale, "LowRankLinear")
         train_dtype = adapter_dtype(weight.dtype, autocast_adapter_dtype)
+        # Every tensor is stored contiguous, whatever layout it comes in: safetensors and transformers'
+        # save_pretrained view tensors flat and refuse strided ones (e.g. a transposed factor).
         A, B, diag = (
-            None if t is None else t.detach().to(train_dtype if name in trainable else weight.dtype)
+            None if t is None else t.detach().to(train_dtype if name in trainable else weight.dtype).contiguous()
             for name, t in zip(_FACTORS, (A, B, diag))
         )
+        row_index, col_index = (None if t is None else t.contiguous() for t in (row_index, col_index))
         check_factors(weight, A, B, bias=bias, row_index=row_index, col_index=col_index, diag=diag)
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous(), requires_grad=False)
         for name, tensor in zip(_FACTORS, (A, B, diag)):
             if tensor is not None and name in trainable:
                 self.register_parameter(name, nn.Parameter(tensor))
@@ -239,6 +242,10 @@ class LowRankLinear(nn.Module):
 
     @staticmethod
     def _after_load(module: LowRankLinear, incompatible_keys) -> None:
+        # load_state_dict(assign=True) puts the given tensors in place, in whatever layout they came
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if isinstance(tensor, torch.Tensor) and not tensor.is_contiguous():
+                tensor.data = tensor.data.contiguous()
         check_factors(
             module.weight,
             module.A,
