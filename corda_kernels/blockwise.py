@@ -158,7 +158,7 @@ def apply_blockwise(
     quantization = _adapt.check_quantization(targets, quantize, quantize_iters)
     method.prepare(model, targets)
 
-    was_training = model.training
+    modes = hf.training_modes(model)  # each module's own, put back at the end
     model.eval()
     undo_log: list[tuple[str, Optional[nn.Module], torch.device]] = []  # (name, replaced layer or None, home)
     try:
@@ -193,7 +193,7 @@ def apply_blockwise(
         _undo(model, undo_log)
         raise
     finally:
-        model.train(was_training)
+        hf.restore_training_modes(model, modes)
     _adapt.freeze_all_but_adapters(model)
     hf.forget_gguf_quantization(model)
     return model
