@@ -194,7 +194,8 @@ def apply(
         process_group=process_group,
         cache_dir=cache_dir,
     )
-    swap_in(
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    swapped = swap_in(
         model,
         targets,
         inits,
@@ -203,7 +204,13 @@ def apply(
         quantization,
         covariances if method.needs_covariance else None,
     )
-    freeze_all_but_adapters(model)
+    try:
+        freeze_all_but_adapters(model)
+    except BaseException:  # e.g. Ctrl-C: all or nothing
+        restore(model, swapped)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+        raise
     hf.forget_gguf_quantization(model)  # GGUF weights were dequantized at load: save and train as plain
     return model
 

@@ -22,7 +22,9 @@ What is counted (all from shapes and dtypes; no calibration is run):
   (``bytes_per_layer`` per layer, at most ``max_batch_bytes`` per chunk, plus ``bytes_per_chunk``).
 - residual copies + adapters: the new residual weight of every swapped layer, its factors and one
   layer's fp32 temporaries; ``apply`` holds the old weights until it returns. Block-wise keeps the
-  replaced layers (on the CPU) to restore the model if a later block fails: "undo copies".
+  replaced layers (on the CPU) to restore the model if a later block fails: "undo copies"
+  (``undo="reconstruct"``: only what rebuilds them bit for bit, counted at
+  :data:`RECONSTRUCT_BYTES_PER_WEIGHT`; measured 0.13-0.44).
 
 Measured against peak RSS on CPU (tests/test_memory.py, bench/results/blockwise.md). Not counted:
 allocator slack (glibc may keep freed blocks: RSS above live bytes, by 20-46% in block-wise
@@ -47,6 +49,9 @@ from .integrations import hf
 from .methods import make_method
 
 MiB = 2**20
+# What apply_blockwise(undo="reconstruct") keeps per target weight (blockwise._Rebuild): a bit mask (1/8
+# byte) and an int8 per entry that W' + s·B·A misses; measured 0.13 (LoRA-style) to 0.44 (PiSSA, bf16).
+RECONSTRUCT_BYTES_PER_WEIGHT = 0.5
 _WHOLE = ("calibrate", "decompose", "swap")
 _BLOCKWISE = ("capture", "run block", "decompose block", "swap block")
 
@@ -243,7 +248,7 @@ def estimate_memory(
             (``apply_blockwise(block_inputs_device=)``).
         storage: ``"full"`` or ``"packed"`` finalized covariances (whole-model; ``calibrate(storage=)``).
         undo: block-wise, ``apply_blockwise(undo=)``: ``"cpu"`` counts the parked originals,
-            ``"reconstruct"`` none.
+            ``"reconstruct"`` the correction that rebuilds them (:data:`RECONSTRUCT_BYTES_PER_WEIGHT`).
         device: where the run computes (default: the model's input device; ``meta`` counts as CPU).
         offload: deprecated: ``covariance_device`` (whole-model) or ``block_inputs_device`` (block-wise).
     """
@@ -307,7 +312,7 @@ def estimate_memory(
             base,
             home,
             block_inputs_device or home,
-            undo == "cpu",
+            undo,
             n_batches,
             tokens,
             act,
@@ -342,7 +347,7 @@ def estimate_memory(
 
 
 def _blockwise_phases(
-    layers: _Layers, base, home, inputs_at, keep_undo, n_batches, tokens, act, mask, attention, needs_cov, budget
+    layers: _Layers, base, home, inputs_at, undo_mode, n_batches, tokens, act, mask, attention, needs_cov, budget
 ):
     """Per phase, the worst block (the replaced layers of earlier blocks accumulate as undo copies)."""
     hidden = layers.shape[next(iter(layers.shape))][0]
@@ -375,7 +380,10 @@ def _blockwise_phases(
                 ("decomposition", home): _working_set(layers, names, needs_cov, budget),
             },
         }
-        undo += layers.target_bytes(names) if keep_undo else 0
+        if undo_mode == "cpu":
+            undo += layers.target_bytes(names)
+        else:
+            undo += int(RECONSTRUCT_BYTES_PER_WEIGHT * sum(layers.shape[n][0] * layers.shape[n][1] for n in names))
         swap_new = layers.swap_bytes(names) - layers.target_bytes(names)  # the residuals replace the old weights
         candidates["swap block"] = {
             ("undo copies", undo_at): undo,
