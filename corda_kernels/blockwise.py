@@ -137,7 +137,8 @@ def apply_blockwise(
             is refused before anything runs.
         offload: deprecated name of ``block_inputs_device``.
         autocast_adapter_dtype: fp32 trainable factors on a 16-bit model (default; see :func:`apply`).
-        quantize, quantize_iters: store the residuals quantized, as in :func:`corda_kernels.apply`.
+        quantize, quantize_iters: store the residuals quantized, as in :func:`corda_kernels.apply`
+            (``quantize_iters``: an integer in ``[0, 100]``).
 
     Every target must live inside the model's (single) stack of blocks.
     """
@@ -200,7 +201,7 @@ def apply_blockwise(
                 )
                 cov = covariances if quantization is not None and method.needs_covariance else None
                 options = (dropout, autocast_adapter_dtype, quantization, cov)
-                _swap_block(model, targets, inits, options, undo, home, undo_log)
+                _swap_block(model, targets, inits, options, undo, home, undo_log, progress)
                 del covariances, cov
                 del inits, block_targets
             block.to(home)
@@ -216,12 +217,12 @@ def apply_blockwise(
     return model
 
 
-def _swap_block(model, targets, inits, options, undo, home, undo_log) -> None:
+def _swap_block(model, targets, inits, options, undo, home, undo_log, progress=False) -> None:
     """Swap a block's layers in and log them (``options``: :func:`corda_kernels.adapt.swap_in`'s
     after ``inits``); each replaced layer leaves ``targets`` and lives on only in the undo log:
     parked on the CPU (``undo="cpu"``), or without its weight, with what rebuilds it bit for bit
     (``undo="reconstruct"``)."""
-    for name, old in _adapt.swap_in(model, {n: targets[n] for n in inits}, inits, *options):
+    for name, old in _adapt.swap_in(model, {n: targets[n] for n in inits}, inits, *options, progress=progress):
         rebuild = None
         if undo == "cpu":
             old.to("cpu")

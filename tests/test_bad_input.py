@@ -381,6 +381,71 @@ def _(model, cal, tmp):
     _apply(model, "partial_lora", few_shot=[{"input_ids": torch.zeros(2, 0, dtype=torch.long)}])
 
 
+def _quantized(model, iters, blockwise=False, **kw):
+    if blockwise:
+        return ck.apply_blockwise(
+            model,
+            token_batches(128, n_batches=1),
+            "pissa",
+            rank=2,
+            quantize="int8",
+            quantize_iters=iters,
+            progress=False,
+            **kw,
+        )
+    return _apply(model, quantize="int8", quantize_iters=iters, **kw)
+
+
+@case("quantize_iters_string")
+def _(model, cal, tmp):
+    _quantized(model, "2")
+
+
+@case("quantize_iters_none")
+def _(model, cal, tmp):
+    _quantized(model, None)
+
+
+@case("quantize_iters_nan")
+def _(model, cal, tmp):
+    _quantized(model, math.nan)
+
+
+@case("quantize_iters_fraction")
+def _(model, cal, tmp):
+    _quantized(model, 1.5)
+
+
+@case("quantize_iters_half")
+def _(model, cal, tmp):
+    _quantized(model, 0.5, blockwise=True)
+
+
+@case("quantize_iters_huge")
+def _(model, cal, tmp):
+    _quantized(model, 10**9)
+
+
+@case("quantize_iters_negative")
+def _(model, cal, tmp):
+    _quantized(model, -1, blockwise=True)
+
+
+@case("quantize_iters_bool")
+def _(model, cal, tmp):
+    _quantized(model, True)
+
+
+@case("quantize_iters_without_quantize")
+def _(model, cal, tmp):
+    _apply(model, quantize_iters=2)
+
+
+@case("blockwise_reconstruct_quantized")
+def _(model, cal, tmp):
+    _quantized(model, 0, blockwise=True, undo="reconstruct")
+
+
 @case("unmaskable_layer_input")
 def _(model, cal, tmp):
     layer = model.model.layers[0].mlp.down_proj

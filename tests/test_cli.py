@@ -66,7 +66,21 @@ BAD_ARGUMENTS = [
     ("batch-size 0", lambda t: ["init", "--batch-size", "0"], "--batch-size: must be a positive integer"),
     ("rank 0", lambda t: ["init", "--rank", "0"], "--rank: must be a positive integer"),
     ("quantize bad", lambda t: ["init", "--quantize", "nf3"], "--quantize: invalid choice"),
-    ("quantize iters -1", lambda t: ["init", "--quantize", "nf4", "--quantize-iters", "-1"], "must be an integer >= 0"),
+    (
+        "quantize iters -1",
+        lambda t: ["init", "--quantize", "nf4", "--quantize-iters", "-1"],
+        "must be an integer in [0, 100], got -1",
+    ),
+    (
+        "quantize iters huge",
+        lambda t: ["init", "--quantize", "nf4", "--quantize-iters", "1000000000"],
+        "must be an integer in [0, 100], got 1000000000",
+    ),
+    (
+        "quantize iters fraction",
+        lambda t: ["init", "--quantize", "nf4", "--quantize-iters", "1.5"],
+        "must be an integer in [0, 100], got 1.5",
+    ),
     ("quantize iters alone", lambda t: ["init", "--quantize-iters", "2"], "give --quantize nf4|int8 too"),
     ("alpha 0", lambda t: ["init", "--alpha", "0"], "--alpha: must be a finite number > 0"),
     ("alpha nan", lambda t: ["init", "--alpha", "nan"], "--alpha: must be a finite number > 0"),

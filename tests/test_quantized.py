@@ -233,6 +233,18 @@ def test_model_dtype_casts_keep_the_codes_and_change_the_compute_dtype(fmt, cast
         assert model(ids).logits.dtype == dtype
 
 
+def test_refinement_shows_progress(capsys):
+    """quantize_iters ran without a word (10**9 iterations ran on silently): a progress bar counts
+    layers x iterations, with the current error."""
+    model, cal = _model_and_cal()
+    ck.apply(model, "corda", rank=8, covariances=cal, quantize="int8", quantize_iters=2, progress=False)
+    assert "refine" not in capsys.readouterr().err
+    model, _ = _model_and_cal()
+    ck.apply(model, "corda", rank=8, covariances=cal, quantize="int8", quantize_iters=2, progress=True)
+    err = capsys.readouterr().err
+    assert "refine quantized residuals" in err and "28/28" in err and "error=" in err
+
+
 def test_refinement_error_never_increases_and_uses_corda_metric():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(48, 128, generator=g) * 0.05

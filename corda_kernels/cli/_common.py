@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import torch
 
 from .._version import __version__
+from ..decomposition.quantized import MAX_QUANTIZE_ITERS, check_quantize_iters
 from ..integrations import loading
 
 
@@ -55,6 +56,14 @@ def _int_at_least(name: str, minimum: int, what: str):
 positive_int = _int_at_least("positive_int", 1, "a positive integer")
 non_negative_int = _int_at_least("non_negative_int", 0, "an integer >= 0")
 seq_len = _int_at_least("seq_len", 2, "at least 2 tokens (one next-token target)")
+
+
+def quantize_iters(text: str) -> int:
+    """``--quantize-iters``: apply's own check (an integer in [0, MAX_QUANTIZE_ITERS])."""
+    try:
+        return check_quantize_iters(int(text), "nf4")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_QUANTIZE_ITERS}], got {text}") from None
 
 
 def positive_float(text: str) -> float:
@@ -119,7 +128,10 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantize", choices=["nf4", "int8"], help="store the frozen residuals quantized (bitsandbytes formats)"
     )
     parser.add_argument(
-        "--quantize-iters", type=non_negative_int, default=0, help="LoftQ-style refinements of the residual"
+        "--quantize-iters",
+        type=quantize_iters,
+        default=0,
+        help=f"LoftQ-style refinements of the residual, 0..{MAX_QUANTIZE_ITERS}",
     )
 
 
