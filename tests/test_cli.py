@@ -130,6 +130,48 @@ def test_bad_argument(argv, message, tmp_path, capsys, no_model):
     assert sorted(os.listdir(tmp_path))[0] != ".", "a temporary output folder was left behind"
 
 
+def _subparser(name):
+    return next(a for a in cli.build_parser()._actions if hasattr(a, "choices") and a.choices)._name_parser_map[name]
+
+
+def _options(parser):
+    return {(s, a.dest) for a in parser._actions for s in a.option_strings if s not in ("-h", "--help")}
+
+
+def test_estimate_takes_every_init_argument(tmp_path, capsys, monkeypatch):
+    """The README says estimate takes init's arguments, but it refused --quantize and --alpha: every
+    init option is an estimate option (the same definitions), and estimate counts what init would
+    hold with them (a quantized residual is smaller; --alpha changes no memory)."""
+    assert _options(_subparser("init")) <= _options(_subparser("estimate"))
+    for action in _subparser("init")._actions:  # the same types, choices and defaults
+        twin = next(a for a in _subparser("estimate")._actions if a.dest == action.dest)
+        assert (action.type, action.choices, action.default) == (twin.type, twin.choices, twin.default), action.dest
+    with torch.device("meta"):
+        meta = tiny_llama(hidden=256, intermediate=512)
+    monkeypatch.setattr(cli.estimate, "meta_model", lambda *args: meta)
+    monkeypatch.setattr(loading, "load_tokenizer", lambda *args: None)
+    base = ["estimate", "--samples", "8", "--seq-len", "32", "--device", "cpu", "--method", "pissa"]
+    every = [
+        "--alpha", "16", "--normalization", "peft", "--quantize", "nf4", "--quantize-iters", "1", "--no-residual",
+        "--no-autocast-adapter-dtype", "--out", str(tmp_path / "o"), "--overwrite", "--seed", "3", "--no-progress",
+    ]  # fmt: skip
+    printed = {}
+    cases = {"plain": [], "alpha": ["--alpha", "16"], "nf4": ["--quantize", "nf4"], "int8": ["--quantize", "int8"]}
+    for name, extra in {**cases, "every": every}.items():
+        assert cli.main(base + extra) == 0, name
+        printed[name] = capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "o")  # estimate writes nothing
+
+    def residuals(text):
+        row = next(line for line in text.splitlines() if line.startswith("residual copies + adapters"))
+        return float(row.split()[-1].replace(",", ""))
+
+    assert residuals(printed["alpha"]) == residuals(printed["plain"])
+    assert "nf4 residuals" in printed["nf4"] and "int8 residuals" in printed["int8"]
+    assert residuals(printed["nf4"]) < residuals(printed["int8"]) < residuals(printed["plain"])
+    assert residuals(printed["every"]) > residuals(printed["nf4"])  # the refinement's fp64 temporaries
+
+
 def test_cuda_without_cuda(tmp_path, capsys, no_model):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
