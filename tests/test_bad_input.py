@@ -352,6 +352,60 @@ def _(model, cal, tmp):
     ck.calibrate(model, batches, progress=False)
 
 
+@case("uint8_input_ids")
+def _(model, cal, tmp):
+    batches = token_batches(128, n_batches=1)
+    batches[0]["input_ids"] = batches[0]["input_ids"].to(torch.uint8)
+    ck.calibrate(model, batches, progress=False)
+
+
+@case("nan_attention_mask")
+def _(model, cal, tmp):
+    batches = token_batches(128, n_batches=2)
+    batches[1]["attention_mask"] = batches[1]["attention_mask"].float()
+    batches[1]["attention_mask"][0, 3] = math.nan
+    ck.calibrate(model, batches, progress=False)
+
+
+def _meta_batches():
+    return [{k: v.to("meta") for k, v in b.items()} for b in token_batches(128, n_batches=1)]
+
+
+@case("meta_batch")
+def _(model, cal, tmp):
+    ck.calibrate(model, _meta_batches(), progress=False)
+
+
+@case("blockwise_meta_batch")
+def _(model, cal, tmp):
+    ck.apply_blockwise(model, _meta_batches(), "pissa", rank=2, progress=False)
+
+
+@case("max_batches_negative")
+def _(model, cal, tmp):
+    ck.calibrate(model, token_batches(128), max_batches=-1, progress=False)
+
+
+@case("max_batches_zero")
+def _(model, cal, tmp):
+    ck.calibrate(model, token_batches(128), max_batches=0, progress=False)
+
+
+@case("max_batches_fraction")
+def _(model, cal, tmp):
+    ck.calibrate(model, token_batches(128), max_batches=1.5, progress=False)
+
+
+@case("exclude_everything")
+def _(model, cal, tmp):
+    ck.calibrate(model, token_batches(128), exclude_modules=".*", progress=False)
+
+
+@case("apply_exclude_everything")
+def _(model, cal, tmp):
+    _apply(model, target_modules=["q_proj"], exclude_modules=["q_proj"])
+
+
 @case("batch_not_a_dict")
 def _(model, cal, tmp):
     ck.calibrate(model, [torch.zeros(2, 4, dtype=torch.long)], progress=False)

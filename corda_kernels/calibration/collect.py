@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from .._deprecation import renamed
 from ..integrations import hf
-from ..integrations.batches import check_batch
+from ..integrations.batches import check_batch, check_max_batches
 from ..ops.covariance import count_tokens
 from . import sharding
 from . import storage as _storage
@@ -65,7 +65,7 @@ def calibrate(
         target_modules: names (suffix match) or a regex (full match); default: every linear layer
             in the model's block stacks (see :func:`corda_kernels.integrations.hf.find_targets`).
         normalization: ``"token_mean"`` (default) or ``"peft"`` (PEFT's per-call max scaling).
-        max_batches: stop after this many batches.
+        max_batches: stop after this many batches (a positive integer; None: every batch).
         progress: show a tqdm bar of batches and tokens.
         checkpoint_dir: save the running state there every ``checkpoint_every`` batches and at the
             end (atomically; see :mod:`corda_kernels.calibration.checkpoint`). Re-running the same call after a
@@ -91,6 +91,7 @@ def calibrate(
     _storage.check_options(storage, covariance_device)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive number of batches, got {checkpoint_every!r}")
+    max_batches = check_max_batches(max_batches)
     group = distributed.resolve_group(process_group)
     hf.refuse_adapted(model, "calibrate")
     targets = hf.find_targets(model, target_modules, exclude_modules)

@@ -81,10 +81,18 @@ def find_targets(
         chosen = {n: m for n, m in linears.items() if any(n.startswith(p) for p in prefixes)}
     else:
         chosen = {n: m for n, m in linears.items() if matches(n, target_modules)}
-    if exclude_modules is not None:
-        chosen = {n: m for n, m in chosen.items() if not matches(n, exclude_modules)}
     if not chosen:
         raise ValueError(_nothing_matched(model, target_modules, linears))
+    if exclude_modules is not None:
+        kept = {n: m for n, m in chosen.items() if not matches(n, exclude_modules)}
+        if not kept:
+            source = f"target_modules={target_modules!r} matched" if target_modules is not None else None
+            source = source or "of the default targets"
+            raise ValueError(
+                f"exclude_modules={exclude_modules!r} excludes every target (the {len(chosen)} linear layers "
+                f"{source}, e.g. {next(iter(chosen))}): nothing is left to calibrate or adapt"
+            )
+        chosen = kept
     return chosen
 
 
