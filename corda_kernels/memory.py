@@ -146,7 +146,7 @@ def meta_model(model: Optional[str], gguf_file: Optional[str] = None, dtype: str
         return AutoModelForCausalLM.from_config(config, dtype=loading.DTYPES[dtype]).eval()
 
 
-def _input_groups(model: nn.Module, targets: Mapping[str, nn.Module]) -> Optional[dict[str, str]]:
+def input_groups(model: nn.Module, targets: Mapping[str, nn.Module]) -> Optional[dict[str, str]]:
     """layer -> group (the first layer given the same input tensor), from calibration's own 2-token
     probe (it runs on a ``meta``-device model), or None when the model cannot run one."""
     recorder = CovarianceRecorder(targets)
@@ -299,7 +299,7 @@ def estimate_memory(
     floating = [p for p in model.parameters() if p.is_floating_point()]
     act = floating[0].element_size() if floating else 4
 
-    groups = _input_groups(model, targets)
+    groups = input_groups(model, targets)
     if groups is None:
         groups = {n: n for n in targets}
         notes.append("a 2-token forward failed, so no shared inputs were assumed: covariances are an upper bound")

@@ -295,13 +295,20 @@ def check_out(out: str, overwrite: bool) -> str:
     return path
 
 
+def room_needed(nbytes: int) -> int:
+    """The free space asked for ``nbytes`` of estimated output: 10% more (the estimate's error, file
+    system blocks) and 64 KiB (a few small files), proportional to what is written, not a fixed amount."""
+    return int(1.1 * nbytes) + (64 << 10)
+
+
 def check_room(path: str, need: int, what: str) -> None:
-    """Refuse when the file system of ``path`` has less than ``need`` bytes free."""
-    free = shutil.disk_usage(path).free
-    if free < need:
+    """Refuse when the file system of ``path`` has less than :func:`room_needed` of ``need`` (the
+    estimated bytes to write) free."""
+    free, room = shutil.disk_usage(path).free, room_needed(need)
+    if free < room:
         raise UsageError(
-            f"--out {path}: {free / 2**20:,.0f} MiB free, the {what} needs about {need / 2**20:,.0f} MiB; "
-            "free some space or choose another --out"
+            f"--out {path}: {free / 2**20:,.1f} MiB free, the {what} needs about {need / 2**20:,.1f} MiB "
+            f"({room / 2**20:,.1f} MiB with a 10% margin); free some space or choose another --out"
         )
 
 
