@@ -111,6 +111,7 @@ def test_corda_model_saves_with_save_pretrained_and_safetensors(how, dtype, tmp_
         )
     state = model.state_dict()
     assert all(t.is_contiguous() for t in state.values()), [k for k, t in state.items() if not t.is_contiguous()]
+    assert len({t.untyped_storage().data_ptr() for t in state.values()}) == len(state)  # no layer shares a storage
     save_file(state, tmp_path / "state.safetensors")
     loaded = load_file(tmp_path / "state.safetensors")
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
