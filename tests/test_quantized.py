@@ -233,6 +233,19 @@ def test_model_dtype_casts_keep_the_codes_and_change_the_compute_dtype(fmt, cast
         assert model(ids).logits.dtype == dtype
 
 
+def test_casting_the_codes_is_refused():
+    """Module.type(dtype) casts integer tensors too: the codes would be lost, so it is refused (the
+    weight is left as it was); float dtypes go through model.to(dtype)."""
+    model, cal = _model_and_cal()
+    ck.apply(model, "pissa", rank=4, quantize="nf4", progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    codes = {k: v.clone() for k, v in layer.weight.state_dict().items()}
+    with pytest.raises(TypeError, match=r"a nf4 quantized weight \(64, 64\) keeps its codes: packed"):
+        layer.type(torch.float16)
+    assert all(torch.equal(layer.weight.state_dict()[k], v) for k, v in codes.items())
+    assert layer.weight.dtype == torch.float32
+
+
 def test_refinement_shows_progress(capsys):
     """quantize_iters ran without a word (10**9 iterations ran on silently): a progress bar counts
     layers x iterations, with the current error."""
