@@ -286,6 +286,11 @@ def estimate_memory(
             raise ValueError(f"estimate_memory: {label} must be a positive integer, got {value!r}")
     method = make_method(method, **method_options)
     quantization = make_quantization(quantize, quantize_iters)
+    if blockwise and quantization is not None and undo == "reconstruct":
+        raise ValueError(
+            "estimate_memory: apply_blockwise refuses undo='reconstruct' with quantize (a quantized residual "
+            "cannot give the original weights back); estimate undo='cpu'"
+        )
     targets = hf.find_targets(model, target_modules, exclude_modules)
     ranks = {n: pattern_value(rank_pattern, n, rank) for n in targets}
     home = torch.device(device) if device is not None else hf.input_device(model)
