@@ -16,6 +16,7 @@ from typing import Mapping, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .decomposition import decompose, plan
 from .decomposition.quantized import Quantization, damped, make_quantization, quantize_residual
@@ -65,6 +66,7 @@ def build_module(
     quantization: Optional[Quantization] = None,
     covariance: Optional[torch.Tensor] = None,
     name: str = "",
+    on_iteration=None,
 ) -> LowRankLinear:
     """A ``LowRankLinear`` for ``module`` with ``init``'s factors and the residual weight.
 
@@ -72,7 +74,7 @@ def build_module(
     base unless ``autocast_adapter_dtype`` is False); the residual subtracts the update the forward
     computes (``A``, ``B`` rounded to the weight's dtype), so the model reproduces the original. The
     residual is then quantized per ``quantization`` (``covariance``: the layer's input covariance,
-    CorDA's refinement metric)."""
+    CorDA's refinement metric; ``on_iteration(t, error)``: called after each refinement)."""
     weight = hf.weight_matrix(module).detach()
     dtype = weight.dtype
     layer = LowRankLinear(
@@ -96,12 +98,14 @@ def build_module(
     layer.base_changed = bool(init.subtract)  # the frozen weight is a residual, not the original
     layer.init_stats = dict(init.stats)
     if quantization is not None:
-        _quantize_layer(layer, weight, init, quantization, covariance, name)
+        _quantize_layer(layer, weight, init, quantization, covariance, name, on_iteration)
     return layer
 
 
 @torch.no_grad()
-def _quantize_layer(layer, weight, init: LayerInit, quantization: Quantization, covariance, name) -> None:
+def _quantize_layer(
+    layer, weight, init: LayerInit, quantization: Quantization, covariance, name, on_iteration=None
+) -> None:
     if not quantization.iters:
         layer.quantize_base(quantize_weight(layer.weight, quantization.fmt, name))
         return
@@ -111,7 +115,9 @@ def _quantize_layer(layer, weight, init: LayerInit, quantization: Quantization, 
             "(no residual, a diagonal or feature indices) does not allow it"
         )
     C = None if covariance is None else damped(covariance, init.stats.get("damp", 0.0))
-    Q, A, B, errors = quantize_residual(weight.float(), init.A, init.B, init.scale, weight.dtype, quantization, C, name)
+    Q, A, B, errors = quantize_residual(
+        weight.float(), init.A, init.B, init.scale, weight.dtype, quantization, C, name, on_iteration
+    )
     layer.A.copy_(A)
     layer.B.copy_(B)
     layer.quantize_base(Q)
@@ -185,7 +191,9 @@ def apply(
             (row-wise, as ``Linear8bitLt``): decompose in full precision, then store each frozen
             residual quantized; the adapters stay in full precision. Needs bitsandbytes.
         quantize_iters: LoftQ-style refinements of factors and quantized residual (CorDA: in its
-            covariance-weighted metric; others: Frobenius); the best iterate is kept.
+            covariance-weighted metric; others: Frobenius); the best iterate is kept. An integer in
+            ``[0, 100]`` (:data:`~corda_kernels.decomposition.quantized.MAX_QUANTIZE_ITERS`; the error
+            stops improving after a few); a progress bar counts the refinements.
         **method_options: the method's own options (listed under ``method``).
 
     Returns:
@@ -194,7 +202,7 @@ def apply(
     Raises:
         ValueError: an unknown method or method option value; CorDA without ``covariances``, or
             covariances of another model, all zero or not damped into positive definite; a rank,
-            alpha, dropout or ``quantize`` value out of range; the model already carries adapters
+            alpha, dropout, ``quantize`` or ``quantize_iters`` value out of range; the model already carries adapters
             (ours or PEFT's) or sits on the ``meta`` device; ``target_modules`` matches nothing; a
             target's weight is tied to another module; an NF4 target's ``in_features`` is not a
             multiple of 64.
@@ -228,7 +236,8 @@ def apply(
         process_group=process_group,
         cache_dir=cache_dir,
     )
-    swap_in(
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    swapped = swap_in(
         model,
         targets,
         inits,
@@ -236,8 +245,15 @@ def apply(
         autocast_adapter_dtype,
         quantization,
         covariances if method.needs_covariance else None,
+        progress=progress,
     )
-    freeze_all_but_adapters(model)
+    try:
+        freeze_all_but_adapters(model)
+    except BaseException:  # e.g. Ctrl-C: all or nothing
+        restore(model, swapped)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+        raise
     hf.forget_gguf_quantization(model)  # GGUF weights were dequantized at load: save and train as plain
     return model
 
@@ -282,11 +298,26 @@ def swap_in(
     autocast_adapter_dtype: bool = True,
     quantization: Optional[Quantization] = None,
     covariances=None,
+    *,
+    progress: bool = False,
 ) -> list[tuple[str, nn.Module]]:
     """Replace each target by its ``LowRankLinear``; returns ``(name, replaced module)`` pairs (the
     undo log). On any failure the layers already swapped are put back before re-raising.
-    ``covariances`` (when quantize_iters refines in CorDA's metric) maps layers to input covariances."""
+    ``covariances`` (when quantize_iters refines in CorDA's metric) maps layers to input covariances;
+    ``progress``: a bar of the quantize_iters refinements (layers x iterations)."""
     swapped: list[tuple[str, nn.Module]] = []
+    refining = quantization is not None and quantization.iters > 0
+    bar = tqdm(
+        total=len(inits) * quantization.iters if refining else 0,
+        desc="refine quantized residuals",
+        unit="iter",
+        disable=not (progress and refining),
+    )
+
+    def on_iteration(t, error):
+        bar.update(1)
+        bar.set_postfix(error=f"{error:.3g}")
+
     try:
         for name, init in inits.items():
             old = targets[name]
@@ -294,13 +325,14 @@ def swap_in(
             if quantization is not None and quantization.iters and covariances is not None:
                 in_f = hf.weight_matrix(old).shape[1]
                 cov = plan.layer_covariances(covariances, [name], in_f, init.A.device).unique[0]
-            hf.set_submodule(
-                model, name, build_module(old, init, dropout, autocast_adapter_dtype, quantization, cov, name)
-            )
+            layer = build_module(old, init, dropout, autocast_adapter_dtype, quantization, cov, name, on_iteration)
+            hf.set_submodule(model, name, layer)
             swapped.append((name, old))
     except BaseException:
         restore(model, swapped)
         raise
+    finally:
+        bar.close()
     return swapped
 
 

@@ -20,9 +20,13 @@ What is counted (all from shapes and dtypes; no calibration is run):
   and attention mask); the hidden states twice while a block runs (inputs and outputs).
 - decomposition: the largest chunk's working set as :mod:`corda_kernels.decomposition.plan` sizes it
   (``bytes_per_layer`` per layer, at most ``max_batch_bytes`` per chunk, plus ``bytes_per_chunk``).
-- residual copies + adapters: the new residual weight of every swapped layer, its factors and one
+- residual copies + adapters: the new residual weight of every swapped layer (``quantize``: its
+  NF4 / int8 codes and statistics, plus one layer's full-precision residual and quantization
+  temporaries; ``quantize_iters``: one layer's fp64 refinement temporaries), its factors and one
   layer's fp32 temporaries; ``apply`` holds the old weights until it returns. Block-wise keeps the
-  replaced layers (on the CPU) to restore the model if a later block fails: "undo copies".
+  replaced layers (on the CPU) to restore the model if a later block fails: "undo copies"
+  (``undo="reconstruct"``: only what rebuilds them bit for bit, counted at
+  :data:`RECONSTRUCT_BYTES_PER_WEIGHT`; measured 0.13-0.44).
 
 Measured against peak RSS on CPU (tests/test_memory.py, bench/results/blockwise.md). Not counted:
 allocator slack (glibc may keep freed blocks: RSS above live bytes, by 20-46% in block-wise
@@ -43,10 +47,14 @@ from .adapt import pattern_value
 from .calibration.recorder import CovarianceRecorder
 from .calibration.storage import check_options, packed_size
 from .decomposition import plan
+from .decomposition.quantized import make_quantization
 from .integrations import hf
 from .methods import make_method
 
 MiB = 2**20
+# What apply_blockwise(undo="reconstruct") keeps per target weight (blockwise._Rebuild): a bit mask (1/8
+# byte) and an int8 per entry that W' + s·B·A misses; measured 0.13 (LoRA-style) to 0.44 (PiSSA, bf16).
+RECONSTRUCT_BYTES_PER_WEIGHT = 0.5
 _WHOLE = ("calibrate", "decompose", "swap")
 _BLOCKWISE = ("capture", "run block", "decompose block", "swap block")
 
@@ -149,7 +157,7 @@ def meta_model(model: Optional[str], gguf_file: Optional[str] = None, dtype: str
         return AutoModelForCausalLM.from_config(config, dtype=loading.DTYPES[dtype]).eval()
 
 
-def _input_groups(model: nn.Module, targets: Mapping[str, nn.Module]) -> Optional[dict[str, str]]:
+def input_groups(model: nn.Module, targets: Mapping[str, nn.Module]) -> Optional[dict[str, str]]:
     """layer -> group (the first layer given the same input tensor), from calibration's own 2-token
     probe (it runs on a ``meta``-device model), or None when the model cannot run one."""
     recorder = CovarianceRecorder(targets)
@@ -188,11 +196,29 @@ class _Layers:
     def target_bytes(self, names) -> int:
         return sum(self.shape[n][0] * self.shape[n][1] * self.weight_size[n] for n in names)
 
-    def swap_bytes(self, names) -> int:
-        """New residuals, factors (weight dtype and fp32) and one layer's fp32 build temporaries."""
+    def swap_bytes(self, names, quantization=None) -> int:
+        """New residuals (full precision, or quantized), factors (weight dtype and fp32) and one layer's
+        build temporaries (fp32; with quantization also its full-precision residual and bitsandbytes'
+        copy, and the fp64 refinement's matrices)."""
         factors = sum(self.ranks[n] * sum(self.shape[n]) * (self.weight_size[n] + 4) for n in names)
-        temps = max((2 * 4 * self.shape[n][0] * self.shape[n][1] for n in names), default=0)
-        return self.target_bytes(names) + factors + temps
+        sizes = [self.shape[n][0] * self.shape[n][1] for n in names]
+        per_weight = 2 * 4
+        if quantization is not None:
+            residuals = sum(quantized_bytes(self.shape[n][1], self.shape[n][0], quantization.fmt) for n in names)
+            per_weight += max(self.weight_size[n] for n in names) + 4 + (6 * 8 if quantization.iters else 0)
+        else:
+            residuals = self.target_bytes(names)
+        return residuals + factors + max(sizes, default=0) * per_weight
+
+
+def quantized_bytes(out_f: int, in_f: int, fmt: str) -> int:
+    """Bytes of a :class:`~corda_kernels.ops.quantized.QuantizedWeight` ``(out_f, in_f)``: NF4 packed codes
+    (half a byte per weight), a uint8 absmax per 64 and fp32 ones per 256 of those, the code tables;
+    int8 one byte per weight and an fp32 scale per row."""
+    n = out_f * in_f
+    if fmt == "int8":
+        return n + 4 * out_f
+    return n // 2 + n // 64 + 4 * -(-n // (64 * 256)) + 4 + 4 * (16 + 256)
 
 
 def _activations(layers: _Layers, names, tokens: int, act: int, attention: int) -> int:
@@ -231,6 +257,8 @@ def estimate_memory(
     block_inputs_device: Optional[str] = None,
     storage: str = "full",
     undo: str = "cpu",
+    quantize: Optional[str] = None,
+    quantize_iters: int = 0,
     target_modules: hf.TargetSpec = None,
     exclude_modules: hf.TargetSpec = None,
     rank_pattern: Optional[Mapping[str, int]] = None,
@@ -260,8 +288,10 @@ def estimate_memory(
         block_inputs_device: ``"cpu"``: block-wise, where the cached block inputs are kept
             (``apply_blockwise(block_inputs_device=)``).
         storage: ``"full"`` or ``"packed"`` finalized covariances (whole-model; ``calibrate(storage=)``).
+        quantize: ``apply(quantize=)``: residuals stored NF4 / int8 (``None``: in the model's dtype).
+        quantize_iters: ``apply(quantize_iters=)``: the LoftQ-style refinement's temporaries.
         undo: block-wise, ``apply_blockwise(undo=)``: ``"cpu"`` counts the parked originals,
-            ``"reconstruct"`` none.
+            ``"reconstruct"`` the correction that rebuilds them (:data:`RECONSTRUCT_BYTES_PER_WEIGHT`).
         target_modules: as for :func:`corda_kernels.apply`.
         exclude_modules: as for :func:`corda_kernels.apply`.
         rank_pattern: as for :func:`corda_kernels.apply`.
@@ -288,6 +318,12 @@ def estimate_memory(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"estimate_memory: {label} must be a positive integer, got {value!r}")
     method = make_method(method, **method_options)
+    quantization = make_quantization(quantize, quantize_iters)
+    if blockwise and quantization is not None and undo == "reconstruct":
+        raise ValueError(
+            "estimate_memory: apply_blockwise refuses undo='reconstruct' with quantize (a quantized residual "
+            "cannot give the original weights back); estimate undo='cpu'"
+        )
     targets = hf.find_targets(model, target_modules, exclude_modules)
     ranks = {n: pattern_value(rank_pattern, n, rank) for n in targets}
     home = torch.device(device) if device is not None else hf.input_device(model)
@@ -301,7 +337,7 @@ def estimate_memory(
     floating = [p for p in model.parameters() if p.is_floating_point()]
     act = floating[0].element_size() if floating else 4
 
-    groups = _input_groups(model, targets)
+    groups = input_groups(model, targets)
     if groups is None:
         groups = {n: n for n in targets}
         notes.append("a 2-token forward failed, so no shared inputs were assumed: covariances are an upper bound")
@@ -332,6 +368,7 @@ def estimate_memory(
     title = (
         f"Memory estimate: {type(model).__name__}, {method.describe()} rank {rank}, {mode}, {len(names)} "
         f"target layers, {n_batches} batches x {batch_size} x {seq_len} tokens, on {home}"
+        + (f", {quantization.fmt} residuals" if quantization is not None else "")
     )
     if blockwise:
         phases = _blockwise_phases(
@@ -339,7 +376,8 @@ def estimate_memory(
             base,
             home,
             block_inputs_device or home,
-            undo == "cpu",
+            undo,
+            quantization,
             n_batches,
             tokens,
             act,
@@ -360,7 +398,7 @@ def estimate_memory(
             "swap": {
                 **base,
                 ("covariances", stored): cov_kept,
-                ("residual copies + adapters", home): layers.swap_bytes(names),
+                ("residual copies + adapters", home): layers.swap_bytes(names, quantization),
             },
         }
         if not needs_cov:
@@ -374,7 +412,19 @@ def estimate_memory(
 
 
 def _blockwise_phases(
-    layers: _Layers, base, home, inputs_at, keep_undo, n_batches, tokens, act, mask, attention, needs_cov, budget
+    layers: _Layers,
+    base,
+    home,
+    inputs_at,
+    undo_mode,
+    quantization,
+    n_batches,
+    tokens,
+    act,
+    mask,
+    attention,
+    needs_cov,
+    budget,
 ):
     """Per phase, the worst block (the replaced layers of earlier blocks accumulate as undo copies)."""
     hidden = layers.shape[next(iter(layers.shape))][0]
@@ -407,8 +457,12 @@ def _blockwise_phases(
                 ("decomposition", home): _working_set(layers, names, needs_cov, budget),
             },
         }
-        undo += layers.target_bytes(names) if keep_undo else 0
-        swap_new = layers.swap_bytes(names) - layers.target_bytes(names)  # the residuals replace the old weights
+        if undo_mode == "cpu":
+            undo += layers.target_bytes(names)
+        else:
+            undo += int(RECONSTRUCT_BYTES_PER_WEIGHT * sum(layers.shape[n][0] * layers.shape[n][1] for n in names))
+        # the residuals replace the old weights (quantized ones are smaller: never below 0)
+        swap_new = max(0, layers.swap_bytes(names, quantization) - layers.target_bytes(names))
         candidates["swap block"] = {
             ("undo copies", undo_at): undo,
             ("block inputs", inputs_at): inputs,

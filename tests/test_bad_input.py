@@ -352,6 +352,60 @@ def _(model, cal, tmp):
     ck.calibrate(model, batches, progress=False)
 
 
+@case("uint8_input_ids")
+def _(model, cal, tmp):
+    batches = token_batches(128, n_batches=1)
+    batches[0]["input_ids"] = batches[0]["input_ids"].to(torch.uint8)
+    ck.calibrate(model, batches, progress=False)
+
+
+@case("nan_attention_mask")
+def _(model, cal, tmp):
+    batches = token_batches(128, n_batches=2)
+    batches[1]["attention_mask"] = batches[1]["attention_mask"].float()
+    batches[1]["attention_mask"][0, 3] = math.nan
+    ck.calibrate(model, batches, progress=False)
+
+
+def _meta_batches():
+    return [{k: v.to("meta") for k, v in b.items()} for b in token_batches(128, n_batches=1)]
+
+
+@case("meta_batch")
+def _(model, cal, tmp):
+    ck.calibrate(model, _meta_batches(), progress=False)
+
+
+@case("blockwise_meta_batch")
+def _(model, cal, tmp):
+    ck.apply_blockwise(model, _meta_batches(), "pissa", rank=2, progress=False)
+
+
+@case("max_batches_negative")
+def _(model, cal, tmp):
+    ck.calibrate(model, token_batches(128), max_batches=-1, progress=False)
+
+
+@case("max_batches_zero")
+def _(model, cal, tmp):
+    ck.calibrate(model, token_batches(128), max_batches=0, progress=False)
+
+
+@case("max_batches_fraction")
+def _(model, cal, tmp):
+    ck.calibrate(model, token_batches(128), max_batches=1.5, progress=False)
+
+
+@case("exclude_everything")
+def _(model, cal, tmp):
+    ck.calibrate(model, token_batches(128), exclude_modules=".*", progress=False)
+
+
+@case("apply_exclude_everything")
+def _(model, cal, tmp):
+    _apply(model, target_modules=["q_proj"], exclude_modules=["q_proj"])
+
+
 @case("batch_not_a_dict")
 def _(model, cal, tmp):
     ck.calibrate(model, [torch.zeros(2, 4, dtype=torch.long)], progress=False)
@@ -379,6 +433,71 @@ def _(model, cal, tmp):
 @case("partial_lora_few_shot_empty")
 def _(model, cal, tmp):
     _apply(model, "partial_lora", few_shot=[{"input_ids": torch.zeros(2, 0, dtype=torch.long)}])
+
+
+def _quantized(model, iters, blockwise=False, **kw):
+    if blockwise:
+        return ck.apply_blockwise(
+            model,
+            token_batches(128, n_batches=1),
+            "pissa",
+            rank=2,
+            quantize="int8",
+            quantize_iters=iters,
+            progress=False,
+            **kw,
+        )
+    return _apply(model, quantize="int8", quantize_iters=iters, **kw)
+
+
+@case("quantize_iters_string")
+def _(model, cal, tmp):
+    _quantized(model, "2")
+
+
+@case("quantize_iters_none")
+def _(model, cal, tmp):
+    _quantized(model, None)
+
+
+@case("quantize_iters_nan")
+def _(model, cal, tmp):
+    _quantized(model, math.nan)
+
+
+@case("quantize_iters_fraction")
+def _(model, cal, tmp):
+    _quantized(model, 1.5)
+
+
+@case("quantize_iters_half")
+def _(model, cal, tmp):
+    _quantized(model, 0.5, blockwise=True)
+
+
+@case("quantize_iters_huge")
+def _(model, cal, tmp):
+    _quantized(model, 10**9)
+
+
+@case("quantize_iters_negative")
+def _(model, cal, tmp):
+    _quantized(model, -1, blockwise=True)
+
+
+@case("quantize_iters_bool")
+def _(model, cal, tmp):
+    _quantized(model, True)
+
+
+@case("quantize_iters_without_quantize")
+def _(model, cal, tmp):
+    _apply(model, quantize_iters=2)
+
+
+@case("blockwise_reconstruct_quantized")
+def _(model, cal, tmp):
+    _quantized(model, 0, blockwise=True, undo="reconstruct")
 
 
 @case("unmaskable_layer_input")

@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import re
 import weakref
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 import corda_kernels as ck
+from corda_kernels import adapt, blockwise
 from corda_kernels.methods import MiLoRA
 from corda_kernels.testing import tiny_llama, token_batches
 
@@ -51,27 +53,120 @@ class FailOnThirdBlock(MiLoRA):
         return super().init_batch(weights, covariances, rank, scale, names, seed)
 
 
-@pytest.mark.parametrize("undo", ["cpu", "reconstruct"])
-def test_failure_leaves_model_unchanged(undo):
-    model = tiny_llama(layers=3)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match="decomposition failed"):
-        ck.apply_blockwise(
-            model, token_batches(128, n_batches=2), FailOnThirdBlock(), rank=4, undo=undo, progress=False
-        )
+def _snapshot(model):
+    """What a failed run must give back: every tensor (bit for bit), module object, flag."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modules": dict(model.named_modules()),
+        "training": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+def _assert_as_before(model, before):
     assert not _adapters(model)
-    assert all(isinstance(model.get_submodule(f"model.layers.{i}.mlp.up_proj"), nn.Linear) for i in range(3))
+    assert dict(model.named_modules()) == before["modules"]  # the very same module objects
+    assert {n: m.training for n, m in model.named_modules()} == before["training"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before["requires_grad"]
     after = model.state_dict()
-    assert before.keys() == after.keys()
-    for k in before:
-        if undo == "cpu":
-            assert torch.equal(before[k], after[k]), k
-        else:  # rebuilt as W' + s·B·A in fp32: within one rounding
-            torch.testing.assert_close(after[k], before[k], rtol=2e-7, atol=2e-7)
+    assert after.keys() == before["state"].keys()
+    changed = [k for k, v in before["state"].items() if v.dtype != after[k].dtype or not torch.equal(v, after[k])]
+    assert not changed, changed
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    for k, v in before["state"].items():  # also -0.0 against +0.0
+        if v.dtype in bits:
+            assert torch.equal(v.view(bits[v.dtype]), after[k].view(bits[v.dtype])), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["corda", "pissa", "milora", "siva", "lora", "asymmetric", "partial_lora"])
+@pytest.mark.parametrize("undo", ["cpu", "reconstruct"])
+def test_failure_leaves_model_unchanged(undo, method, dtype, monkeypatch):
+    """A failure in block 2 puts blocks 0 and 1 back bit for bit, whatever the method, dtype and undo
+    mode (``undo="reconstruct"`` rebuilt W' + s·B·A, within one rounding, before)."""
+    model = tiny_llama(layers=3, dtype=dtype)
+    model.model.layers[0].train()  # modes and requires_grad flags come back as they were, too
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
+    before = _snapshot(model)
+    options = {"densities": 0.5} if method == "partial_lora" else {}
+    real = blockwise.decompose
+
+    def fail_on_third_block(targets, *args, **kwargs):
+        if next(iter(targets)).startswith("model.layers.2."):
+            raise RuntimeError("decomposition failed")
+        return real(targets, *args, **kwargs)
+
+    monkeypatch.setattr(blockwise, "decompose", fail_on_third_block)
+    with pytest.raises(RuntimeError, match="decomposition failed"):
+        ck.apply_blockwise(model, token_batches(128, n_batches=2), method, rank=4, undo=undo, progress=False, **options)
+    _assert_as_before(model, before)
+
+
+# The stages one block goes through, each interrupted (KeyboardInterrupt, as Ctrl-C) while block 1
+# runs, after block 0 was adapted: (stage, module, function, the call that is interrupted, after it ran).
+_STAGES = {
+    "capture inputs": ("blockwise", "capture_block_inputs", 1, False),
+    "run block 1": ("blockwise", "_run_block", 2, False),
+    "decompose block 1": ("blockwise", "decompose", 2, False),
+    "build layer 3 of block 1": ("adapt", "build_module", 10, False),
+    "quantize layer 3 of block 1": ("adapt", "_quantize_layer", 10, False),
+    "block 1 swapped": ("blockwise", "_swap_block", 2, True),
+    "freeze after the last block": ("adapt", "freeze_all_but_adapters", 1, False),
+}
+_CASES = [
+    (undo, quantize, stage)
+    for undo in ("cpu", "reconstruct")
+    for quantize in (None, "nf4", "int8")
+    for stage in _STAGES
+    if quantize is not None or not stage.startswith("quantize")
+]
+
+
+@pytest.mark.parametrize(
+    "undo, quantize, stage", _CASES, ids=["-".join(map(str, case)).replace(" ", "_") for case in _CASES]
+)
+def test_interrupted_at_every_stage_gives_the_original_back(undo, quantize, stage, monkeypatch):
+    """Ctrl-C at any stage of a block-wise run leaves the original model, bit for bit, in every undo
+    mode and with every residual format; undo="reconstruct" cannot rebuild the original from a
+    quantized residual (NF4 moved weights by 12% of max |W|) and is refused before anything runs."""
+    if quantize is not None:
+        pytest.importorskip("bitsandbytes")
+    model = tiny_llama(layers=2, intermediate=128)  # NF4 needs in_features divisible by 64
+    before = _snapshot(model)
+    where, name, interrupted, after = _STAGES[stage]
+    owner = {"blockwise": blockwise, "adapt": adapt}[where]
+    real, calls = getattr(owner, name), []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == interrupted and not after:
+            raise KeyboardInterrupt
+        result = real(*args, **kwargs)
+        if len(calls) == interrupted:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, name, interrupt)
+    run = lambda: ck.apply_blockwise(  # noqa: E731
+        model, token_batches(128, n_batches=2), "corda", rank=4, undo=undo, quantize=quantize, progress=False
+    )
+    try:  # a KeyboardInterrupt escaping the test would stop the whole pytest session
+        run()
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    except ValueError as exc:
+        outcome = str(exc)
+    if undo == "reconstruct" and quantize is not None:
+        assert re.search(f"undo='reconstruct' cannot rebuild .*quantize='{quantize}'.* undo='cpu'", outcome), outcome
+        assert not calls  # refused before anything ran
+    else:
+        assert outcome == "interrupted" and len(calls) == interrupted
+    _assert_as_before(model, before)
 
 
 class RecordReplacedAlive(MiLoRA):
-    """Records, when block 2 is decomposed, which of block 0's original layers are still alive."""
+    """Records, when block 2 is decomposed, which of block 0's original weights are still alive."""
 
     def __init__(self, originals):
         super().__init__()
@@ -80,12 +175,14 @@ class RecordReplacedAlive(MiLoRA):
     def init_batch(self, weights, covariances, rank, scale, names, seed):
         if names[0].startswith("model.layers.2.") and self.alive is None:
             gc.collect()
-            self.alive = [ref() is not None for ref in self.originals]
+            self.alive = [ref() is not None and ref().weight.numel() > 0 for ref in self.originals]
         return super().init_batch(weights, covariances, rank, scale, names, seed)
 
 
 @pytest.mark.parametrize("undo", ["cpu", "reconstruct"])
 def test_replaced_layers_are_released_unless_kept_for_undo(undo):
+    """undo="cpu" keeps the replaced layers whole; undo="reconstruct" keeps the module objects (so a
+    failed run gives the same ones back) without their weights, and a small correction instead."""
     model = tiny_llama(layers=3)
     originals = [
         weakref.ref(m) for n, m in model.named_modules() if n.startswith("model.layers.0.") and isinstance(m, nn.Linear)
@@ -94,6 +191,27 @@ def test_replaced_layers_are_released_unless_kept_for_undo(undo):
     ck.apply_blockwise(model, token_batches(128, n_batches=2), method, rank=4, undo=undo, progress=False)
     assert len(method.alive) == 7
     assert all(method.alive) if undo == "cpu" else not any(method.alive)
+    gc.collect()
+    assert not any(ref() is not None for ref in originals)  # all released once the run succeeded
+
+
+def test_reconstruct_keeps_a_small_fraction_of_the_weights():
+    """The correction undo="reconstruct" keeps per layer is a fraction of the weight it replaces."""
+    from corda_kernels.blockwise import _Rebuild
+
+    for dtype, bound in ((torch.float32, 0.15), (torch.bfloat16, 0.3)):
+        model = tiny_llama(layers=1, dtype=dtype, hidden=128, intermediate=256)
+        cal = ck.calibrate(model, token_batches(128), progress=False)
+        originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        ck.apply(model, "corda", rank=8, covariances=cal, progress=False)
+        for name, layer in _adapters(model).items():
+            rebuild = _Rebuild(layer, originals[name])
+            weight, exact = rebuild.weight(layer)
+            assert exact and torch.equal(
+                weight.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                originals[name].view(torch.int16 if dtype != torch.float32 else torch.int32),
+            )
+            assert rebuild.nbytes() < bound * originals[name].numel() * originals[name].element_size(), name
 
 
 def test_targets_outside_the_stack_are_refused():
@@ -111,3 +229,33 @@ def test_targets_outside_the_stack_are_refused():
         ck.apply_blockwise(model, [], "corda", rank=2, progress=False)
     with pytest.raises(ValueError, match="undo must be"):
         ck.apply_blockwise(model, token_batches(128, n_batches=1), "corda", rank=2, undo="disk", progress=False)
+
+
+def test_a_rebuild_that_comes_out_differently_is_reported(monkeypatch):
+    """Should the adapter's product come out differently on undo than when the layer was adapted
+    (another device, a nondeterministic kernel), the fingerprint check says so instead of silence."""
+    model = tiny_llama(layers=2)
+    real, calls = blockwise._rebuilt, []
+
+    def drifting(layer):
+        calls.append(layer)
+        weight = real(layer)
+        if len(calls) > 7:  # on undo: one entry one unit in the last place off
+            weight.view(torch.int32).view(-1)[0] += 1
+        return weight
+
+    monkeypatch.setattr(blockwise, "_rebuilt", drifting)
+    real_decompose = blockwise.decompose
+
+    def fail_on_second_block(targets, *args, **kwargs):
+        if next(iter(targets)).startswith("model.layers.1."):
+            raise RuntimeError("decomposition failed")
+        return real_decompose(targets, *args, **kwargs)
+
+    monkeypatch.setattr(blockwise, "decompose", fail_on_second_block)
+    with pytest.warns(ck.CordaWarning, match=r"undo could not rebuild .*model\.layers\.0\..* bit for bit"):
+        with pytest.raises(RuntimeError, match="decomposition failed"):
+            ck.apply_blockwise(
+                model, token_batches(128, n_batches=2), "pissa", rank=4, undo="reconstruct", progress=False
+            )
+    assert not _adapters(model)

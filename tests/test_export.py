@@ -91,3 +91,30 @@ def test_mixed_dropouts_are_reported(original, tmp_path):
         ck.save_peft_adapter(model, str(tmp_path / "a"))
     with open(tmp_path / "a" / "adapter_config.json") as fh:
         assert json.load(fh)["lora_dropout"] == 0.3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["ipa", "kpa", "blockwise"])
+def test_corda_model_saves_with_save_pretrained_and_safetensors(how, dtype, tmp_path):
+    """CorDA's A was stored as a transposed view (stride (1, r)): save_pretrained (transformers'
+    tied-weight check views tensors flat) and safetensors refused it, so the Trainer recipe died at
+    its first checkpoint. Every stored tensor is contiguous and both saves round-trip exactly."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama(layers=1, dtype=dtype)
+    batches = token_batches(128, n_batches=2)
+    if how == "blockwise":
+        ck.apply_blockwise(model, batches, "corda", rank=4, progress=False)
+    else:
+        ck.apply(
+            model, "corda", mode=how, rank=4, covariances=ck.calibrate(model, batches, progress=False), progress=False
+        )
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values()), [k for k, t in state.items() if not t.is_contiguous()]
+    assert len({t.untyped_storage().data_ptr() for t in state.values()}) == len(state)  # no layer shares a storage
+    save_file(state, tmp_path / "state.safetensors")
+    loaded = load_file(tmp_path / "state.safetensors")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    model.save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    assert all(torch.equal(saved[k], state[k]) for k in saved)

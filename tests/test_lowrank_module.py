@@ -216,6 +216,57 @@ def test_state_dict_round_trip(merged):
     torch.testing.assert_close(fresh.weight, layer.weight)
 
 
+def _noncontiguous(t):
+    """``t``'s values in a transposed (or strided) layout, as a decomposition may hand them over."""
+    if t.dim() == 2:
+        return t.T.contiguous().T
+    return torch.stack([t, t], -1)[..., 0] if t.dim() else t
+
+
+def _owns_its_storage(t):
+    return (
+        t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
+
+
+def test_stores_contiguous_tensors_whatever_it_is_given(tmp_path):
+    """Transposed factors (CorDA's A came as a (1, r) strided view) made the layer unsaveable:
+    safetensors and transformers' save_pretrained view tensors flat. The layer stores contiguous
+    copies of whatever it is given, and loading (also with assign=True) keeps them contiguous."""
+    from safetensors.torch import load_file, save_file
+
+    f = factors(0, rows=ROWS, cols=COLS)
+    given = {k: _noncontiguous(v) for k, v in f.items()}
+    assert not any(v.is_contiguous() for v in given.values())
+    for trainable in (("A", "B"), ("B",), ("diag",)):
+        layer = LowRankLinear(
+            given["weight"],
+            given["A"],
+            given["B"],
+            bias=given["bias"],
+            diag=given["diag"],
+            row_index=given["row_index"],
+            col_index=given["col_index"],
+            trainable=trainable,
+            scale=0.5,
+        )
+        tensors = dict(layer.state_dict())
+        assert all(_owns_its_storage(t) for t in tensors.values()), {k: t.stride() for k, t in tensors.items()}
+        save_file(tensors, tmp_path / "layer.safetensors")
+        assert all(torch.equal(load_file(tmp_path / "layer.safetensors")[k], t) for k, t in tensors.items())
+        for assign in (False, True):
+            fresh = make(seed=1, trainable=trainable)
+            fresh.load_state_dict({k: _noncontiguous(t) for k, t in tensors.items()}, assign=assign)
+            state = fresh.state_dict()
+            assert all(_owns_its_storage(t) for t in state.values()), (
+                assign,
+                {k: t.stride() for k, t in state.items()},
+            )
+            assert all(torch.equal(state[k], t) for k, t in tensors.items())
+            x = torch.randn(4, D_IN)
+            torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
 def test_load_rejects_bad_indices():
     layer = make()
     state = layer.state_dict()
@@ -305,3 +356,14 @@ def test_compile_inductor():
     torch.testing.assert_close(y, layer(x))
     y.sum().backward()
     assert layer.B.grad is not None and x.grad is not None
+
+
+def test_slices_of_a_batch_are_copied_out():
+    """Layers decomposed as a batch got views into one storage (A[i], B[i]): with a strided layout,
+    transformers' save_pretrained failed on them; each layer now holds its own storage."""
+    f = factors(0)
+    batch_A, batch_B = torch.stack([f["A"], f["A"] + 1]), torch.stack([f["B"], f["B"] + 1])
+    layers = [LowRankLinear(f["weight"], batch_A[i], batch_B[i]) for i in range(2)]
+    for layer in layers:
+        assert all(_owns_its_storage(t) for t in layer.state_dict().values())
+    assert layers[0].A.data_ptr() != batch_A.data_ptr() and torch.equal(layers[1].A, batch_A[1])

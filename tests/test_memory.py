@@ -1,5 +1,6 @@
 """estimate_memory: itemized peaks that match measured RSS, shared covariances counted once, the CLI."""
 
+import copy
 import json
 import os
 import subprocess
@@ -117,6 +118,26 @@ def test_items_match_what_calibration_holds():
     assert list(pissa.phases) == ["decompose", "swap"]
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         ck.estimate_memory(model, batch_size=0, seq_len=12, n_batches=2)
+
+
+def test_blockwise_undo_copies_follow_the_undo_mode():
+    """undo="cpu" parks every replaced weight; undo="reconstruct" keeps what rebuilds them bit for bit
+    (blockwise._Rebuild), counted as RECONSTRUCT_BYTES_PER_WEIGHT per weight: at least what it keeps."""
+    from corda_kernels.blockwise import _Rebuild
+    from corda_kernels.memory import RECONSTRUCT_BYTES_PER_WEIGHT
+
+    model = tiny_llama(layers=2)
+    kept = {}
+    for undo in ("cpu", "reconstruct"):
+        estimate = ck.estimate_memory(model, batch_size=2, seq_len=12, n_batches=2, blockwise=True, undo=undo)
+        kept[undo] = max(items.get(("undo copies", "cpu"), 0) for items in estimate.phases.values())
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    weights = sum(m.weight.numel() for m in targets.values())
+    assert kept["cpu"] == 4 * weights  # at the last block's swap: every replaced fp32 weight
+    assert kept["reconstruct"] == int(RECONSTRUCT_BYTES_PER_WEIGHT * weights)
+    adapted = ck.apply(copy.deepcopy(model), "pissa", rank=8, target_modules=list(targets), progress=False)
+    measured = sum(_Rebuild(adapted.get_submodule(n), m.weight).nbytes() for n, m in targets.items())
+    assert measured <= kept["reconstruct"]
 
 
 def test_cli_estimate(capsys, smollm2):

@@ -189,6 +189,75 @@ def test_compile_fullgraph_on_a_quantized_base(fmt):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+_CASTS = {
+    "to_bf16": lambda m: m.to(torch.bfloat16),
+    "half": lambda m: m.half(),
+    "half_then_float": lambda m: m.half().float(),
+    "to_cpu_bf16": lambda m: m.to("cpu", torch.bfloat16),
+    "to_dtype_keyword": lambda m: m.to(dtype=torch.float16),
+}
+
+
+@pytest.mark.parametrize("cast", list(_CASTS))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_model_dtype_casts_keep_the_codes_and_change_the_compute_dtype(fmt, cast):
+    """model.to(torch.bfloat16) / .half() cast the quantized weight's fp32 statistics (NF4 absmax, code
+    tables; int8 row scales) and left its dtype, so the next forward failed with "input dtype differs".
+    The codes and statistics stay as they are; the weight dequantizes to the new dtype, and each
+    layer's forward is dequantize-then-reference in that dtype."""
+    model, cal = _model_and_cal()
+    ck.apply(model, "corda", rank=8, covariances=cal, quantize=fmt, progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ck.LowRankLinear)}
+    codes = {n: {k: v.clone() for k, v in m.weight.state_dict().items()} for n, m in layers.items()}
+    model = _CASTS[cast](model)
+    dtype = next(p.dtype for n, p in model.named_parameters() if n.endswith("embed_tokens.weight"))
+    assert dtype != torch.float32 or cast == "half_then_float"
+    g = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        assert layer.weight.dtype == dtype and layer.weight.dequantize().dtype == dtype, name
+        state = layer.weight.state_dict()
+        assert state.keys() == codes[name].keys()
+        for key, value in codes[name].items():
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), (name, key)
+        x = torch.randn(2, 5, layer.in_features, generator=g).to(dtype)
+        with torch.no_grad():
+            expected = reference.lowrank_linear(
+                x.double(), layer.weight.dequantize().double(), layer.A.double(), layer.B.double(), scale=layer.scale
+            )
+            got = layer(x)
+        assert got.dtype == dtype
+        tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+        assert (got.double() - expected).abs().max() <= tolerance * expected.abs().max(), name
+    ids = token_batches(128)[0]["input_ids"]
+    with torch.no_grad():
+        assert model(ids).logits.dtype == dtype
+
+
+def test_casting_the_codes_is_refused():
+    """Module.type(dtype) casts integer tensors too: the codes would be lost, so it is refused (the
+    weight is left as it was); float dtypes go through model.to(dtype)."""
+    model, cal = _model_and_cal()
+    ck.apply(model, "pissa", rank=4, quantize="nf4", progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    codes = {k: v.clone() for k, v in layer.weight.state_dict().items()}
+    with pytest.raises(TypeError, match=r"a nf4 quantized weight \(64, 64\) keeps its codes: packed"):
+        layer.type(torch.float16)
+    assert all(torch.equal(layer.weight.state_dict()[k], v) for k, v in codes.items())
+    assert layer.weight.dtype == torch.float32
+
+
+def test_refinement_shows_progress(capsys):
+    """quantize_iters ran without a word (10**9 iterations ran on silently): a progress bar counts
+    layers x iterations, with the current error."""
+    model, cal = _model_and_cal()
+    ck.apply(model, "corda", rank=8, covariances=cal, quantize="int8", quantize_iters=2, progress=False)
+    assert "refine" not in capsys.readouterr().err
+    model, _ = _model_and_cal()
+    ck.apply(model, "corda", rank=8, covariances=cal, quantize="int8", quantize_iters=2, progress=True)
+    err = capsys.readouterr().err
+    assert "refine quantized residuals" in err and "28/28" in err and "error=" in err
+
+
 def test_refinement_error_never_increases_and_uses_corda_metric():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(48, 128, generator=g) * 0.05

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from .._deprecation import renamed
 from ..integrations import hf
-from ..integrations.batches import check_batch
+from ..integrations.batches import check_batch, check_max_batches
 from ..ops.covariance import count_tokens
 from . import sharding
 from . import storage as _storage
@@ -73,7 +73,7 @@ def calibrate(
         exclude_modules: names or a regex of layers to leave out, as ``target_modules``.
         normalization: ``"token_mean"`` (default) or ``"peft"`` (PEFT's per-call max scaling,
             padding included: reproduces PEFT's ``calib_cov_distribution``).
-        max_batches: stop after this many batches.
+        max_batches: stop after this many batches (a positive integer; None: every batch).
         progress: show a tqdm bar of batches and tokens.
         checkpoint_dir: save the running state there every ``checkpoint_every`` batches and at the
             end (atomically; see :mod:`corda_kernels.calibration.checkpoint`). Re-running the same
@@ -117,6 +117,7 @@ def calibrate(
     _storage.check_options(storage, covariance_device)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive number of batches, got {checkpoint_every!r}")
+    max_batches = check_max_batches(max_batches)
     group = distributed.resolve_group(process_group)
     hf.refuse_adapted(model, "calibrate")
     targets = hf.find_targets(model, target_modules, exclude_modules)

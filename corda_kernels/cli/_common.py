@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import torch
 
 from .._version import __version__
+from ..decomposition.quantized import MAX_QUANTIZE_ITERS, check_quantize_iters
 from ..integrations import loading
 
 
@@ -55,6 +56,14 @@ def _int_at_least(name: str, minimum: int, what: str):
 positive_int = _int_at_least("positive_int", 1, "a positive integer")
 non_negative_int = _int_at_least("non_negative_int", 0, "an integer >= 0")
 seq_len = _int_at_least("seq_len", 2, "at least 2 tokens (one next-token target)")
+
+
+def quantize_iters(text: str) -> int:
+    """``--quantize-iters``: apply's own check (an integer in [0, MAX_QUANTIZE_ITERS])."""
+    try:
+        return check_quantize_iters(int(text), "nf4")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_QUANTIZE_ITERS}], got {text}") from None
 
 
 def positive_float(text: str) -> float:
@@ -119,7 +128,10 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantize", choices=["nf4", "int8"], help="store the frozen residuals quantized (bitsandbytes formats)"
     )
     parser.add_argument(
-        "--quantize-iters", type=non_negative_int, default=0, help="LoftQ-style refinements of the residual"
+        "--quantize-iters",
+        type=quantize_iters,
+        default=0,
+        help=f"LoftQ-style refinements of the residual, 0..{MAX_QUANTIZE_ITERS}",
     )
 
 
@@ -283,13 +295,20 @@ def check_out(out: str, overwrite: bool) -> str:
     return path
 
 
+def room_needed(nbytes: int) -> int:
+    """The free space asked for ``nbytes`` of estimated output: 10% more (the estimate's error, file
+    system blocks) and 64 KiB (a few small files), proportional to what is written, not a fixed amount."""
+    return int(1.1 * nbytes) + (64 << 10)
+
+
 def check_room(path: str, need: int, what: str) -> None:
-    """Refuse when the file system of ``path`` has less than ``need`` bytes free."""
-    free = shutil.disk_usage(path).free
-    if free < need:
+    """Refuse when the file system of ``path`` has less than :func:`room_needed` of ``need`` (the
+    estimated bytes to write) free."""
+    free, room = shutil.disk_usage(path).free, room_needed(need)
+    if free < room:
         raise UsageError(
-            f"--out {path}: {free / 2**20:,.0f} MiB free, the {what} needs about {need / 2**20:,.0f} MiB; "
-            "free some space or choose another --out"
+            f"--out {path}: {free / 2**20:,.1f} MiB free, the {what} needs about {need / 2**20:,.1f} MiB "
+            f"({room / 2**20:,.1f} MiB with a 10% margin); free some space or choose another --out"
         )
 
 

@@ -8,13 +8,16 @@ import argparse
 from .._measure import rss_bytes
 from ..integrations import loading
 from ..memory import estimate_memory, meta_model
-from ._common import add_common_arguments, add_method_arguments, targets, validate
+from . import init
+from ._common import targets, validate
 from .init import HIGHER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, out_default=None)
-    add_method_arguments(parser)
+    """Every ``init`` argument (the same definitions: prefix an ``init`` command line with ``estimate``
+    to see its memory; ``--out`` and the like are accepted and write nothing), and the block-wise /
+    storage options ``init`` does not have."""
+    init.add_arguments(parser)
     parser.add_argument("--blockwise", action="store_true", help="block-wise calibration (apply_blockwise)")
     parser.add_argument(
         "--offload", choices=["cpu"], help="block-wise: where block inputs are kept; else: finalized covariances"
@@ -43,6 +46,8 @@ def run(args) -> int:
         covariance_device=None if args.blockwise else args.offload,
         block_inputs_device=args.offload if args.blockwise else None,
         storage=args.storage,
+        quantize=args.quantize,  # a smaller residual; --alpha, --normalization, --no-residual change no memory
+        quantize_iters=args.quantize_iters,
         target_modules=targets(args.targets),
         device=args.device,
         **options,

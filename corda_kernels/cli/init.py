@@ -28,6 +28,7 @@ from ..adapt import apply
 from ..calibration import calibrate
 from ..export import adapters, save_peft_adapter, save_residual_model
 from ..integrations import hf, loading
+from ..memory import input_groups, quantized_bytes
 from ._common import (
     add_common_arguments,
     add_method_arguments,
@@ -138,15 +139,50 @@ def _energy_summary(model) -> dict[str, dict]:
     return {"per_layer": per_layer, "per_kind": kinds}
 
 
-def output_bytes(model, args) -> int:
-    """About what ``init`` writes (an upper bound): the residual model, the adapter (fp32) and one
-    fp32 covariance per target (shared ones counted once each), plus the tokenizer."""
+def _safetensors_bytes(tensors: dict[str, tuple[int, int]]) -> int:
+    """A safetensors file of ``name -> (elements, bytes per element)``: the data and its JSON header."""
+    return sum(n * size for n, size in tensors.values()) + sum(len(k) + 96 for k in tensors) + 64
+
+
+def _tokenizer_bytes(tokenizer) -> int:
+    """What ``tokenizer.save_pretrained`` writes, about: twice its ``tokenizer.json`` (fast tokenizers;
+    room for vocabulary files beside it) or 64 bytes per token, plus its small JSON files."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return 2 * len(backend.to_str().encode()) + (16 << 10)
+    try:
+        return 64 * len(tokenizer) + (16 << 10)
+    except TypeError:
+        return 16 << 10
+
+
+def output_bytes(model, args, tokenizer=None) -> int:
+    """About what ``init`` writes into ``--out`` (a little above it; :func:`._common.room_needed` adds
+    the margin): the PEFT adapter (fp32 dense factors), the residual model unless ``--no-residual``
+    (every tensor of the state dict; quantized targets as their codes and statistics), the tokenizer
+    beside it, the covariances (one fp32 ``(d, d)`` per distinct input, found by calibration's 2-token
+    probe) and the report (per-layer energies)."""
     found = hf.find_targets(model, targets(args.targets))
-    residual = 0 if args.no_residual else sum(p.numel() * p.element_size() for p in model.parameters())
-    shapes = [hf.in_out_features(m) for m in found.values()]
-    adapter = sum(args.rank * (i + o) * 4 for i, o in shapes)
-    covariances = sum(i * i * 4 for i, _ in shapes) if args.method == "corda" else 0
-    return residual + adapter + covariances + (32 << 20)
+    shapes = {n: hf.in_out_features(m) for n, m in found.items()}
+    names = "".join(found)
+    factors = {
+        f"base_model.model.{n}.lora_{k}.weight": (args.rank * (i if k == "A" else o), 4)
+        for n, (i, o) in shapes.items()
+        for k in "AB"
+    }
+    total = _safetensors_bytes(factors) + 2 * len(names) + (4 << 10)  # adapter_config.json (names), corda_kernels.json
+    if not args.no_residual:
+        state = {k: (t.numel(), t.element_size()) for k, t in model.state_dict().items()}
+        if args.quantize is not None:
+            for name, (i, o) in shapes.items():
+                state[f"{name}.weight"] = (quantized_bytes(o, i, args.quantize) + (2 << 10), 1)  # + bitsandbytes' state
+        total += _safetensors_bytes(state) + len(names) + (8 << 10)  # config (skip list), generation config
+        total += _tokenizer_bytes(tokenizer)
+    if args.method == "corda":
+        groups = input_groups(model, found) or {n: n for n in found}
+        dims = {g: shapes[n][0] for n, g in groups.items()}
+        total += _safetensors_bytes({g: (d * d, 4) for g, d in dims.items()}) + 2 * len(names) + (4 << 10)
+    return total + 96 * len(found) + (8 << 10)  # report.json: energies per layer, provenance
 
 
 def run(args) -> int:
@@ -161,7 +197,7 @@ def _run(args, texts, tmp, model_source) -> int:
     with measure("load") as st:
         model, tokenizer = loading.load_model(args.model, args.gguf_file, args.dtype, args.device)
     stages.append(st)
-    check_room(tmp, output_bytes(model, args), "output (residual model, adapter, covariances)")
+    check_room(tmp, output_bytes(model, args, tokenizer), "output (residual model, adapter, covariances)")
     batches = loading.token_batches(tokenizer, texts, args.seq_len, args.batch_size)
     options = method_options(args, tokenizer)
     check_batches = batches[:2]

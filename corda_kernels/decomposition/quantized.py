@@ -15,7 +15,8 @@ not a projection in either metric, so an iterate can be worse than its predecess
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import numbers
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -29,11 +30,33 @@ class Quantization(NamedTuple):
     iters: int = 0
 
 
+# Refinements beyond a few stop improving (the best iterate is kept); each costs one SVD and one
+# quantization per layer. The bound keeps a typo (10**9) from running for days.
+MAX_QUANTIZE_ITERS = 100
+
+
+def check_quantize_iters(iters, quantize: Optional[str] = None, option: str = "quantize_iters") -> int:
+    """``iters`` as an int: an integer in ``[0, MAX_QUANTIZE_ITERS]`` (not a bool, a float or a string),
+    non-zero only with a quantized residual. The one check behind apply, apply_blockwise and the CLI."""
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral):
+        raise TypeError(
+            f"{option} must be an integer in [0, {MAX_QUANTIZE_ITERS}] (refinements of the quantized residual), "
+            f"got {type(iters).__name__} {iters!r}"
+        )
+    if not 0 <= iters <= MAX_QUANTIZE_ITERS:
+        raise ValueError(
+            f"{option} must be an integer in [0, {MAX_QUANTIZE_ITERS}] (refinements of the quantized residual; "
+            f"the error stops improving after a few), got {iters}"
+        )
+    if iters and quantize is None:
+        raise ValueError(f"{option}={iters} refines a quantized residual: it needs quantize='nf4'|'int8' too")
+    return int(iters)
+
+
 def make_quantization(quantize: Optional[str], iters: int = 0) -> Optional[Quantization]:
     check_format(quantize)
-    if iters < 0 or (iters and quantize is None):
-        raise ValueError(f"quantize_iters must be >= 0 and needs quantize='nf4'|'int8', got {iters} with {quantize!r}")
-    return None if quantize is None else Quantization(quantize, int(iters))
+    iters = check_quantize_iters(iters, quantize)
+    return None if quantize is None else Quantization(quantize, iters)
 
 
 def damped(C: torch.Tensor, damp: float) -> torch.Tensor:
@@ -68,10 +91,12 @@ def quantize_residual(
     quantization: Quantization,
     C: Optional[torch.Tensor] = None,
     name: str = "weight",
+    on_iteration: Optional[Callable[[int, float], None]] = None,
 ) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor, list[float]]:
     """``(Q, A, B, errors)``: the quantized residual of ``W (out, in)`` in ``dtype`` and the factors (fp32)
     after ``quantization.iters`` refinements; ``errors[t]`` is the metric's error of iterate ``t``
-    (the returned one is the smallest). ``C``: the (damped) covariance of CorDA's metric, or None."""
+    (the returned one is the smallest). ``C``: the (damped) covariance of CorDA's metric, or None.
+    ``on_iteration(t, error)`` is called after each refinement (progress)."""
     W64 = W.double()
     Cd = None if C is None else C.double().to(W.device)
     r = A.shape[0]
@@ -83,10 +108,12 @@ def quantize_residual(
 
     Q, err = step(A, B)
     best, errors = (err, Q, A, B), [err]
-    for _ in range(quantization.iters):
+    for t in range(1, quantization.iters + 1):
         A, B = _fit(W64 - Q.dequantize(torch.float64), r, scale, Cd)
         Q, err = step(A, B)
         errors.append(err)
+        if on_iteration is not None:
+            on_iteration(t, err)
         if err < best[0]:
             best = (err, Q, A, B)
     _, Q, A, B = best

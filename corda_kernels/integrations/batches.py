@@ -3,6 +3,7 @@ batches): each refusal names the batch and the key at fault instead of failing d
 
 from __future__ import annotations
 
+import numbers
 from typing import Mapping, Optional
 
 import torch
@@ -18,11 +19,28 @@ def vocabulary_size(model: nn.Module) -> Optional[int]:
     return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
+# Embedding lookups take int64 / int32 indices; uint8 / int16 / int8 fail inside the model (and a
+# uint8 tensor used as an index is a mask), so they are refused here.
+ID_DTYPES = (torch.int64, torch.int32)
+
+
+def _on_meta(tensor: torch.Tensor, key: str, index: int, what: str) -> None:
+    if tensor.is_meta:
+        raise ValueError(
+            f"{what} {index}: {key} is on the meta device (a shape without values); calibration runs the model "
+            "on real token ids: build the batch on the CPU or the model's device"
+        )
+
+
 def _check_ids(batch: Mapping, key: str, index: int, vocab: Optional[int], what: str) -> None:
     ids = batch[key]
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in ID_DTYPES:
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise TypeError(f"{what} {index}: {key} must be an integer tensor of token ids, got {got}")
+        raise TypeError(
+            f"{what} {index}: {key} must be an integer tensor of token ids (int64 or int32, as tokenizers "
+            f"return), got {got}"
+        )
+    _on_meta(ids, key, index, what)
     if ids.dim() != 2:
         raise ValueError(
             f"{what} {index}: {key} must be (batch, sequence) like a tokenizer's output, got shape {tuple(ids.shape)}"
@@ -32,7 +50,7 @@ def _check_ids(batch: Mapping, key: str, index: int, vocab: Optional[int], what:
             f"{what} {index}: {key} of shape {tuple(ids.shape)} holds no tokens (sequences of length 0); "
             "drop empty texts before tokenizing"
         )
-    if vocab is not None and not ids.is_meta:
+    if vocab is not None:
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0 or hi >= vocab:
             raise ValueError(
@@ -52,13 +70,19 @@ def _check_mask(batch: Mapping, key: str, ids_key: str, index: int, what: str) -
             f"{what} {index}: {key} has shape {tuple(mask.shape)} but {ids_key} has "
             f"{tuple(batch[ids_key].shape)}; they must match (1 = token, 0 = padding)"
         )
+    _on_meta(mask, key, index, what)
+    bad = (mask != 0) & (mask != 1)  # NaN too
+    if bool(bad.any()):
+        value = mask[bad][0].item()
+        raise ValueError(f"{what} {index}: {key} holds {value}; it must hold 1 (token) and 0 (padding) only")
 
 
 def check_batch(model: nn.Module, batch, index: int, what: str = "calibration batch") -> None:
     """Refuse a batch the model cannot run as meant, naming it (``what`` and ``index``): not a dict
-    with ``input_ids``; ids not ``(batch, sequence)`` integers, empty, or outside the vocabulary;
-    an ``attention_mask`` (``decoder_attention_mask``) of another shape than its ids; sequences
-    longer than ``max_position_embeddings``."""
+    with ``input_ids``; ids not ``(batch, sequence)`` int64/int32, on the meta device, empty, or
+    outside the vocabulary; an ``attention_mask`` (``decoder_attention_mask``) of another shape than
+    its ids, on the meta device, or holding anything but 0 and 1 (NaN included); sequences longer
+    than ``max_position_embeddings``."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise TypeError(
             f"{what} {index} must be a dict with 'input_ids' (and 'attention_mask'), like a tokenizer's "
@@ -77,3 +101,17 @@ def check_batch(model: nn.Module, batch, index: int, what: str = "calibration ba
             f"{what} {index} has sequences of {ids.shape[-1]} tokens but the model allows at most {limit} "
             "(max_position_embeddings); truncate the text"
         )
+
+
+def check_max_batches(max_batches, what: str = "calibrate") -> Optional[int]:
+    """``max_batches``: None (every batch) or a positive integer (not a bool or a float)."""
+    if max_batches is None:
+        return None
+    if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral):
+        raise TypeError(
+            f"{what}: max_batches must be a positive integer (or None: every batch), got "
+            f"{type(max_batches).__name__} {max_batches!r}"
+        )
+    if max_batches < 1:
+        raise ValueError(f"{what}: max_batches must be a positive integer (or None: every batch), got {max_batches}")
+    return int(max_batches)

@@ -81,10 +81,18 @@ def find_targets(
         chosen = {n: m for n, m in linears.items() if any(n.startswith(p) for p in prefixes)}
     else:
         chosen = {n: m for n, m in linears.items() if matches(n, target_modules)}
-    if exclude_modules is not None:
-        chosen = {n: m for n, m in chosen.items() if not matches(n, exclude_modules)}
     if not chosen:
         raise ValueError(_nothing_matched(model, target_modules, linears))
+    if exclude_modules is not None:
+        kept = {n: m for n, m in chosen.items() if not matches(n, exclude_modules)}
+        if not kept:
+            source = f"target_modules={target_modules!r} matched" if target_modules is not None else None
+            source = source or "of the default targets"
+            raise ValueError(
+                f"exclude_modules={exclude_modules!r} excludes every target (the {len(chosen)} linear layers "
+                f"{source}, e.g. {next(iter(chosen))}): nothing is left to calibrate or adapt"
+            )
+        chosen = kept
     return chosen
 
 
@@ -119,12 +127,29 @@ def check_adaptable(name: str, module: nn.Module) -> None:
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Replace ``model.<name>`` with ``new`` and return the module it replaced."""
+    """Replace ``model.<name>`` with ``new`` and return the module it replaced. ``new`` takes the
+    replaced module's training mode (an adapter put into an ``eval()`` model must not run dropout)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)
+    new.train(old.training)
     setattr(parent, child, new)
     return old
+
+
+def training_modes(model: nn.Module) -> dict[str, bool]:
+    """Every module's ``training`` flag, by name (see :func:`restore_training_modes`)."""
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def restore_training_modes(model: nn.Module, modes: Mapping[str, bool]) -> None:
+    """Put back the flags :func:`training_modes` recorded, module by module (a module swapped in
+    since takes the flag of the one it replaced, by name; a module that did not exist takes its
+    parent's)."""
+    now: dict[str, bool] = {}
+    for name, module in model.named_modules():
+        flag = modes.get(name, now.get(name.rpartition(".")[0], model.training))
+        module.training = now[name] = flag
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -98,8 +98,14 @@ def component_inits(U, S, Vh, scale: float, total: torch.Tensor, **stats: list) 
     further per-matrix ``stats`` lists."""
     A, B = split_singular_values(U, S, Vh, scale)
     energy = energy_fraction(S, total)
+    # contiguous: Vh may be a transposed view (CorDA's V.mT), and A[i] would keep its strides
     return [
-        LayerInit(A=A[i], B=B[i], scale=scale, stats={"energy": energy[i], **{k: v[i] for k, v in stats.items()}})
+        LayerInit(
+            A=A[i].contiguous(),
+            B=B[i].contiguous(),
+            scale=scale,
+            stats={"energy": energy[i], **{k: v[i] for k, v in stats.items()}},
+        )
         for i in range(A.shape[0])
     ]
 

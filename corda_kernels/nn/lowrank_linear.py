@@ -29,6 +29,16 @@ from ..ops.quantized import QuantizedWeight, quantize_weight
 _FACTORS = ("A", "B", "diag")
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and alone in its storage (a copy when it is a strided view, e.g. a transposed
+    factor, or a slice of a larger tensor, e.g. one layer of a batched decomposition). Stored
+    tensors must be: safetensors and transformers' ``save_pretrained`` view them flat (a strided
+    view fails when layers share a storage), and a slice would keep the whole batch alive."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def adapter_dtype(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
     """The dtype trainable factors are stored in: fp32 on a 16-bit weight unless
     ``autocast_adapter_dtype`` is False, else the weight's dtype."""
@@ -119,12 +129,13 @@ class LowRankLinear(nn.Module):
         scale = check_scale(scale, "LowRankLinear")
         train_dtype = adapter_dtype(weight.dtype, autocast_adapter_dtype)
         A, B, diag = (
-            None if t is None else t.detach().to(train_dtype if name in trainable else weight.dtype)
+            None if t is None else _owned(t.detach().to(train_dtype if name in trainable else weight.dtype))
             for name, t in zip(_FACTORS, (A, B, diag))
         )
+        row_index, col_index = (None if t is None else _owned(t) for t in (row_index, col_index))
         check_factors(weight, A, B, bias=bias, row_index=row_index, col_index=col_index, diag=diag)
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.weight = nn.Parameter(_owned(weight.detach()), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(_owned(bias.detach()), requires_grad=False)
         for name, tensor in zip(_FACTORS, (A, B, diag)):
             if tensor is not None and name in trainable:
                 self.register_parameter(name, nn.Parameter(tensor))
@@ -258,6 +269,12 @@ class LowRankLinear(nn.Module):
 
     @staticmethod
     def _after_load(module: LowRankLinear, incompatible_keys) -> None:
+        # load_state_dict(assign=True) puts the given tensors in place, in whatever layout they came
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if isinstance(tensor, torch.Tensor):
+                owned = _owned(tensor.data)
+                if owned is not tensor.data:
+                    tensor.data = owned
         check_factors(module.weight, module.A, module.B, bias=module.bias, **module._sparsity())
         module.merged = bool(module.merged_state)
 

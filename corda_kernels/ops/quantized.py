@@ -16,12 +16,18 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .._dtypes import ACTIVATION_DTYPES
+from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES
 from ..kernels.reference import quantized as reference
 
 FORMATS = ("nf4", "int8")
 _NF4_BUFFERS = ("packed", "absmax_q", "nested_absmax", "offset", "code", "nested_code")
 _INT8_BUFFERS = ("CB", "SCB")
+_SAME_SIZE_INT = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 BUFFERS = {"nf4": _NF4_BUFFERS, "int8": _INT8_BUFFERS}
 # The base weight's kind, as the registered op carries it: 0 dense, then one code per format.
 KINDS = {"nf4": 1, "int8": 2}
@@ -140,6 +146,32 @@ class QuantizedWeight(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.CB.device if self.fmt == "int8" else self.packed.device
+
+    def _apply(self, fn, recurse=True):
+        """What ``model.to(...)``, ``.half()``, ``.cuda()`` ... do to the weight: a device move moves
+        every buffer; a float dtype cast changes the dtype the weight dequantizes to (the compute
+        dtype) and leaves the codes and their statistics as they are (casting the fp32 absmax, code
+        tables or row scales would change the weight). The float buffers go through ``fn`` as
+        integer views of their bits, which no float cast touches."""
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        if not probe.is_floating_point() or probe.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"a {self.fmt} quantized weight {tuple(self.shape)} cannot become {probe.dtype}: it dequantizes to "
+                f"a float dtype ({', '.join(str(d).replace('torch.', '') for d in FLOAT_DTYPES)})"
+            )
+        moved = {}
+        for name, buf in self._buffers.items():
+            view = buf.view(_SAME_SIZE_INT[buf.dtype]) if buf.is_floating_point() else buf
+            out = fn(view)
+            if out.dtype != view.dtype:  # e.g. Module.type(dtype), which casts integer tensors too
+                raise TypeError(
+                    f"a {self.fmt} quantized weight {tuple(self.shape)} keeps its codes: {name} ({buf.dtype}) "
+                    f"cannot become {out.dtype}"
+                )
+            moved[name] = out.view(buf.dtype) if buf.is_floating_point() else out
+        self._buffers.update(moved)
+        self.dtype = probe.dtype
+        return self
 
     def dim(self) -> int:
         return 2
