@@ -32,6 +32,16 @@ def _table() -> list[tuple[str, str, str]]:
 CASES = {}
 
 
+PREPARED: list = []  # the running test's snapshot hook
+
+
+def prepared(model):
+    """Called by a case after it edited its model on purpose, before the call that must refuse."""
+    for hook in PREPARED:
+        hook(model)
+    return model
+
+
 def case(name):
     def register(fn):
         CASES[name] = fn
@@ -47,13 +57,25 @@ def calibrated():
 
 
 def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    """Every tensor of the model (meta tensors by shape and dtype) and its module types by name."""
+    tensors = {k: v if v.is_meta else v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    return {"tensors": tensors, "modules": {n: type(m) for n, m in model.named_modules()}}
+
+
+def _same(a, b) -> bool:
+    if a.is_meta or b.is_meta:
+        return a.is_meta and b.is_meta and a.shape == b.shape and a.dtype == b.dtype
+    if a.is_floating_point() and b.is_floating_point() and a.shape == b.shape:  # NaN where NaN was
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+    return torch.equal(a, b)
 
 
 def _unchanged(model, before):
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(isinstance(m, ck.LowRankLinear) for m in model.modules())
+    """The refused call changed nothing: the same modules and every tensor equal."""
+    after = _state(model)
+    assert after["modules"] == before["modules"]
+    assert before["tensors"].keys() == after["tensors"].keys()
+    assert all(_same(before["tensors"][k], after["tensors"][k]) for k in before["tensors"])
 
 
 def test_every_row_has_a_case_and_every_case_a_row():
@@ -74,16 +96,24 @@ def test_every_row_has_a_case_and_every_case_a_row():
 def test_case(name, what, gets, calibrated, tmp_path):
     kind, text = gets.split(": ", 1)
     model, cal = calibrated
-    run = lambda: CASES[name](copy.deepcopy(model), cal, tmp_path)  # noqa: E731
+    model = copy.deepcopy(model)  # the case's own model, checked after the refusal
     if kind == "CordaWarning":
         with pytest.warns(ck.CordaWarning, match=re.escape(text)):
-            run()
+            CASES[name](model, cal, tmp_path)
         return
     expected = {"ValueError": ValueError, "TypeError": TypeError, "FloatingPointError": FloatingPointError}[kind]
-    before = _state(model)
-    with pytest.raises(expected, match=re.escape(text)):
-        run()
-    _unchanged(model, before)
+    checked = {"model": model, "before": _state(model)}
+
+    def snapshot(m):  # a case that edits its model first (a NaN weight, adapters) snapshots after its edit
+        checked.update(model=m, before=_state(m))
+
+    PREPARED[:] = [snapshot]
+    try:
+        with pytest.raises(expected, match=re.escape(text)):
+            CASES[name](model, cal, tmp_path)
+    finally:
+        PREPARED.clear()
+    _unchanged(checked["model"], checked["before"])
 
 
 def _apply(model, method="pissa", **kw):
@@ -251,32 +281,32 @@ def _(model, cal, tmp):
 
 @case("apply_adapted")
 def _(model, cal, tmp):
-    _apply(_apply(model))
+    _apply(prepared(_apply(model)))
 
 
 @case("apply_peft_model")
 def _(model, cal, tmp):
     from peft import LoraConfig, get_peft_model
 
-    _apply(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
+    _apply(prepared(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))))
 
 
 @case("calibrate_adapted")
 def _(model, cal, tmp):
-    ck.calibrate(_apply(model), token_batches(128, n_batches=1), progress=False)
+    ck.calibrate(prepared(_apply(model)), token_batches(128, n_batches=1), progress=False)
 
 
 @case("tied_weights")
 def _(model, cal, tmp):
     model.lm_head.weight = model.model.embed_tokens.weight
-    _apply(model, target_modules=["lm_head"])
+    _apply(prepared(model), target_modules=["lm_head"])
 
 
 @case("int8_weights")
 def _(model, cal, tmp):
     layer = model.model.layers[0].mlp.up_proj
     layer.weight = nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
-    _apply(model)
+    _apply(prepared(model))
 
 
 @case("targets_match_nothing")
@@ -286,26 +316,26 @@ def _(model, cal, tmp):
 
 @case("apply_meta_model")
 def _(model, cal, tmp):
-    _apply(model.to("meta"))
+    _apply(prepared(model.to("meta")))
 
 
 @case("calibrate_meta_model")
 def _(model, cal, tmp):
-    ck.calibrate(model.to("meta"), token_batches(128, n_batches=1), progress=False)
+    ck.calibrate(prepared(model.to("meta")), token_batches(128, n_batches=1), progress=False)
 
 
 @case("apply_nan_weight")
 def _(model, cal, tmp):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[3, 4] = math.nan
-    _apply(model)
+    _apply(prepared(model))
 
 
 @case("calibrate_nan_weight")
 def _(model, cal, tmp):
     with torch.no_grad():
         model.model.layers[0].self_attn.v_proj.weight[0, 0] = math.nan
-    ck.calibrate(model, token_batches(128, n_batches=2), progress=False)
+    ck.calibrate(prepared(model), token_batches(128, n_batches=2), progress=False)
 
 
 @case("checkpoint_every_zero")
@@ -554,3 +584,19 @@ def test_out_of_memory_retries_smaller_chunks_then_names_the_layer(calibrated, m
     with pytest.raises(RuntimeError, match=r"out of memory decomposing layer model\.layers\.0\..* even on its own"):
         ck.apply(fresh, "corda", rank=2, covariances=cal, progress=False)
     _unchanged(fresh, before)
+
+
+def test_the_unchanged_check_catches_changes(calibrated):
+    """The check every raising row runs: a changed weight, a swapped-in module or a NaN edit fail it."""
+    model = copy.deepcopy(calibrated[0])
+    before = _state(model)
+    _unchanged(model, before)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    with pytest.raises(AssertionError):
+        _unchanged(model, before)
+    model = copy.deepcopy(calibrated[0])
+    before = _state(model)
+    _apply(model)
+    with pytest.raises(AssertionError):
+        _unchanged(model, before)
