@@ -17,6 +17,7 @@ from ._version import __version__
 from .adapt import apply
 from .blockwise import apply_blockwise
 from .calibration import Calibration, calibrate
+from .config import AdaptConfig
 from .decomposition import decompose
 from .export import merge, save_merged_model, save_peft_adapter, save_residual_model, unload
 from .integrations.peft_patch import patch_peft, unpatch_peft
@@ -36,6 +37,7 @@ __all__ = [
     "Calibration",
     "calibrate",
     "decompose",
+    "AdaptConfig",
     "apply",
     "apply_blockwise",
     "merge",

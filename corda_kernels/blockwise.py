@@ -18,7 +18,7 @@ within fp32 rounding.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -29,12 +29,11 @@ from . import adapt as _adapt
 from ._deprecation import renamed
 from .calibration.collect import to_device
 from .calibration.recorder import CovarianceRecorder, StopForward
-from .decomposition import decompose
+from .config import AdaptConfig
 from .export import merged_weight
 from .integrations import hf
 from .integrations.batches import check_batch
-from .methods import make_method
-from .ops.lowrank_linear import check_dropout
+from .methods import InitMethod
 
 
 def _move(value, device):
@@ -92,29 +91,16 @@ def capture_block_inputs(
 def apply_blockwise(
     model: nn.Module,
     batches: Sequence[Mapping[str, torch.Tensor]],
-    method="corda",
+    config: Union[AdaptConfig, str, InitMethod] = "corda",
     *,
-    rank: int = 8,
-    alpha: Optional[float] = None,
-    target_modules: hf.TargetSpec = None,
-    exclude_modules: hf.TargetSpec = None,
-    rank_pattern: Optional[Mapping[str, int]] = None,
-    alpha_pattern: Optional[Mapping[str, float]] = None,
-    use_rslora: bool = False,
-    dropout: float = 0.0,
     normalization: str = "token_mean",
     block_inputs_device: Optional[str] = None,
     execution_device=None,
-    seed: int = 0,
-    max_batch_bytes: Optional[int] = None,
     progress: bool = True,
     cache_dir: Optional[str] = None,
     undo: str = "cpu",
     offload: Optional[str] = None,
-    autocast_adapter_dtype: bool = True,
-    quantize: Optional[str] = None,
-    quantize_iters: int = 0,
-    **method_options,
+    **options,
 ) -> nn.Module:
     """Calibrate, decompose and adapt ``model`` one block at a time (in place; returns it).
 
@@ -122,29 +108,20 @@ def apply_blockwise(
     (its targets' covariances collected), decomposed and adapted, and its outputs become the next
     block's inputs. Peak memory is one block's weights and covariances plus the cached hidden
     states, whatever the depth; the adapters equal whole-model :func:`corda_kernels.calibrate` +
-    :func:`corda_kernels.apply`. A failure puts back the blocks already adapted.
+    :func:`corda_kernels.apply` with the same config. A failure puts back the blocks already
+    adapted. The same stage functions as :func:`corda_kernels.apply` run, per block.
 
     Args:
         model: a Hugging Face model with one stack of decoder blocks, without adapters.
         batches: a sequence of dicts like a tokenizer's output, as for
             :func:`corda_kernels.calibrate`.
-        method: as for :func:`corda_kernels.apply`.
-        rank: as for :func:`corda_kernels.apply`.
-        alpha: as for :func:`corda_kernels.apply`.
-        target_modules: as for :func:`corda_kernels.apply`; every target must live inside the
-            stack of blocks.
-        exclude_modules: as for :func:`corda_kernels.apply`.
-        rank_pattern: as for :func:`corda_kernels.apply`.
-        alpha_pattern: as for :func:`corda_kernels.apply`.
-        use_rslora: as for :func:`corda_kernels.apply`.
-        dropout: as for :func:`corda_kernels.apply`.
+        config: as for :func:`corda_kernels.apply` (an :class:`~corda_kernels.AdaptConfig` or a
+            method); every target must live inside the stack of blocks.
         normalization: as for :func:`corda_kernels.calibrate`.
         block_inputs_device: where the block inputs are kept between blocks (e.g. ``"cpu"``);
             default: the execution device.
         execution_device: run each block there (moved in, adapted, moved back to where it lives),
             for models whose blocks live on the CPU; default: each block runs where it is.
-        seed: as for :func:`corda_kernels.apply`.
-        max_batch_bytes: as for :func:`corda_kernels.apply`.
         progress: show a tqdm bar over blocks.
         cache_dir: cache each layer's decomposition there (see :mod:`corda_kernels.decomposition.cache`); the
             blocks are still run (their outputs feed the next block), only decompositions are saved.
@@ -159,10 +136,8 @@ def apply_blockwise(
             (the quantization error is not one rounding): ``quantize`` with ``undo="reconstruct"``
             is refused before anything runs.
         offload: deprecated name of ``block_inputs_device``.
-        autocast_adapter_dtype: fp32 trainable factors on a 16-bit model (default; see :func:`apply`).
-        quantize: store the residuals quantized, as in :func:`corda_kernels.apply`.
-        quantize_iters: as in :func:`corda_kernels.apply` (an integer in ``[0, 100]``).
-        **method_options: the method's own options, as for :func:`corda_kernels.apply`.
+        **options: :class:`~corda_kernels.AdaptConfig` fields and the method's own options, as for
+            :func:`corda_kernels.apply`.
 
     Returns:
         ``model`` itself, its targets replaced by ``LowRankLinear`` layers.
@@ -178,9 +153,8 @@ def apply_blockwise(
         RuntimeError: a single layer's decomposition does not fit in memory.
     """
     block_inputs_device = renamed("apply_blockwise", "offload", offload, "block_inputs_device", block_inputs_device)
-    method = make_method(method, **method_options)
-    check_dropout(dropout, "apply_blockwise")
-    _adapt.refuse_adapted(model)
+    config = AdaptConfig.build(config, where="apply_blockwise", **options)
+    method = config.make_method()
     stacks = hf.block_stacks(model)
     if len(stacks) != 1:
         raise ValueError(
@@ -188,26 +162,24 @@ def apply_blockwise(
             f"{[name for name, _ in stacks]}. Use calibrate() + apply() for this model"
         )
     stack_name, stack = stacks[0]
-    targets, ranks, alphas = _adapt.prepare_targets(
-        model, target_modules, exclude_modules, rank, alpha, rank_pattern, alpha_pattern
-    )
-    outside = [n for n in targets if not n.startswith(stack_name + ".")]
+    targets = _adapt.select_targets(model, config, where="apply_blockwise")
+    outside = [n for n in targets.layers if not n.startswith(stack_name + ".")]
     if outside:
         raise ValueError(
             f"block-wise calibration adapts layers inside {stack_name} only; outside it: {hf.named(outside)}"
         )
     if undo not in ("cpu", "reconstruct"):
         raise ValueError(f"undo must be 'cpu' or 'reconstruct', got {undo!r}")
-    quantization = _adapt.check_quantization(targets, quantize, quantize_iters)
-    if quantization is not None and undo == "reconstruct":
+    if targets.quantization is not None and undo == "reconstruct":
         raise ValueError(
             f"apply_blockwise: undo='reconstruct' cannot rebuild the original weights from a quantized residual "
-            f"(quantize={quantization.fmt!r} stores W - s·B·A with its quantization error, far more than the "
+            f"(quantize={targets.quantization.fmt!r} stores W - s·B·A with its quantization error, far more than the "
             "rounding undo='reconstruct' keeps), so a failed run could not give the model back; use undo='cpu' "
             "(the default: each replaced layer waits on the CPU until the run ends)"
         )
-    method.prepare(model, targets)
+    method.prepare(model, targets.layers)
 
+    pending = dict(targets.layers)  # layers not adapted yet
     modes = hf.training_modes(model)  # each module's own, put back at the end
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     model.eval()
@@ -216,29 +188,17 @@ def apply_blockwise(
         inputs = capture_block_inputs(model, stack[0], batches, store=block_inputs_device, progress=progress)
         for index, block in enumerate(tqdm(stack, desc="blocks", disable=not progress)):
             prefix = f"{stack_name}.{index}."
-            block_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
+            block_targets = {n: m for n, m in pending.items() if n.startswith(prefix)}
             home = next(block.parameters()).device
             device = torch.device(execution_device) if execution_device is not None else home
             block.to(device)
             inputs, covariances = _run_block(block, block_targets, inputs, device, block_inputs_device, normalization)
             if covariances is not None:
-                inits = decompose(
-                    block_targets,
-                    method,
-                    ranks=ranks,
-                    alphas=alphas,
-                    use_rslora=use_rslora,
-                    covariances=covariances,
-                    seed=seed,
-                    max_batch_bytes=max_batch_bytes,
-                    progress=False,
-                    cache_dir=cache_dir,
+                inits = _adapt.finished_inits(
+                    targets, block_targets, method, config, covariances, progress=False, cache_dir=cache_dir
                 )
-                cov = covariances if quantization is not None and method.needs_covariance else None
-                options = (dropout, autocast_adapter_dtype, quantization, cov)
-                _swap_block(model, targets, inits, options, undo, home, undo_log, progress)
-                del covariances, cov
-                del inits, block_targets
+                _swap_block(model, pending, inits, config, undo, home, undo_log)
+                del covariances, inits, block_targets
             block.to(home)
         _adapt.freeze_all_but_adapters(model)
     except BaseException:
@@ -252,12 +212,11 @@ def apply_blockwise(
     return model
 
 
-def _swap_block(model, targets, inits, options, undo, home, undo_log, progress=False) -> None:
-    """Swap a block's layers in and log them (``options``: :func:`corda_kernels.adapt.swap_in`'s
-    after ``inits``); each replaced layer leaves ``targets`` and lives on only in the undo log:
-    parked on the CPU (``undo="cpu"``), or without its weight, with what rebuilds it bit for bit
-    (``undo="reconstruct"``)."""
-    for name, old in _adapt.swap_in(model, {n: targets[n] for n in inits}, inits, *options, progress=progress):
+def _swap_block(model, pending, inits, config, undo, home, undo_log) -> None:
+    """Swap a block's layers in (:func:`corda_kernels.adapt.swap_in`) and log them; each replaced
+    layer leaves ``pending`` and lives on only in the undo log: parked on the CPU (``undo="cpu"``),
+    or without its weight, with what rebuilds it bit for bit (``undo="reconstruct"``)."""
+    for name, old in _adapt.swap_in(model, {n: pending[n] for n in inits}, inits, config):
         rebuild = None
         if undo == "cpu":
             old.to("cpu")
@@ -265,7 +224,7 @@ def _swap_block(model, targets, inits, options, undo, home, undo_log, progress=F
             rebuild = _Rebuild(model.get_submodule(name), hf.weight_matrix(old))
             old.weight.data = old.weight.data.new_empty(0)  # released: rebuilt from the adapter on failure
         undo_log.append((name, old, home, rebuild))
-        del targets[name]
+        del pending[name]
 
 
 def _undo(model: nn.Module, undo_log) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -46,10 +46,11 @@ from ._deprecation import renamed
 from .adapt import pattern_value
 from .calibration.recorder import CovarianceRecorder
 from .calibration.storage import check_options, packed_size
+from .config import AdaptConfig
 from .decomposition import plan
 from .decomposition.quantized import make_quantization
 from .integrations import hf
-from .methods import make_method
+from .methods import InitMethod
 
 MiB = 2**20
 # What apply_blockwise(undo="reconstruct") keeps per target weight (blockwise._Rebuild): a bit mask (1/8
@@ -246,26 +247,19 @@ def _working_set(layers: _Layers, names, needs_cov: bool, budget: Optional[int])
 
 def estimate_memory(
     model: nn.Module,
+    config: Union[AdaptConfig, str, InitMethod] = "corda",
     *,
     batch_size: int,
     seq_len: int,
     n_batches: int,
-    method="corda",
-    rank: int = 8,
     blockwise: bool = False,
     covariance_device: Optional[str] = None,
     block_inputs_device: Optional[str] = None,
     storage: str = "full",
     undo: str = "cpu",
-    quantize: Optional[str] = None,
-    quantize_iters: int = 0,
-    target_modules: hf.TargetSpec = None,
-    exclude_modules: hf.TargetSpec = None,
-    rank_pattern: Optional[Mapping[str, int]] = None,
-    max_batch_bytes: Optional[int] = None,
     device=None,
     offload: Optional[str] = None,
-    **method_options,
+    **options,
 ) -> MemoryEstimate:
     """Estimate the peak memory of calibrating and adapting ``model``, before running it.
 
@@ -277,28 +271,24 @@ def estimate_memory(
 
     Args:
         model: the model as it will be run (its weights may be on the ``meta`` device).
+        config: the :class:`~corda_kernels.AdaptConfig` (or method) the run will use, as for
+            :func:`corda_kernels.apply`: its method, rank / rank pattern, targets, quantization and
+            ``max_batch_bytes`` decide the memory.
         batch_size: calibration texts per batch.
         seq_len: the padded sequence length (an upper bound when texts are shorter).
         n_batches: calibration batches (block-wise: all are cached).
-        method: as for :func:`corda_kernels.apply`.
-        rank: as for :func:`corda_kernels.apply`.
         blockwise: estimate :func:`corda_kernels.apply_blockwise` instead of ``calibrate`` + ``apply``.
         covariance_device: ``"cpu"``: whole-model, where the finalized covariances are kept
             (``calibrate(covariance_device=)``).
         block_inputs_device: ``"cpu"``: block-wise, where the cached block inputs are kept
             (``apply_blockwise(block_inputs_device=)``).
         storage: ``"full"`` or ``"packed"`` finalized covariances (whole-model; ``calibrate(storage=)``).
-        quantize: ``apply(quantize=)``: residuals stored NF4 / int8 (``None``: in the model's dtype).
-        quantize_iters: ``apply(quantize_iters=)``: the LoftQ-style refinement's temporaries.
         undo: block-wise, ``apply_blockwise(undo=)``: ``"cpu"`` counts the parked originals,
             ``"reconstruct"`` the correction that rebuilds them (:data:`RECONSTRUCT_BYTES_PER_WEIGHT`).
-        target_modules: as for :func:`corda_kernels.apply`.
-        exclude_modules: as for :func:`corda_kernels.apply`.
-        rank_pattern: as for :func:`corda_kernels.apply`.
-        max_batch_bytes: as for :func:`corda_kernels.apply`.
         device: where the run computes (default: the model's input device; ``meta`` counts as CPU).
         offload: deprecated: ``covariance_device`` (whole-model) or ``block_inputs_device`` (block-wise).
-        **method_options: as for :func:`corda_kernels.apply`.
+        **options: :class:`~corda_kernels.AdaptConfig` fields and the method's own options, as for
+            :func:`corda_kernels.apply`.
 
     Returns:
         A :class:`MemoryEstimate`; ``print(estimate.summary())`` shows it.
@@ -317,15 +307,16 @@ def estimate_memory(
     for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_batches", n_batches)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"estimate_memory: {label} must be a positive integer, got {value!r}")
-    method = make_method(method, **method_options)
-    quantization = make_quantization(quantize, quantize_iters)
+    config = AdaptConfig.build(config, where="estimate_memory", **options)
+    method = config.make_method()
+    quantization = make_quantization(config.quantize, config.quantize_iters)
     if blockwise and quantization is not None and undo == "reconstruct":
         raise ValueError(
             "estimate_memory: apply_blockwise refuses undo='reconstruct' with quantize (a quantized residual "
             "cannot give the original weights back); estimate undo='cpu'"
         )
-    targets = hf.find_targets(model, target_modules, exclude_modules)
-    ranks = {n: pattern_value(rank_pattern, n, rank) for n in targets}
+    targets = hf.find_targets(model, config.target_modules, config.exclude_modules)
+    ranks = {n: pattern_value(config.rank_pattern, n, config.rank) for n in targets}
     home = torch.device(device) if device is not None else hf.input_device(model)
     home = "cpu" if home.type == "meta" else str(home)
     notes = []
@@ -343,14 +334,14 @@ def estimate_memory(
         notes.append("a 2-token forward failed, so no shared inputs were assumed: covariances are an upper bound")
     layers = _Layers(model, targets, groups, ranks)
 
-    config = getattr(model, "config", None)
-    heads = getattr(config, "num_attention_heads", 0) or 0
-    eager = getattr(config, "_attn_implementation", None) == "eager"
+    model_config = getattr(model, "config", None)
+    heads = getattr(model_config, "num_attention_heads", 0) or 0
+    eager = getattr(model_config, "_attn_implementation", None) == "eager"
     tokens = batch_size * seq_len
     mask = batch_size * seq_len**2 * (act if eager else 1)  # (B, 1, S, S); eager attention adds its scores
     attention = mask + (2 * batch_size * heads * seq_len**2 * act if eager else 0)
 
-    budget = max_batch_bytes
+    budget = config.max_batch_bytes
     if budget is None and home == "cpu":
         budget = plan.CPU_BYTES
     elif budget is None and torch.cuda.is_available():
@@ -366,7 +357,7 @@ def estimate_memory(
     cov_kept = sum(4 * (packed_size(d) if storage == "packed" else d * d) for d in layers.cov_dims(names))
     mode = "block-wise (apply_blockwise)" if blockwise else "whole-model (calibrate + apply)"
     title = (
-        f"Memory estimate: {type(model).__name__}, {method.describe()} rank {rank}, {mode}, {len(names)} "
+        f"Memory estimate: {type(model).__name__}, {method.describe()} rank {config.rank}, {mode}, {len(names)} "
         f"target layers, {n_batches} batches x {batch_size} x {seq_len} tokens, on {home}"
         + (f", {quantization.fmt} residuals" if quantization is not None else "")
     )

@@ -11,6 +11,7 @@ from torch import nn
 
 import corda_kernels as ck
 from corda_kernels import adapt, blockwise
+from corda_kernels.decomposition import quantized as quantized_stage
 from corda_kernels.methods import MiLoRA
 from corda_kernels.testing import tiny_llama, token_batches
 
@@ -89,14 +90,14 @@ def test_failure_leaves_model_unchanged(undo, method, dtype, monkeypatch):
     model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
     before = _snapshot(model)
     options = {"densities": 0.5} if method == "partial_lora" else {}
-    real = blockwise.decompose
+    real = adapt.decompose  # block-wise runs apply's stage functions: decomposition through adapt
 
     def fail_on_third_block(targets, *args, **kwargs):
         if next(iter(targets)).startswith("model.layers.2."):
             raise RuntimeError("decomposition failed")
         return real(targets, *args, **kwargs)
 
-    monkeypatch.setattr(blockwise, "decompose", fail_on_third_block)
+    monkeypatch.setattr(adapt, "decompose", fail_on_third_block)
     with pytest.raises(RuntimeError, match="decomposition failed"):
         ck.apply_blockwise(model, token_batches(128, n_batches=2), method, rank=4, undo=undo, progress=False, **options)
     _assert_as_before(model, before)
@@ -107,9 +108,9 @@ def test_failure_leaves_model_unchanged(undo, method, dtype, monkeypatch):
 _STAGES = {
     "capture inputs": ("blockwise", "capture_block_inputs", 1, False),
     "run block 1": ("blockwise", "_run_block", 2, False),
-    "decompose block 1": ("blockwise", "decompose", 2, False),
+    "decompose block 1": ("adapt", "decompose", 2, False),
+    "quantize layer 3 of block 1": ("quantized", "quantize_weight", 10, False),
     "build layer 3 of block 1": ("adapt", "build_module", 10, False),
-    "quantize layer 3 of block 1": ("adapt", "_quantize_layer", 10, False),
     "block 1 swapped": ("blockwise", "_swap_block", 2, True),
     "freeze after the last block": ("adapt", "freeze_all_but_adapters", 1, False),
 }
@@ -134,7 +135,7 @@ def test_interrupted_at_every_stage_gives_the_original_back(undo, quantize, stag
     model = tiny_llama(layers=2, intermediate=128)  # NF4 needs in_features divisible by 64
     before = _snapshot(model)
     where, name, interrupted, after = _STAGES[stage]
-    owner = {"blockwise": blockwise, "adapt": adapt}[where]
+    owner = {"blockwise": blockwise, "adapt": adapt, "quantized": quantized_stage}[where]
     real, calls = getattr(owner, name), []
 
     def interrupt(*args, **kwargs):
@@ -245,14 +246,14 @@ def test_a_rebuild_that_comes_out_differently_is_reported(monkeypatch):
         return weight
 
     monkeypatch.setattr(blockwise, "_rebuilt", drifting)
-    real_decompose = blockwise.decompose
+    real_decompose = adapt.decompose
 
     def fail_on_second_block(targets, *args, **kwargs):
         if next(iter(targets)).startswith("model.layers.1."):
             raise RuntimeError("decomposition failed")
         return real_decompose(targets, *args, **kwargs)
 
-    monkeypatch.setattr(blockwise, "decompose", fail_on_second_block)
+    monkeypatch.setattr(adapt, "decompose", fail_on_second_block)
     with pytest.warns(ck.CordaWarning, match=r"undo could not rebuild .*model\.layers\.0\..* bit for bit"):
         with pytest.raises(RuntimeError, match="decomposition failed"):
             ck.apply_blockwise(

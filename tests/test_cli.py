@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+import corda_kernels as ck
 from corda_kernels import cli
 from corda_kernels.cli import _common, init, report
 from corda_kernels.integrations import loading
@@ -313,6 +314,10 @@ def test_init_tiny(tmp_path, tiny_model, capsys, options):
     assert prov["model"]["gguf_file"] == loading.DEFAULT_GGUF_FILE
     assert {"corda_kernels", "torch", "transformers"} <= set(prov["versions"]) and prov["date"].startswith("20")
     assert prov["device"]["name"] == "cpu"
+    adapt_config = ck.AdaptConfig.from_dict(report_["config"])  # the AdaptConfig init ran, as JSON
+    method = options[options.index("--method") + 1] if "--method" in options else "corda"
+    rank = int(options[options.index("--rank") + 1]) if "--rank" in options else 8
+    assert adapt_config.method == method and adapt_config.rank == rank
     assert (out / "residual_model" / "tokenizer.json").exists()
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(out / "residual_model")

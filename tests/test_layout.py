@@ -24,6 +24,7 @@ LAYERS = [
     {"methods"},
     {"calibration"},
     {"decomposition"},
+    {"config"},
     {"adapt", "export", "memory"},
     {"blockwise"},
     {"cli"},

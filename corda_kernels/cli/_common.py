@@ -459,6 +459,25 @@ def method_options(args, tokenizer=None) -> dict:
     return options
 
 
+def adapt_config(args, options: dict):
+    """The :class:`~corda_kernels.AdaptConfig` a command line asks for (``options``: the method's own,
+    :func:`method_options`); ``init`` runs it, ``estimate`` sizes it."""
+    from ..config import AdaptConfig
+
+    return AdaptConfig.build(
+        args.method,
+        where="corda-kernels",
+        rank=args.rank,
+        alpha=getattr(args, "alpha", None),
+        target_modules=targets(args.targets),
+        seed=getattr(args, "seed", 0),
+        autocast_adapter_dtype=getattr(args, "autocast_adapter_dtype", True),
+        quantize=getattr(args, "quantize", None),
+        quantize_iters=getattr(args, "quantize_iters", 0),
+        **options,
+    )
+
+
 def validate(args, *, out: bool = True) -> list[str]:
     """Every check that needs no model; returns the calibration texts. Normalizes ``args``."""
     args.device = check_device(args.device)

@@ -9,7 +9,7 @@ from .._measure import rss_bytes
 from ..integrations import loading
 from ..memory import estimate_memory, meta_model
 from . import init
-from ._common import targets, validate
+from ._common import adapt_config, validate
 from .init import HIGHER
 
 
@@ -35,22 +35,19 @@ def run(args) -> int:
     if args.method == "partial_lora":  # the ratio search is not modelled: every row and column kept, an upper bound
         options = {"densities": args.density or 1.0}
     n_batches = -(-len(texts) // batch_size)
+    # the config init would run (a quantized residual is smaller; --alpha, --normalization and
+    # --no-residual change no memory)
     estimate = estimate_memory(
         model,
+        adapt_config(args, options),
         batch_size=batch_size,
         seq_len=args.seq_len,
         n_batches=n_batches,
-        method=args.method,
-        rank=args.rank,
         blockwise=args.blockwise,
         covariance_device=None if args.blockwise else args.offload,
         block_inputs_device=args.offload if args.blockwise else None,
         storage=args.storage,
-        quantize=args.quantize,  # a smaller residual; --alpha, --normalization, --no-residual change no memory
-        quantize_iters=args.quantize_iters,
-        target_modules=targets(args.targets),
         device=args.device,
-        **options,
     )
     estimate.add("runtime + tokenizer", "cpu", runtime)
     # init's output check holds the final hidden states of its first two batches, as computed and one

@@ -30,6 +30,7 @@ from ..export import adapters, save_peft_adapter, save_residual_model
 from ..integrations import hf, loading
 from ..memory import input_groups, quantized_bytes
 from ._common import (
+    adapt_config,
     add_common_arguments,
     add_method_arguments,
     add_quantize_arguments,
@@ -212,21 +213,9 @@ def _run(args, texts, tmp, model_source) -> int:
                 model, batches, targets(args.targets), normalization=args.normalization, progress=not args.no_progress
             )
         stages.append(st)
+    config = adapt_config(args, options)
     with measure("decompose") as st:
-        apply(
-            model,
-            args.method,
-            rank=args.rank,
-            alpha=args.alpha,
-            covariances=covariances,
-            target_modules=None if covariances is not None else targets(args.targets),
-            seed=args.seed,
-            progress=not args.no_progress,
-            autocast_adapter_dtype=args.autocast_adapter_dtype,
-            quantize=args.quantize,
-            quantize_iters=args.quantize_iters,
-            **options,
-        )
+        apply(model, config, covariances=covariances, progress=not args.no_progress)
     stages.append(st)
     check = output_check(model, before, truth, check_batches, args.device, args.dtype, head)
     if args.quantize is not None:  # quantizing changes the logits by design: reported, not enforced
@@ -280,6 +269,7 @@ def _run(args, texts, tmp, model_source) -> int:
         "trainable": trainable,
         "total": total,
         "provenance": model_source,
+        "config": config.to_dict(),
     }
     with open(os.path.join(tmp, "report.json"), "w") as fh:
         json.dump(report, fh, indent=1)

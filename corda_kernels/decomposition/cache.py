@@ -96,8 +96,9 @@ class DecompositionCache:
     """Per-layer :class:`LayerInit` entries under ``directory`` for one ``method`` (after its
     ``prepare``), ``seed`` and set of ``covariances`` (a Calibration, a ``{name: C}`` map or None)."""
 
-    def __init__(self, directory: str, method: InitMethod, seed: int, covariances=None):
+    def __init__(self, directory: str, method: InitMethod, seed: int, covariances=None, settings=None):
         self.directory = os.fspath(directory)
+        self._settings = settings  # what asked for the entries (e.g. AdaptConfig.to_dict()): recorded, not keyed
         os.makedirs(self.directory, exist_ok=True)
         self._base = {"format": FORMAT, "version": __version__, "method": method_fingerprint(method), "seed": int(seed)}
         self._covariances = covariances if method.needs_covariance else None
@@ -193,6 +194,8 @@ class DecompositionCache:
         write_atomic(tensors_path, lambda tmp: save_file(tensors, tmp))
         manifest = json.loads(text)
         manifest["digest"] = _entry_digest(name, manifest["fields"], file_digest(tensors_path))
+        if self._settings is not None:
+            manifest["settings"] = describe(self._settings)
 
         def write_manifest(tmp):
             with open(tmp, "w") as fh:

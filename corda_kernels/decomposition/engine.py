@@ -34,6 +34,7 @@ def decompose(
     progress: bool = True,
     process_group=None,
     cache_dir: Optional[str] = None,
+    settings: Optional[Mapping] = None,
 ) -> dict[str, LayerInit]:
     """Initial adapters of every target layer, without touching the model.
 
@@ -63,6 +64,9 @@ def decompose(
         cache_dir: keep each layer's init there (:mod:`corda_kernels.decomposition.cache`): a layer
             whose method, options, rank, scaling, seed, name, weights and covariance are unchanged
             is read back instead of decomposed; with a process group each rank caches its layers.
+        settings: what asked for these decompositions (``apply`` passes its
+            :meth:`AdaptConfig.to_dict() <corda_kernels.AdaptConfig.to_dict>`), recorded in every
+            cache entry's manifest (not part of its key).
 
     Returns:
         ``{name: LayerInit}`` in ``targets``' order: fp32 factors ``A (r, n_cols)``,
@@ -94,7 +98,7 @@ def decompose(
         mine = {name: job for name, job in jobs.items() if owners[name] == rank}
         progress = progress and rank == 0
     with distributed.collective_errors(group, f"decompose ({method.describe()})"):
-        cache = DecompositionCache(cache_dir, method, seed, covariances) if cache_dir is not None else None
+        cache = DecompositionCache(cache_dir, method, seed, covariances, settings) if cache_dir is not None else None
         results = cache.read(mine) if cache is not None else {}
         todo = {name: job for name, job in mine.items() if name not in results}
         fresh = run(todo, method, covariances, seed, max_batch_bytes, progress)

@@ -118,3 +118,85 @@ def quantize_residual(
             best = (err, Q, A, B)
     _, Q, A, B = best
     return Q, A.float(), B.float(), errors
+
+
+def quantize_residuals(
+    targets,
+    inits,
+    quantization: Optional[Quantization],
+    covariances=None,
+    *,
+    progress: bool = False,
+) -> dict:
+    """Decomposition's last step with ``quantize=``: each layer's frozen base formed and quantized
+    (``W' = W − s·B·A`` with the factors rounded as the forward uses them, or W itself for methods
+    without a residual), refined with its factors ``quantization.iters`` times; returns the inits
+    with ``residual`` set (and the refined factors, fp32). ``covariances``: CorDA's, for its metric.
+
+    ``targets``: name -> the layer (``nn.Linear`` / ``Conv1D``); ``inits``: name -> ``LayerInit``."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from ..integrations import hf
+    from ..kernels.reference.lowrank_linear import delta_weight
+    from .plan import layer_covariances
+
+    if quantization is None:
+        return dict(inits)
+    refining = quantization.iters > 0
+    bar = tqdm(
+        total=len(inits) * quantization.iters if refining else 0,
+        desc="refine quantized residuals",
+        unit="iter",
+        disable=not (progress and refining),
+    )
+
+    def on_iteration(t, error):
+        bar.update(1)
+        bar.set_postfix(error=f"{error:.3g}")
+
+    out = {}
+    try:
+        with torch.no_grad():
+            for name, init in inits.items():
+                weight = hf.weight_matrix(targets[name]).detach()
+                dtype = weight.dtype
+                if not refining:
+                    base = weight
+                    if init.subtract:
+                        A, B = init.A.to(dtype), init.B.to(dtype)
+                        delta = delta_weight(
+                            A,
+                            B,
+                            *weight.shape,
+                            scale=init.scale,
+                            diag=init.diag,
+                            row_index=init.row_index,
+                            col_index=init.col_index,
+                        )
+                        base = (weight.float() - delta).to(dtype)
+                    out[name] = replace(init, residual=quantize_weight(base, quantization.fmt, name))
+                    continue
+                if (
+                    not init.subtract
+                    or init.diag is not None
+                    or init.row_index is not None
+                    or init.col_index is not None
+                ):
+                    raise ValueError(
+                        f"layer {name}: quantize_iters refits dense factors B·A to W − Q; this method's adapter "
+                        "(no residual, a diagonal or feature indices) does not allow it"
+                    )
+                C = None
+                if covariances is not None:
+                    cov = layer_covariances(covariances, [name], weight.shape[1], init.A.device).unique[0]
+                    C = damped(cov, init.stats.get("damp", 0.0))
+                Q, A, B, errors = quantize_residual(
+                    weight.float(), init.A, init.B, init.scale, dtype, quantization, C, name, on_iteration
+                )
+                stats = {**init.stats, "quantization_errors": errors}
+                out[name] = replace(init, A=A, B=B, residual=Q, stats=stats)
+    finally:
+        bar.close()
+    return out

@@ -34,6 +34,9 @@ class LayerInit:
     col_index: Optional[torch.Tensor] = None  # (n_cols,) int64 input features
     trainable: tuple[str, ...] = ("A", "B")
     stats: dict = field(default_factory=dict)  # e.g. {"energy": fraction of energy in the adapter}
+    # The frozen base when decomposition already formed it (a quantized residual, refined with the
+    # factors above); None: adapt forms ``W' = W − scale·delta`` (or keeps W) itself.
+    residual: Optional[object] = None
 
 
 class LayerCovariances(NamedTuple):
