@@ -229,12 +229,15 @@ def launch_config(dtype: torch.dtype, r_max: int, n_rows: int, n_adapters: int, 
 def gpu_config(dtype: torch.dtype, r_max: int, n_rows: int, n_adapters: int) -> dict:
     """CUDA (not tuned on a GPU yet): row tiles sized to the mean segment (16 to 64 rows: one token per
     adapter is a 16-row tile, not a mostly empty 64-row one), the rank in one block up to 128,
-    reduction slices of 64 (16-bit) / 32 (fp32), 64-wide output-column and feature tiles."""
-    bk = 32 if dtype == torch.float32 else 64
+    reduction slices of 64 (16-bit) / 32 (fp32), 64-wide output-column and feature tiles (32-wide
+    feature tiles in fp32 gradients: 64 x 64 and wider fp32 accumulators spill registers on sm_90,
+    tests/test_triton_compile.py)."""
+    fp32 = dtype == torch.float32
+    bk = 32 if fp32 else 64
     br = min(128, max(16, triton.next_power_of_2(r_max)))
     mean_rows = triton.cdiv(max(n_rows, 1), max(n_adapters, 1))
     bm = min(64, max(16, triton.next_power_of_2(mean_rows)))
-    return dict(bm=bm, bn=64, bk=min(br, 64), bj=bk, br=br, bp=64, bm_gram=bk, warps=4, stages=3)
+    return dict(bm=bm, bn=64, bk=min(br, 64), bj=bk, br=br, bp=32 if fp32 else 64, bm_gram=bk, warps=4, stages=3)
 
 
 def _precision(dtype: torch.dtype) -> str:
