@@ -100,9 +100,9 @@ def _kernels(backend: str):
     return torch_kernel if backend == "torch" else reference
 
 
-def _forward(x, weight, A, B, index, scales, ranks, bias):
-    """``(y, u)`` of one call on the chosen backend."""
-    return _kernels(_backend_for(x)).forward(x, weight, A, B, index, scales, ranks, bias)
+def _forward(x, weight, A, B, index, scales, ranks, bias, keep_u=True):
+    """``(y, u)`` of one call on the chosen backend (``u`` may be None when ``keep_u`` is False)."""
+    return _kernels(_backend_for(x)).forward(x, weight, A, B, index, scales, ranks, bias, keep_u=keep_u)
 
 
 def _backward(dy, x, weight, A, B, index, scales, ranks, u, needs):
@@ -191,10 +191,10 @@ class _EagerSegmented(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, A, B, index, scales, ranks, bias):
-        y, u = _forward(x, weight, A, B, index, scales, ranks, bias)
         g = ctx.needs_input_grad
         ctx.needs = _needs(g[0], g[1], g[2], g[3], g[7])
         need_x, need_w, need_a, need_b, _ = ctx.needs
+        y, u = _forward(x, weight, A, B, index, scales, ranks, bias, keep_u=need_b)
         keep_x = x if (need_w or need_a) else None
         keep_u = u if need_b else None
         ctx.save_for_backward(keep_x, weight, A, B, index, scales, ranks, keep_u)
@@ -269,7 +269,7 @@ def fused(x, weight, A, B, index, scales, ranks=None, bias=None) -> torch.Tensor
 def _eager(x, weight, A, B, index, scales, ranks, bias) -> torch.Tensor:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, A, B, bias)):
         return _EagerSegmented.apply(x, weight, A, B, index, scales, ranks, bias)
-    return _forward(x, weight, A, B, index, scales, ranks, bias)[0]
+    return _forward(x, weight, A, B, index, scales, ranks, bias, keep_u=False)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,10 +63,12 @@ def forward(
     scales: torch.Tensor,
     ranks: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
+    keep_u: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, u)``: ``y (..., out)`` in ``x.dtype``, ``u (N, r_max)`` in the accumulation dtype (rows
     of index -1 hold zeros). ``index`` has ``x.shape[:-1]`` (or ``(N,)``) entries. Differentiable
-    by torch autograd (the gradients' specification)."""
+    by torch autograd (the gradients' specification). ``keep_u`` (whether a gradient will read ``u``)
+    is the backends' common signature; the specification always returns ``u``."""
     acc = accumulation_dtype(x.dtype)
     n, r_max = A.shape[0], A.shape[1]
     x2 = x.reshape(-1, x.shape[-1]).to(acc)

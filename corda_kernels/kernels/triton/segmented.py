@@ -368,9 +368,10 @@ def _ranks(ranks: Optional[torch.Tensor], n: int, r_max: int, device) -> torch.T
     return ranks.to(device=device, dtype=torch.int32)
 
 
-def forward(x, weight, A, B, index, scales, ranks=None, bias=None):
+def forward(x, weight, A, B, index, scales, ranks=None, bias=None, keep_u=True):
     """``(y, u)``: ``y (..., out)`` in ``x.dtype`` (the base GEMM by torch, the adapters' terms added
-    here), ``u (N, r_max)`` fp32 (zeros on rows of -1 and on each adapter's padding)."""
+    here), ``u (N, r_max)`` fp32 (zeros on rows of -1 and on each adapter's padding; always returned:
+    the expand kernel reads it, so ``keep_u`` changes nothing here)."""
     out_f, in_f = weight.shape
     n, r_max = A.shape[0], A.shape[1]
     x2 = x.reshape(-1, in_f)
