@@ -405,7 +405,9 @@ def _index_tensor(index, x: torch.Tensor, n: int, check_values: bool) -> torch.T
     return full.reshape(-1).to(torch.int64)
 
 
-def check_segmented(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor] = None):
+def check_segmented(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> None:
     """Raise TypeError/ValueError naming the offending tensor if the base and the stacked factors
     are inconsistent (dtypes, devices, shapes)."""
     named = {"weight": weight, "A": A, "B": B, "bias": bias}
@@ -503,7 +505,8 @@ def lowrank_linear_segmented(
             adapters of mixed dtypes, bad ``scales`` / ``ranks`` types.
         ValueError: shapes that disagree (``x`` vs ``weight``, ``A`` vs ``B``, ``adapter_index`` vs
             ``x``, ``scales`` / ``ranks`` vs the number of adapters), tensors on different devices,
-            index values outside ``[-1, n)``, ranks outside ``[1, r_max]``, non-finite scales.
+            index values outside ``[-1, n)``, ranks outside ``[1, r_max]`` (or given with lists), non-finite
+            scales, a listed adapter of rank 0.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{_NAME}: x must be a tensor, got {type(x).__name__}")
