@@ -18,6 +18,8 @@ Public calls:
   except that ``A`` and ``B`` may be fp32 on a 16-bit ``weight`` (the rounding rule of
   :mod:`corda_kernels.kernels.reference.segmented`). Returns ``(..., out)`` in ``x``'s dtype.
 - :func:`pack_adapters`: per-adapter factor lists -> ``(A, B, ranks)`` stacks.
+- :func:`fused`: the op without validation on normalized arguments (those of the registered op,
+  below), for callers that validated once (modules, patched layers).
 - :func:`check_segmented`: the validation.
 
 Math, shapes and gradients: :mod:`corda_kernels.kernels.reference.segmented` (the specification).
@@ -57,7 +59,7 @@ from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, HALF_DTYPES, accumulation
 from ..kernels.reference import segmented as reference
 from ..kernels.torch import segmented as torch_kernel
 
-__all__ = ["lowrank_linear_segmented", "pack_adapters", "check_segmented"]
+__all__ = ["lowrank_linear_segmented", "fused", "pack_adapters", "check_segmented"]
 
 _NAME = "lowrank_linear_segmented"
 # Backend preference, fastest first. CPU: the torch composition (grouping measured against a gather of
