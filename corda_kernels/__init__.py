@@ -27,6 +27,7 @@ from .methods.parameters import trainable_parameter_report
 from .nn import LowRankLinear
 from .ops import CovarianceAccumulator, covariance_update, finalize_covariance
 from .ops.lowrank_linear import lowrank_linear
+from .ops.segmented import lowrank_linear_segmented
 
 _logging.getLogger("corda_kernels").addHandler(_logging.NullHandler())
 
@@ -58,6 +59,7 @@ __all__ = [
     "covariance_update",
     "finalize_covariance",
     "lowrank_linear",
+    "lowrank_linear_segmented",
     "co_svd",
     "damp_covariance",
     "largest_singular_triplets",

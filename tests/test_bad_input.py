@@ -220,6 +220,70 @@ def _(model, cal, tmp):
     ck.lowrank_linear(*_layer(), dropout=math.nan)
 
 
+def _segmented(**changes):
+    """``ck.lowrank_linear_segmented`` on 3 tokens, 3 stacked rank-2 adapters, with ``changes``."""
+    g = torch.Generator().manual_seed(0)
+    kw = dict(
+        x=torch.randn(3, 5, generator=g),
+        weight=torch.randn(6, 5, generator=g),
+        A=torch.randn(3, 2, 5, generator=g),
+        B=torch.randn(3, 6, 2, generator=g),
+        adapter_index=torch.tensor([0, 2, -1]),
+    )
+    kw.update(changes)
+    return ck.lowrank_linear_segmented(**kw)
+
+
+def _lists(**changes):
+    g = torch.Generator().manual_seed(0)
+    lists = dict(
+        A=[torch.randn(r, 5, generator=g) for r in (1, 2, 3)], B=[torch.randn(6, r, generator=g) for r in (1, 2, 3)]
+    )
+    for name, (i, tensor) in changes.items():
+        lists[name][i] = tensor
+    return lists
+
+
+@case("seg_index_out_of_range")
+def _(model, cal, tmp):
+    _segmented(adapter_index=torch.tensor([0, 3, 1]))
+
+
+@case("seg_index_wrong_shape")
+def _(model, cal, tmp):
+    _segmented(adapter_index=torch.tensor([0, 1]))
+
+
+@case("seg_index_float")
+def _(model, cal, tmp):
+    _segmented(adapter_index=torch.tensor([0.0, 1.0, 2.0]))
+
+
+@case("seg_mixed_dtypes")
+def _(model, cal, tmp):
+    _segmented(**_lists(A=(1, torch.randn(2, 5).half())))
+
+
+@case("seg_mixed_devices")
+def _(model, cal, tmp):
+    _segmented(**_lists(B=(2, torch.randn(6, 3, device="meta"))))
+
+
+@case("seg_factor_dtype")
+def _(model, cal, tmp):
+    _segmented(B=torch.randn(3, 6, 2).half())
+
+
+@case("seg_scales_length")
+def _(model, cal, tmp):
+    _segmented(scales=[1.0, 2.0])
+
+
+@case("seg_rank_mismatch")
+def _(model, cal, tmp):
+    _segmented(B=torch.randn(3, 6, 3))
+
+
 @case("module_scale_nan")
 def _(model, cal, tmp):
     ck.LowRankLinear(*_layer()[1:], scale=math.nan)

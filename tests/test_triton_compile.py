@@ -11,8 +11,9 @@ flags, tile sizes, warps, stages, every autotune candidate that the dtype keeps)
 of time by Triton's NVIDIA backend (LLVM -> PTX -> ptxas -> cubin, no GPU needed) for sm_90
 (H100/H200) and sm_80 (A100). Checked: a cubin exists; its shared memory fits the device's
 per-block limit; register spills (the stack frame ``cuobjdump --dump-resource-usage`` reports) are
-zero on aligned shapes with 16-bit inputs: for the covariance and skinny kernels, and for at least
-one autotune candidate of every flag set of the fused GEMM. The fused GEMM dequantizing an NF4 /
+zero on aligned shapes with 16-bit inputs: for the covariance and skinny kernels (the segmented
+many-adapter op's shrink / expand / gram kernels included), and for at least one autotune candidate of
+every flag set of the fused GEMM. The fused GEMM dequantizing an NF4 /
 int8 base (``QUANT``, one fixed tile, not autotuned) is compiled and checked for shared memory only.
 
 This runs in subprocesses without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
@@ -57,6 +58,7 @@ def record() -> list:
     configuration; recorded, not executed. ``case``: ``(op, dtype name, aligned)``."""
     from corda_kernels.kernels.triton import covariance as ct
     from corda_kernels.kernels.triton import lowrank_linear as lt
+    from corda_kernels.kernels.triton import segmented as st
 
     launches: list = []
     case = [None]
@@ -64,6 +66,8 @@ def record() -> list:
         mock.patch.object(ct, "launch_config", lambda d, n, dtype, device: ct.gpu_config(d, n, dtype, H100_SMS)),
         mock.patch.object(lt, "launch_config", lambda dtype, r, device: lt.gpu_config(dtype, r)),
         mock.patch.object(lt, "sm_count", lambda device: H100_SMS),
+        mock.patch.object(st, "launch_config", lambda dtype, r, rows, n, device: st.gpu_config(dtype, r, rows, n)),
+        mock.patch.object(st, "sm_count", lambda device: H100_SMS),
     ]
     for module, name in [
         (ct, "_covariance_kernel"),
@@ -71,6 +75,9 @@ def record() -> list:
         (lt, "_fused_gemm_kernel"),
         (lt, "_fused_gemm_tuned"),
         (lt, "_gram_kernel"),
+        (st, "_seg_shrink_kernel"),
+        (st, "_seg_expand_kernel"),
+        (st, "_seg_gram_kernel"),
     ]:
         patches.append(mock.patch.object(module, name, _Recorder(getattr(module, name), launches, case)))
     for patch in patches:
@@ -79,6 +86,7 @@ def record() -> list:
         _covariance_launches(ct, case)
         _lowrank_launches(lt, case)
         _quantized_lowrank_launches(lt, case)
+        _segmented_launches(st, case)
     finally:
         for patch in patches:
             patch.stop()
@@ -137,6 +145,23 @@ def _quantized_lowrank_launches(lt, case):
         case[0] = ("lowrank-" + fmt, str(dtype), True)
         weight = quantize_weight(torch.randn(shape[0], shape[1]).to(dtype), fmt)
         _launch_lowrank(lt, weight, dtype, shape, flags)
+
+
+def _segmented_launches(st, case):
+    """One forward and one backward (dx, dA, dB) of the segmented op per shape ``(out, in, N, n, r_max)``:
+    row tiles of 32 / 64 / 16 rows (mean segment 32, 128, 1), ranks 16 to 128 (padded: ranks vary),
+    split (atomic) and single-pass reductions, and an odd shape."""
+    shapes = [(256, 128, 128, 4, 16), (256, 128, 512, 4, 64), (256, 128, 64, 64, 128), (256, 128, 4096, 4, 64)]
+    for dtype, (out_f, in_f, n_rows, n, r) in [(dt, s) for dt in DTYPES for s in shapes + [(96, 72, 50, 3, 12)]]:
+        case[0] = ("segmented", str(dtype), out_f % 32 == 0 and in_f % 32 == 0 and n_rows % 16 == 0)
+        x = torch.zeros(n_rows, in_f, dtype=dtype)
+        weight = torch.zeros(out_f, in_f, dtype=dtype)
+        A, B = torch.zeros(n, r, in_f, dtype=dtype), torch.zeros(n, out_f, r, dtype=dtype)
+        index = torch.arange(n_rows) % (n + 1) - 1  # every adapter and -1
+        scales, ranks = torch.ones(n), torch.arange(n) % r + 1
+        _, u = st.forward(x, weight, A, B, index, scales, ranks, None)
+        dy = torch.zeros(n_rows, out_f, dtype=dtype)
+        st.backward(dy, x, weight, A, B, index, scales, ranks, u, (True, False, True, True, False))
 
 
 def _compile_inputs(kernel, args, kwargs, backend):
@@ -249,7 +274,15 @@ def test_every_launch_compiles_for_the_gpu(target):
         out, err = proc.communicate(timeout=1800)
         assert proc.returncode == 0, err[-4000:]
         found.append(json.loads(out.strip().splitlines()[-1]))
-    assert found[0]["kernels"] == ["_covariance_kernel", "_fused_gemm_kernel", "_gram_kernel", "_project_kernel"]
+    assert found[0]["kernels"] == [
+        "_covariance_kernel",
+        "_fused_gemm_kernel",
+        "_gram_kernel",
+        "_project_kernel",
+        "_seg_expand_kernel",
+        "_seg_gram_kernel",
+        "_seg_shrink_kernel",
+    ]
     assert found[0]["atomic"] == [False, True]  # split and single-pass reductions both compiled
     results = [r for f in found for r in f["results"]]
     assert len(results) >= 60
@@ -275,9 +308,8 @@ def test_every_launch_compiles_for_the_gpu(target):
     assert best and not {k: v for k, v in best.items() if v}, (
         f"fused GEMM launches with every candidate spilling: {best}"
     )
-    skinny = [
-        r for r in results if r["kernel"] in ("_project_kernel", "_gram_kernel") and aligned_16bit(r) and r["stack"]
-    ]
+    skinny_kernels = ("_project_kernel", "_gram_kernel", "_seg_shrink_kernel", "_seg_expand_kernel", "_seg_gram_kernel")
+    skinny = [r for r in results if r["kernel"] in skinny_kernels and aligned_16bit(r) and r["stack"]]
     assert not skinny, f"16-bit skinny kernels spill registers on {target}: {skinny}"
 
 

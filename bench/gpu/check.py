@@ -18,6 +18,9 @@ in its own process under a wall-clock budget:
               ``torch.linalg.svd`` and ``torch.svd_lowrank``
   corda7b     ``bench/gpu/decompose_7b.py --modes ipa``: CorDA on the 224 targets of a
               LLaMA-2-7B-shaped model, PEFT's per-layer math as the anchor
+  segmented   ``bench/speed/bench_segmented.py``: the many-adapter op, 4096², 8k tokens bf16, 4 / 16 / 64
+              adapters of ranks 8-64, one adapter per sequence, forward and forward + backward, Triton and
+              torch; anchors a loop of the single-adapter op over the groups, PEFT's mixed batch
 
 The benchmark stages run the pytest-benchmark suites with ``CORDA_BENCH_CHECK=1`` (their GPU-check
 shapes, few rounds) and stream each finished case to a file, so a stage that fails or runs out of
@@ -58,11 +61,13 @@ STAGES = [
     ("quantized", 60),
     ("svd", 60),
     ("corda7b", 240),
+    ("segmented", 120),  # last: no README target, so it only uses what the claimed stages left
 ]
 BENCH_SUITES = {
     "covariance": ["bench/speed/bench_covariance.py"],
     "lowrank": ["bench/speed/bench_lowrank.py"],
     "quantized": ["bench/speed/bench_quantized.py"],
+    "segmented": ["bench/speed/bench_segmented.py"],
     "svd": ["bench/speed/bench_decompose.py", "-k", "test_randomized_svd"],
 }
 STAND_IN_7B = ["--device", "cpu", "--blocks", "2", "--hidden", "64", "--intermediate", "160", "--heads", "2"]

@@ -1,8 +1,10 @@
 """Public ops: input validation, backend dispatch, autograd and ``torch.library`` registration.
 
-``covariance_update`` (``corda_kernels::covariance_update``) and ``lowrank_linear``
-(``corda_kernels::lowrank_linear`` and its backward) are the registered ops; the decompositions
-(randomized / exact SVD, CO-SVD) are plain torch compositions in :mod:`corda_kernels.linalg`.
+``covariance_update`` (``corda_kernels::covariance_update``), ``lowrank_linear``
+(``corda_kernels::lowrank_linear`` and its backward) and ``lowrank_linear_segmented``
+(``corda_kernels::lowrank_linear_segmented`` and its backward, :mod:`.segmented`) are the registered
+ops; the decompositions (randomized / exact SVD, CO-SVD) are plain torch compositions in
+:mod:`corda_kernels.linalg`.
 """
 
 from .covariance import CovarianceAccumulator, covariance_update, finalize_covariance, symmetrize_
