@@ -311,7 +311,7 @@ def test_layout_block_names_every_module():
         if entry.endswith(".py") or os.path.isdir(os.path.join(package, entry)):
             label = entry if entry.endswith(".py") else entry + "/"
             assert label in named or entry in named, f"the layout does not name corda_kernels/{label}"
-    for sub in ("calibration", "decomposition"):  # the stage packages: each module named on their line
+    for sub in ("calibration", "decomposition", "export"):  # the stage packages: each module named on their line
         (line,) = [line for line in layout.splitlines() if line.strip().startswith(sub + "/")]
         for module in os.listdir(os.path.join(package, sub)):
             if module.endswith(".py") and module != "__init__.py":

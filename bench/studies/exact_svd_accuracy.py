@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from corda_kernels.ops.exact_svd import smallest_singular_triplets
+from corda_kernels.linalg.exact_svd import smallest_singular_triplets
 
 RANK = 16
 

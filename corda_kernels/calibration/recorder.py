@@ -226,21 +226,23 @@ class CovarianceRecorder:
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for group, acc in self.accumulators.items():
-            out[f"cov/{group}"] = acc.cov
-            out[f"count/{group}"] = torch.tensor(acc.count, dtype=torch.int64)
-        return out
+        """Every group's accumulator state (``CovarianceAccumulator.state_dict``) as flat
+        ``"{key}/{group}"`` tensors (``cov/...``, ``count/...``), as a checkpoint file stores them."""
+        return {
+            f"{key}/{group}": value
+            for group, acc in self.accumulators.items()
+            for key, value in acc.state_dict().items()
+        }
 
     def load_state(self, tensors: Mapping[str, torch.Tensor], groups: Mapping[str, str]) -> None:
+        """Restore :meth:`state_tensors`' accumulators (``CovarianceAccumulator.load_state_dict``) and the grouping."""
         self.groups = dict(groups)
         for key, cov in tensors.items():
             if not key.startswith("cov/"):
                 continue
             group = key[4:]
             acc = self._new_accumulator(group, cov.shape[0])
-            acc.cov.copy_(cov)
-            acc.count = int(tensors[f"count/{group}"])
+            acc.load_state_dict({"cov": cov, "count": tensors[f"count/{group}"]})
             self.accumulators[group] = acc
 
     # -- result --------------------------------------------------------------------------------

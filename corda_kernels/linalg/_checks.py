@@ -12,13 +12,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return accumulation_dtype(x.dtype)
 
 
-def _where(name: str) -> str:
+def name_suffix(name: str) -> str:
+    """``" (name)"`` for an error message's ``op (name): ...``, or "" without a name."""
     return f" ({name})" if name else ""
 
 
 def check_matrix(x, op: str, arg: str = "A", name: str = "") -> None:
     """``x`` must be a non-empty ``(..., m, n)`` floating-point tensor."""
-    where = _where(name)
+    where = name_suffix(name)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}{where}: {arg} must be a tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -34,7 +35,7 @@ def check_rank(rank, shape: torch.Size, op: str, arg: str = "A", name: str = "")
     k = min(shape[-2], shape[-1])
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= k:
         raise ValueError(
-            f"{op}{_where(name)}: rank must be an int in 1..min(m, n) = 1..{k} for {arg} of shape "
+            f"{op}{name_suffix(name)}: rank must be an int in 1..min(m, n) = 1..{k} for {arg} of shape "
             f"{tuple(shape)}, got {rank!r}"
         )
 
@@ -47,4 +48,4 @@ def check_finite(x: torch.Tensor, op: str, arg: str = "A", name: str = "") -> No
         if finite.dim():
             bad = (~finite).nonzero()
             where = f" in {bad.shape[0]} of {finite.numel()} matrices (first at batch index {tuple(bad[0].tolist())})"
-        raise FloatingPointError(f"{op}{_where(name)}: {arg} of shape {tuple(x.shape)} holds NaN or Inf{where}")
+        raise FloatingPointError(f"{op}{name_suffix(name)}: {arg} of shape {tuple(x.shape)} holds NaN or Inf{where}")

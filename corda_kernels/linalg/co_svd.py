@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ._checks import check_finite, check_matrix, check_rank, compute_dtype
+from ._checks import check_finite, check_matrix, check_rank, compute_dtype, name_suffix
 from .exact_svd import crop_svd, smallest_singular_triplets
 from .randomized_svd import randomized_svd
 
@@ -68,20 +68,16 @@ class CoSVD(NamedTuple):
     energy: torch.Tensor  # (...) fp64: ||W · C_d||_F^2, the total the r components are a part of
 
 
-def _where(name: str) -> str:
-    return f" ({name})" if name else ""
-
-
 def _check_covariance(C, op: str, name: str) -> None:
     check_matrix(C, op, "C", name)
     if C.shape[-1] != C.shape[-2]:
-        raise ValueError(f"{op}{_where(name)}: C must be square (..., n, n), got {tuple(C.shape)}")
+        raise ValueError(f"{op}{name_suffix(name)}: C must be square (..., n, n), got {tuple(C.shape)}")
     check_finite(C, op, "C", name)
     diag_max = C.diagonal(dim1=-2, dim2=-1).abs().amax(dim=-1)
     asym = (C - C.mT).abs().flatten(-2).amax(dim=-1)
     if bool((asym > SYMMETRY_TOL * diag_max).any()):
         raise ValueError(
-            f"{op}{_where(name)}: C of shape {tuple(C.shape)} is not symmetric (max |C - C^T| = "
+            f"{op}{name_suffix(name)}: C of shape {tuple(C.shape)} is not symmetric (max |C - C^T| = "
             f"{asym.max().item():.3g}); an upper-triangle-only accumulator must be finalized "
             "(finalize_covariance) first"
         )
@@ -142,7 +138,7 @@ def damp_covariance(
     _check_covariance(C, op, name)
     if not (damp > 0 and growth > 1 and tol > 0 and max_increases >= 0 and probes >= 1):
         raise ValueError(
-            f"{op}{_where(name)}: need damp > 0, growth > 1, tol > 0, max_increases >= 0 and probes >= 1; got "
+            f"{op}{name_suffix(name)}: need damp > 0, growth > 1, tol > 0, max_increases >= 0 and probes >= 1; got "
             f"damp={damp}, growth={growth}, tol={tol}, max_increases={max_increases}, probes={probes}"
         )
     dtype = compute_dtype(C)
@@ -153,7 +149,7 @@ def damp_covariance(
     if bool((scale <= 0).any()):
         bad = int((scale <= 0).nonzero()[0])
         raise ValueError(
-            f"{op}{_where(name)}: C (shape {tuple(C.shape)}) has a non-positive mean diagonal at flat batch index "
+            f"{op}{name_suffix(name)}: C (shape {tuple(C.shape)}) has a non-positive mean diagonal at flat batch index "
             f"{bad}: no calibration data reached it (an all-zero covariance cannot be damped)"
         )
 
@@ -179,7 +175,7 @@ def damp_covariance(
     else:
         first = int(todo[0])
         raise ValueError(
-            f"{op}{_where(name)}: C (shape {tuple(C.shape)}) is still singular or ill-conditioned after "
+            f"{op}{name_suffix(name)}: C (shape {tuple(C.shape)}) is still singular or ill-conditioned after "
             f"{max_increases} damp increases (damp = {damps[first].item():.3g} · mean(diag C) at flat batch index "
             f"{first}, {todo.numel()} matrix(es) failing); check the covariance for degenerate inputs"
         )
@@ -192,7 +188,9 @@ def damp_covariance(
 
 def _check_mode(value, allowed, op: str, label: str, name: str) -> None:
     if value not in allowed:
-        raise ValueError(f"{op}{_where(name)}: {label} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        raise ValueError(
+            f"{op}{name_suffix(name)}: {label} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+        )
 
 
 def co_svd(
@@ -258,7 +256,7 @@ def co_svd(
     op = "co_svd"
     if method is not None:
         if svd is not None and svd != method:
-            raise ValueError(f"{op}{_where(name)}: pass svd= only (method= is its deprecated name)")
+            raise ValueError(f"{op}{name_suffix(name)}: pass svd= only (method= is its deprecated name)")
         warnings.warn("co_svd(method=...) is deprecated; use svd=...", DeprecationWarning, stacklevel=2)
         svd = method
     _check_mode(mode, MODES, op, "mode (PEFT's 'ipm' is 'ipa', 'kpm' is 'kpa')", name)
@@ -268,28 +266,28 @@ def co_svd(
     check_matrix(C, op, "C", name)
     if C.shape[-1] != W.shape[-1] or C.shape[-2] != W.shape[-1]:
         raise ValueError(
-            f"{op}{_where(name)}: C must be (..., in, in) with in = W.shape[-1] = {W.shape[-1]}; got W "
+            f"{op}{name_suffix(name)}: C must be (..., in, in) with in = W.shape[-1] = {W.shape[-1]}; got W "
             f"{tuple(W.shape)} and C {tuple(C.shape)}"
         )
     if cov_index is not None:
         if W.dim() != 3 or C.dim() != 3 or tuple(cov_index.shape) != (W.shape[0],) or cov_index.dtype != torch.int64:
             raise ValueError(
-                f"{op}{_where(name)}: with cov_index, W must be (L, out, in), C (G, in, in) and cov_index "
+                f"{op}{name_suffix(name)}: with cov_index, W must be (L, out, in), C (G, in, in) and cov_index "
                 f"an int64 (L,) tensor; got W {tuple(W.shape)}, C {tuple(C.shape)}, "
                 f"cov_index {tuple(cov_index.shape)} {cov_index.dtype}"
             )
         if W.shape[0] and not (0 <= int(cov_index.min()) and int(cov_index.max()) < C.shape[0]):
-            raise ValueError(f"{op}{_where(name)}: cov_index must lie in [0, {C.shape[0]})")
+            raise ValueError(f"{op}{name_suffix(name)}: cov_index must lie in [0, {C.shape[0]})")
     try:
         batch = torch.broadcast_shapes(W.shape[:-2], C.shape[:-2]) if cov_index is None else W.shape[:-2]
     except RuntimeError:
         batch = None
     if batch != W.shape[:-2]:
         raise ValueError(
-            f"{op}{_where(name)}: C's batch dims {tuple(C.shape[:-2])} must broadcast to W's {tuple(W.shape[:-2])}"
+            f"{op}{name_suffix(name)}: C's batch dims {tuple(C.shape[:-2])} must broadcast to W's {tuple(W.shape[:-2])}"
         )
     if W.device != C.device:
-        raise ValueError(f"{op}{_where(name)}: W is on {W.device} but C is on {C.device}")
+        raise ValueError(f"{op}{name_suffix(name)}: W is on {W.device} but C is on {C.device}")
     check_rank(rank, W.shape, op, "W", name)
     check_finite(W, op, "W", name)
 

@@ -1,5 +1,6 @@
 """Initialization recipes, one module each: CorDA (corda.py), PiSSA / MiLoRA (svd_init.py), LoRA
-(lora.py), asymmetric LoRA (asymmetric.py), SiVA (siva.py), Partial-LoRA (partial_lora.py).
+(lora.py), asymmetric LoRA (asymmetric.py), SiVA (siva.py), Partial-LoRA (partial_lora.py); ASVD
+(asvd.py), the discard report's baseline, is not one of ``apply``'s methods.
 
 ``make_method(name, **options)`` builds one from its name as used by ``corda_kernels.apply``.
 """

@@ -1,15 +1,20 @@
 """ASVD: activation-scaled SVD, the CorDA paper's middle baseline between plain SVD and CO-SVD.
 
 ASVD decomposes ``W·S`` with ``S = diag(s)`` a per-input-channel activation magnitude raised to
-``alpha`` (0.5 in the ASVD paper) and folds ``S⁻¹`` back: ``W ≈ U·Σ·(Vᵀ·S⁻¹)``. We take the channel
-magnitude as the activation RMS, ``sqrt(diag(C))``, from the same covariance CorDA uses, so the
-three methods of the report see identical calibration data. ``mode="ipa"`` keeps the largest r
-components in the adapter, ``"kpa"`` the smallest.
+``alpha`` (0.5 in the ASVD paper) and folds ``S⁻¹`` back: ``W ≈ U·Σ·(Vᵀ·S⁻¹)``. ``mode="ipa"``
+keeps the largest r components in the adapter, ``"kpa"`` the smallest. Two channel magnitudes:
+
+- :class:`ASVD` takes the activation RMS, ``sqrt(diag(C))``, from the input covariance CorDA
+  calibrates (no pass of its own).
+- :class:`MeanAbsASVD` takes the ASVD paper's own magnitude, the mean ``|x|`` of each channel
+  (recorded during calibration by :class:`~corda_kernels.calibration.mean_abs.MeanAbsInputs`),
+  and keeps the smallest components: the ASVD of ``corda-kernels report``
+  (:mod:`corda_kernels.cli.report`), so SVD, ASVD and CO-SVD see the same calibration passes.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -49,3 +54,28 @@ class ASVD(InitMethod):
         else:
             U, S, Vh = smallest_singular_triplets(scaled, rank)
         return component_inits(U, S, Vh / s.unsqueeze(-2), scale, scaled.square().sum((-2, -1)))
+
+
+class _Diagonals(NamedTuple):
+    """What :meth:`ASVD.init_batch` reads of a covariance (``diagonals()``), holding the squared magnitudes."""
+
+    squares: torch.Tensor  # (L, in)
+
+    def diagonals(self) -> torch.Tensor:
+        return self.squares
+
+
+class MeanAbsASVD(ASVD):
+    """ASVD (smallest components) with the ASVD paper's channel scale ``mean|x| ** alpha``, from
+    ``magnitudes`` ``{layer: (in,) mean |x|}`` (recorded by
+    :class:`~corda_kernels.calibration.mean_abs.MeanAbsInputs`) instead of the covariance."""
+
+    needs_covariance = False
+
+    def __init__(self, magnitudes: dict, alpha: float = 0.5):
+        super().__init__(mode="kpa", alpha=alpha)
+        self.magnitudes = magnitudes
+
+    def init_batch(self, weights, covariances, rank, scale, names, seed):
+        m = torch.stack([self.magnitudes[n] for n in names]).to(weights.device, torch.float32)
+        return super().init_batch(weights, _Diagonals(m.square()), rank, scale, names, seed)

@@ -1,0 +1,174 @@
+"""Export as plain layers: every ``LowRankLinear`` back to the ``nn.Linear`` / ``Conv1D`` it replaced.
+
+What: :func:`merge` and :func:`unload` swap the adapters, in place, for plain layers holding the
+merged weight ``W' + scale·delta`` (:func:`merged_weight`) or the frozen residual ``W'``
+(:func:`residual_weight`); :func:`save_merged_model` and :func:`save_residual_model` write those
+with ``save_pretrained`` and put the adapters back (:func:`plain_layers`). Why: a plain HF model
+is what ``from_pretrained``, other tools and PEFT (as the residual base of an adapter) load.
+
+A quantized residual is written in bitsandbytes' storage format by
+:mod:`corda_kernels.export.bnb_checkpoint`; the PEFT adapter by :mod:`corda_kernels.export.peft_adapter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..integrations import hf
+from ..nn import LowRankLinear
+from ..ops.quantized import QuantizedWeight
+from . import bnb_checkpoint
+
+
+def adapters(model: nn.Module) -> dict[str, LowRankLinear]:
+    """Every ``LowRankLinear`` of ``model`` by name; raises ``ValueError`` when there is none (every
+    export needs one)."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    if not found:
+        raise ValueError(f"{type(model).__name__} carries no corda_kernels adapters (LowRankLinear layers)")
+    return found
+
+
+def plain_layer(layer: LowRankLinear, weight: torch.Tensor) -> nn.Module:
+    """An ``nn.Linear`` (or ``Conv1D`` if the layer came from one) holding ``weight`` ``(out, in)``."""
+    bias = layer.bias
+    if getattr(layer, "source_layout", "linear") == "conv1d":
+        plain = hf.Conv1D(weight.shape[0], weight.shape[1])
+        plain.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        plain.bias = nn.Parameter(
+            bias.detach().clone()
+            if bias is not None
+            else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+            requires_grad=False,
+        )
+        return plain
+    plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return plain
+
+
+def residual_weight(layer: LowRankLinear) -> torch.Tensor:
+    """The frozen base ``W'`` as a tensor (a quantized base dequantized, bit-exact, to its dtype)."""
+    weight = layer.weight
+    return weight.dequantize() if isinstance(weight, QuantizedWeight) else weight.detach()
+
+
+def merged_weight(layer: LowRankLinear) -> torch.Tensor:
+    """``W' + scale·delta`` computed in fp32 and cast once to the weight dtype."""
+    with torch.no_grad():
+        if getattr(layer, "merged", False):
+            return layer.weight.detach().clone()
+        return (layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype)
+
+
+@contextlib.contextmanager
+def plain_layers(model: nn.Module, kind: str) -> Iterator[nn.Module]:
+    """Temporarily replace adapters by plain layers (``kind``: "merged" or "residual")."""
+    layers = adapters(model)
+    for name, layer in layers.items():
+        weight = merged_weight(layer) if kind == "merged" else residual_weight(layer)
+        hf.set_submodule(model, name, plain_layer(layer, weight))
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            hf.set_submodule(model, name, layer)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer, in place; the model becomes a plain HF model.
+
+    Each ``LowRankLinear`` becomes an ``nn.Linear`` (or ``Conv1D``, as it came) holding
+    ``W' + s·delta``, summed in fp32 and cast once to the weight's dtype. GGUF quantization marks
+    are dropped, so ``save_pretrained`` writes an ordinary checkpoint.
+
+    Args:
+        model: a model adapted by :func:`corda_kernels.apply` (or ``apply_blockwise``).
+
+    Returns:
+        ``model`` itself, without adapters.
+
+    Raises:
+        ValueError: ``model`` carries no ``LowRankLinear`` layer.
+    """
+    for name, layer in adapters(model).items():
+        hf.set_submodule(model, name, plain_layer(layer, merged_weight(layer)))
+    hf.forget_gguf_quantization(model)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop the adapters, keeping the frozen residual weights, in place.
+
+    Each ``LowRankLinear`` becomes an ``nn.Linear`` / ``Conv1D`` holding the frozen base ``W'``
+    (a quantized base dequantized, bit-exact, to its dtype): the base PEFT needs for a CorDA or
+    PiSSA adapter written by :func:`save_peft_adapter`.
+
+    Args:
+        model: a model adapted by :func:`corda_kernels.apply`.
+
+    Returns:
+        ``model`` itself, holding the residual weights.
+
+    Raises:
+        ValueError: ``model`` carries no ``LowRankLinear`` layer.
+    """
+    for name, layer in adapters(model).items():
+        hf.set_submodule(model, name, plain_layer(layer, residual_weight(layer)))
+    hf.forget_gguf_quantization(model)
+    return model
+
+
+def save_merged_model(model: nn.Module, path: str, **save_kwargs) -> None:
+    """``save_pretrained`` of the merged model, leaving ``model``'s weights unchanged.
+
+    The adapters are swapped for merged plain layers during the save and put back after it. A
+    GGUF-loaded model's quantization marks are dropped: its weights are plain floats, saved as such.
+
+    Args:
+        model: a model adapted by :func:`corda_kernels.apply`.
+        path: the output directory.
+        **save_kwargs: passed to ``model.save_pretrained`` (e.g. ``safe_serialization``).
+
+    Raises:
+        ValueError: ``model`` carries no ``LowRankLinear`` layer.
+    """
+    hf.forget_gguf_quantization(model)
+    with plain_layers(model, "merged"):
+        model.save_pretrained(path, **save_kwargs)
+
+
+def save_residual_model(model: nn.Module, path: str, *, dequantize: bool = False, **save_kwargs) -> None:
+    """``save_pretrained`` of the residual base (adapters dropped), leaving ``model``'s weights
+    unchanged (GGUF quantization marks dropped, as in :func:`save_merged_model`).
+
+    Quantized residuals (``apply(quantize=...)``) are written as a pre-quantized bitsandbytes
+    checkpoint (codes and quantization state as ``Linear4bit`` / ``Linear8bitLt`` save them, the
+    ``BitsAndBytesConfig`` in ``config.json``, every other linear layer listed in
+    ``llm_int8_skip_modules``): ``AutoModelForCausalLM.from_pretrained(path)`` loads the very same
+    codes (QLoRA-style base for the PEFT adapter).
+
+    Args:
+        model: a model adapted by :func:`corda_kernels.apply`.
+        path: the output directory.
+        dequantize: write a quantized residual dequantized, in full precision, instead.
+        **save_kwargs: passed to ``model.save_pretrained``.
+
+    Raises:
+        ValueError: ``model`` carries no ``LowRankLinear`` layer, or its quantized residuals mix
+            NF4 and int8.
+    """
+    hf.forget_gguf_quantization(model)
+    layers = adapters(model)
+    quantized = {n: layer.weight for n, layer in layers.items() if isinstance(layer.weight, QuantizedWeight)}
+    with plain_layers(model, "residual"):
+        if not quantized or dequantize:
+            model.save_pretrained(path, **save_kwargs)
+            return
+        bnb_checkpoint.save_pretrained_prequantized(model, path, quantized, **save_kwargs)
