@@ -20,7 +20,7 @@ from .calibration import Calibration, calibrate
 from .config import AdaptConfig
 from .decomposition import decompose
 from .export import merge, save_merged_model, save_peft_adapter, save_residual_model, unload
-from .integrations.peft_patch import patch_peft, unpatch_peft
+from .integrations.peft_global import patch_peft, peft_patched, unpatch_peft
 from .linalg import co_svd, damp_covariance, largest_singular_triplets, randomized_svd, smallest_singular_triplets
 from .memory import MemoryEstimate, estimate_memory
 from .methods.parameters import trainable_parameter_report
@@ -54,6 +54,7 @@ __all__ = [
     "LowRankLinear",
     "patch_peft",
     "unpatch_peft",
+    "peft_patched",
     # ops and decompositions
     "CovarianceAccumulator",
     "covariance_update",

@@ -1,0 +1,399 @@
+"""PEFT's LoRA initializations on corda_kernels' batched engine (used by the global PEFT patch).
+
+Each function here replaces one of PEFT 0.21's own and keeps its semantics (what is stored in
+``lora_A`` / ``lora_B``, the scaling, the fp32 computation, the residual written back in the base
+weight's dtype); see ``peft/tuners/lora/layer.py`` and ``peft/tuners/lora/corda.py``:
+
+- ``pissa_init`` (``"pissa"``, ``"pissa_niter_N"``): the top-r SVD of ``W`` (``W^T`` for a
+  ``fan_in_fan_out`` Conv1D), ``A = sqrt(S/s)·Vh_r``, ``B = U_r·sqrt(S/s)``, residual
+  ``W − s·B·A`` (``s`` the LoRA scaling). ``"pissa"`` (PEFT: a full SVD) uses
+  :func:`~corda_kernels.linalg.randomized_svd` with a per-component acceptance test
+  (:data:`PISSA_TOL`; a matrix that fails it gets the exact SVD), so every kept triplet is PEFT's
+  to fp32 accuracy without a full SVD. ``"pissa_niter_N"`` (PEFT: ``torch.svd_lowrank(W, q=r,
+  niter=N)``, no oversampling) uses the same N power iterations on a sketch of
+  ``r + max(r, NITER_MIN_OVERSAMPLE)`` columns: at least as accurate.
+- ``olora_init``: PEFT's ``Q, R = qr(W)``, ``B = Q[:, :r]``, ``A = R[:r]``. The first r columns of
+  a Householder QR depend only on the first r columns of ``W``: ``Q_r, R_rr = qr(W[:, :r])`` and
+  ``R[:r, r:] = Q_r^T W[:, r:]``, batched (no full QR).
+- ``calib_cov_distribution`` / ``collect_eigens`` (``preprocess_corda``): PEFT's covariance
+  normalization (each call's input divided by ``|max x|``, summed per call, divided by the number
+  of calls) accumulated by :func:`~corda_kernels.ops.covariance_update`; eigens from
+  :func:`~corda_kernels.linalg.co_svd` (``"ipm"`` is our ``"ipa"``, ``"kpm"`` our ``"kpa"``),
+  same-shape layers together, only the r kept components stored (PEFT: full U, V per layer).
+
+Layers are collected while PEFT injects adapters (:func:`collecting`) and run per shape in chunks
+of at most :data:`CHUNK_BYTES` (:func:`run_pending`). A layer or option these do not cover runs
+PEFT's own function, with one ``corda_kernels.peft`` log line saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..linalg import co_svd, randomized_svd
+from ..ops.covariance import covariance_update, symmetrize_
+from . import hf
+
+logger = logging.getLogger("corda_kernels.peft")
+
+# Per-component acceptance of "pissa"'s randomized SVD: each kept Ritz pair's residual at most this
+# fraction of its gap to the next singular value (sin θ <= ~1e-5), else refined or exact.
+PISSA_TOL = 1e-5
+# "pissa_niter_N": our sketch is r + max(r, this) columns wide (PEFT's torch.svd_lowrank: r).
+NITER_MIN_OVERSAMPLE = 8
+# Largest stack of fp32 weights (times a work factor) decomposed in one batch.
+CHUNK_BYTES = 1 << 30
+_WORK_FACTOR = 3  # the stacked W, its residual and the solver's work space
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+_local = threading.local()
+
+
+@dataclass
+class _Job:
+    kind: str  # "pissa" | "olora"
+    layer: nn.Module
+    adapter: str
+    niter: Optional[int] = None  # pissa_niter_N
+    fallback: Optional[Callable[[], None]] = None  # PEFT's own init of this layer
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[Optional[list]]:
+    """Collect the initializations PEFT asks for while the block runs (the outermost block owns the
+    list; nested blocks yield ``None``)."""
+    if getattr(_local, "pending", None) is not None:
+        yield None
+        return
+    _local.pending = []
+    try:
+        yield _local.pending
+    finally:
+        _local.pending = None
+
+
+def _pending() -> Optional[list]:
+    return getattr(_local, "pending", None)
+
+
+def _label(layer: nn.Module) -> str:
+    base = layer.get_base_layer()
+    return f"{type(layer).__name__}({type(base).__name__} {tuple(base.weight.shape)})"
+
+
+def _common_refusal(layer: nn.Module, adapter: str) -> str:
+    """Why our engine cannot initialize ``adapter`` of ``layer`` as PEFT would (empty when it can)."""
+    base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return "its base layer has no 2-D weight"
+    if weight.dtype not in _FLOAT:
+        return f"its base weight is {weight.dtype} (quantized or integer); PEFT's code handles or rejects it"
+    if weight.device.type == "meta" or weight.numel() == 0 or type(weight.data) is not torch.Tensor:
+        return "its base weight is not materialized as a plain tensor (meta, sharded or distributed)"
+    if adapter in getattr(layer, "lora_variant", {}):
+        variant = type(layer.lora_variant[adapter]).__name__
+        return f"adapter {adapter!r} uses a LoRA variant ({variant}) whose own init reads the residual"
+    if not isinstance(layer.lora_A[adapter], nn.Linear) or not isinstance(layer.lora_B[adapter], nn.Linear):
+        return "its LoRA factors are not nn.Linear"
+    if layer.r[adapter] > min(weight.shape):
+        return f"r={layer.r[adapter]} exceeds the weight's smaller side {min(weight.shape)}"
+    return ""
+
+
+def _niter(init: Any) -> Optional[int]:
+    """N of "pissa_niter_N" (None for "pissa"); raises ValueError for anything else."""
+    if init == "pissa":
+        return None
+    parts = init.split("_niter_") if isinstance(init, str) else []
+    if len(parts) == 2 and parts[0] == "pissa" and parts[1].isdigit():
+        return int(parts[1])
+    raise ValueError(init)
+
+
+def _defer_or_run(job: _Job) -> None:
+    pending = _pending()
+    if pending is None:
+        run_pending([job])
+    else:
+        pending.append(job)
+
+
+def wrap_pissa(original: Callable) -> Callable:
+    """``LoraLayer.pissa_init`` on our engine, PEFT's ``original`` for what it does not cover."""
+
+    def pissa_init(self, adapter_name, init_lora_weights):
+        try:
+            niter = _niter(init_lora_weights)
+        except ValueError:
+            return original(self, adapter_name, init_lora_weights)  # PEFT's own error
+        reason = _common_refusal(self, adapter_name)
+        if reason:
+            logger.info("PiSSA of %s runs PEFT's own code: %s", _label(self), reason)
+            return original(self, adapter_name, init_lora_weights)
+        _defer_or_run(_Job("pissa", self, adapter_name, niter, lambda: original(self, adapter_name, init_lora_weights)))
+
+    pissa_init.__wrapped__ = original
+    pissa_init.__doc__ = original.__doc__
+    return pissa_init
+
+
+def wrap_olora(original: Callable) -> Callable:
+    """``LoraLayer.olora_init`` on our engine, PEFT's ``original`` for what it does not cover."""
+
+    def olora_init(self, adapter_name):
+        reason = _common_refusal(self, adapter_name)
+        if not reason and getattr(self, "fan_in_fan_out", False):
+            reason = "it is fan_in_fan_out (Conv1D); PEFT's OLoRA factors its stored (in, out) weight as is"
+        if reason:
+            logger.info("OLoRA of %s runs PEFT's own code: %s", _label(self), reason)
+            return original(self, adapter_name)
+        _defer_or_run(_Job("olora", self, adapter_name, None, lambda: original(self, adapter_name)))
+
+    olora_init.__wrapped__ = original
+    olora_init.__doc__ = original.__doc__
+    return olora_init
+
+
+def logged(original: Callable, message: str) -> Callable:
+    """``original`` (a layer method taking the adapter name first), with one log line per layer."""
+
+    def method(self, *args, **kwargs):
+        logger.info(message, _label(self))
+        return original(self, *args, **kwargs)
+
+    method.__wrapped__ = original
+    method.__doc__ = original.__doc__
+    return method
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched runs
+
+
+def _oriented(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as ``(out, in)`` (PEFT's ``transpose(weight, fan_in_fan_out)``)."""
+    return weight.T if getattr(layer, "fan_in_fan_out", False) else weight
+
+
+def _chunks(jobs: list[_Job], shape: torch.Size) -> Iterator[list[_Job]]:
+    per = max(1, CHUNK_BYTES // (_WORK_FACTOR * 4 * shape[0] * shape[1]))
+    for i in range(0, len(jobs), per):
+        yield jobs[i : i + per]
+
+
+def _rounds(jobs: list[_Job]) -> list[list[_Job]]:
+    """Split jobs so that no round holds one base weight twice (PEFT would initialize the second
+    from the first's residual)."""
+    rounds: list[list[_Job]] = []
+    seen: list[set[int]] = []
+    for job in jobs:
+        key = id(job.layer.get_base_layer().weight)
+        for members, ids in zip(rounds, seen):
+            if key not in ids:
+                members.append(job)
+                ids.add(key)
+                break
+        else:
+            rounds.append([job])
+            seen.append({key})
+    return rounds
+
+
+def run_pending(pending: Optional[list]) -> None:
+    """Run the collected initializations: one batch per (method, shape, rank, device), chunked."""
+    if not pending:
+        return
+    jobs, pending[:] = list(pending), []
+    for members in _rounds(jobs):
+        groups: dict[tuple, list[_Job]] = {}
+        for job in members:
+            base = job.layer.get_base_layer()
+            shape = _oriented(job.layer, base.weight).shape
+            key = (job.kind, job.niter, tuple(shape), base.weight.device, job.layer.r[job.adapter])
+            groups.setdefault(key, []).append(job)
+        for (kind, niter, shape, _, rank), group in groups.items():
+            for chunk in _chunks(group, shape):
+                try:
+                    (_run_pissa if kind == "pissa" else _run_olora)(chunk, rank, niter)
+                except Exception as exc:  # never fail where PEFT would not: PEFT's own code per layer
+                    logger.info(
+                        "%s of %d layers %s runs PEFT's own code: our engine raised %s: %s",
+                        kind,
+                        len(chunk),
+                        tuple(shape),
+                        type(exc).__name__,
+                        exc,
+                    )
+                    for job in chunk:
+                        job.fallback()
+
+
+def _stack(chunk: list[_Job]) -> torch.Tensor:
+    return torch.stack([_oriented(j.layer, j.layer.get_base_layer().weight.detach()).float() for j in chunk])
+
+
+def _write(chunk: list[_Job], W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor) -> None:
+    """Store ``A``, ``B`` (fp32, PEFT's values before its dtype moves) and the residual ``W − s·B·A``."""
+    residual = W - scales[:, None, None] * (B @ A)
+    for i, job in enumerate(chunk):
+        layer = job.layer
+        base = layer.get_base_layer()
+        for module, value in ((layer.lora_A[job.adapter], A[i]), (layer.lora_B[job.adapter], B[i])):
+            param = module.weight
+            param.data = value.to(device=param.device, dtype=param.dtype).contiguous()
+        res = _oriented(layer, residual[i].to(base.weight.dtype))
+        base.weight.data = res.contiguous()
+
+
+def _scales(chunk: list[_Job], device) -> torch.Tensor:
+    return torch.tensor([float(j.layer.scaling[j.adapter]) for j in chunk], dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def _run_pissa(chunk: list[_Job], rank: int, niter: Optional[int]) -> None:
+    W = _stack(chunk)
+    seeds = list(range(len(chunk)))
+    if niter is None:
+        U, S, Vh = randomized_svd(W, rank, seed=seeds, tol=PISSA_TOL)
+    else:
+        U, S, Vh = randomized_svd(W, rank, n_iter=niter, oversample=max(rank, NITER_MIN_OVERSAMPLE), seed=seeds)
+    scales = _scales(chunk, W.device)
+    root = (S / scales[:, None]).sqrt()
+    _write(chunk, W, root[..., :, None] * Vh, U * root[..., None, :], scales)
+
+
+@torch.no_grad()
+def _run_olora(chunk: list[_Job], rank: int, niter: Optional[int]) -> None:
+    W = _stack(chunk)
+    Q, R_rr = torch.linalg.qr(W[..., :rank])
+    R = torch.cat([R_rr, Q.mT @ W[..., rank:]], dim=-1)
+    _write(chunk, W, R, Q, _scales(chunk, W.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# CorDA: preprocess_corda's covariance and eigens
+
+
+def corda_functions(original_calib: Callable, original_collect: Callable) -> tuple[Callable, Callable]:
+    """Replacements for ``peft.tuners.lora.corda``'s ``calib_cov_distribution`` and ``collect_eigens``."""
+
+    @torch.no_grad()
+    def calib_cov_distribution(model, config, run_model, hooked_model, covariance_file):
+        corda = importlib.import_module("peft.tuners.lora.corda")
+        if covariance_file is not None and os.path.exists(covariance_file) and os.path.getsize(covariance_file) > 0:
+            return original_calib(model, config, run_model, hooked_model, covariance_file)
+        if run_model is None:
+            return original_calib(model, config, run_model, hooked_model, covariance_file)
+        if config.corda_config.use_float16_for_covariance:
+            logger.info(
+                "preprocess_corda: use_float16_for_covariance=True runs PEFT's own covariance code "
+                "(our covariance op accumulates in fp32)"
+            )
+            return original_calib(model, config, run_model, hooked_model, covariance_file)
+        if hooked_model is None:
+            hooked_model = model
+        hooked_model.eval()
+        sums: dict[nn.Module, torch.Tensor] = {}
+
+        def hook(module, inputs, output):
+            x = inputs[0].detach().squeeze(0).float()
+            x = x / torch.max(x).abs()
+            if torch.isnan(x).any() or torch.isinf(x).any():
+                raise ValueError("Invalid value found in input, please check your input data.")
+            acc = sums.get(module)
+            if acc is None:
+                acc = sums[module] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+            covariance_update(acc, x, check_finite=False)
+            module.sample_count += 1
+
+        handles = []
+        for _, module in corda.target_modules(hooked_model, config):
+            module.sample_count = 0
+            module.covariance_matrix = 0
+            handles.append(module.register_forward_hook(hook))
+        try:
+            run_model()
+        finally:
+            for handle in handles:
+                handle.remove()
+        for module, acc in sums.items():
+            module.covariance_matrix = symmetrize_(acc)
+        if hooked_model is not model:
+            targets = dict(corda.target_modules(model, config))
+            for name, module in corda.target_modules(hooked_model, config):
+                if name in targets:
+                    targets[name].sample_count = module.sample_count
+                    targets[name].covariance_matrix = module.covariance_matrix
+        for _, module in corda.target_modules(model, config):
+            module.covariance_matrix /= module.sample_count
+        if covariance_file is not None:
+            everything = {name: module.covariance_matrix for name, module in corda.target_modules(model, config)}
+            os.makedirs(os.path.dirname(covariance_file), exist_ok=True)
+            torch.save(everything, covariance_file)
+
+    @torch.no_grad()
+    def collect_eigens(model, config, verbose):
+        corda = importlib.import_module("peft.tuners.lora.corda")
+        groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
+        for name, module in corda.target_modules(model, config):
+            reason = _corda_refusal(module)
+            if reason:
+                logger.info("CorDA eigens of %s run PEFT's own code: %s", name, reason)
+                module.eigens = corda.collect_eigens_for_layer(module, config)
+                continue
+            W = _corda_weight(module)
+            key = (tuple(W.shape), W.device, int(module.rank), module.corda_method)
+            groups.setdefault(key, []).append((name, module))
+        for (shape, _, rank, method), members in groups.items():
+            per = max(1, CHUNK_BYTES // (_WORK_FACTOR * 8 * shape[1] * max(shape)))  # fp64 W·C_d and C_d
+            for i in range(0, len(members), per):
+                chunk = members[i : i + per]
+                W = torch.stack([_corda_weight(m) for _, m in chunk])
+                C = torch.stack([m.covariance_matrix.float().to(W.device) for _, m in chunk])
+                mode = "ipa" if method == "ipm" else "kpa"
+                try:
+                    result = co_svd(W, C, rank, mode=mode, seed=list(range(len(chunk))), name=chunk[0][0])
+                except Exception as exc:  # never fail where PEFT would not: PEFT's own code per layer
+                    logger.info(
+                        "CorDA eigens of %s run PEFT's own code: co_svd raised %s: %s", shape, type(exc).__name__, exc
+                    )
+                    for _, module in chunk:
+                        module.eigens = corda.collect_eigens_for_layer(module, config)
+                    continue
+                for j, (_, module) in enumerate(chunk):
+                    module.eigens = corda.CordaEigens(
+                        S_WC=result.S[j].clone(), U_WC=result.U[j].clone(), V_WC=result.V[j].clone()
+                    )
+
+    calib_cov_distribution.__wrapped__ = original_calib
+    collect_eigens.__wrapped__ = original_collect
+    return calib_cov_distribution, collect_eigens
+
+
+def _corda_weight(module: nn.Module) -> torch.Tensor:
+    w = module.weight.detach().float()
+    return w.T if hf.is_conv1d(module) else w
+
+
+def _corda_refusal(module: nn.Module) -> str:
+    weight = module.weight
+    if weight.dtype not in _FLOAT or weight.device.type == "meta" or type(weight.data) is not torch.Tensor:
+        return f"its weight is {weight.dtype} on {weight.device.type} (not a plain float tensor)"
+    if not isinstance(getattr(module, "covariance_matrix", None), torch.Tensor):
+        return "it has no covariance matrix"
+    if getattr(module, "corda_method", None) not in ("ipm", "kpm"):
+        return f"corda_method {getattr(module, 'corda_method', None)!r} is not 'ipm' / 'kpm'"
+    rank = getattr(module, "rank", None)
+    if not isinstance(rank, int) or not 1 <= rank <= min(weight.shape):
+        return f"rank {rank!r} is outside 1..{min(weight.shape)}"
+    return ""

@@ -1,0 +1,425 @@
+"""The global PEFT patch: patch_peft() / unpatch_peft() / peft_patched() with no model.
+
+Agreement: patched and unpatched PEFT, same model and data, give the same residual base weights and
+adapter products s·B·A. Tolerances (relative Frobenius, per layer):
+
+- ``EXACT_TOL`` (1e-5): both sides compute the same fp32 factorization (OLoRA; PiSSA where our solver
+  chooses the exact SVD; CorDA's IPA/KPA on well-separated spectra);
+- ``PRODUCT_TOL`` (1e-3): PiSSA through the randomized solver on real weights, whose top-r singular
+  values nearly tie: PEFT's own fp32 SVD is that far from an fp64 SVD there (measured 4.5e-4 on
+  SmolLM2's q_proj), so both are compared as products, never as vectors;
+- ``"pissa_niter_N"`` is random on both sides: ours must be at least as close to the exact top-r
+  product as PEFT's ``torch.svd_lowrank``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora.config import CordaConfig  # noqa: E402
+from peft.tuners.lora.layer import LoraLayer  # noqa: E402
+from peft.tuners.tuners_utils import BaseTuner  # noqa: E402
+
+import corda_kernels as ck  # noqa: E402
+from corda_kernels.integrations import peft_global, peft_init  # noqa: E402
+from corda_kernels.integrations.peft_patch import is_patched  # noqa: E402
+from corda_kernels.testing import tiny_gpt2, tiny_llama  # noqa: E402
+
+EXACT_TOL = 1e-5
+PRODUCT_TOL = 1e-3
+LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2 = ["c_attn", "c_proj", "c_fc"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _no_global_patch_left():
+    yield
+    ck.unpatch_peft()
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _lora_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+
+
+def _product(layer):
+    return layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+
+
+def _compare(ours, ref, tol):
+    """Worst relative difference of the residual weights and adapter products, both below tol."""
+    a, b = _lora_layers(ours), _lora_layers(ref)
+    assert a.keys() == b.keys() and a
+    worst_w = worst_p = 0.0
+    for name in a:
+        wa, wb = a[name].get_base_layer().weight, b[name].get_base_layer().weight
+        assert wa.shape == wb.shape and wa.dtype == wb.dtype, name
+        assert a[name].lora_A["default"].weight.dtype == b[name].lora_A["default"].weight.dtype, name
+        worst_w = max(worst_w, _rel(wa, wb))
+        worst_p = max(worst_p, _rel(_product(a[name]), _product(b[name])))
+    assert worst_w <= tol and worst_p <= tol, (worst_w, worst_p)
+    return worst_w, worst_p
+
+
+def _pair(make, init, targets, **config):
+    """(patched, unpatched) PeftModels built from two copies of one base model."""
+    base = make()
+    other = copy.deepcopy(base)
+
+    def cfg():
+        return LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init, **config)
+
+    ref = get_peft_model(base, cfg())
+    with ck.peft_patched():
+        ours = get_peft_model(other, cfg())
+    return ours, ref
+
+
+@pytest.fixture
+def engine_calls(monkeypatch):
+    """Counts the layers our engine initialized, per method."""
+    calls = {"pissa": 0, "olora": 0}
+    for kind in calls:
+        real = getattr(peft_init, f"_run_{kind}")
+
+        def spy(chunk, rank, niter, _real=real, _kind=kind):
+            calls[_kind] += len(chunk)
+            return _real(chunk, rank, niter)
+
+        monkeypatch.setattr(peft_init, f"_run_{kind}", spy)
+    return calls
+
+
+def _steep_llama():
+    """A 1-block Llama whose weights have power-law spectra (the randomized solver converges)."""
+    model = tiny_llama(hidden=512, layers=1, intermediate=640, heads=8, kv_heads=8, vocab=64)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                m, n = module.weight.shape
+                k = min(m, n)
+                U = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
+                V = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
+                S = torch.arange(1, k + 1, dtype=torch.float32) ** -1.0
+                module.weight.copy_((U * S) @ V.T)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement per initialization
+
+
+@pytest.mark.parametrize("make,targets", [(tiny_llama, LLAMA), (tiny_gpt2, GPT2)], ids=["llama", "gpt2"])
+def test_pissa_agrees_with_peft(make, targets, engine_calls):
+    fan = {"fan_in_fan_out": True} if make is tiny_gpt2 else {}
+    ours, ref = _pair(make, "pissa", targets, **fan)
+    _compare(ours, ref, EXACT_TOL)
+    assert engine_calls["pissa"] == len(_lora_layers(ours))
+
+
+def test_pissa_randomized_path_agrees(engine_calls):
+    ours, ref = _pair(_steep_llama, "pissa", LLAMA)
+    _compare(ours, ref, PRODUCT_TOL)
+    assert engine_calls["pissa"] == 7
+
+
+def test_pissa_bf16_base_keeps_peft_dtypes():
+    ours, ref = _pair(lambda: tiny_llama(dtype=torch.bfloat16), "pissa", LLAMA)
+    _compare(ours, ref, 1e-2)  # bf16 residual: one rounding of W − s·B·A
+    for layer in _lora_layers(ours).values():
+        assert layer.get_base_layer().weight.dtype == torch.bfloat16
+        assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype
+
+
+@pytest.mark.parametrize("make,targets", [(_steep_llama, LLAMA), (tiny_gpt2, GPT2)], ids=["llama", "gpt2"])
+def test_pissa_niter_at_least_as_accurate(make, targets, engine_calls):
+    fan = {"fan_in_fan_out": True} if make is tiny_gpt2 else {}
+    torch.manual_seed(0)
+    ours, ref = _pair(make, "pissa_niter_2", targets, **fan)
+    exact, _ = _pair(make, "pissa", targets, **fan)
+    assert engine_calls["pissa"] == 2 * len(_lora_layers(ours))
+    e = _lora_layers(exact)
+    err_ours = sum(_rel(_product(m), _product(e[n])) for n, m in _lora_layers(ours).items())
+    err_peft = sum(_rel(_product(m), _product(e[n])) for n, m in _lora_layers(ref).items())
+    assert err_ours <= err_peft, (err_ours, err_peft)
+    for n, m in _lora_layers(ours).items():  # residual + product is the original W, on both sides
+        fan = getattr(m, "fan_in_fan_out", False)
+        total = [x.get_base_layer().weight + (_product(x).T if fan else _product(x)) for x in (m, e[n])]
+        assert _rel(total[0], total[1]) <= EXACT_TOL, n
+
+
+def test_olora_agrees_with_peft(engine_calls):
+    ours, ref = _pair(tiny_llama, "olora", LLAMA)
+    _compare(ours, ref, EXACT_TOL)
+    assert engine_calls["olora"] == 14
+
+
+def test_olora_conv1d_falls_back_with_a_log_line(caplog, engine_calls):
+    with caplog.at_level(logging.INFO, logger="corda_kernels.peft"):
+        ours, ref = _pair(tiny_gpt2, "olora", GPT2, fan_in_fan_out=True)
+    _compare(ours, ref, 0.0)  # PEFT's own code on both sides
+    lines = [r.getMessage() for r in caplog.records if "OLoRA" in r.getMessage()]
+    assert len(lines) == len(_lora_layers(ours)) and all("fan_in_fan_out" in line for line in lines)
+    assert engine_calls["olora"] == 0
+
+
+def _corda_pair(make, targets, method):
+    base = make()
+    other = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(5)
+    ids = [torch.randint(0, 64, (1, 24), generator=g) for _ in range(6)]
+
+    def cfg():
+        return LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=targets,
+            init_lora_weights="corda",
+            corda_config=CordaConfig(corda_method=method),
+        )
+
+    def run(model):
+        def run_model():
+            for x in ids:
+                model(input_ids=x)
+
+        return run_model
+
+    c_ref = cfg()
+    peft.tuners.lora.corda.preprocess_corda(base, c_ref, run_model=run(base))
+    ref = get_peft_model(base, c_ref)
+    with ck.peft_patched():
+        c_ours = cfg()
+        peft.tuners.lora.corda.preprocess_corda(other, c_ours, run_model=run(other))
+        ours = get_peft_model(other, c_ours)
+    return ours, ref
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+@pytest.mark.parametrize("make,targets", [(tiny_llama, LLAMA), (tiny_gpt2, GPT2)], ids=["llama", "gpt2"])
+def test_corda_agrees_with_peft(make, targets, method, monkeypatch):
+    calls = []
+    real = peft_init.co_svd
+    monkeypatch.setattr(peft_init, "co_svd", lambda W, *a, **k: calls.append(W.shape[0]) or real(W, *a, **k))
+    ours, ref = _corda_pair(make, targets, method)
+    # Random weights give W·C_d nearly tied singular values at r (products move by ~1e-4 under
+    # rounding: our covariance op sums in another order); kpm's bottom components are solved in fp64
+    # by us, in fp32 by PEFT. Both are compared as products to PRODUCT_TOL.
+    _compare(ours, ref, PRODUCT_TOL)
+    assert sum(calls) == len(_lora_layers(ours))
+
+
+def test_corda_stores_only_the_kept_components():
+    model = tiny_llama()
+    config = LoraConfig(
+        r=4, target_modules=LLAMA, init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm")
+    )
+    seen = {}
+    with ck.peft_patched():
+        corda = peft.tuners.lora.corda
+        real = corda.crop_corda_eigens
+
+        def spy(model, config):
+            for name, module in corda.target_modules(model, config):
+                seen[name] = tuple(module.eigens.U_WC.shape)
+            return real(model, config)
+
+        corda.crop_corda_eigens = spy
+        try:
+            corda.preprocess_corda(model, config, run_model=lambda: model(input_ids=torch.randint(0, 64, (1, 16))))
+        finally:
+            corda.crop_corda_eigens = real
+    assert seen and all(shape[1] == 4 for shape in seen.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers run fused; fallbacks
+
+
+def test_built_and_loaded_layers_run_fused(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_llama()
+    ids = torch.randint(0, 128, (2, 10))
+    config = LoraConfig(r=4, target_modules=LLAMA, init_lora_weights=False)
+    ref = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+    ref.save_pretrained(tmp_path / "adapter")
+    with ck.peft_patched():
+        built = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+        assert all(is_patched(m) for m in _lora_layers(built).values())
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+        layers = _lora_layers(loaded)
+        assert len(layers) == 14 and all(is_patched(m) for m in layers.values())
+        with torch.no_grad():
+            got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not any(is_patched(m) for m in layers.values())  # unpatched on exit
+
+
+def test_dora_layers_fall_back_with_a_log_line(caplog):
+    with caplog.at_level(logging.INFO, logger="corda_kernels.peft"):
+        ours, ref = _pair(tiny_llama, "pissa", LLAMA, use_dora=True)
+        layers = _lora_layers(ours)
+        assert not any(is_patched(m) for m in layers.values())
+    _compare(ours, ref, 0.0)  # PEFT's own PiSSA (DoRA reads the residual at its init)
+    messages = [r.getMessage() for r in caplog.records]
+    pissa = [m for m in messages if m.startswith("PiSSA of")]
+    forward = [m for m in messages if "runs PEFT's own forward" in m and "DoRA" in m]
+    assert len(pissa) == 14 and len(forward) == 14
+
+
+def test_eva_logs_that_it_runs_peft(caplog):
+    with caplog.at_level(logging.INFO, logger="corda_kernels.peft"), ck.peft_patched():
+        get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva"))
+    assert sum("'eva'" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_engine_error_falls_back_to_peft(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("injected")
+
+    monkeypatch.setattr(peft_init, "randomized_svd", broken)
+    with caplog.at_level(logging.INFO, logger="corda_kernels.peft"):
+        ours, ref = _pair(tiny_llama, "pissa", LLAMA)
+    _compare(ours, ref, 0.0)
+    assert any("injected" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------------------------
+# The mechanism
+
+
+def _attrs():
+    import peft.tuners.lora.corda as corda
+
+    return (
+        BaseTuner.__dict__["inject_adapter"],
+        LoraLayer.__dict__["pissa_init"],
+        LoraLayer.__dict__["olora_init"],
+        LoraLayer.__dict__["loftq_init"],
+        corda.calib_cov_distribution,
+        corda.collect_eigens,
+    )
+
+
+def test_unpatch_restores_exactly_and_is_idempotent():
+    before = _attrs()
+    ck.unpatch_peft()  # without a patch: a no-op
+    assert _attrs() == before
+    assert ck.patch_peft() is None
+    patched = _attrs()
+    assert all(a is not b for a, b in zip(patched, before))
+    ck.patch_peft()  # idempotent: nothing wrapped twice
+    assert _attrs() == patched
+    assert peft_global.is_globally_patched()
+    ck.unpatch_peft()
+    assert all(a is b for a, b in zip(_attrs(), before))
+    assert not peft_global.is_globally_patched()
+    ck.unpatch_peft()
+    assert all(a is b for a, b in zip(_attrs(), before))
+
+
+def test_context_manager_nests_in_a_global_patch():
+    before = _attrs()
+    with ck.peft_patched():
+        inside = _attrs()
+        assert inside != before
+    assert _attrs() == before
+    ck.patch_peft()
+    on = _attrs()
+    assert all(a is not b for a, b in zip(on, before)) and inside != before
+    with ck.peft_patched():
+        pass
+    assert _attrs() == on  # it was on before the block: still on after
+
+
+def test_patch_peft_with_a_model_keeps_its_strict_meaning():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    assert len(ck.patch_peft(model)) == 2
+    assert not peft_global.is_globally_patched()
+    assert len(ck.unpatch_peft(model)) == 2
+    with pytest.raises(ValueError, match="no PEFT LoRA Linear"):
+        ck.patch_peft(tiny_llama())
+
+
+def test_unsupported_version_raises_before_patching(monkeypatch):
+    before = _attrs()
+    monkeypatch.setattr(peft, "__version__", "0.19.1")
+    with pytest.raises(RuntimeError, match=r"PEFT 0\.19\.1 .*peft>=0\.21\.0,<0\.22\.0"):
+        ck.patch_peft()
+    assert _attrs() == before and not peft_global.is_globally_patched()
+
+
+def test_broken_install_raises_before_patching(monkeypatch):
+    before = BaseTuner.__dict__["inject_adapter"], LoraLayer.__dict__["pissa_init"]
+    monkeypatch.delattr(LoraLayer, "olora_init")
+    with pytest.raises(RuntimeError, match=r"lacks peft\.tuners\.lora\.layer\.LoraLayer\.olora_init.*peft>=0\.21"):
+        ck.patch_peft()
+    assert (BaseTuner.__dict__["inject_adapter"], LoraLayer.__dict__["pissa_init"]) == before
+    assert not peft_global.is_globally_patched()
+
+
+_SCRIPT = """
+import sys
+{first}
+import corda_kernels
+corda_kernels.patch_peft()
+import peft
+from peft import LoraConfig, get_peft_model
+from corda_kernels.integrations.peft_patch import is_patched
+from corda_kernels.testing import tiny_llama
+model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+layers = [m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A")]
+assert layers and all(is_patched(m) for m in layers), layers
+corda_kernels.unpatch_peft()
+assert not any(is_patched(m) for m in layers)
+print("ok", "peft" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("first", ["", "import peft"], ids=["peft-after", "peft-before"])
+def test_import_order(first):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT.format(first=first)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok True")
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded SmolLM2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_smollm2_agrees_with_peft(smollm2, init):
+    from corda_kernels.integrations.loading import load_model
+
+    base = load_model(*smollm2)[0]
+    other = copy.deepcopy(base)
+
+    def cfg():
+        return LoraConfig(r=16, lora_alpha=16, target_modules=LLAMA, init_lora_weights=init)
+
+    ref = get_peft_model(base, cfg())
+    with ck.peft_patched():
+        ours = get_peft_model(other, cfg())
+    assert len(_lora_layers(ours)) == 210
+    _compare(ours, ref, PRODUCT_TOL if init == "pissa" else EXACT_TOL)
