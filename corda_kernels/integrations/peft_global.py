@@ -205,8 +205,8 @@ def peft_patched() -> Iterator[None]:
     On exit PEFT is restored (as :func:`unpatch_peft` does), unless the global patch was already
     on when the block began.
 
-    Yields:
-        None.
+    Returns:
+        A context manager: the global patch is on inside its ``with`` block (it yields ``None``).
 
     Raises:
         ImportError: PEFT is not installed or fails to import.
