@@ -8,10 +8,11 @@ weight's dtype); see ``peft/tuners/lora/layer.py`` and ``peft/tuners/lora/corda.
   ``fan_in_fan_out`` Conv1D), ``A = sqrt(S/s)·Vh_r``, ``B = U_r·sqrt(S/s)``, residual
   ``W − s·B·A`` (``s`` the LoRA scaling). ``"pissa"`` (PEFT: a full fp32 SVD) uses
   :func:`top_triplets_fp64`: the fp64 eigendecomposition of the smaller Gram matrix and a
-  Rayleigh-Ritz step, batched; its top-r triplets are more accurate than an fp32 SVD's, and on
-  CPU it took a third of the time of ``torch.linalg.svd`` on LLaMA-shaped random weights (flat
-  spectra, where a randomized SVD with an acceptance test ends up refining, then exact, and was
-  slower than PEFT; measured in ``bench/results/peft-init.md``). ``"pissa_niter_N"`` (PEFT: ``torch.svd_lowrank(W, q=r,
+  Rayleigh-Ritz step, batched; its top-r triplets are more accurate than an fp32 SVD's. Speed
+  (``bench/results/peft-init.md``, loaded 2-core CPU): 2.58x PEFT on a LLaMA-shaped set, 0.60x on
+  SmolLM2 (small matrices: the Gram eigendecomposition costs about an SVD). A randomized SVD with
+  an acceptance test, tried first, refined then went exact on these flat spectra (0.54x).
+  ``"pissa_niter_N"`` (PEFT: ``torch.svd_lowrank(W, q=r,
   niter=N)``, no oversampling) uses the same N power iterations on a sketch of
   ``r + max(r, NITER_MIN_OVERSAMPLE)`` columns: at least as accurate.
 - ``olora_init``: PEFT's ``Q, R = qr(W)``, ``B = Q[:, :r]``, ``A = R[:r]``. The first r columns of
