@@ -7,7 +7,8 @@ manager :func:`peft_patched`), PEFT itself is unchanged in its public API and fi
    ``PeftModel.from_pretrained``, ``load_adapter``, ``add_adapter``: all go through
    ``BaseTuner.inject_adapter``) is patched by the per-layer patch
    :func:`corda_kernels.integrations.peft_patch.patch_peft` once the injection is done; a layer it
-   refuses (DoRA, ``lora_bias``, a quantized base, ...) stays on PEFT's forward, with one log line;
+   refuses (a LoRA variant it does not run, ``lora_bias``, a quantized base, ...) stays on PEFT's
+   forward, with one log line;
 2. PEFT's weight- and data-aware initializations run on our batched engine
    (:mod:`corda_kernels.integrations.peft_init`): ``"pissa"``, ``"pissa_niter_N"`` and ``"olora"``
    layers are collected during the injection and initialized together, one batch per shape,
