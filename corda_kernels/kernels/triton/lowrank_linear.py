@@ -337,7 +337,7 @@ def gpu_config(dtype: torch.dtype, r: int) -> dict:
 # Fused-GEMM candidates on CUDA: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); 16-bit inputs try the
 # BLOCK_K = 64 ones, fp32 the BLOCK_K = 32 ones (the others overflow shared memory). The 64 x 64
 # tiles are the ones that do not spill registers on sm_80 with dropout and a column index (Partial-LoRA
-# dx); tests/test_triton_compile.py checks that every launch keeps a spill-free candidate. The token
+# dx); tests/kernels/test_triton_compile.py checks that every launch keeps a spill-free candidate. The token
 # count is not in the key, so a new sequence length does not re-tune.
 _GEMM_CONFIGS = [
     (128, 256, 64, 8, 3),
