@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import AdaptConfig
 from .decomposition import decompose, plan
-from .decomposition.quantized import Quantization, make_quantization, quantize_residuals
+from .decomposition.refinement import Quantization, make_quantization, quantize_residuals
 from .integrations import hf
 from .methods import InitMethod, LayerInit
 from .nn import LowRankLinear

@@ -47,7 +47,7 @@ from .calibration.recorder import CovarianceRecorder
 from .calibration.storage import check_options, packed_size
 from .config import AdaptConfig
 from .decomposition import plan
-from .decomposition.quantized import make_quantization
+from .decomposition.refinement import make_quantization
 from .integrations import hf
 from .methods import InitMethod
 

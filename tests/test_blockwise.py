@@ -11,7 +11,7 @@ from torch import nn
 
 import corda_kernels as ck
 from corda_kernels import adapt, blockwise
-from corda_kernels.decomposition import quantized as quantized_stage
+from corda_kernels.decomposition import refinement as quantized_stage
 from corda_kernels.methods import MiLoRA
 from corda_kernels.testing import tiny_llama, token_batches
 

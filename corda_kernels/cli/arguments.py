@@ -11,7 +11,7 @@ import argparse
 import math
 from typing import Optional
 
-from ..decomposition.quantized import MAX_QUANTIZE_ITERS, check_quantize_iters
+from ..decomposition.refinement import MAX_QUANTIZE_ITERS, check_quantize_iters
 from ..integrations import loading
 
 # -- argparse value types (argparse turns their ValueError/ArgumentTypeError into a usage error) --
