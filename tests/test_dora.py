@@ -314,3 +314,126 @@ def test_peft_agreement_forward_and_gradients():
     got = torch.autograd.grad(y, [x2, A, B, m], dy)
     for name, a, b in zip(("x", "A", "B", "magnitude"), got, want):
         assert max_rel_err(a, b) <= FP32_RTOL, name
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer, apply(dora=True), merge / unload
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _train_a_little(model, steps=2):
+    from corda_kernels.testing import token_batches
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    for batch in token_batches(128, n_batches=steps, seed=7):
+        ids = batch["input_ids"]
+        loss = model(input_ids=ids, attention_mask=batch["attention_mask"], labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_layer_enable_dora_reproduces_and_trains_the_magnitude():
+    tensors, scale = make_inputs(out_f=16, in_f=20, r=4, lead=(6,))
+    t = {k: v.float() for k, v in tensors.items()}
+    layer = ck.LowRankLinear(t["weight"], t["A"], t["B"], bias=t["bias"], scale=scale)
+    y_lora = layer(t["x"])
+    layer.enable_dora()
+    assert layer.dora and layer.magnitude.requires_grad and layer.magnitude.dtype == torch.float32
+    torch.testing.assert_close(layer.magnitude, torch.linalg.vector_norm(t["weight"] + scale * t["B"] @ t["A"], dim=1))
+    torch.testing.assert_close(layer(t["x"]), y_lora, rtol=1e-6, atol=1e-6)  # m / n = 1 at init
+    with torch.no_grad():
+        layer.magnitude.mul_(torch.linspace(0.5, 2.0, 16))
+    want = oracle(
+        t["x"].double(), *(tensors[k] for k in ("weight", "A", "B")), layer.magnitude.double(), tensors["bias"], scale
+    )
+    assert max_rel_err(layer(t["x"]).detach(), want) <= FP32_RTOL
+    layer(t["x"]).sum().backward()
+    assert layer.magnitude.grad is not None and layer.A.grad is not None and layer.weight.grad is None
+    # the cached ‖W‖² follows in-place changes of the weight
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    want = oracle(
+        t["x"].double(),
+        2 * tensors["weight"],
+        tensors["A"],
+        tensors["B"],
+        layer.magnitude.double(),
+        tensors["bias"],
+        scale,
+    )
+    assert max_rel_err(layer(t["x"]).detach(), want) <= FP32_RTOL
+    # merge folds m / n into the weight; unmerge restores it
+    before, w0 = layer(t["x"]).detach(), layer.weight.detach().clone()
+    layer.merge()
+    assert max_rel_err(layer(t["x"]).detach(), before) <= FP32_RTOL
+    torch.testing.assert_close(layer.to_linear()(t["x"]), layer(t["x"]))
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=1e-5, atol=1e-6)
+    assert max_rel_err(layer(t["x"]).detach(), before) <= FP32_RTOL
+
+
+def test_layer_dropout_follows_peft():
+    """In training mode with dropout the layer is PEFT's DoRA on the dropped-out input (same mask)."""
+    tensors, scale = make_inputs(out_f=12, in_f=10, r=3, lead=(5,))
+    t = {k: v.float() for k, v in tensors.items()}
+    m = t["magnitude"]
+    layer = ck.LowRankLinear(t["weight"], t["A"], t["B"], bias=t["bias"], scale=scale, magnitude=m, dropout=0.3).train()
+    torch.manual_seed(5)
+    y = layer(t["x"])
+    torch.manual_seed(5)
+    xd = F.dropout(t["x"], 0.3, training=True)
+    f = m / torch.linalg.vector_norm(t["weight"] + scale * t["B"] @ t["A"], dim=1)
+    want = (
+        F.linear(t["x"], t["weight"], t["bias"])
+        + (f - 1) * (xd @ t["weight"].T)
+        + f * (scale * (xd @ t["A"].T) @ t["B"].T)
+    )
+    assert max_rel_err(y.detach(), want) <= FP32_RTOL
+    layer.eval()
+    assert (
+        max_rel_err(layer(t["x"]).detach(), oracle(t["x"], t["weight"], t["A"], t["B"], m, t["bias"], scale))
+        <= FP32_RTOL
+    )
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "milora", "asymmetric", "corda"])
+def test_apply_dora_reproduces_the_model_then_trains_and_merges(method):
+    from corda_kernels.testing import tiny_llama, token_batches
+
+    batch = token_batches(128, n_batches=1)[0]
+    original = tiny_llama()
+    want = _logits(original, batch)
+    options = {}
+    if method == "corda":
+        options["covariances"] = ck.calibrate(tiny_llama(), token_batches(128, n_batches=2), progress=False)
+    model = ck.apply(tiny_llama(), method, rank=4, dora=True, progress=False, **options)
+    layers = [m for m in model.modules() if isinstance(m, ck.LowRankLinear)]
+    assert layers and all(m.dora and m.magnitude.requires_grad for m in layers)
+    torch.testing.assert_close(_logits(model, batch), want, rtol=1e-4, atol=1e-4)
+    _train_a_little(model)
+    assert any(not torch.allclose(m.magnitude, m.dora_norm()) for m in layers)
+    trained = _logits(model, batch)
+    assert not torch.allclose(trained, want, atol=1e-3)
+    torch.testing.assert_close(_logits(ck.merge(model), batch), trained, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method, option", [("siva", "siva"), ("partial_lora", "partial_lora")])
+def test_dora_refused_for_siva_and_partial_lora(method, option):
+    with pytest.raises(ValueError, match=f"dora=True is not defined for method '{option}'"):
+        ck.AdaptConfig(method=method, dora=True)
+
+
+def test_dora_config_round_trips():
+    import json
+
+    config = ck.AdaptConfig(method="pissa", rank=4, dora=True)
+    assert json.loads(json.dumps(config.to_dict()))["dora"] is True
+    assert ck.AdaptConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(TypeError, match="dora must be True or False, got str 'yes'"):
+        ck.AdaptConfig(dora="yes")
