@@ -437,3 +437,140 @@ def test_dora_config_round_trips():
     assert ck.AdaptConfig.from_dict(config.to_dict()) == config
     with pytest.raises(TypeError, match="dora must be True or False, got str 'yes'"):
         ck.AdaptConfig(dora="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# patch_peft on PEFT's DoRA layers, save_peft_adapter in PEFT's DoRA format
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_dora_llama(dropout=0.0, dtype=torch.float32):
+    peft = pytest.importorskip("peft")
+    from corda_kernels.testing import tiny_llama
+
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=ALL, lora_dropout=dropout, init_lora_weights=False, use_dora=True
+    )
+    model = peft.get_peft_model(tiny_llama().to(dtype), cfg)
+    with torch.no_grad():  # magnitude off the norm, as after training
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.linspace(0.7, 1.3, p.numel(), dtype=p.dtype))
+    return model
+
+
+def _run_lm(model, batch):
+    model.zero_grad(set_to_none=True)
+    logits = model(**batch).logits
+    logits.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+    assert any("lora_magnitude_vector" in n for n in grads)
+    return logits.detach(), grads
+
+
+@pytest.fixture
+def dora_calls(monkeypatch):
+    """Counts the patched layers' calls of the fused DoRA op."""
+    from corda_kernels.integrations import peft_patch
+
+    calls = []
+    op = peft_patch.dora.fused
+
+    def counting(*args):
+        calls.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(peft_patch.dora, "fused", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_patch_peft_runs_dora_fused_with_peft_outputs_and_gradients(dropout, dora_calls):
+    """Every DoRA layer runs fused; logits within fp32 rounding of PEFT's, every LoRA and magnitude
+    gradient equal (training mode; with dropout the same mask, from PEFT's own module)."""
+    from corda_kernels.testing import token_batches
+
+    batch = token_batches(128, n_batches=1)[0]
+    model = _peft_dora_llama(dropout).train()
+    torch.manual_seed(0)
+    want = _run_lm(model, batch)
+    names = ck.patch_peft(model)
+    assert len(names) == 14
+    torch.manual_seed(0)
+    got = _run_lm(model, batch)
+    assert len(dora_calls) == 14
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], atol=1e-6, rtol=1e-4, msg=name)
+    # merged adapters fall back to PEFT's forward (which holds m / n in the weight)
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(**batch).logits, before, atol=1e-4, rtol=1e-4)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(**batch).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_peft_dora_bf16_autocast():
+    """bf16 base, fp32 factors (PEFT's autocast_adapter_dtype): fused under CPU autocast within bf16
+    accuracy of PEFT's, fp32 gradients."""
+    from corda_kernels.testing import token_batches
+
+    batch = token_batches(128, n_batches=1)[0]
+    model = _peft_dora_llama(dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(**batch).logits.float()
+        ck.patch_peft(model)
+        logits = model(**batch).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), want, atol=0.1, rtol=0.05)
+    logits.float().square().mean().backward()
+    mags = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert mags and all(p.grad is not None and p.grad.dtype == torch.float32 for p in mags)
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_save_peft_adapter_dora_loads_in_peft_with_same_outputs(method, tmp_path):
+    """save_peft_adapter writes PEFT's DoRA format (use_dora, lora_magnitude_vector) that
+    PeftModel.from_pretrained loads on the residual base with the same logits, after training."""
+    peft = pytest.importorskip("peft")
+    import json
+
+    from corda_kernels.testing import tiny_llama, token_batches
+
+    batch = token_batches(128, n_batches=1)[0]
+    model = ck.apply(tiny_llama(), method, rank=4, dora=True, progress=False)
+    _train_a_little(model)
+    want = _logits(model, batch)
+    ck.save_peft_adapter(model, str(tmp_path / "adapter"), residual_model=str(tmp_path / "residual"))
+    ck.save_residual_model(model, str(tmp_path / "residual"))
+    config = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    assert config["use_dora"] is True
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert sum("lora_magnitude_vector" in k for k in keys) == 14
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(str(tmp_path / "residual"))
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(_logits(loaded, batch), want, rtol=1e-4, atol=1e-4)
+
+
+def test_save_peft_adapter_dora_initial_conversion_applies_to_the_original(tmp_path):
+    """PiSSA + DoRA converted with initial=: PEFT loads it on the original weights, same logits."""
+    peft = pytest.importorskip("peft")
+    from corda_kernels.testing import tiny_llama, token_batches
+
+    batch = token_batches(128, n_batches=1)[0]
+    model = ck.apply(tiny_llama(), "pissa", rank=4, dora=True, progress=False)
+    ck.save_peft_adapter(model, str(tmp_path / "initial"))
+    _train_a_little(model)
+    want = _logits(model, batch)
+    ck.save_peft_adapter(model, str(tmp_path / "converted"), initial=str(tmp_path / "initial"))
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "converted")).eval()
+    torch.testing.assert_close(_logits(loaded, batch), want, rtol=1e-4, atol=1e-4)
