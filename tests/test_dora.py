@@ -574,3 +574,39 @@ def test_save_peft_adapter_dora_initial_conversion_applies_to_the_original(tmp_p
     ck.save_peft_adapter(model, str(tmp_path / "converted"), initial=str(tmp_path / "initial"))
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "converted")).eval()
     torch.testing.assert_close(_logits(loaded, batch), want, rtol=1e-4, atol=1e-4)
+
+
+def test_no_out_by_in_temporary_in_a_training_step():
+    """A DoRA training step (forward + backward, x, A, B, magnitude trainable) creates no tensor of
+    out × in elements or more (every op's outputs recorded); PEFT's step creates at least two."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+            seen = {a.untyped_storage().data_ptr() for a in inputs if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):  # views of inputs allocate nothing
+                if isinstance(t, torch.Tensor) and t.numel() >= LIMIT and t.untyped_storage().data_ptr() not in seen:
+                    self.big.append((str(func), tuple(t.shape)))
+            return out
+
+    out_f, in_f, r, n = 64, 48, 4, 8
+    LIMIT = out_f * in_f
+    tensors, scale = make_inputs(out_f=out_f, in_f=in_f, r=r, lead=(n,))
+    t = {k: v.float() for k, v in tensors.items()}
+    layer = ck.LowRankLinear(t["weight"], t["A"], t["B"], bias=t["bias"], scale=scale).enable_dora()
+    x = t["x"].requires_grad_()
+    layer(x)  # the first call caches ‖W_o‖² (a reduction over W: an (out,) result)
+    with Largest() as mode:
+        layer(x).square().sum().backward()
+    assert layer.magnitude.grad is not None and layer.A.grad is not None
+    assert mode.big == [], mode.big
+    model, peft_layer = _peft_dora_model(out_f=out_f, in_f=in_f, r=r)
+    with Largest() as mode:
+        model(x).square().sum().backward()
+    assert len(mode.big) >= 2, mode.big  # the detector sees PEFT's dense W + s·B·A
