@@ -610,3 +610,15 @@ def test_no_out_by_in_temporary_in_a_training_step():
     with Largest() as mode:
         model(x).square().sum().backward()
     assert len(mode.big) >= 2, mode.big  # the detector sees PEFT's dense W + s·B·A
+
+
+def test_apply_blockwise_dora_reproduces_the_model():
+    from corda_kernels.testing import tiny_llama, token_batches
+
+    batch = token_batches(128, n_batches=1)[0]
+    want = _logits(tiny_llama(), batch)
+    config = ck.AdaptConfig(method="pissa", rank=4, dora=True, target_modules=["q_proj", "down_proj"])
+    model = ck.apply_blockwise(tiny_llama(), token_batches(128, n_batches=2), config, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, ck.LowRankLinear)]
+    assert len(layers) == 4 and all(m.dora for m in layers)
+    torch.testing.assert_close(_logits(model, batch), want, rtol=1e-4, atol=1e-4)
