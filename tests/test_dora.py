@@ -46,7 +46,7 @@ def oracle(x, weight, A, B, magnitude, bias, scale):
     return y if bias is None else y + bias
 
 
-def run(tensors, scale, *, dtype, impl="op", factor_dtype=None, grads=NAMES):
+def run(tensors, scale, *, dtype, impl="op", factor_dtype=None, grads=NAMES, device="cpu"):
     """Forward + backward; ``{"y": y, name: grad}``. ``impl``: "op", "oracle" (fp64, inputs rounded
     as the op rounds them) or "plain" (the oracle's products in ``dtype``: PEFT's precision)."""
     factor_dtype = factor_dtype or dtype
@@ -61,13 +61,13 @@ def run(tensors, scale, *, dtype, impl="op", factor_dtype=None, grads=NAMES):
             v = v.to(dt).to(dtype)
         else:
             v = v.to(dt)
-        leaves[k] = v.detach().requires_grad_(k in grads)
+        leaves[k] = v.detach().to(device).requires_grad_(k in grads)
     x, w, A, B, m, bias = (leaves.get(k) for k in ("x", "weight", "A", "B", "magnitude", "bias"))
     if impl == "op":
         y = ck.dora_linear(x, w, A, B, m, scale=scale, bias=bias)
     else:
         y = oracle(x, w, A, B, m, bias, scale)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).to(device, y.dtype)
     wrt = [k for k in NAMES if k in leaves and k in grads]
     out = {"y": y.detach()}
     out.update(zip(wrt, torch.autograd.grad(y, [leaves[k] for k in wrt], dy)))
@@ -78,7 +78,7 @@ def max_rel_err(actual, expected):
     if expected.numel() == 0:
         return 0.0
     scale = max(expected.abs().max().item(), 1e-30)
-    return (actual.double() - expected.double()).abs().max().item() / scale
+    return (actual.double().cpu() - expected.double().cpu()).abs().max().item() / scale
 
 
 def assert_matches(got, expected, rtol):
@@ -135,6 +135,27 @@ def test_half_precision_within_twice_plain(backend, dtype, factor_dtype, force_b
         assert got[k].dtype == (fdt if k in ("A", "B", "magnitude") else dtype), k
         bound = 2 * max_rel_err(plain[k], want[k]) + 4 * ulp
         assert max_rel_err(got[k], want[k]) <= bound, (k, max_rel_err(got[k], want[k]), bound)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("factor_dtype", ["same", "fp32"])
+def test_gpu_matches_oracle(backend, dtype, factor_dtype, force_backend, cuda_device):
+    """Real Triton (bf16 included) and the torch path on CUDA, at a shape spanning several tiles."""
+    force_backend(backend)
+    tensors, scale = make_inputs(out_f=200, in_f=320, r=24, lead=(3, 500))
+    fdt = torch.float32 if factor_dtype == "fp32" else dtype
+    kw = dict(dtype=dtype, factor_dtype=fdt, device=cuda_device)
+    got = run(tensors, scale, **kw)
+    want = run(tensors, scale, impl="oracle", **kw)
+    if dtype == torch.float32:
+        assert_matches(got, want, FP32_RTOL)
+        return
+    plain = run(tensors, scale, impl="plain", **kw)
+    for k in want:
+        ours, yardstick = max_rel_err(got[k], want[k]), max_rel_err(plain[k], want[k])
+        assert ours <= 2 * yardstick + 4 * torch.finfo(dtype).eps, f"{k}: {ours:.2e} vs plain {yardstick:.2e}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
