@@ -5,7 +5,7 @@ Same math as :mod:`corda_kernels.kernels.reference.dora`, in the inputs' own dty
 over ``W`` accumulated in fp32, no widened copy), the ``(r, r)`` / ``(out, r)`` rest in fp32.
 The adapted linear ``z`` and ``u`` come from the low-rank op's torch forward (one base GEMM with the
 low-rank term accumulated into it); the scale and bias are one fused ``addcmul`` pass over the output
-(in place on 16-bit inputs, where ``z`` is not needed afterwards). The backward is the low-rank op's
+(in place when the magnitude needs no gradient, so ``z`` is not kept). The backward is the low-rank op's
 backward on ``dy ⊙ f`` plus ``dm = Σ dy ⊙ z / n``. Nothing ``(out, in)``-sized is ever formed.
 """
 
