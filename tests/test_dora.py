@@ -643,3 +643,18 @@ def test_apply_blockwise_dora_reproduces_the_model():
     layers = [m for m in model.modules() if isinstance(m, ck.LowRankLinear)]
     assert len(layers) == 4 and all(m.dora for m in layers)
     torch.testing.assert_close(_logits(model, batch), want, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_layer_compiles_fullgraph():
+    tensors, scale = make_inputs(out_f=16, in_f=20, r=4, lead=(3,))
+    t = {k: v.float() for k, v in tensors.items()}
+    layer = ck.LowRankLinear(t["weight"], t["A"], t["B"], bias=t["bias"], scale=scale, magnitude=t["magnitude"])
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(t["x"])
+    torch.testing.assert_close(y, layer(t["x"]))
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in (layer.A, layer.B, layer.magnitude)]
+    layer.zero_grad()
+    layer(t["x"]).square().sum().backward()
+    for a, b in zip(grads, (layer.A.grad, layer.B.grad, layer.magnitude.grad)):
+        torch.testing.assert_close(a, b)

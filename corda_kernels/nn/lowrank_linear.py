@@ -211,7 +211,7 @@ class LowRankLinear(nn.Module):
             )
         # The factors were validated at construction / load: the op's unvalidated entry (per-call cost).
         p = self.dropout if self.training else 0.0
-        if self.magnitude is not None:
+        if self.dora:
             return self._dora_forward(x, p)
         seed = draw_seed(x.device) if p > 0.0 else None
         opts = Options(self.scale, self.bias, self.row_index, self.col_index, self.diag, p, seed)
