@@ -44,14 +44,15 @@ def refuse_tied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
             )
 
 
-def build_module(module: nn.Module, init: LayerInit, config: AdaptConfig) -> LowRankLinear:
+def build_module(module: nn.Module, init: LayerInit, config: AdaptConfig, name: str = "") -> LowRankLinear:
     """A ``LowRankLinear`` for ``module`` from its finished ``init``.
 
     The factors are stored as :class:`LowRankLinear` stores them (trainable ones fp32 on a 16-bit
     base unless ``config.autocast_adapter_dtype`` is False). The frozen base is ``init.residual``
     when decomposition formed it (a quantized residual), else the residual subtracting the update
     the forward computes (``A``, ``B`` rounded to the weight's dtype), so the model reproduces the
-    original, or the weight itself for methods without a residual."""
+    original, or the weight itself for methods without a residual. With ``config.dora`` the layer
+    gets a DoRA magnitude equal to its adapted weight's row norms (output unchanged)."""
     weight = hf.weight_matrix(module).detach()
     dtype = weight.dtype
     formed = init.residual is not None
@@ -74,6 +75,11 @@ def build_module(module: nn.Module, init: LayerInit, config: AdaptConfig) -> Low
         with torch.no_grad():
             residual = weight.float() - layer.delta_weight(as_computed=True)
             layer.weight.copy_(residual.to(dtype))
+    if config.dora:
+        try:
+            layer.enable_dora()
+        except ValueError as err:
+            raise ValueError(f"layer {name}: dora=True: {err}") from None
     layer.source_layout = "conv1d" if hf.is_conv1d(module) else "linear"
     layer.base_changed = bool(init.subtract)  # the frozen weight is a residual, not the original
     layer.init_stats = dict(init.stats)
@@ -177,7 +183,7 @@ def apply(
     same call: keyword options are :class:`~corda_kernels.AdaptConfig` fields (``rank``, ``alpha``,
     ``target_modules``, ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``,
     ``dropout``, ``seed``, ``autocast_adapter_dtype``, ``quantize``, ``quantize_iters``,
-    ``max_batch_bytes``) or the method's own options, and override a given config's.
+    ``max_batch_bytes``, ``dora``) or the method's own options, and override a given config's.
 
     Args:
         model: a Hugging Face model (or any module with linear layers), without adapters.
@@ -251,7 +257,7 @@ def swap_in(
     try:
         for name, init in inits.items():
             old = targets[name]
-            hf.set_submodule(model, name, build_module(old, init, config))
+            hf.set_submodule(model, name, build_module(old, init, config, name))
             swapped.append((name, old))
     except BaseException:
         restore(model, swapped)

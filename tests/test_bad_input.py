@@ -304,6 +304,51 @@ def _(model, cal, tmp):
     ck.LowRankLinear(*_layer()[1:]).dropout = 1.0
 
 
+@case("dora_magnitude_shape")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:], magnitude=torch.ones(5))
+
+
+@case("dora_magnitude_dtype")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:], magnitude=torch.ones(6, dtype=torch.float16))
+
+
+@case("dora_magnitude_device")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:], magnitude=torch.ones(6, device="meta"))
+
+
+@case("dora_magnitude_nan")
+def _(model, cal, tmp):
+    ck.dora_linear(*_layer(), torch.tensor([1.0, 1.0, math.nan, 1.0, 1.0, 1.0]))
+
+
+@case("dora_module_diag")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:], diag=torch.ones(2), magnitude=torch.ones(6))
+
+
+@case("dora_siva")
+def _(model, cal, tmp):
+    _apply(model, "siva", dora=True)
+
+
+@case("dora_partial_lora")
+def _(model, cal, tmp):
+    _apply(model, "partial_lora", dora=True)
+
+
+@case("dora_quantize")
+def _(model, cal, tmp):
+    _apply(model, dora=True, quantize="int8")
+
+
+@case("dora_string")
+def _(model, cal, tmp):
+    _apply(model, dora="yes")
+
+
 @case("unknown_method")
 def _(model, cal, tmp):
     _apply(model, "cordaa", covariances=cal)

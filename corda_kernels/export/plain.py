@@ -60,11 +60,12 @@ def residual_weight(layer: LowRankLinear) -> torch.Tensor:
 
 
 def merged_weight(layer: LowRankLinear) -> torch.Tensor:
-    """``W' + scale·delta`` computed in fp32 and cast once to the weight dtype."""
+    """``W' + scale·delta`` (times DoRA's ``m / n`` per row) computed in fp32 and cast once to the
+    weight dtype."""
     with torch.no_grad():
         if getattr(layer, "merged", False):
             return layer.weight.detach().clone()
-        return (layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype)
+        return layer.merged_weight().to(layer.weight.dtype)
 
 
 @contextlib.contextmanager

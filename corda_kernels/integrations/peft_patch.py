@@ -26,8 +26,13 @@ weight's outside autocast. Under ``torch.autocast`` it runs fused: the op's auto
 (PEFT's ``autocast_adapter_dtype``, its default): the op reads them as they are, rounds them where
 they enter its products and returns fp32 gradients (no cast in the graph).
 
+:func:`corda_kernels.ops.dora.dora_linear` for a DoRA adapter (``use_dora``), with PEFT's
+``lora_magnitude_vector[a].weight`` as the magnitude; under dropout in training mode PEFT's own
+``lora_dropout[a]`` module drops ``x`` for the DoRA term and the base output is corrected as PEFT
+does (``(m/n - 1)·(x_d·Wᵀ)``), so the mask and the result are PEFT's.
+
 :func:`patch_peft` refuses, naming the layer and the variant, configurations it would never run
-fused (several active adapters, DoRA or another LoRA variant, ``lora_bias``, a quantized or
+fused (several active adapters, a LoRA variant other than DoRA, ``lora_bias``, a quantized or
 non-linear base layer, a dropout module other than ``nn.Dropout`` / ``nn.Identity``). Other LoRA
 layer types (embeddings, convolutions) are left on PEFT's forward. :func:`unpatch_peft` restores.
 The patched forward is a ``functools.partial`` of a module-level function, so patched models
@@ -43,6 +48,7 @@ import torch
 from torch import nn
 
 from .._dtypes import ACTIVATION_DTYPES, HALF_DTYPES
+from ..ops import dora
 from ..ops.lowrank_linear import Options, draw_seed, fused
 from . import hf
 
@@ -88,7 +94,7 @@ def _adapter_refusal(name: str, layer: nn.Module, adapter: str) -> str:
     if adapter not in layer.lora_A:
         return f"layer {name} has no LoRA weights for its active adapter {adapter!r}"
     variant = _variant_name(layer, adapter)
-    if variant:
+    if variant and variant != "DoRA":  # DoRA runs on the fused DoRA op
         return (
             f"layer {name} uses the LoRA variant {variant} for adapter {adapter!r}; "
             f"patch_peft runs plain LoRA only, not {variant}"
@@ -152,8 +158,29 @@ def _fused_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
         return type(layer).forward(layer, x, *args, **kwargs)
     if layer.__dict__.get("_corda_kernels_conv1d"):
         weight = weight.t()
+    if layer.use_dora.get(adapter, False):
+        return _dora_forward(layer, adapter, x, weight, A, B, p)
     seed = draw_seed(x.device) if p > 0.0 else None
     return fused(x, weight, A, B, Options(float(layer.scaling[adapter]), base.bias, dropout=float(p), seed=seed))
+
+
+def _dora_forward(layer: nn.Module, adapter: str, x, weight, A, B, p: float) -> torch.Tensor:
+    """A DoRA adapter's forward on the fused DoRA op (see the module docstring); ``‖W_o‖²`` cached
+    in the layer until the base weight changes (its storage or version: merges write it in place)."""
+    magnitude = layer.lora_magnitude_vector[adapter].weight
+    if not _factor_ok(magnitude, weight):
+        return type(layer).forward(layer, x)
+    key = (weight.data_ptr(), weight._version, weight.dtype)
+    cached = layer.__dict__.get("_corda_kernels_weight_sq")
+    if cached is None or cached[0] != key:
+        cached = layer.__dict__["_corda_kernels_weight_sq"] = (key, dora.weight_sq_norm(weight))
+    bias = layer.base_layer.bias
+    scale = float(layer.scaling[adapter])
+    if p == 0.0:
+        return dora.fused(x, weight, A, B, magnitude, dora.DoraOptions(scale, bias, cached[1]))
+    xd = layer.lora_dropout[adapter](x)
+    low = dora.fused(xd, weight, A, B, magnitude, dora.DoraOptions(scale, None, cached[1]))
+    return torch.nn.functional.linear(x, weight, bias) - torch.nn.functional.linear(xd, weight) + low
 
 
 def patch_peft(peft_model: nn.Module) -> list[str]:
@@ -173,7 +200,7 @@ def patch_peft(peft_model: nn.Module) -> list[str]:
 
     Raises:
         ValueError: the model has no PEFT LoRA ``Linear`` layer, or a layer has a configuration it
-            would never run fused (several active adapters, DoRA or another LoRA variant,
+            would never run fused (several active adapters, a LoRA variant other than DoRA,
             ``lora_bias``, a quantized or non-linear base layer, a dropout module other than
             ``nn.Dropout`` / ``nn.Identity``); the message names the layer and the variant.
         ImportError: peft is not installed.

@@ -175,7 +175,6 @@ def test_fp32_adapters_on_bf16_base(batch, fused_calls):
 @pytest.mark.parametrize(
     "setup, match",
     [
-        ("dora", r"variant DoRA for adapter 'default'; patch_peft runs plain LoRA only, not DoRA$"),
         ("kasa", r"variant KaSA \(KasaLinearVariant\) for adapter 'default'; .* not KaSA"),
         ("alora", r"variant aLoRA \(ALoraLinearVariant\)"),
         ("lora_bias", "lora_bias"),
@@ -184,9 +183,7 @@ def test_fp32_adapters_on_bf16_base(batch, fused_calls):
     ],
 )
 def test_refused(setup, match):
-    if setup == "dora":
-        model = _peft_llama(use_dora=True)
-    elif setup == "kasa":
+    if setup == "kasa":
         model = _peft_llama(kasa_config={})
     elif setup == "alora":
         model = _peft_llama(alora_invocation_tokens=[1, 2], task_type="CAUSAL_LM")
