@@ -33,16 +33,17 @@ to the autocast dtype, fp32 ``A`` / ``B`` / ``magnitude`` kept (others cast); fp
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 
 from .. import _backend
-from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, HALF_DTYPES, accumulation_dtype
+from .._dtypes import accumulation_dtype
 from ..kernels.reference import dora as reference
 from ..kernels.reference.dora import DoraOptions
 from ..kernels.torch import dora as torch_kernel
+from ._checks import check_beside_weight, check_input
+from ._checks import shape as _shape
 from .lowrank_linear import check_factors, check_scale
 
 __all__ = ["DoraOptions", "dora_linear", "fused", "weight_norm", "weight_sq_norm", "check_dora"]
@@ -58,31 +59,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # ---------------------------------------------------------------------------------------------
 # the one place that chooses how a call runs
 
-_BACKEND_CACHE: dict[tuple, str] = {}
-
-
-def _plan(x: torch.Tensor) -> str:
-    """The backend for ``x``'s device and dtype, memoized per environment (a per-call hot path)."""
-    key = (x.device.type, x.dtype, os.environ.get(_backend.ENV_BACKEND), os.environ.get("TRITON_INTERPRET"))
-    backend = _BACKEND_CACHE.get(key)
-    if backend is None:
-        interpreted_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16  # the interpreter cannot do bf16
-        available = {
-            "triton": x.dtype in ACTIVATION_DTYPES and not interpreted_bf16 and _backend.triton_runs_on(x.device),
-            "torch": True,
-        }
-        preference = _CUDA_PREFERENCE if x.device.type == "cuda" else _CPU_PREFERENCE
-        backend = _backend.choose(_NAME, x.device, available, preference)
-        _BACKEND_CACHE[key] = backend
-    return backend
+_plan = _backend.TritonOrTorch(_NAME, "corda_kernels.kernels.triton.dora", _CUDA_PREFERENCE, _CPU_PREFERENCE)
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels.triton import dora as triton_kernel
-
-        return triton_kernel
-    return torch_kernel if backend == "torch" else reference
+    return _plan.kernels(backend, torch_kernel, reference)
 
 
 def _forward(x, weight, A, B, magnitude, opts: DoraOptions, keep_z: bool = True):
@@ -290,10 +271,6 @@ def _eager(x, weight, A, B, magnitude, opts: DoraOptions) -> torch.Tensor:
 # validation and the public entry
 
 
-def _shape(t) -> tuple:
-    return tuple(t.shape)
-
-
 def check_dora(
     weight: torch.Tensor,
     A: torch.Tensor,
@@ -315,19 +292,7 @@ def check_dora(
     except (TypeError, ValueError) as err:
         raise type(err)(str(err).replace("lowrank_linear:", f"{where}:", 1)) from None
     out_f = weight.shape[0]
-    if not isinstance(magnitude, torch.Tensor):
-        raise TypeError(f"{where}: magnitude must be a tensor, got {type(magnitude).__name__}")
-    if magnitude.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{where}: magnitude must be a float tensor, got {magnitude.dtype}")
-    if magnitude.dtype != weight.dtype and not (magnitude.dtype == torch.float32 and weight.dtype in HALF_DTYPES):
-        raise TypeError(
-            f"{where}: dtype mismatch: magnitude is {magnitude.dtype} but weight is {weight.dtype} "
-            "(magnitude must be fp32 or weight's dtype)"
-        )
-    if magnitude.device != weight.device:
-        raise ValueError(
-            f"{where}: device mismatch: magnitude is on {magnitude.device} but weight is on {weight.device}"
-        )
+    check_beside_weight(where, weight, {"magnitude": magnitude}, factors=("magnitude",))
     if _shape(magnitude) != (out_f,):
         raise ValueError(f"{where}: magnitude must have shape ({out_f},) (out_features), got {_shape(magnitude)}")
     if finite and not bool(torch.isfinite(magnitude).all()):
@@ -427,16 +392,6 @@ def dora_linear(
     check_dora(weight, A, B, magnitude, bias=bias, weight_sq=weight_sq, finite=not torch.compiler.is_compiling())
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{_NAME}: weight requires a gradient, but DoRA's base is frozen (detach it)")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{_NAME}: x must be a float tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
-    autocasts = (
-        torch.is_autocast_enabled(x.device.type) and x.dtype in ACTIVATION_DTYPES and weight.dtype in ACTIVATION_DTYPES
-    )
-    if x.dtype != weight.dtype and not autocasts:
-        raise TypeError(f"{_NAME}: dtype mismatch: x is {x.dtype} but weight is {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"{_NAME}: device mismatch: x is on {x.device} but weight is on {weight.device}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{_NAME}: x {_shape(x)} must end in in_features={weight.shape[1]} (weight {_shape(weight)})")
+    check_input(_NAME, x, weight)
     scale = check_scale(scale, _NAME)
     return fused(x, weight, A, B, magnitude, DoraOptions(scale, bias, weight_sq))

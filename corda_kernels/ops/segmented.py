@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -55,7 +54,7 @@ import torch
 from torch.nn import functional as F
 
 from .. import _backend
-from .._dtypes import ACTIVATION_DTYPES, accumulation_dtype
+from .._dtypes import accumulation_dtype
 from ..kernels.reference import segmented as reference
 from ..kernels.torch import segmented as torch_kernel
 from ._checks import check_beside_weight, check_input
@@ -78,30 +77,13 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 # backend choice and the bodies every wrapper runs
 
 
-_BACKEND_CACHE: dict[tuple, str] = {}
-
-
-def _backend_for(x: torch.Tensor) -> str:
-    key = (x.device.type, x.dtype, os.environ.get(_backend.ENV_BACKEND), os.environ.get("TRITON_INTERPRET"))
-    backend = _BACKEND_CACHE.get(key)
-    if backend is None:
-        interpreted_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16  # the interpreter cannot do bf16
-        available = {
-            "triton": x.dtype in ACTIVATION_DTYPES and not interpreted_bf16 and _backend.triton_runs_on(x.device),
-            "torch": True,
-        }
-        preference = _CUDA_PREFERENCE if x.device.type == "cuda" else _CPU_PREFERENCE
-        backend = _backend.choose(_NAME, x.device, available, preference)
-        _BACKEND_CACHE[key] = backend
-    return backend
+_backend_for = _backend.TritonOrTorch(
+    _NAME, "corda_kernels.kernels.triton.segmented", _CUDA_PREFERENCE, _CPU_PREFERENCE
+)
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels.triton import segmented as triton_kernel
-
-        return triton_kernel
-    return torch_kernel if backend == "torch" else reference
+    return _backend_for.kernels(backend, torch_kernel, reference)
 
 
 def _forward(x, weight, A, B, index, scales, ranks, bias, keep_u=True):
