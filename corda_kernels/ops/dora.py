@@ -44,6 +44,7 @@ from ..kernels.reference.dora import DoraOptions
 from ..kernels.torch import dora as torch_kernel
 from ._checks import check_beside_weight, check_input
 from ._checks import shape as _shape
+from ._registry import register_autocast, register_op
 from .lowrank_linear import check_factors, check_scale
 
 __all__ = ["DoraOptions", "dora_linear", "fused", "weight_norm", "weight_sq_norm", "check_dora"]
@@ -115,22 +116,17 @@ def _op_backward_fake(dy, x, weight, A, B, magnitude, z, u, n, scale, bias, weig
     return tuple(t.new_empty(s) if need else dy.new_empty(0) for t, s, need in zip(like, shapes, needs))
 
 
-_dora_op = torch.library.custom_op(
-    f"corda_kernels::{_NAME}",
+_dora_op, _dora_backward_op = register_op(
+    _NAME,
     _op_forward,
-    mutates_args=(),
-    schema=f"(Tensor x, {_ARGS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor)",
-)
-_dora_op.register_fake(_op_forward_fake)
-_dora_backward_op = torch.library.custom_op(
-    f"corda_kernels::{_NAME}_backward",
+    _op_forward_fake,
+    f"(Tensor x, {_ARGS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor)",
     _op_backward,
-    mutates_args=(),
-    schema="(Tensor dy, Tensor? x, Tensor weight, Tensor A, Tensor B, Tensor magnitude, Tensor? z, Tensor? u, "
+    _op_backward_fake,
+    "(Tensor dy, Tensor? x, Tensor weight, Tensor A, Tensor B, Tensor magnitude, Tensor? z, Tensor? u, "
     "Tensor n, float scale, Tensor? bias, Tensor? weight_sq, bool[] needs) -> "
     "(Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-_dora_backward_op.register_fake(_op_backward_fake)
 
 
 def _needs(need_x, need_a, need_b, need_m, need_bias) -> list[bool]:
@@ -220,24 +216,13 @@ def _autocast_inputs(device_type, x, weight, A, B, magnitude, opts: DoraOptions)
     )
 
 
-def _register_autocast(device_type: str) -> None:
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def cast_and_run(x, weight, A, B, magnitude, scale, bias, weight_sq):
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            opts = DoraOptions(scale, bias, weight_sq)
-            x, weight, A, B, magnitude, opts = _autocast_inputs(device_type, x, weight, A, B, magnitude, opts)
-            return _dora_op(x, weight, A, B, magnitude, *opts)
-
-    op = getattr(torch.ops.corda_kernels, _NAME).default
-    op.py_impl(getattr(torch._C.DispatchKey, key))(cast_and_run)  # the Python dispatcher (torch.compile)
-    _LIB.impl(_NAME, lambda _keys, *args: cast_and_run(*args), key, with_keyset=True)
+def _cast_and_run(device_type, x, weight, A, B, magnitude, scale, bias, weight_sq):
+    opts = DoraOptions(scale, bias, weight_sq)
+    x, weight, A, B, magnitude, opts = _autocast_inputs(device_type, x, weight, A, B, magnitude, opts)
+    return _dora_op(x, weight, A, B, magnitude, *opts)
 
 
-_LIB = torch.library.Library("corda_kernels", "FRAGMENT")  # noqa: TOR901 - holds the autocast kernels
-for _device_type in ("cpu", "cuda"):
-    _register_autocast(_device_type)
+register_autocast(_NAME, _cast_and_run)
 
 
 def _eager_ok(*tensors) -> bool:

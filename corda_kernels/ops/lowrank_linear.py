@@ -62,6 +62,7 @@ from ..kernels.reference.lowrank_linear import Options
 from ..kernels.torch import lowrank_linear as torch_kernel
 from ._checks import check_beside_weight, check_input
 from ._checks import shape as _shape
+from ._registry import register_autocast, register_op
 from .quantized import BUFFERS, KINDS, QuantizedCodes, QuantizedWeight
 
 __all__ = ["Options", "lowrank_linear", "fused", "check_factors", "check_scale", "check_dropout", "delta_weight"]
@@ -227,21 +228,16 @@ def _op_backward_fake(dy, x, base, base_kind, base_shape, A, B, u, *rest):
     return tuple(t.new_empty(shape if need else (0,)) for t, shape, need in zip(like, shapes, needs))
 
 
-_lowrank_linear_op = torch.library.custom_op(
-    "corda_kernels::lowrank_linear",
+_lowrank_linear_op, _lowrank_linear_backward_op = register_op(
+    "lowrank_linear",
     _op_forward,
-    mutates_args=(),
-    schema=f"(Tensor x, {_BASE_SCHEMA}, {_OPTIONS_SCHEMA}) -> (Tensor, Tensor)",
-)
-_lowrank_linear_op.register_fake(_op_forward_fake)
-_lowrank_linear_backward_op = torch.library.custom_op(
-    "corda_kernels::lowrank_linear_backward",
+    _op_forward_fake,
+    f"(Tensor x, {_BASE_SCHEMA}, {_OPTIONS_SCHEMA}) -> (Tensor, Tensor)",
     _op_backward,
-    mutates_args=(),
-    schema=f"(Tensor dy, Tensor? x, {_BASE_SCHEMA}, Tensor? u, {_OPTIONS_SCHEMA}, bool[] needs) -> "
+    _op_backward_fake,
+    f"(Tensor dy, Tensor? x, {_BASE_SCHEMA}, Tensor? u, {_OPTIONS_SCHEMA}, bool[] needs) -> "
     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-_lowrank_linear_backward_op.register_fake(_op_backward_fake)
 
 
 def _needs(need_x, need_w, need_a, need_b, need_bias, need_d) -> list[bool]:
@@ -387,27 +383,15 @@ def _eager(x, weight, A, B, opts: Options) -> torch.Tensor:
     return _forward(x, weight, A, B, opts)[0]
 
 
-def _register_autocast(device_type: str) -> None:
-    """Autocast rule for ``device_type`` on the registered op (see :func:`_autocast_inputs`); the op
-    then runs with autocast excluded."""
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def cast_and_run(x, base, kind, shape, A, B, *opts):
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            opts = Options(*opts)
-            weight = _base(base, kind, shape)
-            x, weight, A, B, opts = _autocast_inputs(device_type, x, weight, A, B, opts)
-            return _lowrank_linear_op(x, *_flatten_base(weight), A, B, *opts)
-
-    op = torch.ops.corda_kernels.lowrank_linear.default
-    op.py_impl(getattr(torch._C.DispatchKey, key))(cast_and_run)  # the Python dispatcher (torch.compile)
-    _LIB.impl("lowrank_linear", lambda _keys, *args: cast_and_run(*args), key, with_keyset=True)
+def _cast_and_run(device_type, x, base, kind, shape, A, B, *opts):
+    """Autocast rule (see :func:`_autocast_inputs`); the op then runs with autocast excluded."""
+    opts = Options(*opts)
+    weight = _base(base, kind, shape)
+    x, weight, A, B, opts = _autocast_inputs(device_type, x, weight, A, B, opts)
+    return _lowrank_linear_op(x, *_flatten_base(weight), A, B, *opts)
 
 
-_LIB = torch.library.Library("corda_kernels", "FRAGMENT")  # noqa: TOR901 - holds the autocast kernels
-for _device_type in ("cpu", "cuda"):
-    _register_autocast(_device_type)
+register_autocast("lowrank_linear", _cast_and_run)
 
 
 # ---------------------------------------------------------------------------------------------

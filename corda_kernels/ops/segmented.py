@@ -59,6 +59,7 @@ from ..kernels.reference import segmented as reference
 from ..kernels.torch import segmented as torch_kernel
 from ._checks import check_beside_weight, check_input
 from ._checks import shape as _shape
+from ._registry import register_autocast, register_op
 
 __all__ = ["lowrank_linear_segmented", "fused", "pack_adapters", "check_segmented"]
 
@@ -125,21 +126,15 @@ def _op_backward_fake(dy, x, weight, A, B, index, scales, ranks, u, needs):
     return tuple(t.new_empty(s) if need else dy.new_empty(0) for t, s, need in zip(like, shapes, needs))
 
 
-_segmented_op = torch.library.custom_op(
-    f"corda_kernels::{_NAME}",
+_segmented_op, _segmented_backward_op = register_op(
+    _NAME,
     _op_forward,
-    mutates_args=(),
-    schema=f"(Tensor x, {_ARGS_SCHEMA}, Tensor? bias) -> (Tensor, Tensor)",
-)
-_segmented_op.register_fake(_op_forward_fake)
-_segmented_backward_op = torch.library.custom_op(
-    f"corda_kernels::{_NAME}_backward",
+    _op_forward_fake,
+    f"(Tensor x, {_ARGS_SCHEMA}, Tensor? bias) -> (Tensor, Tensor)",
     _op_backward,
-    mutates_args=(),
-    schema=f"(Tensor dy, Tensor? x, {_ARGS_SCHEMA}, Tensor? u, bool[] needs) -> "
-    "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _op_backward_fake,
+    f"(Tensor dy, Tensor? x, {_ARGS_SCHEMA}, Tensor? u, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-_segmented_backward_op.register_fake(_op_backward_fake)
 
 
 def _needs(need_x, need_w, need_a, need_b, need_bias) -> list[bool]:
@@ -210,23 +205,12 @@ def _autocast_inputs(device_type, x, weight, A, B, bias):
     return x.to(dtype), weight.to(dtype), A, B, bias
 
 
-def _register_autocast(device_type: str) -> None:
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def cast_and_run(x, weight, A, B, index, scales, ranks, bias):
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            x, weight, A, B, bias = _autocast_inputs(device_type, x, weight, A, B, bias)
-            return _segmented_op(x, weight, A, B, index, scales, ranks, bias)
-
-    op = getattr(torch.ops.corda_kernels, _NAME).default
-    op.py_impl(getattr(torch._C.DispatchKey, key))(cast_and_run)  # the Python dispatcher (torch.compile)
-    _LIB.impl(_NAME, lambda _keys, *args: cast_and_run(*args), key, with_keyset=True)
+def _cast_and_run(device_type, x, weight, A, B, index, scales, ranks, bias):
+    x, weight, A, B, bias = _autocast_inputs(device_type, x, weight, A, B, bias)
+    return _segmented_op(x, weight, A, B, index, scales, ranks, bias)
 
 
-_LIB = torch.library.Library("corda_kernels", "FRAGMENT")  # noqa: TOR901 - holds the autocast kernels
-for _device_type in ("cpu", "cuda"):
-    _register_autocast(_device_type)
+register_autocast(_NAME, _cast_and_run)
 
 
 def _eager_ok(*tensors) -> bool:
