@@ -79,6 +79,7 @@ _MARK = "_corda_kernels_patched"
 _PLANS = "_corda_kernels_plans"  # {adapter: True when it can run fused}, filled lazily
 _BASE = "_corda_kernels_base"  # the base's kind: "dense", "conv1d", "nf4" or "int8"
 _PACKED = "_corda_kernels_packed"  # (key, packed factors) of the last mixed batch, when no gradient was taken
+_NAME = "_corda_kernels_name"  # the layer's name in the model, for messages
 _QUANTIZED = ("nf4", "int8")
 
 
@@ -218,7 +219,8 @@ def check_layer(layer: nn.Module, name: str = "") -> Optional[Unpatched]:
     return None
 
 
-def _install(layer: nn.Module) -> None:
+def _install(layer: nn.Module, name: str) -> None:
+    layer.__dict__[_NAME] = name
     layer.__dict__[_PLANS] = {}
     layer.__dict__[_BASE] = _base_kind(layer)
     layer.__dict__.pop(_PACKED, None)
@@ -241,7 +243,7 @@ def patch_layer(layer: nn.Module, name: str = "") -> Optional[Unpatched]:
         return None
     unpatched = check_layer(layer, name)
     if unpatched is None:
-        _install(layer)
+        _install(layer, name)
     return unpatched
 
 
@@ -333,7 +335,10 @@ def _fused_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
         if any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
             return _peft(layer, x, *args, **kwargs)
     if names is not None:
-        layer._check_forward_args(x, adapter_names=names)  # PEFT's own errors for a bad adapter_names
+        try:
+            layer._check_forward_args(x, adapter_names=names)  # PEFT's own checks of adapter_names
+        except ValueError as err:
+            raise ValueError(f"layer {layer.__dict__.get(_NAME, '')}: {err}") from None
         y = _mixed_batch(layer, x, list(names))
         return _peft(layer, x, *args, **kwargs) if y is None else y
     held = [a for a in layer.active_adapters if a in layer.lora_A]
@@ -473,7 +478,7 @@ def patch_peft(peft_model: nn.Module) -> PatchReport:
         )
     for name, layer in layers.items():
         if checked[name] is None and not is_patched(layer):
-            _install(layer)
+            _install(layer, name)
     report = PatchReport([n for n in layers if checked[n] is None], left)
     logger.info(report.summary())
     return report
@@ -493,7 +498,7 @@ def unpatch_peft(peft_model: nn.Module) -> list[str]:
         if getattr(module, _MARK, False):
             del module.forward
             delattr(module, _MARK)
-            for key in (_PLANS, _BASE, _PACKED):
+            for key in (_PLANS, _BASE, _PACKED, _NAME):
                 module.__dict__.pop(key, None)
             restored.append(name)
     return restored
