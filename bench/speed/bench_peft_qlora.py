@@ -30,7 +30,7 @@ from corda_kernels.testing import bench_small
 bnb = pytest.importorskip("bitsandbytes")
 peft_bnb = pytest.importorskip("peft.tuners.lora.bnb")
 
-DTYPE, ROUNDS, RANK, TOKENS, SHAPES = torch.float32, 5, 16, 256, ((1024, 1024), (4096, 4096))
+DTYPE, ROUNDS, RANK, TOKENS, SHAPES = torch.float32, 11, 16, 256, ((1024, 1024), (4096, 4096))
 if bench_small():
     ROUNDS, TOKENS, SHAPES = 2, 16, ((64, 128),)
 FORMATS = ("nf4", "int8")
