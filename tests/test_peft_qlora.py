@@ -267,3 +267,48 @@ def test_hf_trainer_bf16_checkpointing_save_resume(base_dir, tmp_path, fused_cal
         torch.testing.assert_close(got[name], p, atol=1e-5, rtol=1e-4, msg=name)
     initial = dict(trainer(tmp_path / "initial", 4)[0].named_parameters())
     assert not all(torch.equal(initial[name], p) for name, p in want.items())  # training moved the adapters
+
+
+def _dequantize_then_matmul(model):
+    """Keep bitsandbytes' eval forward on its dequantize-then-matmul path: no bf16 CPU kernel for NF4,
+    no int8 activations for int8 (its training-mode CPU path; the rest of the model stays in eval)."""
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+        elif isinstance(m, bnb.nn.Linear8bitLt):
+            m.train()
+    return model
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_mixed_batch_and_disabled_adapters_on_a_quantized_base(base_dir, batch, monkeypatch, quant):
+    """Serving: a mixed batch (adapter_names) over a bitsandbytes base runs the segmented op on the base
+    dequantized for the call, per row as PEFT; rows and calls without adapters are computed from the
+    storage too, so bitsandbytes never repacks the NF4 weight."""
+    model = _qlora(base_dir, quant)
+    model.add_adapter(
+        "other", LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False)
+    )
+    model.eval()
+    reference = _dequantize_then_matmul(copy.deepcopy(model))
+    seg_calls = []
+    seg = peft_patch.segmented.fused
+    monkeypatch.setattr(peft_patch.segmented, "fused", lambda *a: seg_calls.append(1) or seg(*a))
+    patch_peft(model)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    names = ["other", "__base__", "default", "other"]
+    with torch.no_grad():
+        want = reference(ids, adapter_names=names).logits
+        got = model(ids, adapter_names=names).logits
+        assert len(seg_calls) == 14  # every layer: "default" is on all 14, "other" on 4
+        for row in range(4):
+            torch.testing.assert_close(got[row], want[row], atol=1e-4, rtol=1e-4, msg=f"row {row}")
+        with reference.disable_adapter():
+            base = reference(ids).logits
+        seg_calls.clear()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(ids).logits, base, atol=1e-4, rtol=1e-4)
+        assert seg_calls == []
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)

@@ -26,8 +26,9 @@ each adapter's scaling on the diagonal between them), which is exactly ``Σ_a s_
 Mixed batches (PEFT's ``adapter_names=``, one adapter per sequence, ``"__base__"`` for none) run
 through the segmented op :func:`corda_kernels.ops.segmented.fused`: the named adapters' factors
 packed by :func:`~corda_kernels.ops.segmented.pack_adapters` (cached while they do not change and
-no gradient is taken), one base GEMM, rows grouped by adapter. Both on dense bases; mixed batches on
-a bitsandbytes base run PEFT's forward.
+no gradient is taken), one base GEMM, rows grouped by adapter. On a bitsandbytes base a mixed batch
+without gradients dequantizes the base for the call (the segmented op takes a dense base; nothing
+keeps it); with gradients it runs PEFT's forward.
 
 Dropout: PEFT's ``lora_dropout[a]`` (``nn.Dropout`` in training mode gives our op its ``p``;
 ``nn.Identity`` or eval mode gives 0). The op draws its own dropout mask (a counter hash seeded from
@@ -67,6 +68,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .._dtypes import ACTIVATION_DTYPES, HALF_DTYPES
 from ..ops import segmented
@@ -325,15 +327,35 @@ def _base_operand(layer: nn.Module, x: torch.Tensor, autocast: bool):
     return x, weight, bias, weight.dtype
 
 
+def _base_only(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The base layer's output for a bitsandbytes base, from its storage (so bitsandbytes' own forward,
+    which repacks an NF4 weight for its CPU inference kernel in eval mode, never runs), or None (a
+    dense base: PEFT's forward computes it as cheaply)."""
+    if layer.__dict__.get(_BASE) not in _QUANTIZED:
+        return None
+    autocast = torch.is_autocast_enabled(x.device.type)
+    operand = _base_operand(layer, x, autocast)
+    if operand is None:
+        return None
+    xin, codes, bias, dtype = operand
+    if autocast:
+        xin, bias = xin.to(dtype), None if bias is None else bias.to(dtype)
+    y = F.linear(xin, codes.dequantize(dtype), bias)
+    return y.to(x.dtype) if layer.__dict__.get(_BASE) == "nf4" or not autocast else y
+
+
 def _fused_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Forward of a patched PEFT LoRA layer (see the module docstring)."""
-    if args or layer.disable_adapters or layer.merged:
+    if args or layer.merged:
         return _peft(layer, x, *args, **kwargs)
     names = None
     if kwargs:
         names = kwargs.get("adapter_names")
         if any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
             return _peft(layer, x, *args, **kwargs)
+    if layer.disable_adapters:
+        y = None if kwargs else _base_only(layer, x)
+        return _peft(layer, x, *args, **kwargs) if y is None else y
     if names is not None:
         try:
             layer._check_forward_args(x, adapter_names=names)  # PEFT's own checks of adapter_names
@@ -342,7 +364,10 @@ def _fused_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
         y = _mixed_batch(layer, x, list(names))
         return _peft(layer, x, *args, **kwargs) if y is None else y
     held = [a for a in layer.active_adapters if a in layer.lora_A]
-    if not held or not all(_runs_fused(layer, a) for a in held):
+    if not held:
+        y = _base_only(layer, x)
+        return _peft(layer, x, *args, **kwargs) if y is None else y
+    if not all(_runs_fused(layer, a) for a in held):
         return _peft(layer, x, *args, **kwargs)
     autocast = torch.is_autocast_enabled(x.device.type)
     operand = _base_operand(layer, x, autocast)
@@ -404,9 +429,12 @@ def _packed(layer: nn.Module, adapters: list):
 
 def _mixed_batch(layer: nn.Module, x: torch.Tensor, names: list) -> Optional[torch.Tensor]:
     """A mixed batch (one adapter per sequence, PEFT's ``adapter_names``) on the segmented op, or None
-    when that does not apply (a bitsandbytes base, dropout, an adapter that cannot run fused,
-    factors of different dtypes, an input dtype other than the base weight's outside autocast)."""
-    if layer.__dict__.get(_BASE) in _QUANTIZED or x.dim() < 2:
+    when that does not apply (dropout, an adapter that cannot run fused, factors of different dtypes,
+    an input dtype other than the base weight's outside autocast, a bitsandbytes base while a
+    gradient is taken). A bitsandbytes base is dequantized for the call (a temporary: the segmented op
+    takes a dense base; without gradients nothing keeps it)."""
+    kind = layer.__dict__.get(_BASE)
+    if x.dim() < 2:
         return None
     slots: dict[str, int] = {}
     index = []
@@ -416,21 +444,28 @@ def _mixed_batch(layer: nn.Module, x: torch.Tensor, names: list) -> Optional[tor
         else:
             index.append(slots.setdefault(name, len(slots)))
     adapters = list(slots)
-    if not adapters or not all(_runs_fused(layer, a) and _dropout_p(layer, a) == 0.0 for a in adapters):
+    if not adapters:
+        return _base_only(layer, x)
+    if not all(_runs_fused(layer, a) and _dropout_p(layer, a) == 0.0 for a in adapters):
+        return None
+    factors = [layer.lora_A[a].weight for a in adapters] + [layer.lora_B[a].weight for a in adapters]
+    if kind in _QUANTIZED and torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in factors)):
         return None
     autocast = torch.is_autocast_enabled(x.device.type)
     operand = _base_operand(layer, x, autocast)
     if operand is None:
         return None
-    x, weight, bias, dtype = operand
-    factors = [layer.lora_A[a].weight for a in adapters] + [layer.lora_B[a].weight for a in adapters]
+    xin, weight, bias, dtype = operand
     if len({t.dtype for t in factors}) != 1 or not (autocast or _factor_ok(factors[0], dtype)):
         return None
+    if kind in _QUANTIZED:
+        weight = weight.dequantize(dtype)
     A, B, ranks = _packed(layer, adapters)
     rows = torch.tensor(index, dtype=torch.int64, device=x.device)
     rows = rows.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1]).reshape(-1)
     scales = torch.tensor([float(layer.scaling[a]) for a in adapters], dtype=torch.float32, device=x.device)
-    return segmented.fused(x, weight, A, B, rows, scales, ranks, bias)
+    y = segmented.fused(xin, weight, A, B, rows, scales, ranks, bias)
+    return y.to(x.dtype) if kind == "nf4" or not autocast else y
 
 
 def patch_peft(peft_model: nn.Module) -> PatchReport:
