@@ -12,7 +12,6 @@ was. What to build comes as one :class:`~corda_kernels.AdaptConfig`.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
@@ -20,24 +19,11 @@ from torch import nn
 
 from .config import AdaptConfig
 from .decomposition import decompose, plan
-from .decomposition.quantized import Quantization, make_quantization, quantize_residuals
+from .decomposition.refinement import Quantization, make_quantization, quantize_residuals
 from .integrations import hf
 from .methods import InitMethod, LayerInit
 from .nn import LowRankLinear
 from .ops.quantized import check_quantizable, require_bitsandbytes
-
-
-def pattern_value(pattern: Optional[Mapping[str, float]], name: str, default):
-    """PEFT's rank/alpha_pattern lookup: the first key matching the end of the module name."""
-    return pattern_entry(pattern, name, default)[1]
-
-
-def pattern_entry(pattern: Optional[Mapping[str, float]], name: str, default):
-    """``(key, value)`` of the first ``pattern`` key matching the end of ``name``; ``(None, default)``."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key, value
-    return None, default
 
 
 def refuse_adapted(model: nn.Module, where: str = "apply") -> None:
@@ -121,13 +107,13 @@ def select_targets(model: nn.Module, config: AdaptConfig, covariances=None, wher
     refuse_tied(model, layers)
     ranks, alphas = {}, {}
     for name, module in layers.items():
-        key, ranks[name] = pattern_entry(config.rank_pattern, name, config.rank)
+        key, ranks[name] = hf.pattern_entry(config.rank_pattern, name, config.rank)
         try:
             plan.check_rank(name, module, ranks[name])
         except ValueError as exc:
             raise ValueError(f"{exc} (from rank_pattern[{key!r}])" if key is not None else str(exc)) from None
         default = config.alpha if config.alpha is not None else ranks[name]
-        key, alphas[name] = pattern_entry(config.alpha_pattern, name, default)
+        key, alphas[name] = hf.pattern_entry(config.alpha_pattern, name, default)
         plan.check_alpha(name, alphas[name], f"alpha_pattern[{key!r}]" if key is not None else "alpha")
     quantization = make_quantization(config.quantize, config.quantize_iters)
     if quantization is not None:

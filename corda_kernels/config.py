@@ -17,7 +17,7 @@ import math
 import numbers
 from typing import Any, Mapping, Optional, Union
 
-from .decomposition.quantized import check_quantize_iters
+from .decomposition.refinement import check_quantize_iters
 from .integrations import hf
 from .methods import METHODS, InitMethod, make_method
 from .ops.lowrank_linear import check_dropout

@@ -81,6 +81,14 @@ def plain_layers(model: nn.Module, kind: str) -> Iterator[nn.Module]:
             hf.set_submodule(model, name, layer)
 
 
+def _replace_adapters(model: nn.Module, weight_of) -> nn.Module:
+    """Swap every ``LowRankLinear`` of ``model`` for a plain layer holding ``weight_of(layer)``."""
+    for name, layer in adapters(model).items():
+        hf.set_submodule(model, name, plain_layer(layer, weight_of(layer)))
+    hf.forget_gguf_quantization(model)
+    return model
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its layer, in place; the model becomes a plain HF model.
 
@@ -97,10 +105,7 @@ def merge(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: ``model`` carries no ``LowRankLinear`` layer.
     """
-    for name, layer in adapters(model).items():
-        hf.set_submodule(model, name, plain_layer(layer, merged_weight(layer)))
-    hf.forget_gguf_quantization(model)
-    return model
+    return _replace_adapters(model, merged_weight)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -119,10 +124,7 @@ def unload(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: ``model`` carries no ``LowRankLinear`` layer.
     """
-    for name, layer in adapters(model).items():
-        hf.set_submodule(model, name, plain_layer(layer, residual_weight(layer)))
-    hf.forget_gguf_quantization(model)
-    return model
+    return _replace_adapters(model, residual_weight)
 
 
 def save_merged_model(model: nn.Module, path: str, **save_kwargs) -> None:

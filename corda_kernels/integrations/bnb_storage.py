@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .._dtypes import ACTIVATION_DTYPES
-from ..kernels.reference.quantized import NESTED_BLOCK, NF4_BLOCK
+from ..kernels.reference.dequantize import NESTED_BLOCK, NF4_BLOCK
 from ..ops.quantized import QuantizedCodes
 
 

@@ -56,10 +56,12 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend
-from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, HALF_DTYPES, accumulation_dtype
+from .._dtypes import ACTIVATION_DTYPES, accumulation_dtype
 from ..kernels.reference import lowrank_linear as reference
 from ..kernels.reference.lowrank_linear import Options
 from ..kernels.torch import lowrank_linear as torch_kernel
+from ._checks import check_beside_weight, check_input
+from ._checks import shape as _shape
 from .quantized import BUFFERS, KINDS, QuantizedCodes, QuantizedWeight
 
 __all__ = ["Options", "lowrank_linear", "fused", "check_factors", "check_scale", "check_dropout", "delta_weight"]
@@ -412,10 +414,6 @@ for _device_type in ("cpu", "cuda"):
 # validation and the public entry
 
 
-def _shape(t: torch.Tensor) -> tuple:
-    return tuple(t.shape)
-
-
 def _check_index(index: torch.Tensor, name: str, bound: int, bound_name: str, values: bool) -> None:
     if not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
         got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
@@ -430,14 +428,6 @@ def _check_index(index: torch.Tensor, name: str, bound: int, bound_name: str, va
         raise ValueError(f"lowrank_linear: {name} holds {bad}, out of range for {bound_name}={bound}")
     if torch.unique(index).numel() != index.numel():
         raise ValueError(f"lowrank_linear: {name} holds duplicated entries")
-
-
-_FACTORS = ("A", "B", "diag")
-
-
-def _mixed_ok(factor_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
-    """fp32 factors on a 16-bit weight (the training default) are accepted."""
-    return factor_dtype == torch.float32 and weight_dtype in HALF_DTYPES
 
 
 def check_factors(
@@ -460,23 +450,7 @@ def check_factors(
     if isinstance(weight, QuantizedWeight):
         weight = weight.stand_in()
     named = {"weight": weight, "A": A, "B": B, "bias": bias, "diag": diag}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"lowrank_linear: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"lowrank_linear: {name} must be a float tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-        if t.dtype != weight.dtype and not (name in _FACTORS and _mixed_ok(t.dtype, weight.dtype)):
-            allowed = "fp32 or weight's dtype" if name in _FACTORS and weight.dtype in HALF_DTYPES else "weight's dtype"
-            raise TypeError(
-                f"lowrank_linear: dtype mismatch: {name} is {t.dtype} but weight is {weight.dtype} "
-                f"({name} must be {allowed})"
-            )
-        if t.device != weight.device:
-            raise ValueError(
-                f"lowrank_linear: device mismatch: {name} is on {t.device} but weight is on {weight.device}"
-            )
+    check_beside_weight("lowrank_linear", weight, named, factors=("A", "B", "diag"))
     for name in ("weight", "A", "B"):
         if named[name].dim() != 2:
             raise ValueError(f"lowrank_linear: {name} must be 2-D, got shape {_shape(named[name])}")
@@ -536,13 +510,6 @@ def check_dropout(dropout, where: str = "lowrank_linear") -> float:
     if not 0.0 <= dropout < 1.0:  # also refuses NaN
         raise ValueError(f"{where}: dropout must be in [0, 1), got {dropout}")
     return float(dropout)
-
-
-def _autocasts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether autocast will bring ``x`` and ``weight`` to one dtype (fp64 is never cast)."""
-    return (
-        torch.is_autocast_enabled(x.device.type) and x.dtype in ACTIVATION_DTYPES and weight.dtype in ACTIVATION_DTYPES
-    )
 
 
 def _seed_tensor(seed, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -630,16 +597,7 @@ def lowrank_linear(
         diag=diag,
         validate_indices=validate_indices and not torch.compiler.is_compiling(),
     )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"lowrank_linear: x must be a float tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
-    if x.dtype != weight.dtype and not _autocasts(x, weight):
-        raise TypeError(f"lowrank_linear: dtype mismatch: x is {x.dtype} but weight is {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"lowrank_linear: device mismatch: x is on {x.device} but weight is on {weight.device}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"lowrank_linear: x {_shape(x)} must end in in_features={weight.shape[1]} (weight {_shape(weight)})"
-        )
+    check_input("lowrank_linear", x, weight)
     dropout = check_dropout(dropout)
     scale = check_scale(scale)
     seed_t = _seed_tensor(seed, generator, x.device) if dropout > 0.0 else None

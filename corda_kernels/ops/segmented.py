@@ -55,9 +55,11 @@ import torch
 from torch.nn import functional as F
 
 from .. import _backend
-from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, HALF_DTYPES, accumulation_dtype
+from .._dtypes import ACTIVATION_DTYPES, accumulation_dtype
 from ..kernels.reference import segmented as reference
 from ..kernels.torch import segmented as torch_kernel
+from ._checks import check_beside_weight, check_input
+from ._checks import shape as _shape
 
 __all__ = ["lowrank_linear_segmented", "fused", "pack_adapters", "check_segmented"]
 
@@ -278,15 +280,6 @@ def _eager(x, weight, A, B, index, scales, ranks, bias) -> torch.Tensor:
 # validation, packing and the public entry
 
 
-def _shape(t) -> tuple:
-    return tuple(t.shape)
-
-
-def _mixed_ok(factor_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
-    """fp32 factors on a 16-bit weight (the training default) are accepted."""
-    return factor_dtype == torch.float32 and weight_dtype in HALF_DTYPES
-
-
 def pack_adapters(
     A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -412,22 +405,7 @@ def check_segmented(
 ) -> None:
     """Raise TypeError/ValueError naming the offending tensor if the base and the stacked factors
     are inconsistent (dtypes, devices, shapes)."""
-    named = {"weight": weight, "A": A, "B": B, "bias": bias}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_NAME}: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{_NAME}: {name} must be a float tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-        factor = name in ("A", "B")
-        if t.dtype != weight.dtype and not (factor and _mixed_ok(t.dtype, weight.dtype)):
-            allowed = "fp32 or weight's dtype" if factor and weight.dtype in HALF_DTYPES else "weight's dtype"
-            raise TypeError(
-                f"{_NAME}: dtype mismatch: {name} is {t.dtype} but weight is {weight.dtype} ({name} must be {allowed})"
-            )
-        if t.device != weight.device:
-            raise ValueError(f"{_NAME}: device mismatch: {name} is on {t.device} but weight is on {weight.device}")
+    check_beside_weight(_NAME, weight, {"weight": weight, "A": A, "B": B, "bias": bias}, factors=("A", "B"))
     if weight.dim() != 2:
         raise ValueError(f"{_NAME}: weight must be 2-D (out_features, in_features), got shape {_shape(weight)}")
     out_f, in_f = weight.shape
@@ -452,13 +430,6 @@ def check_segmented(
         )
     if bias is not None and _shape(bias) != (out_f,):
         raise ValueError(f"{_NAME}: bias must have shape ({out_f},), got {_shape(bias)}")
-
-
-def _autocasts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether autocast will bring ``x`` and ``weight`` to one dtype (fp64 is never cast)."""
-    return (
-        torch.is_autocast_enabled(x.device.type) and x.dtype in ACTIVATION_DTYPES and weight.dtype in ACTIVATION_DTYPES
-    )
 
 
 def lowrank_linear_segmented(
@@ -518,14 +489,7 @@ def lowrank_linear_segmented(
             raise ValueError(f"{_NAME}: ranks comes from the per-adapter lists; pass it only with stacked A and B")
         A, B, ranks = pack_adapters(A, B)
     check_segmented(weight, A, B, bias)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{_NAME}: x must be a float tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
-    if x.dtype != weight.dtype and not _autocasts(x, weight):
-        raise TypeError(f"{_NAME}: dtype mismatch: x is {x.dtype} but weight is {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"{_NAME}: device mismatch: x is on {x.device} but weight is on {weight.device}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{_NAME}: x {_shape(x)} must end in in_features={weight.shape[1]} (weight {_shape(weight)})")
+    check_input(_NAME, x, weight)
     n, r_max = A.shape[0], A.shape[1]
     index = _index_tensor(adapter_index, x, n, check_values)
     scales_t = _scales_tensor(scales, n, x.device, check_values)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels.decomposition.quantized import Quantization, damped, quantize_residual, weighted_error
+from corda_kernels.decomposition.refinement import Quantization, damped, quantize_residual, weighted_error
+from corda_kernels.kernels.reference import dequantize as reference_quantized
 from corda_kernels.kernels.reference import lowrank_linear as reference
-from corda_kernels.kernels.reference import quantized as reference_quantized
 from corda_kernels.ops.lowrank_linear import lowrank_linear
 from corda_kernels.ops.quantized import QuantizedWeight, quantize_weight
 from corda_kernels.testing import tiny_llama, token_batches
