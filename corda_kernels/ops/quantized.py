@@ -61,7 +61,10 @@ class QuantizedCodes(NamedTuple):
         """The full weight in ``dtype``, per :mod:`corda_kernels.kernels.reference.dequantize` (bitsandbytes'
         own NF4 kernel on the CPU where it applies: bit-identical, faster)."""
         if self.fmt == "int8":
-            return reference.dequantize_int8(self.CB, self.SCB, dtype)
+            # the reference's two fp32 products, in place: bit-identical, ~3x faster on a CPU than its
+            # int8 x fp32 broadcast (which makes two full-size temporaries)
+            weight = self.CB.to(torch.float32).mul_(self.SCB.view(-1, 1)).mul_(reference.INT8_INV_SCALE)
+            return weight.to(dtype)
         fast = _bitsandbytes_nf4(self)
         if fast is not None:
             return fast.to(dtype)

@@ -42,6 +42,8 @@ def test_reference_dequantize_is_bitsandbytes_bit_for_bit(fmt, dtype, shape):
             q.packed, q.absmax_q, q.nested_absmax, q.offset, q.code, q.nested_code, q.shape, dtype
         )
         assert q._bitsandbytes_nf4() is not None and torch.equal(q.dequantize(), spec)
+    else:  # dequantize() runs the reference's products in place: the reference, bit for bit
+        assert torch.equal(q.dequantize(), reference_quantized.dequantize_int8(q.CB, q.SCB, dtype))
 
 
 def test_refuses_bad_input():
