@@ -21,7 +21,7 @@ Environment switches (same spirit as flash-attention / torchao):
   MAX_JOBS                          ninja parallelism
 
 The compiler flags live in module-level names (CXX_FLAGS, NVCC_FLAGS, CUDA_DEFINE_MACROS) and
-helpers (cuda_include_dirs) so that tests/test_build.py compiles csrc/*.cu with the same flags on
+helpers (cuda_include_dirs) so that tests/kernels/test_build.py compiles csrc/*.cu with the same flags on
 machines without a GPU. Importing this file does not run setup() (that happens under __main__, which
 is how pip / setuptools execute it).
 """

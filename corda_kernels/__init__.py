@@ -26,6 +26,7 @@ from .memory import MemoryEstimate, estimate_memory
 from .methods.parameters import trainable_parameter_report
 from .nn import LowRankLinear
 from .ops import CovarianceAccumulator, covariance_update, finalize_covariance
+from .ops.dora import dora_linear
 from .ops.lowrank_linear import lowrank_linear
 from .ops.segmented import lowrank_linear_segmented
 
@@ -61,6 +62,7 @@ __all__ = [
     "finalize_covariance",
     "lowrank_linear",
     "lowrank_linear_segmented",
+    "dora_linear",
     "co_svd",
     "damp_covariance",
     "largest_singular_triplets",

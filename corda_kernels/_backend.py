@@ -138,3 +138,33 @@ def choose(op: str, device: torch.device, available: dict[str, bool], preference
             return name
     info_once(f"{op}-{device.type}-reference", f"{op} on {device.type}: using the pure-torch reference.")
     return "reference"
+
+
+class TritonOrTorch:
+    """The backend choice of an op whose fast paths are a Triton kernel and a torch composition:
+    ``plan(x)`` -> ``"triton"`` / ``"torch"`` / ``"reference"`` for ``x``'s device and dtype,
+    ``preference`` per device type (fastest first), memoized per environment (a per-call hot path).
+    Triton runs fp16/bf16/fp32 on a GPU, or on the CPU under the interpreter (not bf16 there).
+    ``kernels(backend, torch_kernel, reference)`` returns the module that runs it."""
+
+    def __init__(self, op: str, triton_module: str, cuda: tuple[str, ...], cpu: tuple[str, ...]):
+        self.op, self.triton_module = op, triton_module
+        self.preference = {"cuda": cuda, "cpu": cpu}
+        self._cache: dict[tuple, str] = {}
+
+    def __call__(self, x: torch.Tensor) -> str:
+        key = (x.device.type, x.dtype, os.environ.get(ENV_BACKEND), os.environ.get("TRITON_INTERPRET"))
+        backend = self._cache.get(key)
+        if backend is None:
+            interpreted_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16  # the interpreter cannot do bf16
+            triton = x.dtype in (torch.float16, torch.bfloat16, torch.float32) and not interpreted_bf16
+            available = {"triton": triton and triton_runs_on(x.device), "torch": True}
+            preference = self.preference["cuda" if x.device.type == "cuda" else "cpu"]
+            backend = self._cache[key] = choose(self.op, x.device, available, preference)
+        return backend
+
+    def kernels(self, backend: str, torch_kernel, reference):
+        """The kernel module of ``backend`` (Triton imported on first use)."""
+        if backend == "triton":
+            return importlib.import_module(self.triton_module)
+        return torch_kernel if backend == "torch" else reference

@@ -12,7 +12,6 @@ was. What to build comes as one :class:`~corda_kernels.AdaptConfig`.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
@@ -20,24 +19,11 @@ from torch import nn
 
 from .config import AdaptConfig
 from .decomposition import decompose, plan
-from .decomposition.quantized import Quantization, make_quantization, quantize_residuals
+from .decomposition.refinement import Quantization, make_quantization, quantize_residuals
 from .integrations import hf
 from .methods import InitMethod, LayerInit
 from .nn import LowRankLinear
 from .ops.quantized import check_quantizable, require_bitsandbytes
-
-
-def pattern_value(pattern: Optional[Mapping[str, float]], name: str, default):
-    """PEFT's rank/alpha_pattern lookup: the first key matching the end of the module name."""
-    return pattern_entry(pattern, name, default)[1]
-
-
-def pattern_entry(pattern: Optional[Mapping[str, float]], name: str, default):
-    """``(key, value)`` of the first ``pattern`` key matching the end of ``name``; ``(None, default)``."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key, value
-    return None, default
 
 
 def refuse_adapted(model: nn.Module, where: str = "apply") -> None:
@@ -58,14 +44,15 @@ def refuse_tied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
             )
 
 
-def build_module(module: nn.Module, init: LayerInit, config: AdaptConfig) -> LowRankLinear:
+def build_module(module: nn.Module, init: LayerInit, config: AdaptConfig, name: str = "") -> LowRankLinear:
     """A ``LowRankLinear`` for ``module`` from its finished ``init``.
 
     The factors are stored as :class:`LowRankLinear` stores them (trainable ones fp32 on a 16-bit
     base unless ``config.autocast_adapter_dtype`` is False). The frozen base is ``init.residual``
     when decomposition formed it (a quantized residual), else the residual subtracting the update
     the forward computes (``A``, ``B`` rounded to the weight's dtype), so the model reproduces the
-    original, or the weight itself for methods without a residual."""
+    original, or the weight itself for methods without a residual. With ``config.dora`` the layer
+    gets a DoRA magnitude equal to its adapted weight's row norms (output unchanged)."""
     weight = hf.weight_matrix(module).detach()
     dtype = weight.dtype
     formed = init.residual is not None
@@ -88,6 +75,11 @@ def build_module(module: nn.Module, init: LayerInit, config: AdaptConfig) -> Low
         with torch.no_grad():
             residual = weight.float() - layer.delta_weight(as_computed=True)
             layer.weight.copy_(residual.to(dtype))
+    if config.dora:
+        try:
+            layer.enable_dora()
+        except ValueError as err:
+            raise ValueError(f"layer {name}: dora=True: {err}") from None
     layer.source_layout = "conv1d" if hf.is_conv1d(module) else "linear"
     layer.base_changed = bool(init.subtract)  # the frozen weight is a residual, not the original
     layer.init_stats = dict(init.stats)
@@ -121,13 +113,13 @@ def select_targets(model: nn.Module, config: AdaptConfig, covariances=None, wher
     refuse_tied(model, layers)
     ranks, alphas = {}, {}
     for name, module in layers.items():
-        key, ranks[name] = pattern_entry(config.rank_pattern, name, config.rank)
+        key, ranks[name] = hf.pattern_entry(config.rank_pattern, name, config.rank)
         try:
             plan.check_rank(name, module, ranks[name])
         except ValueError as exc:
             raise ValueError(f"{exc} (from rank_pattern[{key!r}])" if key is not None else str(exc)) from None
         default = config.alpha if config.alpha is not None else ranks[name]
-        key, alphas[name] = pattern_entry(config.alpha_pattern, name, default)
+        key, alphas[name] = hf.pattern_entry(config.alpha_pattern, name, default)
         plan.check_alpha(name, alphas[name], f"alpha_pattern[{key!r}]" if key is not None else "alpha")
     quantization = make_quantization(config.quantize, config.quantize_iters)
     if quantization is not None:
@@ -191,7 +183,7 @@ def apply(
     same call: keyword options are :class:`~corda_kernels.AdaptConfig` fields (``rank``, ``alpha``,
     ``target_modules``, ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``,
     ``dropout``, ``seed``, ``autocast_adapter_dtype``, ``quantize``, ``quantize_iters``,
-    ``max_batch_bytes``) or the method's own options, and override a given config's.
+    ``max_batch_bytes``, ``dora``) or the method's own options, and override a given config's.
 
     Args:
         model: a Hugging Face model (or any module with linear layers), without adapters.
@@ -265,7 +257,7 @@ def swap_in(
     try:
         for name, init in inits.items():
             old = targets[name]
-            hf.set_submodule(model, name, build_module(old, init, config))
+            hf.set_submodule(model, name, build_module(old, init, config, name))
             swapped.append((name, old))
     except BaseException:
         restore(model, swapped)

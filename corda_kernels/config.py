@@ -17,7 +17,7 @@ import math
 import numbers
 from typing import Any, Mapping, Optional, Union
 
-from .decomposition.quantized import check_quantize_iters
+from .decomposition.refinement import check_quantize_iters
 from .integrations import hf
 from .methods import METHODS, InitMethod, make_method
 from .ops.lowrank_linear import check_dropout
@@ -27,6 +27,12 @@ __all__ = ["AdaptConfig"]
 
 # The call that builds a config (its errors name it: "apply: dropout must be ..."); "AdaptConfig" when
 # constructed directly.
+# Methods DoRA is not defined for, and why (the error says it).
+_NO_DORA = {
+    "siva": "its adapter is a trainable diagonal between fixed singular vectors; DoRA adds no magnitude to it",
+    "partial_lora": "its index sets update part of a row; DoRA's norm runs over whole rows",
+}
+
 _WHERE: contextvars.ContextVar[str] = contextvars.ContextVar("corda_kernels_config_where", default="AdaptConfig")
 
 
@@ -58,11 +64,17 @@ class AdaptConfig:
             ``[0, 100]``.
         max_batch_bytes: working-set bound of one decomposition chunk (None: a quarter of free GPU
             memory, 2 GiB on CPU).
+        dora: add a trainable DoRA magnitude to every adapter (PEFT's ``use_dora``), initialized
+            to the adapted weight's row norms so the model's output is unchanged at init. Defined
+            for LoRA, PiSSA, CorDA, MiLoRA and asymmetric LoRA; refused for SiVA and
+            Partial-LoRA (their diagonal / index sets) and with ``quantize`` (DoRA needs a dense
+            base here).
 
     Raises:
         ValueError: a field out of range (rank < 1, alpha not positive and finite, dropout outside
             [0, 1), an unknown method or quantization format, ``quantize_iters`` outside [0, 100]
-            or without ``quantize``), or options given with an already built method.
+            or without ``quantize``), options given with an already built method, or ``dora``
+            with SiVA, Partial-LoRA or ``quantize``.
         TypeError: a field of the wrong type.
     """
 
@@ -81,6 +93,7 @@ class AdaptConfig:
     quantize: Optional[str] = None
     quantize_iters: int = 0
     max_batch_bytes: Optional[int] = None
+    dora: bool = False
 
     def __post_init__(self) -> None:
         self.check(_WHERE.get())
@@ -120,6 +133,19 @@ class AdaptConfig:
             or self.max_batch_bytes < 1
         ):
             raise ValueError(f"{where}: max_batch_bytes must be a positive int or None, got {self.max_batch_bytes!r}")
+        if not isinstance(self.dora, bool):
+            raise TypeError(f"{where}: dora must be True or False, got {type(self.dora).__name__} {self.dora!r}")
+        if self.dora:
+            name = self.method if isinstance(self.method, str) else getattr(self.method, "name", "")
+            if name in _NO_DORA:
+                raise ValueError(
+                    f"{where}: dora=True is not defined for method {name!r} ({_NO_DORA[name]}); use it with "
+                    "lora, pissa, corda, milora or asymmetric"
+                )
+            if self.quantize is not None:
+                raise ValueError(
+                    f"{where}: dora=True cannot be combined with quantize={self.quantize!r} (DoRA needs a dense base)"
+                )
 
     @classmethod
     def build(

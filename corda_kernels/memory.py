@@ -37,18 +37,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from ._deprecation import renamed
-from .adapt import pattern_value
 from .calibration.recorder import CovarianceRecorder
 from .calibration.storage import check_options, packed_size
 from .config import AdaptConfig
 from .decomposition import plan
-from .decomposition.quantized import make_quantization
+from .decomposition.refinement import make_quantization
 from .integrations import hf
 from .methods import InitMethod
 
@@ -222,8 +221,20 @@ def quantized_bytes(out_f: int, in_f: int, fmt: str) -> int:
     return n // 2 + n // 64 + 4 * -(-n // (64 * 256)) + 4 + 4 * (16 + 256)
 
 
-def _activations(layers: _Layers, names, tokens: int, act: int, attention: int) -> int:
+class _Workload(NamedTuple):
+    """The calibration forwards' sizes: ``tokens`` per batch, ``act`` bytes per activation element,
+    the attention ``mask`` and ``attention`` bytes (mask plus eager scores) of one batch."""
+
+    n_batches: int
+    tokens: int
+    act: int
+    mask: int
+    attention: int
+
+
+def _activations(layers: _Layers, names, work: _Workload) -> int:
     """One block's transient forward memory on one batch plus the covariance update's temporaries."""
+    tokens, act, attention = work.tokens, work.act, work.attention
     outputs = sum(layers.shape[n][1] for n in names)
     hidden = layers.shape[names[0]][0]
     widest = max(layers.shape[n][0] for n in names)
@@ -316,7 +327,7 @@ def estimate_memory(
             "cannot give the original weights back); estimate undo='cpu'"
         )
     targets = hf.find_targets(model, config.target_modules, config.exclude_modules)
-    ranks = {n: pattern_value(config.rank_pattern, n, config.rank) for n in targets}
+    ranks = {n: hf.pattern_entry(config.rank_pattern, n, config.rank)[1] for n in targets}
     home = torch.device(device) if device is not None else hf.input_device(model)
     home = "cpu" if home.type == "meta" else str(home)
     notes = []
@@ -340,6 +351,7 @@ def estimate_memory(
     tokens = batch_size * seq_len
     mask = batch_size * seq_len**2 * (act if eager else 1)  # (B, 1, S, S); eager attention adds its scores
     attention = mask + (2 * batch_size * heads * seq_len**2 * act if eager else 0)
+    work = _Workload(n_batches, tokens, act, mask, attention)
 
     budget = config.max_batch_bytes
     if budget is None and home == "cpu":
@@ -362,23 +374,10 @@ def estimate_memory(
         + (f", {quantization.fmt} residuals" if quantization is not None else "")
     )
     if blockwise:
-        phases = _blockwise_phases(
-            layers,
-            base,
-            home,
-            block_inputs_device or home,
-            undo,
-            quantization,
-            n_batches,
-            tokens,
-            act,
-            mask,
-            attention,
-            needs_cov,
-            budget,
-        )
+        inputs_at = block_inputs_device or home
+        phases = _blockwise_phases(layers, base, home, inputs_at, undo, quantization, work, needs_cov, budget)
     else:
-        block_acts = [_activations(layers, b, tokens, act, attention) for b in layers.blocks.values()]
+        block_acts = [_activations(layers, b, work) for b in layers.blocks.values()]
         phases = {
             "calibrate": {**base, ("covariances", home): cov_full, ("activations", home): max(block_acts)},
             "decompose": {
@@ -402,30 +401,17 @@ def estimate_memory(
     return MemoryEstimate(phases, home, title, notes)
 
 
-def _blockwise_phases(
-    layers: _Layers,
-    base,
-    home,
-    inputs_at,
-    undo_mode,
-    quantization,
-    n_batches,
-    tokens,
-    act,
-    mask,
-    attention,
-    needs_cov,
-    budget,
-):
+def _blockwise_phases(layers: _Layers, base, home, inputs_at, undo_mode, quantization, work, needs_cov, budget):
     """Per phase, the worst block (the replaced layers of earlier blocks accumulate as undo copies)."""
+    n_batches = work.n_batches
     hidden = layers.shape[next(iter(layers.shape))][0]
-    per_batch_hidden = tokens * hidden * act
-    inputs = n_batches * (per_batch_hidden + mask)
+    per_batch_hidden = work.tokens * hidden * work.act
+    inputs = n_batches * (per_batch_hidden + work.mask)
     phases = {
         "capture": {
             **base,
             ("block inputs", inputs_at): inputs,
-            ("activations", home): 2 * per_batch_hidden + attention,
+            ("activations", home): 2 * per_batch_hidden + work.attention,
         }
     }
     undo_at = "cpu"
@@ -439,7 +425,7 @@ def _blockwise_phases(
                 ("undo copies", undo_at): undo,
                 ("block inputs", inputs_at): inputs + n_batches * per_batch_hidden,
                 ("covariances", home): covs,
-                ("activations", home): _activations(layers, names, tokens, act, attention),
+                ("activations", home): _activations(layers, names, work),
             },
             "decompose block": {
                 ("undo copies", undo_at): undo,

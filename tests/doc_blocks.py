@@ -108,7 +108,7 @@ def check_commands(commands: list[list[str]], where: str, run_cli_help: bool = T
             if run_cli_help:
                 done = cli([cmd[1], "--help"])
                 assert done.returncode == 0, done.stderr
-        elif cmd[:2] == ["bash", "bench/gpu/run.sh"]:  # its --small run is tests/test_gpu_check.py
+        elif cmd[:2] == ["bash", "bench/gpu/run.sh"]:  # its --small run is tests/bench/test_gpu_check.py
             done = subprocess.run(["bash", os.path.join(ROOT, cmd[1]), "--help"], capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
             for arg in cmd[2:]:

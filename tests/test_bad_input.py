@@ -304,6 +304,51 @@ def _(model, cal, tmp):
     ck.LowRankLinear(*_layer()[1:]).dropout = 1.0
 
 
+@case("dora_magnitude_shape")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:], magnitude=torch.ones(5))
+
+
+@case("dora_magnitude_dtype")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:], magnitude=torch.ones(6, dtype=torch.float16))
+
+
+@case("dora_magnitude_device")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:], magnitude=torch.ones(6, device="meta"))
+
+
+@case("dora_magnitude_nan")
+def _(model, cal, tmp):
+    ck.dora_linear(*_layer(), torch.tensor([1.0, 1.0, math.nan, 1.0, 1.0, 1.0]))
+
+
+@case("dora_module_diag")
+def _(model, cal, tmp):
+    ck.LowRankLinear(*_layer()[1:], diag=torch.ones(2), magnitude=torch.ones(6))
+
+
+@case("dora_siva")
+def _(model, cal, tmp):
+    _apply(model, "siva", dora=True)
+
+
+@case("dora_partial_lora")
+def _(model, cal, tmp):
+    _apply(model, "partial_lora", dora=True)
+
+
+@case("dora_quantize")
+def _(model, cal, tmp):
+    _apply(model, dora=True, quantize="int8")
+
+
+@case("dora_string")
+def _(model, cal, tmp):
+    _apply(model, dora="yes")
+
+
 @case("unknown_method")
 def _(model, cal, tmp):
     _apply(model, "cordaa", covariances=cal)
@@ -353,6 +398,65 @@ def _(model, cal, tmp):
     from peft import LoraConfig, get_peft_model
 
     _apply(prepared(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))))
+
+
+def _qlora(model, tmp, quantization, layer=None):
+    """``model`` saved and reloaded through bitsandbytes (``quantization``: BitsAndBytesConfig keywords),
+    with LoRA on q_proj and v_proj; ``layer`` edits one of its LoRA layers before the snapshot."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model.save_pretrained(tmp / "base")
+    config = BitsAndBytesConfig(**quantization)
+    base = AutoModelForCausalLM.from_pretrained(tmp / "base", quantization_config=config, device_map="cpu")
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    if layer is not None:
+        layer(peft_model.base_model.model.model.layers[0].self_attn)
+    return prepared(peft_model)
+
+
+def _patch_refused(peft_model):
+    """patch_peft, which must raise; and nothing may be patched then."""
+    try:
+        ck.patch_peft(peft_model)
+    finally:
+        assert not any(ck.integrations.peft_patch.is_patched(m) for m in peft_model.modules())
+
+
+_NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+
+
+@case("peft_bnb_unreadable_absmax")
+def _(model, cal, tmp):
+    def lose_a_block(attn):
+        state = attn.q_proj.base_layer.weight.quant_state
+        state.absmax = state.absmax[:-1]
+
+    _patch_refused(_qlora(model, tmp, _NF4, lose_a_block))
+
+
+@case("peft_bnb_int8_row_scales")
+def _(model, cal, tmp):
+    def half_scales(attn):
+        weight = attn.v_proj.base_layer.weight
+        weight.SCB = weight.SCB.half()
+
+    _patch_refused(_qlora(model, tmp, {"load_in_8bit": True}, half_scales))
+
+
+@case("peft_bnb_fp4")
+def _(model, cal, tmp):
+    _patch_refused(_qlora(model, tmp, {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}))
+
+
+@case("peft_mixed_batch_length")
+def _(model, cal, tmp):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = prepared(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
+    ck.patch_peft(peft_model)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    layer(torch.randn(3, 4, 64), adapter_names=["default", "__base__"])
 
 
 @case("calibrate_adapted")

@@ -11,7 +11,7 @@ from torch import nn
 
 import corda_kernels as ck
 from corda_kernels import adapt, blockwise
-from corda_kernels.decomposition import quantized as quantized_stage
+from corda_kernels.decomposition import refinement as quantized_stage
 from corda_kernels.methods import MiLoRA
 from corda_kernels.testing import tiny_llama, token_batches
 
@@ -48,10 +48,10 @@ def test_same_adapters_as_whole_model(mode, inputs_device):
 
 
 class FailOnThirdBlock(MiLoRA):
-    def init_batch(self, weights, covariances, rank, scale, names, seed):
-        if names[0].startswith("model.layers.2."):
+    def init_batch(self, batch):
+        if batch.names[0].startswith("model.layers.2."):
             raise RuntimeError("decomposition failed")
-        return super().init_batch(weights, covariances, rank, scale, names, seed)
+        return super().init_batch(batch)
 
 
 def _snapshot(model):
@@ -173,11 +173,11 @@ class RecordReplacedAlive(MiLoRA):
         super().__init__()
         self.originals, self.alive = originals, None
 
-    def init_batch(self, weights, covariances, rank, scale, names, seed):
-        if names[0].startswith("model.layers.2.") and self.alive is None:
+    def init_batch(self, batch):
+        if batch.names[0].startswith("model.layers.2.") and self.alive is None:
             gc.collect()
             self.alive = [ref() is not None and ref().weight.numel() > 0 for ref in self.originals]
-        return super().init_batch(weights, covariances, rank, scale, names, seed)
+        return super().init_batch(batch)
 
 
 @pytest.mark.parametrize("undo", ["cpu", "reconstruct"])

@@ -38,7 +38,8 @@ class AllFields(InitMethod):
 
     name = "all-fields"
 
-    def init_batch(self, weights, covariances, rank, scale, names, seed):
+    def init_batch(self, batch):
+        weights, _, rank, scale, names, _ = batch
         out = []
         for w, name in zip(weights, names):
             rows, cols = torch.arange(0, w.shape[0], 2), torch.arange(1, w.shape[1], 3)

@@ -100,7 +100,13 @@ def test_smollm2_partial_lora_on_real_text():
     apply(model, method, rank=8, alpha=16, target_modules=targets, progress=False)
     assert set(method.ratios) == set(targets) and all(0 < r <= 1 for r in method.ratios.values())
     report = trainable_parameter_report(model)
-    assert report.trainable < report.dense_lora or all(r == 1 for r in method.ratios.values())
+    # each layer trains its kept rows and columns (a mask of ratio 1 keeps all), and the count says so
+    for name in targets:
+        layer = model.get_submodule(name)
+        rows = layer.out_features if layer.row_index is None else layer.row_index.numel()
+        cols = layer.in_features if layer.col_index is None else layer.col_index.numel()
+        assert report.layers[name].trainable == 8 * (rows + cols), name
+        assert (rows + cols < layer.out_features + layer.in_features) == (method.ratios[name] < 1), name
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()

@@ -26,7 +26,7 @@ import gc
 import time
 
 import torch
-from decompose_7b import add_model_arguments, build_model, parse_model_arguments, write_json
+from llama7b import add_model_arguments, build_model, parse_model_arguments, write_json
 
 import corda_kernels as ck
 

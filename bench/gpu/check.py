@@ -21,6 +21,8 @@ in its own process under a wall-clock budget:
   segmented   ``bench/speed/bench_segmented.py``: the many-adapter op, 4096², 8k tokens bf16, 4 / 16 / 64
               adapters of ranks 8-64, one adapter per sequence, forward and forward + backward, Triton and
               torch; anchors a loop of the single-adapter op over the groups, PEFT's mixed batch
+  dora        ``bench/speed/bench_dora.py``: fused DoRA forward + backward at 4096² and 4096 x 11008, 8k
+              tokens bf16, r 16 / 128; anchors the frozen linear, our LoRA step, PEFT's DoRA step
 
 The benchmark stages run the pytest-benchmark suites with ``CORDA_BENCH_CHECK=1`` (their GPU-check
 shapes, few rounds) and stream each finished case to a file, so a stage that fails or runs out of
@@ -61,13 +63,15 @@ STAGES = [
     ("quantized", 60),
     ("svd", 60),
     ("corda7b", 240),
-    ("segmented", 120),  # last: no README target, so it only uses what the claimed stages left
+    ("segmented", 120),  # no README target, so it only uses what the claimed stages left
+    ("dora", 60),  # as segmented
 ]
 BENCH_SUITES = {
     "covariance": ["bench/speed/bench_covariance.py"],
     "lowrank": ["bench/speed/bench_lowrank.py"],
     "quantized": ["bench/speed/bench_quantized.py"],
     "segmented": ["bench/speed/bench_segmented.py"],
+    "dora": ["bench/speed/bench_dora.py"],
     "svd": ["bench/speed/bench_decompose.py", "-k", "test_randomized_svd"],
 }
 STAND_IN_7B = ["--device", "cpu", "--blocks", "2", "--hidden", "64", "--intermediate", "160", "--heads", "2"]

@@ -16,7 +16,7 @@ import torch
 
 from .._version import __version__
 from . import estimate, init, report
-from ._common import HelpFormatter
+from .arguments import HelpFormatter
 
 COMMANDS = {
     "init": (init, "calibrate, decompose, check and export adapters"),

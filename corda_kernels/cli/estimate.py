@@ -9,7 +9,7 @@ from .._measure import rss_bytes
 from ..integrations import loading
 from ..memory import estimate_memory, meta_model
 from . import init
-from ._common import adapt_config, validate
+from .checks import adapt_config, validate
 from .init import HIGHER
 
 

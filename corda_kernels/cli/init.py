@@ -29,19 +29,9 @@ from ..calibration import calibrate
 from ..export import adapters, save_peft_adapter, save_residual_model
 from ..integrations import hf, loading
 from ..memory import input_groups, quantized_bytes
-from ._common import (
-    adapt_config,
-    add_common_arguments,
-    add_method_arguments,
-    add_quantize_arguments,
-    check_room,
-    method_options,
-    output_dir,
-    positive_float,
-    provenance,
-    targets,
-    validate,
-)
+from .arguments import add_common_arguments, add_method_arguments, add_quantize_arguments, positive_float, targets
+from .checks import adapt_config, check_room, method_options, validate
+from .output import output_dir, provenance
 
 HIGHER = {"fp32": torch.float64, "bf16": torch.float32, "fp16": torch.float32}
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
@@ -158,7 +148,7 @@ def _tokenizer_bytes(tokenizer) -> int:
 
 
 def output_bytes(model, args, tokenizer=None) -> int:
-    """About what ``init`` writes into ``--out`` (a little above it; :func:`._common.room_needed` adds
+    """About what ``init`` writes into ``--out`` (a little above it; :func:`.checks.room_needed` adds
     the margin): the PEFT adapter (fp32 dense factors), the residual model unless ``--no-residual``
     (every tensor of the state dict; quantized targets as their codes and statistics), the tokenizer
     beside it, the covariances (one fp32 ``(d, d)`` per distinct input, found by calibration's 2-token

@@ -32,17 +32,9 @@ from ..integrations import hf, loading
 from ..integrations.evaluation import perplexity
 from ..methods import CorDA, MiLoRA
 from ..methods.asvd import MeanAbsASVD
-from ._common import (
-    add_common_arguments,
-    check_extra,
-    int_list,
-    output_dir,
-    positive_int,
-    provenance,
-    read_texts,
-    targets,
-    validate,
-)
+from .arguments import add_common_arguments, int_list, positive_int, targets
+from .checks import check_extra, read_texts, validate
+from .output import output_dir, provenance
 
 METHODS = ("SVD", "ASVD", "CO-SVD")  # the decompositions the report compares (CorDA paper Fig. 2 / Table 1)
 # Bounds each decomposition call (Ctrl-C is seen between calls).

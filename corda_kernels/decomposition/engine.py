@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..methods.base import InitMethod, LayerInit
+from ..methods.base import InitMethod, LayerBatch, LayerInit
 from . import plan, sharding
 from .cache import DecompositionCache
 
@@ -163,4 +163,4 @@ def _run_chunk(jobs, method: InitMethod, names, rank, scale, covariances, seed) 
     covs = None
     if method.needs_covariance:
         covs = plan.layer_covariances(covariances, names, weights.shape[-1], weights.device)
-    return method.init_batch(weights, covs, rank, scale, names, seed)
+    return method.init_batch(LayerBatch(weights, covs, rank, scale, names, seed))

@@ -8,8 +8,8 @@ that loads them in ``config.json`` (:func:`loading_config`). Why: transformers'
 no re-quantization.
 
 Only the storage format lives here: the codes are made by :mod:`corda_kernels.ops.quantized`, refined
-by :mod:`corda_kernels.decomposition.quantized` and dequantized, as specified, by
-:mod:`corda_kernels.kernels.reference.quantized`.
+by :mod:`corda_kernels.decomposition.refinement` and dequantized, as specified, by
+:mod:`corda_kernels.kernels.reference.dequantize`.
 """
 
 from __future__ import annotations

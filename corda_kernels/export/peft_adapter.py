@@ -5,7 +5,10 @@ What: :func:`save_peft_adapter` writes the adapters as a LoRA adapter that
 index sets and SiVA's diagonal expanded into dense factors, :func:`dense_factors`), and names the
 base it applies to (:func:`adapter_base`). With ``initial=`` (a directory written right after
 ``apply``) it writes instead the conversion PEFT offers for PiSSA/CorDA: a rank-2r LoRA
-``[A | A₀], [B | −B₀]`` that applies to the original, unmodified base weights. Why: training,
+``[A | A₀], [B | −B₀]`` that applies to the original, unmodified base weights. DoRA layers add
+their magnitude (``lora_magnitude_vector``) and ``use_dora=True``: the converted adapter's adapted
+weight ``W + s·(B·A − B₀·A₀)`` equals the residual's ``W' + s·B·A``, so the magnitude is the same.
+Why: training,
 serving and sharing then go through PEFT's own loaders.
 
 The residual base the adapter applies to is written by :mod:`corda_kernels.export.plain`.
@@ -80,8 +83,16 @@ def _lora_config(
             f"lora_dropout={max(dropouts)}: training the exported adapter will use it on every layer",
             stacklevel=4,
         )
+    doras = {bool(getattr(layer, "dora", False)) for layer in layers.values()}
+    if len(doras) > 1:  # PEFT's LoraConfig has one use_dora
+        names = sorted(n for n, layer in layers.items() if getattr(layer, "dora", False))
+        raise ValueError(
+            f"save_peft_adapter: layers {names[:3]}{'...' if len(names) > 3 else ''} use DoRA and others do not; "
+            "PEFT's adapter_config.json holds one use_dora for every layer"
+        )
     return LoraConfig(
         r=r,
+        use_dora=doras == {True},
         lora_alpha=alpha,
         target_modules=sorted(layers),
         rank_pattern={n: v for n, v in ranks.items() if v != r},
@@ -122,7 +133,8 @@ def save_peft_adapter(
     """Write a PEFT LoRA adapter of ``model``'s adapters to directory ``path``.
 
     Writes ``adapter_config.json``, ``adapter_model.safetensors`` (fp32 or the factors' dtype;
-    row/column masks and SiVA's diagonal expanded to dense ``lora_A (r, in)`` / ``lora_B (out, r)``)
+    row/column masks and SiVA's diagonal expanded to dense ``lora_A (r, in)`` / ``lora_B (out, r)``;
+    DoRA layers' magnitudes as ``lora_magnitude_vector`` with ``use_dora=True``)
     and ``corda_kernels.json`` (what the adapter applies to). Without ``initial`` the adapter
     applies to the residual base (:func:`save_residual_model`); with ``initial`` it is converted,
     as PEFT's ``path_initial_model_for_weight_conversion`` does, to a rank-2r LoRA
@@ -142,8 +154,8 @@ def save_peft_adapter(
             PiSSA adapter onto the original weights would silently give wrong outputs.
 
     Raises:
-        ValueError: ``model`` carries no ``LowRankLinear`` layer, or ``initial`` lacks one of its
-            layers' factors (saved from another model).
+        ValueError: ``model`` carries no ``LowRankLinear`` layer, ``initial`` lacks one of its
+            layers' factors (saved from another model), or some layers use DoRA and others not.
         ImportError: peft is not installed.
     """
     from safetensors.torch import load_file, save_file
@@ -154,6 +166,8 @@ def save_peft_adapter(
         A, B = dense_factors(layer)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
+        if getattr(layer, "dora", False):  # PEFT's key for DoRA's magnitude (no ".weight")
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.magnitude.detach().contiguous().cpu()
     if initial is not None:
         start = load_file(os.path.join(initial, ADAPTER_WEIGHTS))
         missing = sorted(k for k in tensors if k not in start)
@@ -162,7 +176,7 @@ def save_peft_adapter(
                 f"initial adapter at {initial} lacks {missing[0]} (and {len(missing) - 1} more); "
                 "was it saved from this model?"
             )
-        for key in list(tensors):
+        for key in [k for k in tensors if ".lora_A." in k or ".lora_B." in k]:
             t0 = start[key].to(tensors[key].dtype)
             tensors[key] = torch.cat([tensors[key], t0], 0) if ".lora_A." in key else torch.cat([tensors[key], -t0], 1)
     if base_model_name_or_path is None:

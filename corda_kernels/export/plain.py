@@ -60,11 +60,12 @@ def residual_weight(layer: LowRankLinear) -> torch.Tensor:
 
 
 def merged_weight(layer: LowRankLinear) -> torch.Tensor:
-    """``W' + scale·delta`` computed in fp32 and cast once to the weight dtype."""
+    """``W' + scale·delta`` (times DoRA's ``m / n`` per row) computed in fp32 and cast once to the
+    weight dtype."""
     with torch.no_grad():
         if getattr(layer, "merged", False):
             return layer.weight.detach().clone()
-        return (layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype)
+        return layer.merged_weight().to(layer.weight.dtype)
 
 
 @contextlib.contextmanager
@@ -79,6 +80,14 @@ def plain_layers(model: nn.Module, kind: str) -> Iterator[nn.Module]:
     finally:
         for name, layer in layers.items():
             hf.set_submodule(model, name, layer)
+
+
+def _replace_adapters(model: nn.Module, weight_of) -> nn.Module:
+    """Swap every ``LowRankLinear`` of ``model`` for a plain layer holding ``weight_of(layer)``."""
+    for name, layer in adapters(model).items():
+        hf.set_submodule(model, name, plain_layer(layer, weight_of(layer)))
+    hf.forget_gguf_quantization(model)
+    return model
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -97,10 +106,7 @@ def merge(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: ``model`` carries no ``LowRankLinear`` layer.
     """
-    for name, layer in adapters(model).items():
-        hf.set_submodule(model, name, plain_layer(layer, merged_weight(layer)))
-    hf.forget_gguf_quantization(model)
-    return model
+    return _replace_adapters(model, merged_weight)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -119,10 +125,7 @@ def unload(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: ``model`` carries no ``LowRankLinear`` layer.
     """
-    for name, layer in adapters(model).items():
-        hf.set_submodule(model, name, plain_layer(layer, residual_weight(layer)))
-    hf.forget_gguf_quantization(model)
-    return model
+    return _replace_adapters(model, residual_weight)
 
 
 def save_merged_model(model: nn.Module, path: str, **save_kwargs) -> None:

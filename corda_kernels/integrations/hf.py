@@ -13,7 +13,7 @@ import difflib
 import functools
 import inspect
 import re
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -267,3 +267,12 @@ def refuse_adapted(model: nn.Module, what: str) -> None:
                 f"{what}: model already carries PEFT LoRA layers (e.g. {name}); {what} the base model, "
                 "or use corda_kernels.patch_peft to run an existing PeftModel on our kernels"
             )
+
+
+def pattern_entry(pattern: Optional[Mapping[str, Any]], name: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: ``(key, value)`` of the first ``pattern``
+    key (a regex) matching the end of module ``name``; ``(None, default)`` when none does."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key, value
+    return None, default

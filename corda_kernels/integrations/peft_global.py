@@ -5,10 +5,10 @@ manager :func:`peft_patched`), PEFT itself is unchanged in its public API and fi
 
 1. every LoRA ``Linear`` layer that PEFT builds or loads (``get_peft_model``,
    ``PeftModel.from_pretrained``, ``load_adapter``, ``add_adapter``: all go through
-   ``BaseTuner.inject_adapter``) is patched by the per-layer patch
-   :func:`corda_kernels.integrations.peft_patch.patch_peft` once the injection is done; a layer it
-   refuses (a LoRA variant it does not run, ``lora_bias``, a quantized base, ...) stays on PEFT's
-   forward, with one log line;
+   ``BaseTuner.inject_adapter``), bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` included, is
+   patched by the per-layer patch :func:`corda_kernels.integrations.peft_patch.patch_layer` once
+   the injection is done; a layer it does not patch (a LoRA variant it does not run, ``lora_bias``,
+   bitsandbytes storage it cannot read, ...) stays on PEFT's forward, with one log line;
 2. PEFT's weight- and data-aware initializations run on our batched engine
    (:mod:`corda_kernels.integrations.peft_init`): ``"pissa"``, ``"pissa_niter_N"`` and ``"olora"``
    layers are collected during the injection and initialized together, one batch per shape,
@@ -107,18 +107,16 @@ def _resolve() -> dict[tuple[str, Optional[str], str], tuple[Any, Any]]:
 
 
 def _fuse(model: nn.Module) -> None:
-    """Run every LoRA ``Linear`` of ``model`` on the fused op (the per-layer patch), logging the
-    layers it refuses."""
-    linear_cls = peft_patch._lora_linear_class()
+    """Run every LoRA ``Linear`` of ``model`` (bitsandbytes' included) on the fused ops through the
+    per-layer patch (:func:`~corda_kernels.integrations.peft_patch.patch_layer`), logging each layer
+    it leaves on PEFT's forward and why. Layers patched before (explicitly) are left to their owner."""
+    linear_cls, bnb_classes = peft_patch._lora_classes()
     for name, module in model.named_modules():
-        if not isinstance(module, linear_cls):
+        if not isinstance(module, (linear_cls, *bnb_classes)) or peft_patch.is_patched(module):
             continue
-        try:
-            peft_patch.patch_peft(module)
-        except ValueError as exc:
-            if peft_patch.is_patched(module):
-                peft_patch.unpatch_peft(module)
-            logger.info("PEFT layer %s runs PEFT's own forward: %s", name, str(exc).removeprefix("patch_peft: "))
+        unpatched = peft_patch.patch_layer(module, name)
+        if unpatched is not None:
+            logger.info("PEFT layer %s runs PEFT's own forward: %s", name, unpatched.message)
             continue
         _fused_layers.add(module)
 

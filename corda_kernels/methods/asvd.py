@@ -14,13 +14,13 @@ keeps the largest r components in the adapter, ``"kpa"`` the smallest. Two chann
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import torch
 
 from ..linalg.exact_svd import smallest_singular_triplets
 from ..linalg.randomized_svd import randomized_svd
-from .base import InitMethod, LayerCovariances, LayerInit, component_inits, layer_seed
+from .base import InitMethod, LayerBatch, LayerInit, component_inits
 
 
 class ASVD(InitMethod):
@@ -32,25 +32,14 @@ class ASVD(InitMethod):
             raise ValueError(f"ASVD mode must be 'ipa' (largest r) or 'kpa' (smallest r), got {mode!r}")
         self.mode, self.alpha, self.eps = mode, alpha, eps
 
-    def describe(self) -> str:
-        return f"asvd-{self.mode}"
-
-    def init_batch(
-        self,
-        weights: torch.Tensor,
-        covariances: Optional[LayerCovariances],
-        rank: int,
-        scale: float,
-        names: Sequence[str],
-        seed: int,
-    ) -> list[LayerInit]:
-        if covariances is None:
-            raise ValueError(f"ASVD needs the input covariance of {names[0]}")
+    def init_batch(self, batch: LayerBatch) -> list[LayerInit]:
+        weights, _, rank, scale, _, _ = batch
+        covariances = batch.require_covariances("ASVD")
         rms = covariances.diagonals().clamp_min(0).sqrt()
         s = rms.clamp_min(self.eps * rms.amax(-1, keepdim=True).clamp_min(1e-30)).pow(self.alpha)  # (L, in)
         scaled = weights * s.unsqueeze(-2)
         if self.mode == "ipa":
-            U, S, Vh = randomized_svd(scaled, rank, seed=[layer_seed(seed, n) for n in names])
+            U, S, Vh = randomized_svd(scaled, rank, seed=batch.layer_seeds())
         else:
             U, S, Vh = smallest_singular_triplets(scaled, rank)
         return component_inits(U, S, Vh / s.unsqueeze(-2), scale, scaled.square().sum((-2, -1)))
@@ -76,6 +65,6 @@ class MeanAbsASVD(ASVD):
         super().__init__(mode="kpa", alpha=alpha)
         self.magnitudes = magnitudes
 
-    def init_batch(self, weights, covariances, rank, scale, names, seed):
-        m = torch.stack([self.magnitudes[n] for n in names]).to(weights.device, torch.float32)
-        return super().init_batch(weights, _Diagonals(m.square()), rank, scale, names, seed)
+    def init_batch(self, batch: LayerBatch) -> list[LayerInit]:
+        m = torch.stack([self.magnitudes[n] for n in batch.names]).to(batch.weights.device, torch.float32)
+        return super().init_batch(batch._replace(covariances=_Diagonals(m.square())))

@@ -54,6 +54,37 @@ class LayerCovariances(NamedTuple):
         return self.unique.diagonal(dim1=-2, dim2=-1)[self.index]
 
 
+class LayerBatch(NamedTuple):
+    """One call's work for a method: ``L`` same-shape layers decomposed together.
+
+    ``weights (L, out, in)`` fp32 on the layers' device; ``covariances`` their
+    :class:`LayerCovariances` (None unless the method ``needs_covariance``); ``rank`` and ``scale``
+    (the LoRA scaling ``alpha / rank``) shared by the batch; ``names`` the layers' names, which with
+    ``seed`` give each layer its own random stream (:meth:`layer_seeds`).
+    """
+
+    weights: torch.Tensor
+    covariances: Optional[LayerCovariances]
+    rank: int
+    scale: float
+    names: Sequence[str]
+    seed: int
+
+    def require_covariances(self, method: str, hint: str = "") -> LayerCovariances:
+        """The batch's covariances; ValueError naming the method and the first layer when absent."""
+        if self.covariances is None:
+            raise ValueError(f"{method} needs the input covariance of {self.names[0]}{hint}")
+        return self.covariances
+
+    def layer_seeds(self) -> list[int]:
+        """Each layer's :func:`layer_seed`, in order."""
+        return [layer_seed(self.seed, n) for n in self.names]
+
+    def squared_norms(self) -> torch.Tensor:
+        """``(L,)``: each weight's squared Frobenius norm (the energy the adapter's share is of)."""
+        return self.weights.square().sum((-2, -1))
+
+
 class InitMethod(ABC):
     """Base class of initialization recipes; subclasses set ``name`` and implement ``init_batch``."""
 
@@ -68,20 +99,13 @@ class InitMethod(ABC):
         """
 
     @abstractmethod
-    def init_batch(
-        self,
-        weights: torch.Tensor,
-        covariances: Optional[LayerCovariances],
-        rank: int,
-        scale: float,
-        names: Sequence[str],
-        seed: int,
-    ) -> list[LayerInit]:
-        """``weights``: ``(L, out, in)`` fp32; ``covariances``: the layers' :class:`LayerCovariances`
-        (None unless ``needs_covariance``)."""
+    def init_batch(self, batch: LayerBatch) -> list[LayerInit]:
+        """One :class:`LayerInit` per layer of ``batch``, in its order."""
 
     def describe(self) -> str:
-        return self.name
+        """The method as reports name it: ``name``, or ``name-mode`` for methods with modes."""
+        mode = getattr(self, "mode", None)
+        return f"{self.name}-{mode}" if mode else self.name
 
 
 def split_singular_values(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float):

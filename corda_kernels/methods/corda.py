@@ -15,12 +15,8 @@ of ``‖W·C_d‖_F²`` held by the adapter.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-import torch
-
 from ..linalg.co_svd import MODES, co_svd
-from .base import InitMethod, LayerCovariances, LayerInit, component_inits, layer_seed
+from .base import InitMethod, LayerBatch, LayerInit, component_inits
 
 # Accepted spellings: the paper's IPA/KPA and PEFT's "ipm"/"kpm".
 _ALIASES = {**{mode: mode for mode in MODES}, "ipm": "ipa", "kpm": "kpa"}
@@ -39,29 +35,17 @@ class CorDA(InitMethod):
         self.damp = damp
         self.svd = svd
 
-    def describe(self) -> str:
-        return f"corda-{self.mode}"
-
-    def init_batch(
-        self,
-        weights: torch.Tensor,
-        covariances: Optional[LayerCovariances],
-        rank: int,
-        scale: float,
-        names: Sequence[str],
-        seed: int,
-    ) -> list[LayerInit]:
-        if covariances is None:
-            raise ValueError(f"CorDA needs the input covariance of {names[0]}: pass covariances=calibrate(model, ...)")
+    def init_batch(self, batch: LayerBatch) -> list[LayerInit]:
+        weights, _, rank, scale, names, _ = batch
+        covariances = batch.require_covariances("CorDA", ": pass covariances=calibrate(model, ...)")
         solver = self.svd if self.mode == "ipa" else "exact"
-        seeds = [layer_seed(seed, n) for n in names]
         result = co_svd(
             weights,
             covariances.unique,
             rank,
             mode=self.mode,
             damp=self.damp,
-            seed=seeds,
+            seed=batch.layer_seeds(),
             svd=solver,
             cov_index=covariances.index,
             name=names[0],

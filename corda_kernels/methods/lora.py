@@ -10,12 +10,11 @@ not depend on which other layers are adapted or on the global RNG state.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .base import InitMethod, LayerInit, layer_seed
+from .base import InitMethod, LayerBatch, LayerInit, layer_seed
 
 
 def layer_generator(seed: int, name: str) -> torch.Generator:
@@ -41,15 +40,8 @@ class LoRA(InitMethod):
     trainable: tuple[str, ...] = ("A", "B")
     draw_A = staticmethod(kaiming_A)
 
-    def init_batch(
-        self,
-        weights: torch.Tensor,
-        covariances: Optional[torch.Tensor],
-        rank: int,
-        scale: float,
-        names: Sequence[str],
-        seed: int,
-    ) -> list[LayerInit]:
+    def init_batch(self, batch: LayerBatch) -> list[LayerInit]:
+        weights, _, rank, scale, names, seed = batch
         _, out_f, in_f = weights.shape
         return [
             LayerInit(

@@ -53,7 +53,7 @@ from torch import nn
 from ..integrations import hf
 from ..integrations.batches import check_batch
 from . import partial_lora_ratios as ratio_search
-from .base import InitMethod, LayerInit
+from .base import InitMethod, LayerBatch, LayerInit
 from .lora import kaiming_A, layer_generator
 
 SCORES = ("svd", "snip")
@@ -173,15 +173,8 @@ class PartialLoRA(InitMethod):
 
     # -- factors ------------------------------------------------------------------------------
 
-    def init_batch(
-        self,
-        weights: torch.Tensor,
-        covariances: Optional[torch.Tensor],
-        rank: int,
-        scale: float,
-        names: Sequence[str],
-        seed: int,
-    ) -> list[LayerInit]:
+    def init_batch(self, batch: LayerBatch) -> list[LayerInit]:
+        weights, _, rank, scale, names, seed = batch
         _, out_f, in_f = weights.shape
         inits = []
         for name in names:

@@ -16,12 +16,10 @@ decay on ``diag`` pulls those singular values towards 0, not towards ``S_k``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-import torch
+from typing import Optional
 
 from ..linalg.exact_svd import smallest_singular_triplets
-from .base import InitMethod, LayerInit, energy_fraction
+from .base import InitMethod, LayerBatch, LayerInit, energy_fraction
 
 
 class SiVA(InitMethod):
@@ -43,18 +41,11 @@ class SiVA(InitMethod):
             return rank
         return max(1, round(self.perc * min(out_features, in_features)))
 
-    def init_batch(
-        self,
-        weights: torch.Tensor,
-        covariances: Optional[torch.Tensor],
-        rank: int,
-        scale: float,
-        names: Sequence[str],
-        seed: int,
-    ) -> list[LayerInit]:
-        k = self.n_values(weights.shape[1], weights.shape[2], rank)
+    def init_batch(self, batch: LayerBatch) -> list[LayerInit]:
+        weights, scale = batch.weights, batch.scale
+        k = self.n_values(weights.shape[1], weights.shape[2], batch.rank)
         U, S, Vh = smallest_singular_triplets(weights, k)
-        energy = energy_fraction(S, weights.square().sum((-2, -1)))
+        energy = energy_fraction(S, batch.squared_norms())
         return [
             LayerInit(
                 A=Vh[i].float().contiguous(),
@@ -64,5 +55,5 @@ class SiVA(InitMethod):
                 trainable=("diag",),
                 stats={"energy": energy[i], "k": k},
             )
-            for i in range(len(names))
+            for i in range(len(batch.names))
         ]

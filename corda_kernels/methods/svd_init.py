@@ -8,13 +8,9 @@ method). Factors: ``A = sqrt(S/scale)·Vh_r``, ``B = U_r·sqrt(S/scale)``, resid
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-import torch
-
 from ..linalg.exact_svd import largest_singular_triplets, smallest_singular_triplets
 from ..linalg.randomized_svd import randomized_svd
-from .base import InitMethod, LayerInit, component_inits, layer_seed
+from .base import InitMethod, LayerBatch, LayerInit, component_inits
 
 
 class _SVDInit(InitMethod):
@@ -25,22 +21,15 @@ class _SVDInit(InitMethod):
             raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
         self.svd = svd
 
-    def init_batch(
-        self,
-        weights: torch.Tensor,
-        covariances: Optional[torch.Tensor],
-        rank: int,
-        scale: float,
-        names: Sequence[str],
-        seed: int,
-    ) -> list[LayerInit]:
+    def init_batch(self, batch: LayerBatch) -> list[LayerInit]:
+        weights, rank = batch.weights, batch.rank
         if not self.largest:
             U, S, Vh = smallest_singular_triplets(weights, rank)
         elif self.svd == "exact":
             U, S, Vh = largest_singular_triplets(weights, rank)
         else:
-            U, S, Vh = randomized_svd(weights, rank, seed=[layer_seed(seed, n) for n in names])
-        return component_inits(U, S, Vh, scale, weights.square().sum((-2, -1)))
+            U, S, Vh = randomized_svd(weights, rank, seed=batch.layer_seeds())
+        return component_inits(U, S, Vh, batch.scale, batch.squared_norms())
 
 
 class PiSSA(_SVDInit):

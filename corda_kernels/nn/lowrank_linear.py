@@ -4,6 +4,8 @@
 op :func:`corda_kernels.ops.lowrank_linear.lowrank_linear`. ``W`` is the frozen base (the residual
 ``W − s·B·A`` for CorDA / PiSSA / SiVA), ``A (r, n_cols)`` and ``B (n_rows, r)`` are compact over
 the selected input / output features (Partial-LoRA), ``diag (r,)`` is SiVA's trainable diagonal.
+With a ``magnitude (out,)`` (DoRA) the layer computes ``y = (m / n) ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b``
+through :func:`corda_kernels.ops.dora.dora_linear`, ``n`` the adapted weight's row norms.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._dtypes import HALF_DTYPES
+from ..ops import dora
 from ..ops.lowrank_linear import (
     Options,
     check_dropout,
@@ -43,6 +46,16 @@ def adapter_dtype(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True
     """The dtype trainable factors are stored in: fp32 on a 16-bit weight unless
     ``autocast_adapter_dtype`` is False, else the weight's dtype."""
     return torch.float32 if autocast_adapter_dtype and weight_dtype in HALF_DTYPES else weight_dtype
+
+
+def _refuse_dora_options(row_index, col_index, diag, where: str) -> None:
+    """DoRA's norm runs over whole rows of the full update: no index sets (Partial-LoRA) or diagonal (SiVA)."""
+    for name, value in (("row_index", row_index), ("col_index", col_index), ("diag", diag)):
+        if value is not None:
+            raise ValueError(
+                f"{where}: DoRA (magnitude) cannot be combined with {name} (Partial-LoRA index sets and SiVA's "
+                "diagonal are not defined for DoRA)"
+            )
 
 
 class _Checked:
@@ -93,14 +106,21 @@ class LowRankLinear(nn.Module):
         trainable: which of ``"A"``, ``"B"``, ``"diag"`` are parameters (the rest are buffers).
         dropout: probability in [0, 1) of dropping an adapter input entry while training.
         autocast_adapter_dtype: store trainable factors in fp32 on a 16-bit ``weight``.
+        magnitude: optional ``(out,)`` DoRA magnitude (a trainable parameter, stored as the
+            trainable factors are); see :meth:`enable_dora` to initialize it from the weight.
+            Not combinable with ``row_index`` / ``col_index`` / ``diag`` (DoRA's norm is over
+            whole rows of the full update). With dropout in training mode the layer follows PEFT's
+            DoRA: ``x·Wᵀ + b + (m/n - 1) ⊙ (x_d·Wᵀ) + (m/n) ⊙ s·(x_d·Aᵀ)·Bᵀ`` for the dropped-out
+            ``x_d`` (three base products, unfused).
 
     Raises:
         ValueError: ``trainable`` names something other than A, B, diag (or diag without a
-            ``diag``); shapes disagree (rank, index lengths, bias); an index is out of range or
-            duplicated; ``scale`` is not finite or ``dropout`` outside [0, 1) (also when set later).
-        TypeError: a tensor is not a float tensor, a dtype differs from the weight's (factors may
-            be fp32 on a 16-bit weight), an index is not int64, or ``scale`` / ``dropout`` is not a
-            number.
+            ``diag``); shapes disagree (rank, index lengths, bias, magnitude); an index is out of
+            range or duplicated; ``scale`` is not finite or ``dropout`` outside [0, 1) (also when
+            set later); ``magnitude`` is not finite or given with index sets or a diagonal.
+        TypeError: a tensor is not a float tensor, a dtype differs from the weight's (factors and
+            magnitude may be fp32 on a 16-bit weight), an index is not int64, or ``scale`` /
+            ``dropout`` is not a number.
     """
 
     def __init__(
@@ -117,6 +137,7 @@ class LowRankLinear(nn.Module):
         trainable: Union[str, Iterable[str]] = ("A", "B"),
         dropout: float = 0.0,
         autocast_adapter_dtype: bool = True,
+        magnitude: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
@@ -134,6 +155,11 @@ class LowRankLinear(nn.Module):
         )
         row_index, col_index = (None if t is None else _owned(t) for t in (row_index, col_index))
         check_factors(weight, A, B, bias=bias, row_index=row_index, col_index=col_index, diag=diag)
+        if magnitude is not None:
+            _refuse_dora_options(row_index, col_index, diag, "LowRankLinear")
+            if isinstance(magnitude, torch.Tensor) and magnitude.dtype in (torch.float32, weight.dtype):
+                magnitude = _owned(magnitude.detach().to(train_dtype))
+            dora.check_dora(weight, A, B, magnitude, bias=bias, where="LowRankLinear")
         self.weight = nn.Parameter(_owned(weight.detach()), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(_owned(bias.detach()), requires_grad=False)
         for name, tensor in zip(_FACTORS, (A, B, diag)):
@@ -144,6 +170,9 @@ class LowRankLinear(nn.Module):
         self.register_buffer("row_index", row_index)
         self.register_buffer("col_index", col_index)
         self.register_buffer("merged_state", torch.zeros((), dtype=torch.bool, device=weight.device))
+        self.register_parameter("magnitude", None if magnitude is None else nn.Parameter(magnitude))
+        self._weight_sq_cache: Optional[tuple] = None
+        self._dora_merge_factor: Optional[torch.Tensor] = None
         self.scale = float(scale)
         self.dropout = float(dropout)
         self.trainable = trainable
@@ -182,9 +211,75 @@ class LowRankLinear(nn.Module):
             )
         # The factors were validated at construction / load: the op's unvalidated entry (per-call cost).
         p = self.dropout if self.training else 0.0
+        if self.dora:
+            return self._dora_forward(x, p)
         seed = draw_seed(x.device) if p > 0.0 else None
         opts = Options(self.scale, self.bias, self.row_index, self.col_index, self.diag, p, seed)
         return fused(x, self.weight, self.A, self.B, opts)
+
+    @property
+    def dora(self) -> bool:
+        """Whether the layer carries a DoRA magnitude."""
+        return getattr(self, "magnitude", None) is not None
+
+    def _weight_sq(self) -> Optional[torch.Tensor]:
+        """``‖W_o‖²`` of the frozen weight, cached until the weight changes (its storage or version)."""
+        w = self.weight
+        if torch.compiler.is_compiling():
+            return None
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cached = getattr(self, "_weight_sq_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, dora.weight_sq_norm(w))
+            self._weight_sq_cache = cached
+        return cached[1]
+
+    def _dora_forward(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        opts = dora.DoraOptions(self.scale, None if p > 0.0 else self.bias, self._weight_sq())
+        if p == 0.0:
+            return dora.fused(x, self.weight, self.A, self.B, self.magnitude, opts)
+        # PEFT's DoRA under dropout: the dropped-out input feeds the low-rank term and a second base product
+        xd = F.dropout(x, p, training=True)
+        low = dora.fused(xd, self.weight, self.A, self.B, self.magnitude, opts)
+        return F.linear(x, self.weight, self.bias) - F.linear(xd, self.weight) + low
+
+    @torch.no_grad()
+    def dora_norm(self) -> torch.Tensor:
+        """DoRA's row norms ``n_o = ‖W_o + s·(B·A)_o‖`` of the current factors (fp32; ``A`` and ``B``
+        rounded to the weight's dtype, as the forward uses them)."""
+        if self.merged:
+            raise ValueError("LowRankLinear.dora_norm: the layer is merged (its weight holds the update)")
+        if isinstance(self.weight, QuantizedWeight):
+            raise ValueError("LowRankLinear: DoRA needs a dense base; this layer's base is quantized")
+        return dora.weight_norm(self.weight, self.A, self.B, scale=self.scale, weight_sq=self._weight_sq())
+
+    @torch.no_grad()
+    def enable_dora(self) -> LowRankLinear:
+        """Add a trainable DoRA magnitude initialized to the adapted weight's row norms, so the
+        layer's output is unchanged (``m / n = 1``). Stored as ``B`` is (fp32 on a 16-bit weight by
+        default).
+
+        Raises:
+            ValueError: the layer has index sets or a diagonal (Partial-LoRA, SiVA), a quantized
+                base, is merged, or already has a magnitude.
+        """
+        if self.dora:
+            raise ValueError("LowRankLinear.enable_dora: the layer already has a magnitude")
+        _refuse_dora_options(self.row_index, self.col_index, self.diag, "LowRankLinear.enable_dora")
+        n = self.dora_norm()
+        self.magnitude = nn.Parameter(n.to(self.B.dtype if self.B.dtype == torch.float32 else self.weight.dtype))
+        return self
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The dense fp32 ``(out, in)`` weight the layer computes with: ``W + s·delta``, times ``m / n``
+        per row with DoRA (the current weight when merged)."""
+        if self.merged:
+            return self.weight.float()
+        merged = self.weight.float() + self.delta_weight()
+        if self.dora:
+            merged *= dora.reference.factor(self.magnitude, self.dora_norm())[:, None]
+        return merged
 
     def delta_weight(self, as_computed: bool = False) -> torch.Tensor:
         """The dense fp32 ``(out, in)`` update ``scale · scatter(B · diag · A)``; ``as_computed``
@@ -204,6 +299,10 @@ class LowRankLinear(nn.Module):
         A quantized base cannot be merged into (``to_linear`` dequantizes)."""
         if self.merged or isinstance(self.weight, QuantizedWeight):
             raise ValueError("LowRankLinear.quantize_base: the base is merged or already quantized")
+        if self.dora:
+            raise ValueError(
+                "LowRankLinear.quantize_base: DoRA (magnitude) layers keep a dense base (not supported yet)"
+            )
         if isinstance(quantized, str):
             quantized = quantize_weight(self.weight, quantized)
         if quantized.shape != self.weight.shape or quantized.dtype != self.weight.dtype:
@@ -221,7 +320,9 @@ class LowRankLinear(nn.Module):
         if isinstance(self.weight, QuantizedWeight):
             raise ValueError("LowRankLinear.merge: the base is quantized; to_linear() builds a dequantized merged one")
         if not self.merged:
-            self.weight.copy_(self.weight.float() + self.delta_weight())
+            if self.dora:
+                self._dora_merge_factor = dora.reference.factor(self.magnitude, self.dora_norm())
+            self.weight.copy_(self.merged_weight())
             self._set_merged(True)
         return self
 
@@ -229,14 +330,24 @@ class LowRankLinear(nn.Module):
     def unmerge(self) -> LowRankLinear:
         """Subtract the update from ``weight`` again (exact in fp32; one rounding in 16-bit dtypes)."""
         if self.merged:
-            self.weight.copy_(self.weight.float() - self.delta_weight())
+            if not self.dora:
+                self.weight.copy_(self.weight.float() - self.delta_weight())
+            else:
+                f = getattr(self, "_dora_merge_factor", None)
+                if f is None or not bool((f != 0).all()):
+                    raise ValueError(
+                        "LowRankLinear.unmerge: a DoRA layer unmerges with the m / n it merged with; this one "
+                        "was merged elsewhere (loaded merged) or has a zero scale on some row"
+                    )
+                self.weight.copy_(self.weight.float() / f[:, None] - self.delta_weight())
+                self._dora_merge_factor = None
             self._set_merged(False)
         return self
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A new ``nn.Linear`` holding the merged weight (this module is left as it is)."""
-        merged = self.weight.float() if self.merged else self.weight.float() + self.delta_weight()
+        merged = self.merged_weight()
         linear = nn.Linear(
             self.in_features,
             self.out_features,
@@ -276,6 +387,10 @@ class LowRankLinear(nn.Module):
                 if owned is not tensor.data:
                     tensor.data = owned
         check_factors(module.weight, module.A, module.B, bias=module.bias, **module._sparsity())
+        if module.dora:
+            dora.check_dora(
+                module.weight, module.A, module.B, module.magnitude, bias=module.bias, where="LowRankLinear"
+            )
         module.merged = bool(module.merged_state)
 
     def _adapter_dtype_name(self) -> str:
@@ -288,6 +403,6 @@ class LowRankLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"scale={self.scale:g}, rows={rows}, cols={cols}, diag={self.diag is not None}, "
-            f"trainable={self.trainable}, dropout={self.dropout:g}, bias={self.bias is not None}, "
+            f"trainable={self.trainable}, dora={self.dora}, dropout={self.dropout:g}, bias={self.bias is not None}, "
             f"merged={self.merged}, adapter_dtype={self._adapter_dtype_name()}"
         )

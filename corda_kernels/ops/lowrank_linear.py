@@ -56,10 +56,13 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend
-from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, HALF_DTYPES, accumulation_dtype
+from .._dtypes import ACTIVATION_DTYPES, accumulation_dtype
 from ..kernels.reference import lowrank_linear as reference
 from ..kernels.reference.lowrank_linear import Options
 from ..kernels.torch import lowrank_linear as torch_kernel
+from ._checks import check_beside_weight, check_input
+from ._checks import shape as _shape
+from ._registry import register_autocast, register_op
 from .quantized import BUFFERS, KINDS, QuantizedCodes, QuantizedWeight
 
 __all__ = ["Options", "lowrank_linear", "fused", "check_factors", "check_scale", "check_dropout", "delta_weight"]
@@ -225,21 +228,16 @@ def _op_backward_fake(dy, x, base, base_kind, base_shape, A, B, u, *rest):
     return tuple(t.new_empty(shape if need else (0,)) for t, shape, need in zip(like, shapes, needs))
 
 
-_lowrank_linear_op = torch.library.custom_op(
-    "corda_kernels::lowrank_linear",
+_lowrank_linear_op, _lowrank_linear_backward_op = register_op(
+    "lowrank_linear",
     _op_forward,
-    mutates_args=(),
-    schema=f"(Tensor x, {_BASE_SCHEMA}, {_OPTIONS_SCHEMA}) -> (Tensor, Tensor)",
-)
-_lowrank_linear_op.register_fake(_op_forward_fake)
-_lowrank_linear_backward_op = torch.library.custom_op(
-    "corda_kernels::lowrank_linear_backward",
+    _op_forward_fake,
+    f"(Tensor x, {_BASE_SCHEMA}, {_OPTIONS_SCHEMA}) -> (Tensor, Tensor)",
     _op_backward,
-    mutates_args=(),
-    schema=f"(Tensor dy, Tensor? x, {_BASE_SCHEMA}, Tensor? u, {_OPTIONS_SCHEMA}, bool[] needs) -> "
+    _op_backward_fake,
+    f"(Tensor dy, Tensor? x, {_BASE_SCHEMA}, Tensor? u, {_OPTIONS_SCHEMA}, bool[] needs) -> "
     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-_lowrank_linear_backward_op.register_fake(_op_backward_fake)
 
 
 def _needs(need_x, need_w, need_a, need_b, need_bias, need_d) -> list[bool]:
@@ -385,35 +383,19 @@ def _eager(x, weight, A, B, opts: Options) -> torch.Tensor:
     return _forward(x, weight, A, B, opts)[0]
 
 
-def _register_autocast(device_type: str) -> None:
-    """Autocast rule for ``device_type`` on the registered op (see :func:`_autocast_inputs`); the op
-    then runs with autocast excluded."""
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def cast_and_run(x, base, kind, shape, A, B, *opts):
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            opts = Options(*opts)
-            weight = _base(base, kind, shape)
-            x, weight, A, B, opts = _autocast_inputs(device_type, x, weight, A, B, opts)
-            return _lowrank_linear_op(x, *_flatten_base(weight), A, B, *opts)
-
-    op = torch.ops.corda_kernels.lowrank_linear.default
-    op.py_impl(getattr(torch._C.DispatchKey, key))(cast_and_run)  # the Python dispatcher (torch.compile)
-    _LIB.impl("lowrank_linear", lambda _keys, *args: cast_and_run(*args), key, with_keyset=True)
+def _cast_and_run(device_type, x, base, kind, shape, A, B, *opts):
+    """Autocast rule (see :func:`_autocast_inputs`); the op then runs with autocast excluded."""
+    opts = Options(*opts)
+    weight = _base(base, kind, shape)
+    x, weight, A, B, opts = _autocast_inputs(device_type, x, weight, A, B, opts)
+    return _lowrank_linear_op(x, *_flatten_base(weight), A, B, *opts)
 
 
-_LIB = torch.library.Library("corda_kernels", "FRAGMENT")  # noqa: TOR901 - holds the autocast kernels
-for _device_type in ("cpu", "cuda"):
-    _register_autocast(_device_type)
+register_autocast("lowrank_linear", _cast_and_run)
 
 
 # ---------------------------------------------------------------------------------------------
 # validation and the public entry
-
-
-def _shape(t: torch.Tensor) -> tuple:
-    return tuple(t.shape)
 
 
 def _check_index(index: torch.Tensor, name: str, bound: int, bound_name: str, values: bool) -> None:
@@ -430,14 +412,6 @@ def _check_index(index: torch.Tensor, name: str, bound: int, bound_name: str, va
         raise ValueError(f"lowrank_linear: {name} holds {bad}, out of range for {bound_name}={bound}")
     if torch.unique(index).numel() != index.numel():
         raise ValueError(f"lowrank_linear: {name} holds duplicated entries")
-
-
-_FACTORS = ("A", "B", "diag")
-
-
-def _mixed_ok(factor_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
-    """fp32 factors on a 16-bit weight (the training default) are accepted."""
-    return factor_dtype == torch.float32 and weight_dtype in HALF_DTYPES
 
 
 def check_factors(
@@ -460,23 +434,7 @@ def check_factors(
     if isinstance(weight, QuantizedWeight):
         weight = weight.stand_in()
     named = {"weight": weight, "A": A, "B": B, "bias": bias, "diag": diag}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"lowrank_linear: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"lowrank_linear: {name} must be a float tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-        if t.dtype != weight.dtype and not (name in _FACTORS and _mixed_ok(t.dtype, weight.dtype)):
-            allowed = "fp32 or weight's dtype" if name in _FACTORS and weight.dtype in HALF_DTYPES else "weight's dtype"
-            raise TypeError(
-                f"lowrank_linear: dtype mismatch: {name} is {t.dtype} but weight is {weight.dtype} "
-                f"({name} must be {allowed})"
-            )
-        if t.device != weight.device:
-            raise ValueError(
-                f"lowrank_linear: device mismatch: {name} is on {t.device} but weight is on {weight.device}"
-            )
+    check_beside_weight("lowrank_linear", weight, named, factors=("A", "B", "diag"))
     for name in ("weight", "A", "B"):
         if named[name].dim() != 2:
             raise ValueError(f"lowrank_linear: {name} must be 2-D, got shape {_shape(named[name])}")
@@ -536,13 +494,6 @@ def check_dropout(dropout, where: str = "lowrank_linear") -> float:
     if not 0.0 <= dropout < 1.0:  # also refuses NaN
         raise ValueError(f"{where}: dropout must be in [0, 1), got {dropout}")
     return float(dropout)
-
-
-def _autocasts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether autocast will bring ``x`` and ``weight`` to one dtype (fp64 is never cast)."""
-    return (
-        torch.is_autocast_enabled(x.device.type) and x.dtype in ACTIVATION_DTYPES and weight.dtype in ACTIVATION_DTYPES
-    )
 
 
 def _seed_tensor(seed, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -630,16 +581,7 @@ def lowrank_linear(
         diag=diag,
         validate_indices=validate_indices and not torch.compiler.is_compiling(),
     )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"lowrank_linear: x must be a float tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
-    if x.dtype != weight.dtype and not _autocasts(x, weight):
-        raise TypeError(f"lowrank_linear: dtype mismatch: x is {x.dtype} but weight is {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"lowrank_linear: device mismatch: x is on {x.device} but weight is on {weight.device}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"lowrank_linear: x {_shape(x)} must end in in_features={weight.shape[1]} (weight {_shape(weight)})"
-        )
+    check_input("lowrank_linear", x, weight)
     dropout = check_dropout(dropout)
     scale = check_scale(scale)
     seed_t = _seed_tensor(seed, generator, x.device) if dropout > 0.0 else None

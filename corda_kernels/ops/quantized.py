@@ -5,7 +5,7 @@ takes as its base.
 :func:`quantize_weight` quantizes with bitsandbytes itself (``quantize_4bit`` NF4, block size 64,
 double quantization; ``int8_vectorwise_quant`` as ``Linear8bitLt`` stores its weight), so
 transformers' ``BitsAndBytesConfig`` loading of the same weight gives the same codes. Dequantizing
-needs no bitsandbytes: :mod:`corda_kernels.kernels.reference.quantized` is the bit-exact
+needs no bitsandbytes: :mod:`corda_kernels.kernels.reference.dequantize` is the bit-exact
 specification, and the Triton kernels dequantize tiles inside the GEMM's K loop.
 """
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES
-from ..kernels.reference import quantized as reference
+from ..kernels.reference import dequantize as reference
 
 FORMATS = ("nf4", "int8")
 _NF4_BUFFERS = ("packed", "absmax_q", "nested_absmax", "offset", "code", "nested_code")
@@ -58,10 +58,13 @@ class QuantizedCodes(NamedTuple):
         return self.tensors[0].device
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The full weight in ``dtype``, per :mod:`corda_kernels.kernels.reference.quantized` (bitsandbytes'
+        """The full weight in ``dtype``, per :mod:`corda_kernels.kernels.reference.dequantize` (bitsandbytes'
         own NF4 kernel on the CPU where it applies: bit-identical, faster)."""
         if self.fmt == "int8":
-            return reference.dequantize_int8(self.CB, self.SCB, dtype)
+            # the reference's two fp32 products, in place: bit-identical, ~3x faster on a CPU than its
+            # int8 x fp32 broadcast (which makes two full-size temporaries)
+            weight = self.CB.to(torch.float32).mul_(self.SCB.view(-1, 1)).mul_(reference.INT8_INV_SCALE)
+            return weight.to(dtype)
         fast = _bitsandbytes_nf4(self)
         if fast is not None:
             return fast.to(dtype)

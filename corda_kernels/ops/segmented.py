@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -55,9 +54,12 @@ import torch
 from torch.nn import functional as F
 
 from .. import _backend
-from .._dtypes import ACTIVATION_DTYPES, FLOAT_DTYPES, HALF_DTYPES, accumulation_dtype
+from .._dtypes import accumulation_dtype
 from ..kernels.reference import segmented as reference
 from ..kernels.torch import segmented as torch_kernel
+from ._checks import check_beside_weight, check_input
+from ._checks import shape as _shape
+from ._registry import register_autocast, register_op
 
 __all__ = ["lowrank_linear_segmented", "fused", "pack_adapters", "check_segmented"]
 
@@ -76,30 +78,13 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 # backend choice and the bodies every wrapper runs
 
 
-_BACKEND_CACHE: dict[tuple, str] = {}
-
-
-def _backend_for(x: torch.Tensor) -> str:
-    key = (x.device.type, x.dtype, os.environ.get(_backend.ENV_BACKEND), os.environ.get("TRITON_INTERPRET"))
-    backend = _BACKEND_CACHE.get(key)
-    if backend is None:
-        interpreted_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16  # the interpreter cannot do bf16
-        available = {
-            "triton": x.dtype in ACTIVATION_DTYPES and not interpreted_bf16 and _backend.triton_runs_on(x.device),
-            "torch": True,
-        }
-        preference = _CUDA_PREFERENCE if x.device.type == "cuda" else _CPU_PREFERENCE
-        backend = _backend.choose(_NAME, x.device, available, preference)
-        _BACKEND_CACHE[key] = backend
-    return backend
+_backend_for = _backend.TritonOrTorch(
+    _NAME, "corda_kernels.kernels.triton.segmented", _CUDA_PREFERENCE, _CPU_PREFERENCE
+)
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels.triton import segmented as triton_kernel
-
-        return triton_kernel
-    return torch_kernel if backend == "torch" else reference
+    return _backend_for.kernels(backend, torch_kernel, reference)
 
 
 def _forward(x, weight, A, B, index, scales, ranks, bias, keep_u=True):
@@ -141,21 +126,15 @@ def _op_backward_fake(dy, x, weight, A, B, index, scales, ranks, u, needs):
     return tuple(t.new_empty(s) if need else dy.new_empty(0) for t, s, need in zip(like, shapes, needs))
 
 
-_segmented_op = torch.library.custom_op(
-    f"corda_kernels::{_NAME}",
+_segmented_op, _segmented_backward_op = register_op(
+    _NAME,
     _op_forward,
-    mutates_args=(),
-    schema=f"(Tensor x, {_ARGS_SCHEMA}, Tensor? bias) -> (Tensor, Tensor)",
-)
-_segmented_op.register_fake(_op_forward_fake)
-_segmented_backward_op = torch.library.custom_op(
-    f"corda_kernels::{_NAME}_backward",
+    _op_forward_fake,
+    f"(Tensor x, {_ARGS_SCHEMA}, Tensor? bias) -> (Tensor, Tensor)",
     _op_backward,
-    mutates_args=(),
-    schema=f"(Tensor dy, Tensor? x, {_ARGS_SCHEMA}, Tensor? u, bool[] needs) -> "
-    "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _op_backward_fake,
+    f"(Tensor dy, Tensor? x, {_ARGS_SCHEMA}, Tensor? u, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-_segmented_backward_op.register_fake(_op_backward_fake)
 
 
 def _needs(need_x, need_w, need_a, need_b, need_bias) -> list[bool]:
@@ -226,23 +205,12 @@ def _autocast_inputs(device_type, x, weight, A, B, bias):
     return x.to(dtype), weight.to(dtype), A, B, bias
 
 
-def _register_autocast(device_type: str) -> None:
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def cast_and_run(x, weight, A, B, index, scales, ranks, bias):
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            x, weight, A, B, bias = _autocast_inputs(device_type, x, weight, A, B, bias)
-            return _segmented_op(x, weight, A, B, index, scales, ranks, bias)
-
-    op = getattr(torch.ops.corda_kernels, _NAME).default
-    op.py_impl(getattr(torch._C.DispatchKey, key))(cast_and_run)  # the Python dispatcher (torch.compile)
-    _LIB.impl(_NAME, lambda _keys, *args: cast_and_run(*args), key, with_keyset=True)
+def _cast_and_run(device_type, x, weight, A, B, index, scales, ranks, bias):
+    x, weight, A, B, bias = _autocast_inputs(device_type, x, weight, A, B, bias)
+    return _segmented_op(x, weight, A, B, index, scales, ranks, bias)
 
 
-_LIB = torch.library.Library("corda_kernels", "FRAGMENT")  # noqa: TOR901 - holds the autocast kernels
-for _device_type in ("cpu", "cuda"):
-    _register_autocast(_device_type)
+register_autocast(_NAME, _cast_and_run)
 
 
 def _eager_ok(*tensors) -> bool:
@@ -276,15 +244,6 @@ def _eager(x, weight, A, B, index, scales, ranks, bias) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # validation, packing and the public entry
-
-
-def _shape(t) -> tuple:
-    return tuple(t.shape)
-
-
-def _mixed_ok(factor_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
-    """fp32 factors on a 16-bit weight (the training default) are accepted."""
-    return factor_dtype == torch.float32 and weight_dtype in HALF_DTYPES
 
 
 def pack_adapters(
@@ -412,22 +371,7 @@ def check_segmented(
 ) -> None:
     """Raise TypeError/ValueError naming the offending tensor if the base and the stacked factors
     are inconsistent (dtypes, devices, shapes)."""
-    named = {"weight": weight, "A": A, "B": B, "bias": bias}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_NAME}: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{_NAME}: {name} must be a float tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
-        factor = name in ("A", "B")
-        if t.dtype != weight.dtype and not (factor and _mixed_ok(t.dtype, weight.dtype)):
-            allowed = "fp32 or weight's dtype" if factor and weight.dtype in HALF_DTYPES else "weight's dtype"
-            raise TypeError(
-                f"{_NAME}: dtype mismatch: {name} is {t.dtype} but weight is {weight.dtype} ({name} must be {allowed})"
-            )
-        if t.device != weight.device:
-            raise ValueError(f"{_NAME}: device mismatch: {name} is on {t.device} but weight is on {weight.device}")
+    check_beside_weight(_NAME, weight, {"weight": weight, "A": A, "B": B, "bias": bias}, factors=("A", "B"))
     if weight.dim() != 2:
         raise ValueError(f"{_NAME}: weight must be 2-D (out_features, in_features), got shape {_shape(weight)}")
     out_f, in_f = weight.shape
@@ -452,13 +396,6 @@ def check_segmented(
         )
     if bias is not None and _shape(bias) != (out_f,):
         raise ValueError(f"{_NAME}: bias must have shape ({out_f},), got {_shape(bias)}")
-
-
-def _autocasts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether autocast will bring ``x`` and ``weight`` to one dtype (fp64 is never cast)."""
-    return (
-        torch.is_autocast_enabled(x.device.type) and x.dtype in ACTIVATION_DTYPES and weight.dtype in ACTIVATION_DTYPES
-    )
 
 
 def lowrank_linear_segmented(
@@ -518,14 +455,7 @@ def lowrank_linear_segmented(
             raise ValueError(f"{_NAME}: ranks comes from the per-adapter lists; pass it only with stacked A and B")
         A, B, ranks = pack_adapters(A, B)
     check_segmented(weight, A, B, bias)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{_NAME}: x must be a float tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
-    if x.dtype != weight.dtype and not _autocasts(x, weight):
-        raise TypeError(f"{_NAME}: dtype mismatch: x is {x.dtype} but weight is {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"{_NAME}: device mismatch: x is on {x.device} but weight is on {weight.device}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{_NAME}: x {_shape(x)} must end in in_features={weight.shape[1]} (weight {_shape(weight)})")
+    check_input(_NAME, x, weight)
     n, r_max = A.shape[0], A.shape[1]
     index = _index_tensor(adapter_index, x, n, check_values)
     scales_t = _scales_tensor(scales, n, x.device, check_values)

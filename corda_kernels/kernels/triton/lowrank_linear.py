@@ -38,10 +38,10 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpreted
+from ..reference.dequantize import INT8_INV_SCALE as _INT8_INV_SCALE
+from ..reference.dequantize import NESTED_BLOCK as _NESTED_BLOCK
+from ..reference.dequantize import NF4_BLOCK as _NF4_BLOCK
 from ..reference.lowrank_linear import DROPOUT_BITS, Options, diag_scale, dropout_threshold
-from ..reference.quantized import INT8_INV_SCALE as _INT8_INV_SCALE
-from ..reference.quantized import NESTED_BLOCK as _NESTED_BLOCK
-from ..reference.quantized import NF4_BLOCK as _NF4_BLOCK
 from . import sm_count
 
 NF4_BLOCK = tl.constexpr(_NF4_BLOCK)
@@ -73,7 +73,7 @@ def _keep(row_h, offs_j, threshold, DROP_SHIFT: tl.constexpr):
 @triton.jit
 def _dequant_tile(w_ptr, q1_ptr, q2_ptr, code_ptr, code2_ptr, q_offset, q_cols, flat, ok, QUANT: tl.constexpr):
     """fp32 weight elements at flat row-major indices ``flat`` of a quantized weight (QUANT 1: NF4,
-    2: int8), as :mod:`corda_kernels.kernels.reference.quantized` specifies them bit for bit."""
+    2: int8), as :mod:`corda_kernels.kernels.reference.dequantize` specifies them bit for bit."""
     if QUANT == 1:
         byte = tl.load(w_ptr + flat // 2, mask=ok, other=0).to(tl.int32)
         nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
@@ -337,7 +337,7 @@ def gpu_config(dtype: torch.dtype, r: int) -> dict:
 # Fused-GEMM candidates on CUDA: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); 16-bit inputs try the
 # BLOCK_K = 64 ones, fp32 the BLOCK_K = 32 ones (the others overflow shared memory). The 64 x 64
 # tiles are the ones that do not spill registers on sm_80 with dropout and a column index (Partial-LoRA
-# dx); tests/test_triton_compile.py checks that every launch keeps a spill-free candidate. The token
+# dx); tests/kernels/test_triton_compile.py checks that every launch keeps a spill-free candidate. The token
 # count is not in the key, so a new sequence length does not re-tune.
 _GEMM_CONFIGS = [
     (128, 256, 64, 8, 3),

@@ -231,7 +231,7 @@ def gpu_config(dtype: torch.dtype, r_max: int, n_rows: int, n_adapters: int) -> 
     adapter is a 16-row tile, not a mostly empty 64-row one), the rank in one block up to 128,
     reduction slices of 64 (16-bit) / 32 (fp32), 64-wide output-column and feature tiles (32-wide
     feature tiles in fp32 gradients: 64 x 64 and wider fp32 accumulators spill registers on sm_90,
-    tests/test_triton_compile.py)."""
+    tests/kernels/test_triton_compile.py)."""
     fp32 = dtype == torch.float32
     bk = 32 if fp32 else 64
     br = min(128, max(16, triton.next_power_of_2(r_max)))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import corda_kernels as ck
-from corda_kernels.decomposition.quantized import Quantization, damped, quantize_residual, weighted_error
+from corda_kernels.decomposition.refinement import Quantization, damped, quantize_residual, weighted_error
+from corda_kernels.kernels.reference import dequantize as reference_quantized
 from corda_kernels.kernels.reference import lowrank_linear as reference
-from corda_kernels.kernels.reference import quantized as reference_quantized
 from corda_kernels.ops.lowrank_linear import lowrank_linear
 from corda_kernels.ops.quantized import QuantizedWeight, quantize_weight
 from corda_kernels.testing import tiny_llama, token_batches
@@ -42,6 +42,8 @@ def test_reference_dequantize_is_bitsandbytes_bit_for_bit(fmt, dtype, shape):
             q.packed, q.absmax_q, q.nested_absmax, q.offset, q.code, q.nested_code, q.shape, dtype
         )
         assert q._bitsandbytes_nf4() is not None and torch.equal(q.dequantize(), spec)
+    else:  # dequantize() runs the reference's products in place: the reference, bit for bit
+        assert torch.equal(q.dequantize(), reference_quantized.dequantize_int8(q.CB, q.SCB, dtype))
 
 
 def test_refuses_bad_input():

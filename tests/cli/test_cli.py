@@ -13,7 +13,7 @@ import torch
 
 import corda_kernels as ck
 from corda_kernels import cli
-from corda_kernels.cli import _common, init, report
+from corda_kernels.cli import checks, init, output, report
 from corda_kernels.integrations import loading
 from corda_kernels.testing import tiny_llama, token_batches
 
@@ -235,7 +235,7 @@ def test_output_is_atomic(tmp_path, fault, existing):
         out.mkdir()
         _write(out / "old.json", "{}")
     with pytest.raises(type(fault)) as info:
-        with _common.output_dir(str(out), overwrite=True) as tmp:
+        with output.output_dir(str(out), overwrite=True) as tmp:
             _write(os.path.join(tmp, "config.json"), "")
             raise fault
     assert sorted(os.listdir(tmp_path)) == (["out"] if existing else [])
@@ -249,7 +249,7 @@ def test_output_replaces_on_success(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     _write(out / "stale.json", "{}")
-    with _common.output_dir(str(out), overwrite=True) as tmp:
+    with output.output_dir(str(out), overwrite=True) as tmp:
         _write(os.path.join(tmp, "new.json"), "{}")
     assert os.listdir(out) == ["new.json"] and os.listdir(tmp_path) == ["out"]
     assert os.stat(out).st_mode & 0o077  # not mkdtemp's private 0700
@@ -260,7 +260,7 @@ def test_killed_runs_leftovers_are_removed(tmp_path):
     dead.mkdir()
     mine = tmp_path / f".out.partial-{os.getpid()}-abc"
     mine.mkdir()
-    with _common.output_dir(str(tmp_path / "out"), overwrite=False) as tmp:
+    with output.output_dir(str(tmp_path / "out"), overwrite=False) as tmp:
         _write(os.path.join(tmp, "a.json"), "{}")
     assert sorted(os.listdir(tmp_path)) == [mine.name, "out"]
 
@@ -348,7 +348,7 @@ def test_init_disk_full_is_one_line(tmp_path, tiny_model, monkeypatch, capsys):
 
 
 def test_init_no_room(tmp_path, tiny_model, monkeypatch, capsys):
-    monkeypatch.setattr(_common.shutil, "disk_usage", lambda path: _Usage(256 << 10))  # the run writes 0.56 MiB
+    monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: _Usage(256 << 10))  # the run writes 0.56 MiB
     assert cli.main(["init", "--samples", "2", "--seq-len", "8", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "MiB free, the output" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
@@ -370,14 +370,14 @@ def test_init_room_is_what_it_writes_plus_a_proportional_margin(tmp_path, tiny_m
     need = {}
     real = init.output_bytes
     monkeypatch.setattr(init, "output_bytes", lambda *a: need.setdefault("bytes", real(*a)))
-    monkeypatch.setattr(_common.shutil, "disk_usage", lambda path: _Usage(1 << 40))
+    monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: _Usage(1 << 40))
     argv = ["init", "--samples", "2", "--seq-len", "8", "--no-progress", *options]
     assert cli.main([*argv, "--out", str(tmp_path / "a")]) == 0
     written = _written(tmp_path / "a")
     assert written <= need["bytes"] <= 1.3 * written + (48 << 10), (written, need["bytes"])
-    assert _common.room_needed(need["bytes"]) == int(1.1 * need["bytes"]) + (64 << 10)
-    free = {"bytes": _common.room_needed(need["bytes"])}
-    monkeypatch.setattr(_common.shutil, "disk_usage", lambda path: _Usage(free["bytes"]))
+    assert checks.room_needed(need["bytes"]) == int(1.1 * need["bytes"]) + (64 << 10)
+    free = {"bytes": checks.room_needed(need["bytes"])}
+    monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: _Usage(free["bytes"]))
     assert cli.main([*argv, "--out", str(tmp_path / "b")]) == 0  # just enough room
     free["bytes"] -= 1
     assert cli.main([*argv, "--out", str(tmp_path / "c")]) == 2

@@ -2,7 +2,7 @@
 single-adapter op and PEFT's mixed-batch forward, on every backend here.
 
 Outputs and gradients are compared with autograd through the reference spec in fp64. Tolerances as
-in tests/test_lowrank_linear.py: fp32 results agree normwise to ``FP32_RTOL`` (``max|err| <= rtol *
+in tests/ops/test_lowrank_linear.py: fp32 results agree normwise to ``FP32_RTOL`` (``max|err| <= rtol *
 max|expected|``: a row given the wrong adapter is off by O(1) there); 16-bit results are at most
 twice the error of the plain same-dtype torch composition (the flash-attention rule).
 """

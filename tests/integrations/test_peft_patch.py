@@ -175,27 +175,19 @@ def test_fp32_adapters_on_bf16_base(batch, fused_calls):
 @pytest.mark.parametrize(
     "setup, match",
     [
-        ("dora", r"variant DoRA for adapter 'default'; patch_peft runs plain LoRA only, not DoRA$"),
         ("kasa", r"variant KaSA \(KasaLinearVariant\) for adapter 'default'; .* not KaSA"),
         ("alora", r"variant aLoRA \(ALoraLinearVariant\)"),
         ("lora_bias", "lora_bias"),
-        ("two_active", "2 active adapters"),
-        ("plain", "no PEFT LoRA Linear"),
+        ("plain", r"LlamaForCausalLM has no PEFT LoRA layers to patch \(is it a LoRA PeftModel\?\)"),
     ],
 )
 def test_refused(setup, match):
-    if setup == "dora":
-        model = _peft_llama(use_dora=True)
-    elif setup == "kasa":
+    if setup == "kasa":
         model = _peft_llama(kasa_config={})
     elif setup == "alora":
         model = _peft_llama(alora_invocation_tokens=[1, 2], task_type="CAUSAL_LM")
     elif setup == "lora_bias":
         model = _peft_llama(lora_bias=True)
-    elif setup == "two_active":
-        model = _peft_llama()
-        model.add_adapter("other", LoraConfig(r=2, target_modules=ALL))
-        model.base_model.set_adapter(["default", "other"])
     else:
         model = tiny_llama()
     with pytest.raises(ValueError, match=match):

@@ -17,7 +17,7 @@ every flag set of the fused GEMM. The fused GEMM dequantizing an NF4 /
 int8 base (``QUANT``, one fixed tile, not autotuned) is compiled and checked for shared memory only.
 
 This runs in subprocesses without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
-builds interpreter objects, not compilable ones): ``python tests/test_triton_compile.py sm_90``
+builds interpreter objects, not compilable ones): ``python tests/kernels/test_triton_compile.py sm_90``
 prints its findings as JSON.
 """
 

@@ -371,7 +371,7 @@ def test_patch_peft_with_a_model_keeps_its_strict_meaning():
     assert len(ck.patch_peft(model)) == 2
     assert not peft_global.is_globally_patched()
     assert len(ck.unpatch_peft(model)) == 2
-    with pytest.raises(ValueError, match="no PEFT LoRA Linear"):
+    with pytest.raises(ValueError, match="has no PEFT LoRA layers to patch"):
         ck.patch_peft(tiny_llama())
 
 

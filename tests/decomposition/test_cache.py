@@ -19,9 +19,9 @@ def decomposed(monkeypatch):
     names = []
     real = CorDA.init_batch
 
-    def spy(self, weights, covariances, rank, scale, chunk_names, seed):
-        names.extend(chunk_names)
-        return real(self, weights, covariances, rank, scale, chunk_names, seed)
+    def spy(self, batch):
+        names.extend(batch.names)
+        return real(self, batch)
 
     monkeypatch.setattr(CorDA, "init_batch", spy)
     return names

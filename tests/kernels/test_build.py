@@ -27,7 +27,7 @@ import sysconfig
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETUP_PY = os.path.join(ROOT, "setup.py")
 CU_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
 COMPILE_TIMEOUT_S = 600

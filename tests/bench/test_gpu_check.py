@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECK = os.path.join(ROOT, "bench", "gpu", "check.py")
 
 
@@ -39,7 +39,7 @@ def test_rehearsal_runs_every_stage(tmp_path, check):
     results = json.loads((out / "results.json").read_text())
     assert {name: st["status"] for name, st in results["stages"].items()} == {name: "ok" for name, _ in check.STAGES}
     stages = {r["stage"] for r in results["rows"]}
-    assert stages == {"covariance", "lowrank", "quantized", "segmented", "svd", "corda7b"}
+    assert stages == {"covariance", "lowrank", "quantized", "segmented", "svd", "corda7b", "dora"}
     assert results["env"]["peak_bf16_tflops"] > 0 and results["env"]["copy_gbps"] > 0
     assert results["env"]["build"]["would_build"] == []  # a CPU torch builds no extension
     assert "--no-build-isolation" in results["env"]["build"]["command"]

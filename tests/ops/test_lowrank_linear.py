@@ -416,7 +416,7 @@ def test_delta_weight_is_the_dense_update():
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_opcheck(backend, force_backend):
-    """The one registered op (dense base here; tests/test_quantized.py checks quantized bases) with
+    """The one registered op (dense base here; tests/ops/test_quantized.py checks quantized bases) with
     every optional part, and with none: schema, fake kernel, autograd registration."""
     force_backend(backend)
     tensors, index = make_inputs(shape=(2, 5), d_in=12, d_out=10, r=3, rows=6, cols=7, diag=True, bias=True)

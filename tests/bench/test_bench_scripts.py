@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-GPU_SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu")
+GPU_SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "gpu")
 STAND_IN = [
     "--device",
     "cpu",
@@ -66,7 +66,7 @@ def test_speed_suites_run_at_small_size(tmp_path):
     import glob
     import xml.etree.ElementTree as ET
 
-    root = os.path.join(os.path.dirname(__file__), "..")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
     report = tmp_path / "speed.xml"
     env = dict(os.environ, CORDA_BENCH_SMALL="1")
     done = subprocess.run(
@@ -92,7 +92,7 @@ def test_regression_workflow_saves_and_compares(tmp_path):
     the ratio table inside and a .md beside it; --benchmark-compare reads it back."""
     import glob
 
-    root = os.path.join(os.path.dirname(__file__), "..")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
     env = dict(os.environ, CORDA_BENCH_SMALL="1")
     base = [sys.executable, "-m", "pytest", "bench/speed/bench_decompose.py", "-k", "randomized_svd", "-q"]
     base += ["-p", "no:cacheprovider", "--benchmark-enable", f"--benchmark-storage=file://{tmp_path}"]
@@ -116,7 +116,7 @@ def test_bench_scripts_import_what_exists():
     import glob
     import importlib
 
-    root = os.path.join(os.path.dirname(__file__), "..")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
     broken = []
     for path in sorted(glob.glob(os.path.join(root, "bench", "**", "*.py"), recursive=True)):
         for node in ast.walk(ast.parse(open(path).read(), path)):

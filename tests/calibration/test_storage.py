@@ -50,9 +50,9 @@ def test_same_adapters_as_default_storage(setup, storage_, covariance_device, mo
     unique_per_chunk = []
     real = CorDA.init_batch
 
-    def spy(self, weights, covariances, *args):
-        unique_per_chunk.append((len(args[-2]), covariances.unique.shape[0]))
-        return real(self, weights, covariances, *args)
+    def spy(self, batch):
+        unique_per_chunk.append((len(batch.names), batch.covariances.unique.shape[0]))
+        return real(self, batch)
 
     monkeypatch.setattr(CorDA, "init_batch", spy)
     a = ck.apply(copy.deepcopy(model), "corda", rank=4, covariances=full, progress=False)

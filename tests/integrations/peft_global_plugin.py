@@ -3,7 +3,7 @@
 Use it to run PEFT's own test suite on corda_kernels (from a checkout of PEFT's repository at the
 tag of the installed PEFT)::
 
-    cd /path/to/peft && PYTHONPATH=/path/to/corda_kernels/tests:/path/to/corda_kernels \\
+    cd /path/to/peft && PYTHONPATH=/path/to/corda_kernels/tests/integrations:/path/to/corda_kernels \\
         python -m pytest -p peft_global_plugin tests/test_initialization.py \\
         -k "pissa or corda or olora or eva or loftq"
 

@@ -1,0 +1,80 @@
+"""patch_peft on mixed-adapter batches: a patched PeftModel's forward with ``adapter_names=`` against
+PEFT's own.
+
+Each group is one number of LoRA adapters ``n`` (ranks spread evenly over 8-64, ``lora_alpha`` 16,
+every Linear of the model targeted) on a 2-layer Llama of hidden size 512 (fp32, intermediate 1376,
+8 heads), ``S`` sequences of ``L`` tokens, every sequence naming one adapter (each adapter the same
+number of sequences, in shuffled order), one no-grad forward of the whole model (eval mode: serving).
+Implementations:
+
+- ``anchor:peft``: PEFT 0.21's forward (each LoRA layer loops over the distinct adapters with index
+  masks),
+- ``ours:patched``: the same model after :func:`corda_kernels.patch_peft` (each LoRA layer one call
+  of the segmented op; the packed factors are reused between calls while they do not change).
+
+``flops`` is the model's linear layers' base GEMMs, ``lm_head`` included (``2·N·Σ in·out``).
+Run: ``python -m pytest bench/speed/bench_peft_mixed.py --benchmark-enable``; ``CORDA_BENCH_SMALL=1``
+a tiny case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import corda_kernels as ck
+from corda_kernels.testing import bench_small, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+ROUNDS, HIDDEN, INTERMEDIATE, SEQS, SEQ_LEN, ADAPTERS, RANKS = 5, 512, 1376, 64, 16, (4, 16, 64), (8, 64)
+if bench_small():
+    ROUNDS, HIDDEN, INTERMEDIATE, SEQS, SEQ_LEN, ADAPTERS, RANKS = 2, 64, 96, 8, 4, (4,), (2, 8)
+IMPLS = ("anchor:peft", "ours:patched")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model(n: int):
+    from peft import LoraConfig, get_peft_model
+
+    lo, hi = RANKS
+    ranks = [lo + (hi - lo) * a // max(n - 1, 1) for a in range(n)]
+    base = tiny_llama(hidden=HIDDEN, layers=2, intermediate=INTERMEDIATE, heads=8, kv_heads=8, vocab=256)
+    model = None
+    for a, r in enumerate(ranks):
+        config = LoraConfig(r=r, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+        if model is None:
+            model = get_peft_model(base, config, adapter_name="a0")
+        else:
+            model.add_adapter(f"a{a}", config)
+    return model.eval()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n", ADAPTERS)
+def test_peft_mixed_batch_forward(benchmark, bench_tag, n, impl):
+    torch.manual_seed(n)
+    model = _model(n)
+    if impl == "ours:patched":
+        ck.patch_peft(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (SEQS, SEQ_LEN), generator=g)
+    order = torch.randperm(SEQS, generator=g) % n
+    names = [f"a{int(a)}" for a in order]
+    linear = sum(
+        m.in_features * m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name
+    )
+    lo, hi = RANKS
+    bench_tag(
+        group=f"peft mixed batch llama h={HIDDEN} 2 layers adapters={n} r={lo}-{hi} N={SEQS * SEQ_LEN}",
+        impl=impl,
+        flops=2.0 * SEQS * SEQ_LEN * linear,
+    )
+
+    def forward():
+        with torch.no_grad():
+            model(ids, adapter_names=names)
+
+    benchmark.pedantic(forward, rounds=ROUNDS, warmup_rounds=1)
