@@ -180,10 +180,10 @@ def _block_of(name: str, stacks: list[str]) -> str:
 class _Layers:
     """Shapes of the targets, their groups and blocks."""
 
-    def __init__(self, model, targets, groups, ranks):
+    def __init__(self, model, targets, groups, ranks, dora: bool = False):
         self.shape = {n: hf.in_out_features(m) for n, m in targets.items()}  # (in, out)
         self.weight_size = {n: hf.weight_matrix(m).element_size() for n, m in targets.items()}
-        self.groups, self.ranks = groups, ranks
+        self.groups, self.ranks, self.dora = groups, ranks, dora
         stacks = [name for name, _ in hf.block_stacks(model)]
         self.blocks: dict[str, list[str]] = defaultdict(list)
         for name in targets:
@@ -197,10 +197,13 @@ class _Layers:
         return sum(self.shape[n][0] * self.shape[n][1] * self.weight_size[n] for n in names)
 
     def swap_bytes(self, names, quantization=None) -> int:
-        """New residuals (full precision, or quantized), factors (weight dtype and fp32) and one layer's
-        build temporaries (fp32; with quantization also its full-precision residual and bitsandbytes'
-        copy, and the fp64 refinement's matrices)."""
+        """New residuals (full precision, or quantized), factors (weight dtype and fp32; with DoRA the
+        fp32 magnitude and cached ``‖W_o‖²`` per output row) and one layer's build temporaries (fp32;
+        with quantization also its full-precision residual and bitsandbytes' copy, and the fp64
+        refinement's matrices)."""
         factors = sum(self.ranks[n] * sum(self.shape[n]) * (self.weight_size[n] + 4) for n in names)
+        if self.dora:
+            factors += sum(2 * 4 * self.shape[n][1] for n in names)
         sizes = [self.shape[n][0] * self.shape[n][1] for n in names]
         per_weight = 2 * 4
         if quantization is not None:
@@ -343,7 +346,7 @@ def estimate_memory(
     if groups is None:
         groups = {n: n for n in targets}
         notes.append("a 2-token forward failed, so no shared inputs were assumed: covariances are an upper bound")
-    layers = _Layers(model, targets, groups, ranks)
+    layers = _Layers(model, targets, groups, ranks, dora=config.dora)
 
     model_config = getattr(model, "config", None)
     heads = getattr(model_config, "num_attention_heads", 0) or 0

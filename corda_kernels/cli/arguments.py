@@ -133,6 +133,11 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode", choices=["ipa", "kpa"], help="corda only: ipa (largest r in the adapter) or kpa (default: ipa)"
     )
     parser.add_argument("--rank", type=positive_int, default=8, help="adapter rank")
+    parser.add_argument(
+        "--dora",
+        action="store_true",
+        help="add a trainable DoRA magnitude per output row (PEFT's use_dora; not for siva, partial_lora, --quantize)",
+    )
     group = parser.add_argument_group("partial_lora options (--method partial_lora)")
     group.add_argument("--few-shot", help="few-shot texts for the ratio search (default: the --calib texts)")
     group.add_argument("--few-shot-samples", type=positive_int, help="few-shot texts to use (default: 8)")

@@ -245,6 +245,7 @@ def adapt_config(args, options: dict):
         autocast_adapter_dtype=getattr(args, "autocast_adapter_dtype", True),
         quantize=getattr(args, "quantize", None),
         quantize_iters=getattr(args, "quantize_iters", 0),
+        dora=getattr(args, "dora", False),
         **options,
     )
 

@@ -149,7 +149,7 @@ def _tokenizer_bytes(tokenizer) -> int:
 
 def output_bytes(model, args, tokenizer=None) -> int:
     """About what ``init`` writes into ``--out`` (a little above it; :func:`.checks.room_needed` adds
-    the margin): the PEFT adapter (fp32 dense factors), the residual model unless ``--no-residual``
+    the margin): the PEFT adapter (fp32 dense factors, DoRA magnitudes), the residual model unless ``--no-residual``
     (every tensor of the state dict; quantized targets as their codes and statistics), the tokenizer
     beside it, the covariances (one fp32 ``(d, d)`` per distinct input, found by calibration's 2-token
     probe) and the report (per-layer energies)."""
@@ -161,6 +161,8 @@ def output_bytes(model, args, tokenizer=None) -> int:
         for n, (i, o) in shapes.items()
         for k in "AB"
     }
+    if getattr(args, "dora", False):
+        factors.update({f"base_model.model.{n}.lora_magnitude_vector.weight": (o, 4) for n, (i, o) in shapes.items()})
     total = _safetensors_bytes(factors) + 2 * len(names) + (4 << 10)  # adapter_config.json (names), corda_kernels.json
     if not args.no_residual:
         state = {k: (t.numel(), t.element_size()) for k, t in model.state_dict().items()}

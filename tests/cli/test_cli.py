@@ -158,6 +158,7 @@ def test_estimate_takes_every_init_argument(tmp_path, capsys, monkeypatch):
     ]  # fmt: skip
     printed = {}
     cases = {"plain": [], "alpha": ["--alpha", "16"], "nf4": ["--quantize", "nf4"], "int8": ["--quantize", "int8"]}
+    cases["dora"] = ["--dora"]
     for name, extra in {**cases, "every": every}.items():
         assert cli.main(base + extra) == 0, name
         printed[name] = capsys.readouterr().out
@@ -168,6 +169,15 @@ def test_estimate_takes_every_init_argument(tmp_path, capsys, monkeypatch):
         return float(row.split()[-1].replace(",", ""))
 
     assert residuals(printed["alpha"]) == residuals(printed["plain"])
+    # DoRA adds a fp32 magnitude and a cached squared row norm per output row of every target (bytes)
+    plain, dora = (
+        ck.estimate_memory(meta, "pissa", dora=flag, batch_size=8, seq_len=32, n_batches=1).phases["swap"][
+            ("residual copies + adapters", "cpu")
+        ]
+        for flag in (False, True)
+    )
+    rows = sum(m.out_features for n, m in meta.named_modules() if n.endswith("proj"))
+    assert dora - plain == 8 * rows
     assert "nf4 residuals" in printed["nf4"] and "int8 residuals" in printed["int8"]
     assert residuals(printed["nf4"]) < residuals(printed["int8"]) < residuals(printed["plain"])
     assert residuals(printed["every"]) > residuals(printed["nf4"])  # the refinement's fp64 temporaries
@@ -299,8 +309,9 @@ def tiny_model(monkeypatch):
         ["--samples", "16", "--seq-len", "64", "--rank", "16"],
         ["--method", "pissa", "--samples", "4", "--seq-len", "16"],
         ["--method", "partial_lora", "--samples", "4", "--seq-len", "16", "--margin", "0.8"],
+        ["--method", "pissa", "--dora", "--samples", "4", "--seq-len", "16"],
     ],
-    ids=["s8-l32", "s2-l8-kpa", "s16-l64-r16", "pissa", "partial_lora"],
+    ids=["s8-l32", "s2-l8-kpa", "s16-l64-r16", "pissa", "partial_lora", "pissa-dora"],
 )
 def test_init_tiny(tmp_path, tiny_model, capsys, options):
     out = tmp_path / "run"
@@ -317,10 +328,11 @@ def test_init_tiny(tmp_path, tiny_model, capsys, options):
     adapt_config = ck.AdaptConfig.from_dict(report_["config"])  # the AdaptConfig init ran, as JSON
     method = options[options.index("--method") + 1] if "--method" in options else "corda"
     rank = int(options[options.index("--rank") + 1]) if "--rank" in options else 8
-    assert adapt_config.method == method and adapt_config.rank == rank
+    assert adapt_config.method == method and adapt_config.rank == rank and adapt_config.dora == ("--dora" in options)
     assert (out / "residual_model" / "tokenizer.json").exists()
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(out / "residual_model")
+    assert config["use_dora"] == ("--dora" in options)
     assert os.listdir(tmp_path) == ["run"]
 
 
