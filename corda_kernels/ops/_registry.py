@@ -44,3 +44,9 @@ def register_autocast(name: str, cast_and_run: Callable) -> None:
 
         op.py_impl(key)(rule)  # the Python dispatcher (torch.compile)
         _LIB.impl(name, lambda _keys, *args, _rule=rule: _rule(*args), key_name, with_keyset=True)
+
+
+def needs(*flags) -> list[bool]:
+    """A backward's ``needs``: which gradients to compute, as plain bools in the order the op's
+    kernels return them (each op's ``backward`` docstring gives it)."""
+    return [bool(f) for f in flags]

@@ -44,7 +44,7 @@ from ..kernels.reference.dora import DoraOptions
 from ..kernels.torch import dora as torch_kernel
 from ._checks import check_beside_weight, check_input
 from ._checks import shape as _shape
-from ._registry import register_autocast, register_op
+from ._registry import needs, register_autocast, register_op
 from .lowrank_linear import check_factors, check_scale
 
 __all__ = ["DoraOptions", "dora_linear", "fused", "weight_norm", "weight_sq_norm", "check_dora"]
@@ -129,15 +129,10 @@ _dora_op, _dora_backward_op = register_op(
 )
 
 
-def _needs(need_x, need_a, need_b, need_m, need_bias) -> list[bool]:
-    """The kernels' ``needs`` order: ``(x, A, B, magnitude, bias)``."""
-    return [bool(need_x), bool(need_a), bool(need_b), bool(need_m), bool(need_bias)]
-
-
 def _setup_context(ctx, inputs, output):
     x, weight, A, B, magnitude, scale, bias, weight_sq = inputs
     g = ctx.needs_input_grad
-    ctx.needs = _needs(g[0], g[2], g[3], g[4], g[6])
+    ctx.needs = needs(g[0], g[2], g[3], g[4], g[6])  # (x, A, B, magnitude, bias)
     _, need_a, need_b, need_m, _ = ctx.needs
     ctx.scale = scale
     keep_x = x if need_a else None
@@ -171,7 +166,7 @@ class _EagerDora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, A, B, magnitude, scale, bias, weight_sq):
         g = ctx.needs_input_grad
-        ctx.needs = _needs(g[0], g[2], g[3], g[4], g[6])
+        ctx.needs = needs(g[0], g[2], g[3], g[4], g[6])  # (x, A, B, magnitude, bias)
         _, need_a, need_b, need_m, _ = ctx.needs
         y, z, u, n = _forward(x, weight, A, B, magnitude, DoraOptions(scale, bias, weight_sq), keep_z=need_m)
         ctx.scale = scale

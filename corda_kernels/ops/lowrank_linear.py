@@ -62,7 +62,7 @@ from ..kernels.reference.lowrank_linear import Options
 from ..kernels.torch import lowrank_linear as torch_kernel
 from ._checks import check_beside_weight, check_input
 from ._checks import shape as _shape
-from ._registry import register_autocast, register_op
+from ._registry import needs, register_autocast, register_op
 from .quantized import BUFFERS, KINDS, QuantizedCodes, QuantizedWeight
 
 __all__ = ["Options", "lowrank_linear", "fused", "check_factors", "check_scale", "check_dropout", "delta_weight"]
@@ -240,16 +240,12 @@ _lowrank_linear_op, _lowrank_linear_backward_op = register_op(
 )
 
 
-def _needs(need_x, need_w, need_a, need_b, need_bias, need_d) -> list[bool]:
-    """The kernels' ``needs`` order: ``(x, weight, A, B, diag, bias)``."""
-    return [bool(need_x), bool(need_w), bool(need_a), bool(need_b), bool(need_d), bool(need_bias)]
-
-
 def _setup_context(ctx, inputs, output):
     x, base, kind, shape, A, B, *opts = inputs
     opts = Options(*opts)
     g, n = ctx.needs_input_grad, len(base) - 1  # needs_input_grad has one entry per tensor of `base`
-    ctx.needs = _needs(g[0], kind == _DENSE and g[1], g[4 + n], g[5 + n], g[7 + n], g[10 + n])
+    # (x, weight, A, B, diag, bias)
+    ctx.needs = needs(g[0], kind == _DENSE and g[1], g[4 + n], g[5 + n], g[10 + n], g[7 + n])
     ctx.kind, ctx.shape, ctx.scale, ctx.dropout = kind, shape, opts.scale, opts.dropout
     need_x, need_w, need_a, need_b, need_d, _ = ctx.needs
     keep_x = x if (need_w or need_a) else None
@@ -288,7 +284,8 @@ class _EagerFused(torch.autograd.Function):
         opts = Options(scale, bias, row_index, col_index, diag, dropout, seed)
         y, u = _forward(x, weight, A, B, opts)
         g = ctx.needs_input_grad
-        ctx.needs = _needs(g[0], isinstance(weight, torch.Tensor) and g[1], g[2], g[3], g[5], g[8])
+        # (x, weight, A, B, diag, bias)
+        ctx.needs = needs(g[0], isinstance(weight, torch.Tensor) and g[1], g[2], g[3], g[8], g[5])
         need_x, need_w, need_a, need_b, need_d, _ = ctx.needs
         ctx.scale, ctx.dropout = scale, dropout
         ctx.quantized = None if isinstance(weight, torch.Tensor) else weight

@@ -59,7 +59,7 @@ from ..kernels.reference import segmented as reference
 from ..kernels.torch import segmented as torch_kernel
 from ._checks import check_beside_weight, check_input
 from ._checks import shape as _shape
-from ._registry import register_autocast, register_op
+from ._registry import needs, register_autocast, register_op
 
 __all__ = ["lowrank_linear_segmented", "fused", "pack_adapters", "check_segmented"]
 
@@ -137,15 +137,10 @@ _segmented_op, _segmented_backward_op = register_op(
 )
 
 
-def _needs(need_x, need_w, need_a, need_b, need_bias) -> list[bool]:
-    """The kernels' ``needs`` order: ``(x, weight, A, B, bias)``."""
-    return [bool(need_x), bool(need_w), bool(need_a), bool(need_b), bool(need_bias)]
-
-
 def _setup_context(ctx, inputs, output):
     x, weight, A, B, index, scales, ranks, bias = inputs
     g = ctx.needs_input_grad
-    ctx.needs = _needs(g[0], g[1], g[2], g[3], g[7])
+    ctx.needs = needs(g[0], g[1], g[2], g[3], g[7])  # (x, weight, A, B, bias)
     need_x, need_w, need_a, need_b, _ = ctx.needs
     keep_x = x if (need_w or need_a) else None
     keep_u = output[1] if need_b else None
@@ -173,7 +168,7 @@ class _EagerSegmented(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, A, B, index, scales, ranks, bias):
         g = ctx.needs_input_grad
-        ctx.needs = _needs(g[0], g[1], g[2], g[3], g[7])
+        ctx.needs = needs(g[0], g[1], g[2], g[3], g[7])  # (x, weight, A, B, bias)
         need_x, need_w, need_a, need_b, _ = ctx.needs
         y, u = _forward(x, weight, A, B, index, scales, ranks, bias, keep_u=need_b)
         keep_x = x if (need_w or need_a) else None
