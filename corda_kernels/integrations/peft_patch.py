@@ -17,8 +17,11 @@ and returns a :class:`PatchReport`.
 Bases. A dense base weight is passed as it is (a ``Conv1D``'s transposed). A bitsandbytes base is
 read in place from bitsandbytes' own storage (NF4 codes with double-quantized block absmax; int8
 codes with row scales: :mod:`corda_kernels.integrations.bnb_storage`) as the op's quantized base,
-dequantized inside the op; no full-precision copy of W is kept. A ``Linear4bit`` computes in its
-``compute_dtype`` (``x`` cast to it, the result cast back to ``x``'s dtype), as bitsandbytes does.
+dequantized inside the op; no full-precision copy of W is kept. A ``Linear4bit`` whose
+``compute_dtype`` differs from its input's dtype (outside autocast) runs PEFT's forward with an
+adapter: bitsandbytes computes the base in ``compute_dtype`` but PEFT adds the LoRA term in the
+input's precision, which one fused call in one dtype would not reproduce (the base alone, adapters
+disabled, is still computed from the storage in ``compute_dtype``, as bitsandbytes does).
 
 Several adapters. Several active adapters (``set_adapter([...])``) are summed in one call of the
 same op: their factors concatenated along the rank (``A = [A_1; A_2; ...]``, ``B = [B_1, B_2, ...]``,
@@ -384,8 +387,8 @@ def _fused_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
         return _peft(layer, x, *args, **kwargs)
     autocast = torch.is_autocast_enabled(x.device.type)
     operand = _base_operand(layer, x, autocast)
-    if operand is None:
-        return _peft(layer, x, *args, **kwargs)
+    if operand is None or not (autocast or operand[3] == x.dtype):
+        return _peft(layer, x, *args, **kwargs)  # see "Bases" in the module docstring
     xin, weight, bias, dtype = operand
     if len(held) == 1:
         adapter = held[0]
@@ -488,7 +491,7 @@ def _mixed_batch(layer: nn.Module, x: torch.Tensor, names: list) -> Optional[tor
         return None
     autocast = torch.is_autocast_enabled(x.device.type)
     operand = _base_operand(layer, x, autocast)
-    if operand is None:
+    if operand is None or not (autocast or operand[3] == x.dtype):
         return None
     xin, weight, bias, dtype = operand
     if len({t.dtype for t in factors}) != 1 or not (autocast or _factor_ok(factors[0], dtype)):

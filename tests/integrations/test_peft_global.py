@@ -61,7 +61,11 @@ def _product(layer):
 
 
 def _compare(ours, ref, tol):
-    """Worst relative difference of the residual weights and adapter products, both below tol."""
+    """Worst relative difference of the residual weights and adapter products, both below tol.
+
+    A layer whose singular values nearly tie at r may differ by more (PEFT's fp32 SVD and ours pick
+    slightly different top-r subspaces): such a layer passes only if ours is at least as close as
+    PEFT's to the exact (fp64) top-r product of the layer's original weight."""
     a, b = _lora_layers(ours), _lora_layers(ref)
     assert a.keys() == b.keys() and a
     worst_w = worst_p = 0.0
@@ -69,8 +73,17 @@ def _compare(ours, ref, tol):
         wa, wb = a[name].get_base_layer().weight, b[name].get_base_layer().weight
         assert wa.shape == wb.shape and wa.dtype == wb.dtype, name
         assert a[name].lora_A["default"].weight.dtype == b[name].lora_A["default"].weight.dtype, name
-        worst_w = max(worst_w, _rel(wa, wb))
-        worst_p = max(worst_p, _rel(_product(a[name]), _product(b[name])))
+        pa, pb = _product(a[name]), _product(b[name])
+        rel_w, rel_p = _rel(wa, wb), _rel(pa, pb)
+        if max(rel_w, rel_p) > tol:
+            original = wb.detach().double() + pb.detach().double()
+            U, S, Vh = torch.linalg.svd(original, full_matrices=False)
+            r = a[name].lora_A["default"].weight.shape[0]
+            exact = (U[:, :r] * S[:r]) @ Vh[:r]
+            assert _rel(pa, exact) <= 1.1 * _rel(pb, exact) + 1e-7, (name, _rel(pa, exact), _rel(pb, exact))
+            assert _rel(wa.double() + pa.double(), original) <= 1e-5, name  # the residual still adds up
+            continue
+        worst_w, worst_p = max(worst_w, rel_w), max(worst_p, rel_p)
     assert worst_w <= tol and worst_p <= tol, (worst_w, worst_p)
     return worst_w, worst_p
 
