@@ -21,7 +21,14 @@ from .config import AdaptConfig
 from .decomposition import decompose
 from .export import merge, save_merged_model, save_peft_adapter, save_residual_model, unload
 from .integrations.peft_global import patch_peft, peft_patched, unpatch_peft
-from .linalg import co_svd, damp_covariance, largest_singular_triplets, randomized_svd, smallest_singular_triplets
+from .linalg import (
+    co_svd,
+    damp_covariance,
+    largest_singular_triplets,
+    randomized_svd,
+    smallest_singular_triplets,
+    top_singular_triplets,
+)
 from .memory import MemoryEstimate, estimate_memory
 from .methods.parameters import trainable_parameter_report
 from .nn import LowRankLinear
@@ -66,6 +73,7 @@ __all__ = [
     "co_svd",
     "damp_covariance",
     "largest_singular_triplets",
+    "top_singular_triplets",
     "randomized_svd",
     "smallest_singular_triplets",
 ]

@@ -7,11 +7,9 @@ weight's dtype); see ``peft/tuners/lora/layer.py`` and ``peft/tuners/lora/corda.
 - ``pissa_init`` (``"pissa"``, ``"pissa_niter_N"``): the top-r SVD of ``W`` (``W^T`` for a
   ``fan_in_fan_out`` Conv1D), ``A = sqrt(S/s)·Vh_r``, ``B = U_r·sqrt(S/s)``, residual
   ``W − s·B·A`` (``s`` the LoRA scaling). ``"pissa"`` (PEFT: a full fp32 SVD) uses
-  :func:`top_triplets_fp64`: the fp64 eigendecomposition of the smaller Gram matrix and a
-  Rayleigh-Ritz step, batched; its top-r triplets are more accurate than an fp32 SVD's. Speed
-  (``bench/results/peft-init.md``, loaded 2-core CPU): 2.58x PEFT on a LLaMA-shaped set, 0.60x on
-  SmolLM2 (small matrices: the Gram eigendecomposition costs about an SVD). A randomized SVD with
-  an acceptance test, tried first, refined then went exact on these flat spectra (0.54x).
+  :func:`~corda_kernels.linalg.top_singular_triplets`, batched: block Krylov with an acceptance
+  test at an fp32 SVD's backward error on wide matrices, the fp64 Gram eigendecomposition and a
+  Rayleigh-Ritz step otherwise (figures: ``bench/results/peft-init.md``).
   ``"pissa_niter_N"`` (PEFT: ``torch.svd_lowrank(W, q=r,
   niter=N)``, no oversampling) uses the same N power iterations on a sketch of
   ``r + max(r, NITER_MIN_OVERSAMPLE)`` columns: at least as accurate.
@@ -42,7 +40,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from ..linalg import co_svd, randomized_svd
+from ..linalg import co_svd, randomized_svd, top_singular_triplets
 from ..ops.covariance import covariance_update, symmetrize_
 from . import hf
 
@@ -259,34 +257,12 @@ def _scales(chunk: list[_Job], device) -> torch.Tensor:
     return torch.tensor([float(j.layer.scaling[j.adapter]) for j in chunk], dtype=torch.float32, device=device)
 
 
-def top_triplets_fp64(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top ``rank`` singular triplets of each ``(m, n)`` matrix of ``W`` (fp32 out), from the
-    fp64 eigendecomposition of its ``k x k`` Gram matrix (``k = min(m, n)``) and a Rayleigh-Ritz
-    step on ``W``.
-
-    In fp64 the Gram matrix's eigenvalues carry an absolute error of about ``1e-16 σ_1²``, so the
-    top-r triplets come out far more accurate than an fp32 SVD's (which is PEFT's ``"pissa"``);
-    the cost is one ``(k x k)`` fp64 ``eigh`` plus two products with ``W``, not a full SVD of ``W``.
-    """
-    Wd = W.double()
-    tall = Wd.shape[-2] >= Wd.shape[-1]
-    G = Wd.mT @ Wd if tall else Wd @ Wd.mT
-    Z = torch.linalg.eigh(G).eigenvectors[..., -rank:]
-    if tall:  # Z spans the top right singular vectors: svd(W Z) = U S Wrᵀ, V = Z Wr
-        U, S, Wh = torch.linalg.svd(Wd @ Z, full_matrices=False)
-        Vh = Wh @ Z.mT
-    else:  # Z spans the top left singular vectors: svd(Zᵀ W) = Ur S Vh, U = Z Ur
-        Ur, S, Vh = torch.linalg.svd(Z.mT @ Wd, full_matrices=False)
-        U = Z @ Ur
-    return U.float().contiguous(), S.float().contiguous(), Vh.float().contiguous()
-
-
 @torch.no_grad()
 def _run_pissa(chunk: list[_Job], rank: int, niter: Optional[int]) -> None:
     W = _stack(chunk)
     seeds = list(range(len(chunk)))
     if niter is None:
-        U, S, Vh = top_triplets_fp64(W, rank)
+        U, S, Vh = top_singular_triplets(W, rank)
     else:
         U, S, Vh = randomized_svd(W, rank, n_iter=niter, oversample=max(rank, NITER_MIN_OVERSAMPLE), seed=seeds)
     scales = _scales(chunk, W.device)

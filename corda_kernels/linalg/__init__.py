@@ -1,9 +1,11 @@
 """Decompositions (pure torch, batched over leading dims; cuSOLVER/cuBLAS through ``torch.linalg``
-on a GPU): randomized top-r SVD, exact top-r and bottom-r triplets, CorDA's CO-SVD and damping."""
+on a GPU): randomized top-r SVD, exact top-r and bottom-r triplets, top-r triplets at an fp32 SVD's
+accuracy (block Krylov), CorDA's CO-SVD and damping."""
 
 from .co_svd import CoSVD, DampedCovariance, co_svd, damp_covariance
 from .exact_svd import largest_singular_triplets, smallest_singular_triplets
 from .randomized_svd import DEFAULT_N_ITER, default_oversample, randomized_svd
+from .top_svd import top_singular_triplets
 
 __all__ = [
     "CoSVD",
@@ -15,4 +17,5 @@ __all__ = [
     "DEFAULT_N_ITER",
     "default_oversample",
     "smallest_singular_triplets",
+    "top_singular_triplets",
 ]

@@ -324,7 +324,7 @@ def test_engine_error_falls_back_to_peft(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise torch.linalg.LinAlgError("injected")
 
-    monkeypatch.setattr(peft_init, "top_triplets_fp64", broken)
+    monkeypatch.setattr(peft_init, "top_singular_triplets", broken)
     with caplog.at_level(logging.INFO, logger="corda_kernels.peft"):
         ours, ref = _pair(tiny_llama, "pissa", LLAMA)
     _compare(ours, ref, 0.0)
