@@ -48,9 +48,12 @@ logger = logging.getLogger("corda_kernels.peft")
 
 # "pissa_niter_N": our sketch is r + max(r, this) columns wide (PEFT's torch.svd_lowrank: r).
 NITER_MIN_OVERSAMPLE = 8
-# Largest stack of fp32 weights (times a work factor) decomposed in one batch.
-CHUNK_BYTES = 1 << 30
+# Largest stack of fp32 weights (times a work factor) decomposed in one batch. Small: batching buys
+# little (LAPACK loops over a batch on a CPU) while a large stack's fp64 work space set the peak
+# memory of preprocess_corda (bench/studies/peft_corda_memory.py).
+CHUNK_BYTES = 64 << 20
 _WORK_FACTOR = 3  # the stacked W, its residual and the solver's work space
+_CORDA_WORK_FACTOR = 16  # fp64 W, C, C_d, its factor, W·C_d, Gram, QR and SVD work space (measured)
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 _local = threading.local()
@@ -353,7 +356,7 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
             key = (tuple(W.shape), W.device, int(module.rank), module.corda_method)
             groups.setdefault(key, []).append((name, module))
         for (shape, _, rank, method), members in groups.items():
-            per = max(1, CHUNK_BYTES // (_WORK_FACTOR * 8 * shape[1] * max(shape)))  # fp64 W·C_d and C_d
+            per = max(1, CHUNK_BYTES // (_CORDA_WORK_FACTOR * 8 * shape[1] * max(shape)))
             for i in range(0, len(members), per):
                 chunk = members[i : i + per]
                 W = torch.stack([_corda_weight(m) for _, m in chunk])
