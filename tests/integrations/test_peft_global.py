@@ -24,6 +24,7 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
+pytest.importorskip("peft.tuners.lora.corda")  # reached as peft.tuners.lora.corda below, also in a -k subset
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.config import CordaConfig  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
