@@ -434,6 +434,37 @@ def test_import_order(first):
     assert out.stdout.strip().endswith("ok True")
 
 
+_PLUGIN_TEST = """
+from peft import LoraConfig, get_peft_model
+from corda_kernels.integrations.peft_patch import is_patched
+from corda_kernels.testing import tiny_llama
+
+
+def test_layers_are_fused():
+    for dora in (False, True):
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=dora))
+        layers = [m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj")) and hasattr(m, "lora_A")]
+        assert len(layers) == 4 and all(is_patched(m) for m in layers)
+"""
+
+
+def test_pytest_plugin_patches_and_counts(tmp_path):
+    (tmp_path / "test_with_plugin.py").write_text(_PLUGIN_TEST)
+    plugin_dir = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join([plugin_dir, ROOT, os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "peft_global_plugin", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "corda_kernels global PEFT patch: on" in out.stdout
+    assert "4  LoRA layers fused" in out.stdout and "4  DoRA layers fused" in out.stdout, out.stdout[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # The embedded SmolLM2
 
