@@ -539,7 +539,7 @@ class LowRankLinear(nn.Module):
 
     @torch.no_grad()
     def use_original_base(self, A0: torch.Tensor, B0: torch.Tensor) -> LowRankLinear:
-        """Turn a residual base ``W' = W − s·B0·A0`` back into the original ``W`` (fp32 sum of the
+        """Turn a residual base ``W' = W − s·B0·A0`` back into the original ``W`` (fp32 / fp64 sum of the
         factors rounded as the forward rounds them, one cast) and keep ``A0 (r0, in)``,
         ``B0 (out, r0)`` (dense, e.g. the initial adapter ``save_peft_adapter`` wrote) as frozen
         buffers, so the layer's own adapter computes ``s·(B·A − B0·A0)`` on ``W``: its outputs are
@@ -551,7 +551,7 @@ class LowRankLinear(nn.Module):
         _check_initial(self.weight, A0, B0, where)
         dtype = functools.reduce(torch.promote_types, (self.A.dtype, self.B.dtype))
         A0, B0 = (_owned(t.detach().to(dtype)) for t in (A0, B0))
-        self.weight.copy_((self.weight.float() + self._initial_delta(A0, B0)).to(self.weight.dtype))
+        self.weight.copy_((self.weight.to(self._sum_dtype()) + self._initial_delta(A0, B0)).to(self.weight.dtype))
         self.register_buffer("A0", A0)
         self.register_buffer("B0", B0)
         self.base_changed = False
@@ -564,15 +564,22 @@ class LowRankLinear(nn.Module):
         must hold no added adapter."""
         if len(self.adapter_names) > 1 or getattr(self, "A0", None) is None:
             raise ValueError(f"{self._where()}: restore_residual_base: no initial factors, or added adapters remain")
-        self.weight.copy_((self.weight.float() - self._initial_delta(self.A0, self.B0)).to(self.weight.dtype))
+        self.weight.copy_(
+            (self.weight.to(self._sum_dtype()) - self._initial_delta(self.A0, self.B0)).to(self.weight.dtype)
+        )
         del self._buffers["A0"], self._buffers["B0"]
         self.base_changed = True
         return self
 
+    def _sum_dtype(self) -> torch.dtype:
+        """fp32, or fp64 for an fp64 weight: where base and update are summed."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
     def _initial_delta(self, A0: torch.Tensor, B0: torch.Tensor) -> torch.Tensor:
-        """``s·B0·A0`` in fp32 from the factors rounded to the weight's dtype (as the forward uses them)."""
-        dtype = self.weight.dtype
-        return self.scale * (B0.to(dtype).float() @ A0.to(dtype).float())
+        """``s·B0·A0`` (fp32, fp64 on an fp64 weight) from the factors rounded to the weight's dtype
+        (as the forward uses them)."""
+        dtype, acc = self.weight.dtype, self._sum_dtype()
+        return self.scale * (B0.to(dtype).to(acc) @ A0.to(dtype).to(acc))
 
     def _per_row(self, x: torch.Tensor, rows) -> torch.Tensor:
         """One adapter per row through the segmented op (see :meth:`forward`)."""
