@@ -297,3 +297,37 @@ def test_layer_add_adapter_errors():
         dora.add_adapter("b", torch.randn(2, 5), torch.randn(6, 2))
     with pytest.raises(ValueError, match="DoRA"):
         dora(torch.randn(3, 5), adapter_index=torch.tensor([0, 0, -1]))
+
+
+def test_corda_as_a_further_adapter_and_merged_checkpoint(batches, ids, tmp_path):
+    """CorDA (KPA) added to a PiSSA model with the covariances calibrated before ``apply``: at init
+    both adapters give the original's logits; ``save_merged_model(adapter_name=)`` writes one."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    original = tiny_llama(hidden=32, intermediate=48, vocab=VOCAB).eval()
+    model = copy.deepcopy(original)
+    cal = ck.calibrate(model, batches, progress=False)
+    ck.apply(model, "pissa", rank=3, progress=False)
+    ck.save_peft_adapter(model, str(tmp_path / "initial"))
+    ck.apply(
+        model,
+        "corda",
+        rank=4,
+        mode="kpa",
+        covariances=cal,
+        progress=False,
+        adapter_name="kpa",
+        initial=str(tmp_path / "initial"),
+    )
+    want = _logits(original, ids)
+    for name in ("default", "kpa"):
+        torch.testing.assert_close(_alone(model, name, ids), want, rtol=1e-5, atol=1e-5)
+    _move(model, "kpa", 9)
+    moved = _alone(model, "kpa", ids)
+    ck.set_adapter(model, "default")
+    ck.save_merged_model(model, str(tmp_path / "merged"), adapter_name="kpa")
+    torch.testing.assert_close(
+        _logits(LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval(), ids), moved, rtol=1e-5, atol=1e-5
+    )
+    assert model.model.layers[0].self_attn.q_proj.active_adapter == "default"  # the model is left as it was
