@@ -307,12 +307,12 @@ def slots_of_names(names: Sequence, slot_of, device) -> torch.Tensor:
 
 def pack_cached(store: dict, key: tuple, tensors: Sequence[torch.Tensor], build):
     """``build()`` (packed stacks of named adapters), reused from ``store`` while no gradient is taken
-    and none of ``tensors`` (the factors it reads) changed: same objects, versions, devices and
-    dtypes, and the same ``key`` (e.g. the adapters' names and scales). With a gradient it is built
+    and none of ``tensors`` (the factors it reads) changed: same objects, storages, versions,
+    devices and dtypes, and the same ``key`` (e.g. the adapters' names and scales). With a gradient it is built
     every call (differentiably)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return build()
-    full = (key, tuple((id(t), t._version, t.device, t.dtype, tuple(t.shape)) for t in tensors))
+    full = (key, tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape)) for t in tensors))
     cached = store.get("_corda_kernels_packed")
     if cached is not None and cached[0] == full:
         return cached[1]

@@ -504,3 +504,23 @@ def test_named_adapters_state_dict_round_trip():
     x = torch.randn(3, 7, dtype=torch.float64)
     rows = torch.tensor([1, 0, 3])
     torch.testing.assert_close(other(x, adapter_index=rows), layer(x, adapter_index=rows), rtol=0, atol=0)
+
+
+def test_per_row_packed_factors_follow_changes():
+    """The packed stacks are reused without gradients, and rebuilt once a factor changes (in place
+    or by swapping its storage) or an adapter is added."""
+    layer, W, bias = _named_layer()
+    x = torch.randn(4, 7, dtype=torch.float64)
+    rows = torch.tensor([1, 3, 0, 2])
+    with torch.no_grad():
+        layer(x, adapter_index=rows)
+        layer.adapter("part").B.add_(1.0)
+        layer.adapter("sub").A.data = torch.zeros_like(layer.adapter("sub").A)
+        got = layer(x, adapter_index=rows)
+        want = [x[i] @ _oracle(layer, W, bias, layer.adapter_names[a])[0].T + bias for i, a in enumerate(rows.tolist())]
+        torch.testing.assert_close(got, torch.stack(want), rtol=0, atol=1e-12)
+        layer.add_adapter("new", torch.ones(1, 7, dtype=torch.float64), torch.ones(9, 1, dtype=torch.float64))
+        got = layer(x, adapter_index=torch.tensor([4, 4, -1, 4]))
+        torch.testing.assert_close(
+            got[0], x[0] @ (W + torch.ones(9, 7, dtype=torch.float64)).T + bias, rtol=0, atol=1e-12
+        )
