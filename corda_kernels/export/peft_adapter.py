@@ -19,32 +19,26 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .. import _backend
 from ..nn import LowRankLinear
-from .plain import adapters
+from ..nn.lowrank_linear import dense_factors as nn_dense_factors
+from ..nn.lowrank_linear import serving_factors, with_initial
+from .plain import adapters, chosen_adapter
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def dense_factors(layer: LowRankLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT-style dense ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` with ``diag`` folded in A."""
+    """PEFT-style dense ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` of the layer's own
+    adapter, ``diag`` folded in A (:func:`corda_kernels.nn.lowrank_linear.dense_factors`)."""
     with torch.no_grad():
-        A, B = layer.A.detach(), layer.B.detach()
-        if layer.diag is not None:
-            A = A * layer.diag.detach().unsqueeze(1)
-        if layer.col_index is not None:
-            dense = A.new_zeros(A.shape[0], layer.in_features)
-            dense[:, layer.col_index] = A
-            A = dense
-        if layer.row_index is not None:
-            dense = B.new_zeros(layer.out_features, B.shape[1])
-            dense[layer.row_index] = B
-            B = dense
+        sparsity = {"diag": layer.diag, "row_index": layer.row_index, "col_index": layer.col_index}
+        A, B = nn_dense_factors(layer.A.detach(), layer.B.detach(), layer.out_features, layer.in_features, **sparsity)
         return A.contiguous(), B.contiguous()
 
 
@@ -65,27 +59,34 @@ def task_type(model: nn.Module) -> Optional[str]:
     return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
 
 
-def _lora_config(
-    layers: dict[str, LowRankLinear], base_model_name_or_path: Optional[str], rank_mult: int, task: Optional[str]
-):
+class _Spec(NamedTuple):
+    """One layer's exported adapter: its rank, scale, dropout and whether it uses DoRA."""
+
+    rank: int
+    scale: float
+    dropout: float
+    dora: bool
+
+
+def _lora_config(specs: dict[str, _Spec], base_model_name_or_path: Optional[str], task: Optional[str]):
     try:
         from peft import LoraConfig
     except ImportError as exc:  # pragma: no cover - peft is an optional dependency
         raise ImportError("saving a PEFT adapter needs `pip install peft`") from exc
-    ranks = {n: layer.rank * rank_mult for n, layer in layers.items()}
-    alphas = {n: layer.scale * ranks[n] for n, layer in layers.items()}
+    ranks = {n: spec.rank for n, spec in specs.items()}
+    alphas = {n: spec.scale * spec.rank for n, spec in specs.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    dropouts = {float(getattr(layer, "dropout", 0.0)) for layer in layers.values()}
+    dropouts = {spec.dropout for spec in specs.values()}
     if len(dropouts) > 1:  # PEFT's LoraConfig has one lora_dropout
         _backend.warn(
             f"the adapters use dropouts {sorted(dropouts)}; PEFT's adapter_config.json holds one, written as "
             f"lora_dropout={max(dropouts)}: training the exported adapter will use it on every layer",
             stacklevel=4,
         )
-    doras = {bool(getattr(layer, "dora", False)) for layer in layers.values()}
+    doras = {spec.dora for spec in specs.values()}
     if len(doras) > 1:  # PEFT's LoraConfig has one use_dora
-        names = sorted(n for n, layer in layers.items() if getattr(layer, "dora", False))
+        names = sorted(n for n, spec in specs.items() if spec.dora)
         raise ValueError(
             f"save_peft_adapter: layers {names[:3]}{'...' if len(names) > 3 else ''} use DoRA and others do not; "
             "PEFT's adapter_config.json holds one use_dora for every layer"
@@ -94,7 +95,7 @@ def _lora_config(
         r=r,
         use_dora=doras == {True},
         lora_alpha=alpha,
-        target_modules=sorted(layers),
+        target_modules=sorted(specs),
         rank_pattern={n: v for n, v in ranks.items() if v != r},
         alpha_pattern={n: v for n, v in alphas.items() if v != alpha},
         lora_dropout=max(dropouts),
@@ -129,6 +130,7 @@ def save_peft_adapter(
     base_model_name_or_path: Optional[str] = None,
     initial: Optional[str] = None,
     residual_model: Optional[str] = None,
+    adapter_name: Optional[str] = None,
 ) -> None:
     """Write a PEFT LoRA adapter of ``model``'s adapters to directory ``path``.
 
@@ -152,43 +154,62 @@ def save_peft_adapter(
             says that the residual model is needed, never the original id, except for methods that
             left the base weights unchanged (LoRA, asymmetric, Partial-LoRA): loading a CorDA or
             PiSSA adapter onto the original weights would silently give wrong outputs.
+        adapter_name: with several named adapters (``apply(..., adapter_name=)``), the one to
+            write (default: the active one); the layers then hold the original weights and the
+            adapter applies to the original base, a subtractive one as its rank ``r + r0`` form
+            ``[A | A₀], [B | −B₀]`` (PEFT's ``load_adapter`` takes each under its name).
 
     Raises:
         ValueError: ``model`` carries no ``LowRankLinear`` layer, ``initial`` lacks one of its
-            layers' factors (saved from another model), or some layers use DoRA and others not.
+            layers' factors (saved from another model), or some layers use DoRA and others not;
+            a layer lacks ``adapter_name``, the layers' active adapters differ (ambiguous), or
+            ``initial`` is given with several adapters.
         ImportError: peft is not installed.
     """
     from safetensors.torch import load_file, save_file
 
     layers = adapters(model)
-    tensors = {}
-    for name, layer in layers.items():
-        A, B = dense_factors(layer)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
-        if getattr(layer, "dora", False):  # PEFT's key for DoRA's magnitude (no ".weight")
-            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.magnitude.detach().contiguous().cpu()
-    if initial is not None:
-        start = load_file(os.path.join(initial, ADAPTER_WEIGHTS))
-        missing = sorted(k for k in tensors if k not in start)
-        if missing:
+    chosen = chosen_adapter(layers, adapter_name, "save_peft_adapter")
+    if chosen is not None and all(not layer.on_original_base for layer in layers.values()):
+        chosen = None  # the layers' own (only) adapter: the usual export
+    tensors, specs = {}, {}
+    if chosen is not None:  # several named adapters on the original weights
+        if initial is not None:
             raise ValueError(
-                f"initial adapter at {initial} lacks {missing[0]} (and {len(missing) - 1} more); "
-                "was it saved from this model?"
+                "save_peft_adapter: initial= converts a residual's adapter; these layers hold the original "
+                "weights with several adapters, and each exports for the original base as it is"
             )
-        for key in [k for k in tensors if ".lora_A." in k or ".lora_B." in k]:
-            t0 = start[key].to(tensors[key].dtype)
-            tensors[key] = torch.cat([tensors[key], t0], 0) if ".lora_A." in key else torch.cat([tensors[key], -t0], 1)
+        for name, layer in layers.items():
+            owner = layer.adapter(chosen)
+            with torch.no_grad():
+                A, B = serving_factors(owner, layer.out_features, layer.in_features)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().contiguous().cpu()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().contiguous().cpu()
+            specs[name] = _Spec(A.shape[0], float(owner.scale), float(owner.dropout), False)
+    else:
+        start = None if initial is None else load_file(os.path.join(initial, ADAPTER_WEIGHTS))
+        for name, layer in layers.items():
+            A, B = dense_factors(layer)
+            keys = (f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight")
+            if start is not None:
+                if any(k not in start for k in keys):
+                    missing = [k for k in keys if k not in start][0]
+                    raise ValueError(f"initial adapter at {initial} lacks {missing}; was it saved from this model?")
+                A, B = with_initial(A, B, start[keys[0]].to(A.dtype), start[keys[1]].to(B.dtype))
+            tensors[keys[0]], tensors[keys[1]] = A.contiguous().cpu(), B.contiguous().cpu()
+            if getattr(layer, "dora", False):  # PEFT's key for DoRA's magnitude (no ".weight")
+                tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.magnitude.detach().contiguous().cpu()
+            specs[name] = _Spec(A.shape[0], float(layer.scale), float(getattr(layer, "dropout", 0.0)), layer.dora)
+    original = initial is not None or chosen is not None
     if base_model_name_or_path is None:
-        base_model_name_or_path = (
-            _original_id(model) if initial is not None else adapter_base(model, layers, residual_model)
-        )
-    config = _lora_config(layers, base_model_name_or_path, 2 if initial is not None else 1, task_type(model))
+        base_model_name_or_path = _original_id(model) if original else adapter_base(model, layers, residual_model)
+    config = _lora_config(specs, base_model_name_or_path, task_type(model))
     os.makedirs(path, exist_ok=True)
     config.save_pretrained(path)
     save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     info = {
-        "applies_to": "original base" if initial else "residual base",
+        "applies_to": "original base" if original else "residual base",
+        "adapter_name": chosen,
         "base_model_name_or_path": base_model_name_or_path,
         "original_model": _original_id(model),
         "layers": len(layers),

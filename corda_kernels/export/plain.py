@@ -13,7 +13,7 @@ A quantized residual is written in bitsandbytes' storage format by
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -59,21 +59,46 @@ def residual_weight(layer: LowRankLinear) -> torch.Tensor:
     return weight.dequantize() if isinstance(weight, QuantizedWeight) else weight.detach()
 
 
-def merged_weight(layer: LowRankLinear) -> torch.Tensor:
-    """``W' + scale·delta`` (times DoRA's ``m / n`` per row) computed in fp32 and cast once to the
-    weight dtype."""
+def merged_weight(layer: LowRankLinear, adapter: Optional[str] = None) -> torch.Tensor:
+    """``W' + scale·delta`` of the active adapter or ``adapter`` (times DoRA's ``m / n`` per row)
+    computed in fp32 and cast once to the weight dtype."""
     with torch.no_grad():
         if getattr(layer, "merged", False):
             return layer.weight.detach().clone()
-        return layer.merged_weight().to(layer.weight.dtype)
+        return layer.merged_weight(adapter).to(layer.weight.dtype)
+
+
+def chosen_adapter(layers: dict[str, LowRankLinear], adapter_name: Optional[str], where: str) -> Optional[str]:
+    """The adapter an export of several named adapters uses: ``adapter_name`` (every layer must hold
+    it), else the layers' active adapter (they must agree); None when every layer holds one adapter."""
+    if adapter_name is not None:
+        for name, layer in layers.items():
+            if adapter_name not in layer.adapter_names:
+                raise ValueError(
+                    f"{where}: layer {name} holds no adapter {adapter_name!r} (it holds {list(layer.adapter_names)})"
+                )
+        return adapter_name
+    if all(len(layer.adapter_names) == 1 for layer in layers.values()):
+        return None
+    active: dict[str, str] = {}
+    for name, layer in layers.items():
+        active.setdefault(layer.active_adapter, name)
+    if len(active) > 1:
+        (a, la), (b, lb) = list(active.items())[:2]
+        raise ValueError(
+            f"{where}: ambiguous: layer {la}'s active adapter is {a!r}, layer {lb}'s {b!r}; pass adapter_name="
+        )
+    return next(iter(active))
 
 
 @contextlib.contextmanager
-def plain_layers(model: nn.Module, kind: str) -> Iterator[nn.Module]:
-    """Temporarily replace adapters by plain layers (``kind``: "merged" or "residual")."""
+def plain_layers(model: nn.Module, kind: str, adapter_name: Optional[str] = None) -> Iterator[nn.Module]:
+    """Temporarily replace adapters by plain layers (``kind``: "merged", of the active adapter or
+    ``adapter_name``, or "residual")."""
     layers = adapters(model)
+    chosen = chosen_adapter(layers, adapter_name, "save_merged_model") if kind == "merged" else None
     for name, layer in layers.items():
-        weight = merged_weight(layer) if kind == "merged" else residual_weight(layer)
+        weight = merged_weight(layer, chosen) if kind == "merged" else residual_weight(layer)
         hf.set_submodule(model, name, plain_layer(layer, weight))
     try:
         yield model
@@ -90,23 +115,28 @@ def _replace_adapters(model: nn.Module, weight_of) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     """Fold every adapter into its layer, in place; the model becomes a plain HF model.
 
     Each ``LowRankLinear`` becomes an ``nn.Linear`` (or ``Conv1D``, as it came) holding
     ``W' + s·delta``, summed in fp32 and cast once to the weight's dtype. GGUF quantization marks
-    are dropped, so ``save_pretrained`` writes an ordinary checkpoint.
+    are dropped, so ``save_pretrained`` writes an ordinary checkpoint. With several named adapters
+    the active one is merged (or ``adapter_name``) and the others are dropped.
 
     Args:
         model: a model adapted by :func:`corda_kernels.apply` (or ``apply_blockwise``).
+        adapter_name: the adapter to merge when the layers hold several (default: the active one).
 
     Returns:
         ``model`` itself, without adapters.
 
     Raises:
-        ValueError: ``model`` carries no ``LowRankLinear`` layer.
+        ValueError: ``model`` carries no ``LowRankLinear`` layer; a layer lacks ``adapter_name``;
+            layers with several adapters disagree on the active one and no ``adapter_name`` is
+            given (ambiguous). Nothing is changed then.
     """
-    return _replace_adapters(model, merged_weight)
+    chosen = chosen_adapter(adapters(model), adapter_name, "merge")
+    return _replace_adapters(model, lambda layer: merged_weight(layer, chosen))
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -114,7 +144,8 @@ def unload(model: nn.Module) -> nn.Module:
 
     Each ``LowRankLinear`` becomes an ``nn.Linear`` / ``Conv1D`` holding the frozen base ``W'``
     (a quantized base dequantized, bit-exact, to its dtype): the base PEFT needs for a CorDA or
-    PiSSA adapter written by :func:`save_peft_adapter`.
+    PiSSA adapter written by :func:`save_peft_adapter`. Layers holding several named adapters
+    hold the original weight: unloading them gives the original model.
 
     Args:
         model: a model adapted by :func:`corda_kernels.apply`.
@@ -128,7 +159,7 @@ def unload(model: nn.Module) -> nn.Module:
     return _replace_adapters(model, residual_weight)
 
 
-def save_merged_model(model: nn.Module, path: str, **save_kwargs) -> None:
+def save_merged_model(model: nn.Module, path: str, *, adapter_name: Optional[str] = None, **save_kwargs) -> None:
     """``save_pretrained`` of the merged model, leaving ``model``'s weights unchanged.
 
     The adapters are swapped for merged plain layers during the save and put back after it. A
@@ -137,13 +168,15 @@ def save_merged_model(model: nn.Module, path: str, **save_kwargs) -> None:
     Args:
         model: a model adapted by :func:`corda_kernels.apply`.
         path: the output directory.
+        adapter_name: the adapter to merge when the layers hold several (default: the active one).
         **save_kwargs: passed to ``model.save_pretrained`` (e.g. ``safe_serialization``).
 
     Raises:
-        ValueError: ``model`` carries no ``LowRankLinear`` layer.
+        ValueError: ``model`` carries no ``LowRankLinear`` layer, or the adapter to merge is
+            unknown or ambiguous (as :func:`merge`).
     """
     hf.forget_gguf_quantization(model)
-    with plain_layers(model, "merged"):
+    with plain_layers(model, "merged", adapter_name):
         model.save_pretrained(path, **save_kwargs)
 
 

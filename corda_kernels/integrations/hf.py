@@ -258,9 +258,10 @@ def refuse_adapted(model: nn.Module, what: str) -> None:
     refusing call): its target layers are no longer plain linear layers."""
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
+            more = "; to add a further named adapter to its layers pass adapter_name=" if what == "apply" else ""
             raise ValueError(
                 f"{what}: model already carries corda_kernels adapters (e.g. {name}); {what} the base model, or merge "
-                "or unload them first (corda_kernels.merge / corda_kernels.unload)"
+                f"or unload them first (corda_kernels.merge / corda_kernels.unload){more}"
             )
         if type(module).__module__.startswith("peft.") and hasattr(module, "lora_A"):
             raise ValueError(

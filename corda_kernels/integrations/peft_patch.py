@@ -91,7 +91,7 @@ logger = logging.getLogger(__name__)
 _MARK = "_corda_kernels_patched"
 _PLANS = "_corda_kernels_plans"  # {adapter: True when it can run fused}, filled lazily
 _BASE = "_corda_kernels_base"  # the base's kind: "dense", "conv1d", "nf4" or "int8"
-_PACKED = "_corda_kernels_packed"  # (key, packed factors) of the last mixed batch, when no gradient was taken
+_PACKED = "_corda_kernels_packed"  # segmented.pack_cached's slot: the last mixed batch's packed factors
 _NAME = "_corda_kernels_name"  # the layer's name in the model, for messages
 _QUANTIZED = ("nf4", "int8")
 
@@ -453,16 +453,7 @@ def _packed(layer: nn.Module, adapters: list):
     reused from the previous call while no gradient is taken and no factor changed."""
     As = [layer.lora_A[a].weight for a in adapters]
     Bs = [layer.lora_B[a].weight for a in adapters]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in As + Bs):
-        return segmented.pack_adapters(As, Bs)
-    key = tuple((a, id(t), t._version, t.device, t.dtype) for a, t in zip(adapters * 2, As + Bs))
-    cached = layer.__dict__.get(_PACKED)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    with torch.no_grad():
-        packed = segmented.pack_adapters(As, Bs)
-    layer.__dict__[_PACKED] = (key, packed)
-    return packed
+    return segmented.pack_cached(layer.__dict__, tuple(adapters), As + Bs, lambda: segmented.pack_adapters(As, Bs))
 
 
 def _mixed_batch(layer: nn.Module, x: torch.Tensor, names: list) -> Optional[torch.Tensor]:
@@ -475,12 +466,11 @@ def _mixed_batch(layer: nn.Module, x: torch.Tensor, names: list) -> Optional[tor
     if x.dim() < 2:
         return None
     slots: dict[str, int] = {}
-    index = []
-    for name in names:
-        if name == "__base__" or name not in layer.lora_A:  # PEFT adds nothing for either
-            index.append(-1)
-        else:
-            index.append(slots.setdefault(name, len(slots)))
+
+    def slot_of(name) -> int:  # PEFT adds nothing for "__base__" or an adapter the layer does not hold
+        return -1 if name == "__base__" or name not in layer.lora_A else slots.setdefault(name, len(slots))
+
+    per_sequence = segmented.slots_of_names(names, slot_of, x.device)
     adapters = list(slots)
     if not adapters:
         return _base_only(layer, x)
@@ -499,8 +489,7 @@ def _mixed_batch(layer: nn.Module, x: torch.Tensor, names: list) -> Optional[tor
     if kind in _QUANTIZED:
         weight = weight.dequantize(dtype)
     A, B, ranks = _packed(layer, adapters)
-    rows = torch.tensor(index, dtype=torch.int64, device=x.device)
-    rows = rows.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1]).reshape(-1)
+    rows = per_sequence.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1]).reshape(-1)
     scales = torch.tensor([float(layer.scaling[a]) for a in adapters], dtype=torch.float32, device=x.device)
     y = segmented.fused(xin, weight, A, B, rows, scales, ranks, bias)
     return y.to(x.dtype) if kind == "nf4" or not autocast else y

@@ -21,6 +21,9 @@ Public calls:
 - :func:`fused`: the op without validation on normalized arguments (those of the registered op,
   below), for callers that validated once (modules, patched layers).
 - :func:`check_segmented`: the validation.
+- :func:`slots_of_names` and :func:`pack_cached`: what every caller serving named adapters needs (one
+  adapter slot per sequence from names; the packed stacks reused while no gradient is taken and no
+  factor changed), shared by :class:`corda_kernels.LowRankLinear` and the PEFT patch.
 
 Math, shapes and gradients: :mod:`corda_kernels.kernels.reference.segmented` (the specification).
 Backends (:mod:`corda_kernels._backend`; ``CORDA_KERNELS_BACKEND`` forces one): ``triton`` (row tiles
@@ -61,7 +64,14 @@ from ._checks import check_beside_weight, check_input
 from ._checks import shape as _shape
 from ._registry import needs, register_autocast, register_op
 
-__all__ = ["lowrank_linear_segmented", "fused", "pack_adapters", "check_segmented"]
+__all__ = [
+    "lowrank_linear_segmented",
+    "fused",
+    "pack_adapters",
+    "check_segmented",
+    "slots_of_names",
+    "pack_cached",
+]
 
 _NAME = "lowrank_linear_segmented"
 # Backend preference, fastest first. CPU: the torch composition (grouping measured against a gather of
@@ -286,6 +296,30 @@ def pack_adapters(
     A_stack = torch.stack([F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in A])
     B_stack = torch.stack([F.pad(b, (0, r_max - b.shape[1])) for b in B])
     return A_stack, B_stack, torch.tensor(ranks, dtype=torch.int64, device=first.device)
+
+
+def slots_of_names(names: Sequence, slot_of, device) -> torch.Tensor:
+    """One adapter slot per sequence as an int64 ``(len(names),)`` tensor on ``device``:
+    ``slot_of(name)`` gives each name's slot (-1 for the base alone); the op broadcasts it over
+    the sequence (``adapter_index`` of shape ``x.shape[:1]``)."""
+    return torch.tensor([slot_of(name) for name in names], dtype=torch.int64, device=device)
+
+
+def pack_cached(store: dict, key: tuple, tensors: Sequence[torch.Tensor], build):
+    """``build()`` (packed stacks of named adapters), reused from ``store`` while no gradient is taken
+    and none of ``tensors`` (the factors it reads) changed: same objects, storages, versions,
+    devices and dtypes, and the same ``key`` (e.g. the adapters' names and scales). With a gradient it is built
+    every call (differentiably)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return build()
+    full = (key, tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape)) for t in tensors))
+    cached = store.get("_corda_kernels_packed")
+    if cached is not None and cached[0] == full:
+        return cached[1]
+    with torch.no_grad():
+        packed = build()
+    store["_corda_kernels_packed"] = (full, packed)
+    return packed
 
 
 def _scales_tensor(scales, n: int, device, check_values: bool) -> torch.Tensor:

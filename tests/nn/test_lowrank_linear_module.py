@@ -367,3 +367,160 @@ def test_slices_of_a_batch_are_copied_out():
     for layer in layers:
         assert all(_owns_its_storage(t) for t in layer.state_dict().values())
     assert layers[0].A.data_ptr() != batch_A.data_ptr() and torch.equal(layers[1].A, batch_A[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# several named adapters on one layer (issue 24, part 4)
+
+
+def _named_layer():
+    """fp64 layer: its own PiSSA-like adapter turned back onto the original weight (A0, B0), a
+    Partial-LoRA adapter, a SiVA-like one (frozen A, B, trainable diag) and a subtractive one."""
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    W, bias = r(9, 7), r(9)
+    A0, B0 = r(3, 7), r(9, 3)
+    layer = LowRankLinear(W - 0.5 * B0 @ A0, A0 + 0.1 * r(3, 7), B0 + 0.1 * r(9, 3), bias=bias, scale=0.5)
+    layer.base_changed = True
+    layer.use_original_base(A0, B0)
+    layer.add_adapter(
+        "part",
+        r(2, 4),
+        r(5, 2),
+        scale=2.0,
+        row_index=torch.tensor([0, 2, 3, 8, 6]),
+        col_index=torch.tensor([6, 1, 0, 4]),
+    )
+    layer.add_adapter("siva", r(2, 7), r(9, 2), scale=1.5, diag=r(2), trainable=("diag",))
+    S0, T0 = r(2, 7), r(9, 2)
+    layer.add_adapter("sub", S0 + 0.1 * r(2, 7), T0 + 0.1 * r(9, 2), scale=0.75, initial=(S0, T0))
+    return layer, W, bias
+
+
+def _oracle(layer, W, bias, name):
+    """``W + b + s·delta`` of adapter ``name`` from its own tensors, dense fp64."""
+    o = layer.adapter(name)
+    A, B = o.A, o.B
+    if o.diag is not None:
+        A = A * o.diag[:, None]
+    dense = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)
+    rows = torch.arange(layer.out_features) if o.row_index is None else o.row_index
+    cols = torch.arange(layer.in_features) if o.col_index is None else o.col_index
+    dense[rows[:, None], cols[None, :]] = B @ A
+    if getattr(o, "A0", None) is not None:
+        dense = dense - o.B0 @ o.A0
+    return W + o.scale * dense, bias
+
+
+def test_named_adapters_keep_the_first_ones_output():
+    layer, W, bias = _named_layer()
+    torch.testing.assert_close(layer.weight, W, rtol=0, atol=1e-12)  # the original weight is back
+    x = torch.randn(4, 7, dtype=torch.float64)
+    w, b = _oracle(layer, W, bias, "default")
+    torch.testing.assert_close(layer(x), x @ w.T + b, rtol=0, atol=1e-12)
+    assert layer.adapter_names == ("default", "part", "siva", "sub") and layer.active_adapter == "default"
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [[3, 0, -1, 1, 2, 3], [2, 2, 2, 2, 2, 2], [-1, -1, 0, 0, 1, 1], [-1] * 6],
+    ids=["each", "one", "repeat", "base"],
+)
+def test_per_row_equals_each_adapter_alone(rows):
+    layer, W, bias = _named_layer()
+    names = layer.adapter_names
+    x = torch.randn(6, 3, 7, dtype=torch.float64)
+    want = torch.stack(
+        [
+            x[i] @ W.T + bias if a < 0 else x[i] @ _oracle(layer, W, bias, names[a])[0].T + bias
+            for i, a in enumerate(rows)
+        ]
+    )
+    torch.testing.assert_close(layer(x, adapter_index=torch.tensor(rows)), want, rtol=0, atol=1e-12)
+    per_token = torch.tensor(rows, dtype=torch.int32)[:, None].expand(6, 3)
+    torch.testing.assert_close(layer(x, adapter_index=per_token), want, rtol=0, atol=1e-12)
+    as_names = [None if a < 0 else names[a] for a in rows]
+    torch.testing.assert_close(layer(x, adapter_index=as_names), want, rtol=0, atol=1e-12)
+    for name in names:  # the active adapter alone agrees too
+        layer.set_adapter(name)
+        torch.testing.assert_close(layer(x[0]), x[0] @ _oracle(layer, W, bias, name)[0].T + bias, rtol=0, atol=1e-12)
+
+
+def test_per_row_gradients_match_the_oracle():
+    layer, W, bias = _named_layer()
+    names = layer.adapter_names
+    owners = [layer.adapter(n) for n in names]
+    params = [getattr(o, f) for o in owners for f in o.trainable]
+    for p in params:
+        p.requires_grad_(True)
+    x = torch.randn(5, 7, dtype=torch.float64)
+    rows = [1, 3, -1, 2, 0]
+    got = torch.autograd.grad(layer(x, adapter_index=torch.tensor(rows)).square().sum(), params)
+    want_y = torch.stack(
+        [
+            x[i] @ W.T + bias if a < 0 else x[i] @ _oracle(layer, W, bias, names[a])[0].T + bias
+            for i, a in enumerate(rows)
+        ]
+    )
+    want = torch.autograd.grad(want_y.square().sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_named_adapter_merge_delete_and_undo():
+    layer, W, bias = _named_layer()
+    x = torch.randn(4, 7, dtype=torch.float64)
+    layer.set_adapter("part")
+    want = layer(x)
+    layer.merge()  # summed in fp32 (as every merge)
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="merged"):
+        layer(x, adapter_index=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="merged"):
+        layer.set_adapter("default")
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    layer.delete_adapter("part")
+    assert layer.active_adapter == "default" and "part" not in layer.adapter_names
+    with pytest.raises(ValueError, match="unknown adapter 'part'"):
+        layer.set_adapter("part")
+    for name in ("siva", "sub"):
+        layer.delete_adapter(name)
+    before = layer(x)
+    layer.restore_residual_base()  # back to the residual: the same outputs
+    assert not layer.on_original_base
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-12)
+
+
+def test_named_adapters_state_dict_round_trip():
+    layer, _, _ = _named_layer()
+    other, _, _ = _named_layer()
+    with torch.no_grad():
+        layer.adapter("part").A.add_(1.0)
+    other.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 7, dtype=torch.float64)
+    rows = torch.tensor([1, 0, 3])
+    torch.testing.assert_close(other(x, adapter_index=rows), layer(x, adapter_index=rows), rtol=0, atol=0)
+
+
+def test_per_row_packed_factors_follow_changes():
+    """The packed stacks are reused without gradients, and rebuilt once a factor changes (in place
+    or by swapping its storage) or an adapter is added."""
+    layer, W, bias = _named_layer()
+    x = torch.randn(4, 7, dtype=torch.float64)
+    rows = torch.tensor([1, 3, 0, 2])
+    with torch.no_grad():
+        layer(x, adapter_index=rows)
+        layer.adapter("part").B.add_(1.0)
+        layer.adapter("sub").A.data = torch.zeros_like(layer.adapter("sub").A)
+        got = layer(x, adapter_index=rows)
+        want = [x[i] @ _oracle(layer, W, bias, layer.adapter_names[a])[0].T + bias for i, a in enumerate(rows.tolist())]
+        torch.testing.assert_close(got, torch.stack(want), rtol=0, atol=1e-12)
+        layer.add_adapter("new", torch.ones(1, 7, dtype=torch.float64), torch.ones(9, 1, dtype=torch.float64))
+        got = layer(x, adapter_index=torch.tensor([4, 4, -1, 4]))
+        torch.testing.assert_close(
+            got[0], x[0] @ (W + torch.ones(9, 7, dtype=torch.float64)).T + bias, rtol=0, atol=1e-12
+        )
