@@ -9,10 +9,11 @@ adapter present runs its two skinny GEMMs on its rows only, added into ``y`` wit
 Rows of index -1 are in no group. The backward groups the same way: ``g = dy_rows·B_a``,
 ``dx_rows += (g ⊙ v_a)·A_a``, ``dA_a = (g ⊙ v_a)ᵀ x_rows``, ``dB_a = dy_rowsᵀ (u_rows ⊙ v_a)``; the
 base ``dy·W`` and ``dW = dyᵀx`` once. Each group's work is a handful of torch calls, which is what
-a many-adapter call spends its time on at small sizes; so in fp32/fp64 (no rounding between products)
-``v`` is folded into ``B`` once per call (``(u ⊙ v_a)·B_aᵀ = u·(B_a ⊙ v_a)ᵀ``, ``g ⊙ v_a = dy·(B_a ⊙ v_a)``)
-and ``dB`` is scaled by ``v`` once at the end, products are written straight into ``dA_a`` / ``dB_a``,
-and ``u`` is not stored when no gradient reads it (a no-grad forward). 16-bit inputs keep the
+a many-adapter call spends its time on at small sizes; so each group's products skip its rank
+padding (``ranks``), in fp32/fp64 (no rounding between products) the scale ``s_a`` rides on the
+GEMM's ``alpha`` (``(u ⊙ v_a)·B_aᵀ = s_a·u·B_aᵀ`` on the live ranks) and ``dB`` is scaled by ``v``
+once at the end, products are written straight into ``dA_a`` / ``dB_a``, and ``u`` is not stored
+when no gradient reads it (a no-grad forward). 16-bit inputs keep the
 reference's order (``u ⊙ v`` rounded to the compute dtype, then the product).
 
 Why grouping and not a gather of per-row factors (``bmm`` of ``x[m]`` with ``A[index[m]]``, BGMV
@@ -71,22 +72,16 @@ def _take(t: torch.Tensor, rows: Rows) -> torch.Tensor:
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
 
-def _add_rows(y: torch.Tensor, rows: Rows, t: torch.Tensor, f: torch.Tensor) -> None:
-    """``y[rows] += t · f`` (in place on a slice, ``index_add_`` otherwise)."""
+def _add_rows(y: torch.Tensor, rows: Rows, t: torch.Tensor, f: torch.Tensor, alpha: float = 1.0) -> None:
+    """``y[rows] += alpha · t · f`` (in place on a slice, ``index_add_`` otherwise)."""
     if isinstance(rows, slice):
-        y[rows].addmm_(t, f)
+        y[rows].addmm_(t, f, alpha=alpha)
     else:
-        y.index_add_(0, rows, t @ f)
+        y.index_add_(0, rows, t @ f, alpha=alpha)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def _scaled_b(B: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``B_a ⊙ v_a`` for every adapter, ``(n, out, r_max)``: in fp32/fp64 (no rounding between the
-    products) ``v`` is folded into ``B`` once per call instead of scaling every group's ``u`` / ``g``."""
-    return B * v[:, None, :]
 
 
 def forward(x, weight, A, B, index, scales, ranks=None, bias=None, keep_u=True):
@@ -103,15 +98,26 @@ def forward(x, weight, A, B, index, scales, ranks=None, bias=None, keep_u=True):
     if grouped:
         v = adapter_scales(scales, ranks, r_max, acc, x.device)
         exact = dtype == acc
+        live = _live_ranks(ranks, n, r_max)
+        s_a = scales.tolist()
         A_a = _as(A, dtype).unbind(0)
-        Bt_a = (_scaled_b(B, v) if exact else _as(B, dtype)).transpose(1, 2).unbind(0)
+        Bt_a = _as(B, dtype).transpose(1, 2).unbind(0)
         v_a = v.unbind(0)
         for a, rows in grouped:
-            ua = F.linear(_take(x2, rows), A_a[a])
+            r = live[a]
+            ua = F.linear(_take(x2, rows), A_a[a][:r])
             if keep_u:
-                _put_rows(u, rows, ua)
-            _add_rows(y, rows, ua if exact else _as(_as(ua, acc) * v_a[a], dtype), Bt_a[a])
+                _put_rows(u[:, :r], rows, ua)
+            if exact:  # v is s_a on the live ranks: the scale rides on the GEMM's alpha
+                _add_rows(y, rows, ua, Bt_a[a][:r], s_a[a])
+            else:
+                _add_rows(y, rows, _as(_as(ua, acc) * v_a[a][:r], dtype), Bt_a[a][:r])
     return y.reshape(*x.shape[:-1], out_f), u
+
+
+def _live_ranks(ranks: Optional[torch.Tensor], n: int, r_max: int) -> list[int]:
+    """Each adapter's rank (``r_max`` without ``ranks``): a group's products skip its padding."""
+    return [r_max] * n if ranks is None else [min(int(r), r_max) for r in ranks.tolist()]
 
 
 def _put_rows(u: torch.Tensor, rows: Rows, values: torch.Tensor) -> None:
@@ -123,7 +129,7 @@ def _put_rows(u: torch.Tensor, rows: Rows, values: torch.Tensor) -> None:
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``out = a · b`` (straight into ``out`` when the dtypes agree; else computed, then cast in)."""
-    if out.dtype == a.dtype == b.dtype:
+    if out.dtype == a.dtype == b.dtype and out.is_contiguous():
         torch.mm(a, b, out=out)
     else:
         out.copy_(a @ b)
@@ -147,20 +153,25 @@ def backward(dy, x, weight, A, B, index, scales, ranks, u, needs):
         v = adapter_scales(scales, ranks, r_max, acc, dy.device)
         exact = dtype == acc
         A_a = _as(A, dtype).unbind(0)
-        B_a = (_scaled_b(B, v) if exact else _as(B, dtype)).unbind(0)
+        B_a = _as(B, dtype).unbind(0)
         v_a = v.unbind(0)
+        live = _live_ranks(ranks, n, r_max)
+        s_a = scales.tolist()
         dA_a = None if dA is None else dA.unbind(0)
         dB_a = None if dB is None else dB.unbind(0)
         for a, rows in grouped:
+            r = live[a]
             dyg = _take(dy2, rows)
+            Ba, va = B_a[a][:, :r], v_a[a][:r]
             if need_x or need_a:
-                h = dyg @ B_a[a] if exact else _as(_as(dyg @ B_a[a], acc) * v_a[a], dtype)  # (dy·B_a) ⊙ v_a
+                h = (dyg @ Ba).mul_(s_a[a]) if exact else _as(_as(dyg @ Ba, acc) * va, dtype)  # (dy·B_a) ⊙ v_a
                 if need_x:
-                    _add_rows(dx, rows, h, A_a[a])
+                    _add_rows(dx, rows, h, A_a[a][:r])
                 if need_a:
-                    _mm_into(dA_a[a], h.T, _take(x2, rows))
+                    _mm_into(dA_a[a][:r], h.T, _take(x2, rows))
             if need_b:  # exact dtypes: dy_aᵀ u_a here, ⊙ v once for all adapters below
-                _mm_into(dB_a[a], dyg.T, _take(u, rows) if exact else _as(_take(u, rows) * v_a[a], dtype))
+                ua = _take(u, rows)[:, :r]
+                _mm_into(dB_a[a][:, :r], dyg.T, ua if exact else _as(ua * va, dtype))
         if need_b and exact:
             dB.mul_(v[:, None, :])
     if need_x:
