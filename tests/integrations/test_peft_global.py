@@ -528,6 +528,7 @@ def test_engine_error_falls_back_to_peft(monkeypatch, caplog):
 
 def _attrs():
     import peft.tuners.lora.corda as corda
+    import peft.tuners.lora.eva as eva
 
     return (
         BaseTuner.__dict__["inject_adapter"],
@@ -536,6 +537,7 @@ def _attrs():
         LoraLayer.__dict__["loftq_init"],
         corda.calib_cov_distribution,
         corda.collect_eigens,
+        eva._get_eva_state_dict,
     )
 
 
