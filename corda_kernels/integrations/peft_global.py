@@ -14,8 +14,10 @@ manager :func:`peft_patched`), PEFT itself is unchanged in its public API and fi
    layers are collected during the injection and initialized together, one batch per shape,
    bounded by :data:`~corda_kernels.integrations.peft_init.CHUNK_BYTES`; ``preprocess_corda``
    accumulates its covariances on our streaming op and decomposes with our CO-SVD, storing only
-   the r kept components;
-3. anything else (``"eva"``, ``"loftq"``, other initializations, options or layer types we do not
+   the r kept components; EVA (``get_eva_state_dict`` / ``initialize_lora_eva_weights``) computes
+   its components as the top eigenvectors of each layer's exact centered input covariance
+   (:mod:`corda_kernels.integrations.peft_eva`), with PEFT's stopping rule and rank redistribution;
+3. anything else (``"loftq"``, other initializations, options or layer types we do not
    implement) runs PEFT's own code, with one log line on the ``corda_kernels.peft`` logger saying why.
 
 Patching replaces a handful of attributes on PEFT's classes and modules (saved and restored
@@ -34,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch import nn
 
-from . import peft_init, peft_patch
+from . import peft_eva, peft_init, peft_patch
 
 logger = logging.getLogger("corda_kernels.peft")
 
@@ -50,6 +52,7 @@ _TARGETS = (
     ("peft.tuners.lora.layer", "LoraLayer", "loftq_init"),
     ("peft.tuners.lora.corda", None, "calib_cov_distribution"),
     ("peft.tuners.lora.corda", None, "collect_eigens"),
+    ("peft.tuners.lora.eva", None, "_get_eva_state_dict"),
 )
 
 _saved: Optional[dict[tuple[str, Optional[str], str], Any]] = None  # originals while patched
@@ -126,14 +129,6 @@ def _wrap_inject(original: Callable) -> Callable:
         with peft_init.collecting() as pending:
             result = original(self, model, adapter_name, *args, **kwargs)
             peft_init.run_pending(pending)
-        config = getattr(self, "peft_config", {}).get(adapter_name)
-        init = getattr(config, "init_lora_weights", None)
-        if init == "eva":
-            logger.info(
-                "init_lora_weights='eva' (adapter %r): initialize_lora_eva_weights runs PEFT's own code "
-                "(corda_kernels does not implement EVA's incremental SVD yet)",
-                adapter_name,
-            )
         if getattr(self, "prefix", None) == "lora_":
             _fuse(model)
         return result
@@ -166,6 +161,9 @@ def _replacements(found) -> dict:
         ),
         ("peft.tuners.lora.corda", None, "calib_cov_distribution"): corda[0],
         ("peft.tuners.lora.corda", None, "collect_eigens"): corda[1],
+        ("peft.tuners.lora.eva", None, "_get_eva_state_dict"): peft_eva.wrap_get_eva_state_dict(
+            found[("peft.tuners.lora.eva", None, "_get_eva_state_dict")][1]
+        ),
     }
 
 
@@ -225,7 +223,8 @@ def patch_peft(peft_model: Optional[nn.Module] = None) -> Optional[list[str]]:
 
     ``patch_peft()`` switches the global patch on: from then on every LoRA ``Linear`` layer PEFT
     builds or loads runs on the fused op, and PEFT's ``"pissa"``, ``"pissa_niter_N"`` and
-    ``"olora"`` initializations and ``preprocess_corda`` run on our batched engine with PEFT's
+    ``"olora"`` initializations, ``preprocess_corda`` and EVA's ``get_eva_state_dict`` /
+    ``initialize_lora_eva_weights`` run on our batched engine with PEFT's
     semantics; anything else runs PEFT's own code, with a log line (``corda_kernels.peft``
     logger) saying why. Works whether ``peft`` was imported before or after; idempotent;
     :func:`unpatch_peft` restores. ``patch_peft(peft_model)`` patches that model's LoRA ``Linear``

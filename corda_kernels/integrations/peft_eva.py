@@ -1,0 +1,435 @@
+"""PEFT's EVA (``init_lora_weights="eva"``) on corda_kernels' engine (used by the global PEFT patch).
+
+Replaces ``peft.tuners.lora.eva._get_eva_state_dict`` (PEFT 0.21), which both
+``get_eva_state_dict`` and ``initialize_lora_eva_weights`` call, and keeps its control flow
+line for line: the same batches (the first one twice: once to find layers with equal inputs, then
+cycling the dataloader), the same ``prepare_model_inputs_fn`` / ``prepare_layer_inputs_fn`` calls,
+the same per-layer convergence rule (after each batch a layer's components are compared with the
+previous batch's by cosine similarity against ``tau``; a layer whose first ``rank`` components
+have converged stops receiving data, and gets it again if the redistribution raises its rank),
+the same rank redistribution by explained variance ratio (``rho``, the budget, equal-input layers),
+``whiten`` and its output (``rank x in_features`` fp32 components, PEFT's sign convention).
+
+The components: PEFT's ``IncrementalPCA`` (centered by the running mean, in its way) takes, after
+each batch, the top ``k`` right singular vectors of ``X = [diag(S) Vt; batch − batch mean; mean
+correction]`` (its previous ``k`` components stacked on the new data) by a randomized SVD
+(``torch.svd_lowrank``, ``q = 2k``, 4 iterations). These are the top eigenvectors of the ``d x d``
+matrix ``Xᵀ X = Vtᵀ S² Vt + (batch)ᵀ(batch) + cᵀc``: ours builds it with :func:`covariance_update`
+(fp32) and solves it exactly with :func:`~corda_kernels.linalg.eigen.top_eigenpairs`, same-width
+layers batched and warm-started from the previous batch's basis. The running mean and variance are
+PEFT's own function (fp64), so the explained variance ratios are PEFT's ``S² / Σ var·n``; components
+carry PEFT's sign rule and dtypes (fp64 from the second batch on, as PEFT's). Layers with equal
+inputs are found by a hash of the input's bytes (PEFT: a Python hash of the input as a list of
+floats; the same partition, far cheaper).
+
+So ours is PEFT's algorithm with an exact SVD per step: the components differ from PEFT's by its
+randomized SVD's error, and where that error moves a layer's cosine similarity across ``tau`` at
+another batch, the layer stops after a different number of batches than PEFT's. A distributed run
+that gathers inputs, or any error in our code, runs PEFT's own function (one log line); bad input
+thus raises PEFT's own error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+from collections.abc import Mapping
+from copy import deepcopy
+from itertools import cycle
+from typing import Any, Callable
+
+import torch
+
+from ..linalg.eigen import top_eigenpairs
+from ..ops.covariance import covariance_update, symmetrize_
+
+logger = logging.getLogger("corda_kernels.peft")
+
+_classes_cache: dict[str, Any] = {}
+
+
+def _eva():
+    return importlib.import_module("peft.tuners.lora.eva")
+
+
+def _hook_classes():
+    """``(KeyHook, CovarianceHook)``: subclasses of PEFT's ``_Hook`` (its input preparation and
+    distributed gathering, and its check that no EVA hook is left behind)."""
+    if "classes" in _classes_cache:
+        return _classes_cache["classes"]
+    base = _eva()._Hook
+
+    class KeyHook(base):
+        """Records a key of each input (PEFT's ``HashHook``: equal keys, equal inputs)."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.hashed_inputs = []
+
+        @torch.no_grad()
+        def __call__(self, model, input, output):
+            x = self.gather_layer_inputs(self.prepare_layer_inputs(input))
+            self.hashed_inputs.append(_input_key(x, self))
+
+    class CovarianceHook(base):
+        """PEFT's ``SVDHook`` with the incremental PCA replaced by an exact centered scatter matrix."""
+
+        def __init__(self, n_components: int, sim_thresh, **kwargs):
+            super().__init__(**kwargs)
+            if isinstance(sim_thresh, torch.Tensor) and len(sim_thresh.shape) > 0:
+                check1 = sim_thresh.size(0) == n_components or sim_thresh.size(0) == 1
+                if not (check1 and len(sim_thresh.shape) == 1):
+                    raise ValueError(
+                        "if sim_thresh is a tensor with more than 0 dimensions it must have shape "
+                        "(n_components,) or (1,)"
+                    )
+            self.n_components = n_components
+            self.sim_thresh = sim_thresh
+            self.converged = torch.zeros((n_components,), dtype=torch.bool)
+            self.n_features = None
+            self.mean_ = self.var_ = None
+            self.n_samples_seen_ = None
+            self.components_ = self.singular_values_ = self.explained_variance_ratio_ = None
+            self.scatter = None  # the (d, d) matrix whose top eigenvectors are the next components
+            self.basis = None  # warm start for the next solve
+            self.fresh = False  # data arrived since the last solve
+
+        @torch.no_grad()
+        def __call__(self, model, input, output):
+            states = self.gather_layer_inputs(self.prepare_layer_inputs(input))
+            if states.size(0) < self.n_components:
+                print(f"skipping SVD for {self.name} because there are less than {self.n_components} examples")
+                return
+            if self.fresh:  # called twice in one forward: PEFT compares components after each call
+                solve([self])
+            self.add(states.to(torch.float32))
+
+        def add(self, X: torch.Tensor) -> None:
+            """PEFT's ``IncrementalPCA.partial_fit`` up to its SVD: the Gram matrix ``Xᵀ X`` of the
+            matrix PEFT decomposes, ``X = [diag(S) Vt; batch − batch mean; mean correction]``."""
+            n_samples, n_features = X.shape  # PEFT's IncrementalPCA checks, same messages
+            if self.n_components > n_features:
+                raise ValueError(
+                    f"n_components={self.n_components} invalid for n_features={n_features}, "
+                    "need more rows than columns for IncrementalPCA processing."
+                )
+            first = self.n_features is None
+            if first:
+                self.n_features = n_features
+                self.n_samples_seen_ = torch.tensor([0], device=X.device)
+            elif n_features != self.n_features:
+                raise ValueError(
+                    "Number of features of the new batch does not match the number of features of the first batch."
+                )
+            ipca = importlib.import_module("peft.utils.incremental_pca").IncrementalPCA
+            col_mean, col_var, n_total = ipca._incremental_mean_and_var(X, self.mean_, self.var_, self.n_samples_seen_)
+            if first or self.components_ is None:
+                X = X - col_mean.to(X.dtype)
+                C = torch.zeros(n_features, n_features, dtype=torch.float32, device=X.device)
+            else:
+                batch_mean = torch.mean(X, dim=0)
+                X = X - batch_mean
+                factor = torch.sqrt((self.n_samples_seen_.double() / n_total) * n_samples)
+                correction = (factor * (self.mean_ - batch_mean)).to(torch.float32)
+                V = self.components_.to(torch.float32)
+                C = (V.T * self.singular_values_.to(torch.float32).square()) @ V
+                C = C.triu() + torch.outer(correction, correction).triu()
+            covariance_update(C, X, check_finite=False)  # upper triangle
+            self.scatter = symmetrize_(C)
+            self.n_samples_seen_ = n_total
+            self.mean_, self.var_ = col_mean, col_var
+            self.fresh = True
+
+    _classes_cache["classes"] = (KeyHook, CovarianceHook)
+    return KeyHook, CovarianceHook
+
+
+def _input_key(x: torch.Tensor, hook) -> Any:
+    """A key equal for equal inputs as PEFT's ``hash(tuple(x.view(-1).tolist()))`` sees them (values
+    compared as Python numbers: dtype and shape ignored, ``-0.0 == 0.0``, NaN never equal)."""
+    flat = x.detach().cpu().view(-1)  # PEFT's .view(-1): a non-contiguous input raises the same
+    if flat.is_floating_point() and bool(torch.isnan(flat).any()):
+        return ("nan", id(hook), len(hook.hashed_inputs))
+    values = flat.to(torch.float64) + 0.0  # -0.0 + 0.0 == +0.0
+    return hashlib.blake2b(values.numpy().tobytes(), digest_size=16).digest()
+
+
+def _flip_signs(components: torch.Tensor) -> torch.Tensor:
+    """PEFT's ``svd_flip(u_based_decision=False)`` on ``(..., k, d)`` rows: each row's
+    largest-magnitude entry positive."""
+    idx = components.abs().argmax(-1, keepdim=True)
+    return components * torch.sign(components.gather(-1, idx))
+
+
+@torch.no_grad()
+def solve(hooks: list) -> None:
+    """Recompute the components of every hook that received data since the last solve, batched by
+    (width, device, n_components), and update their convergence flags as PEFT's ``SVDHook`` does."""
+    groups: dict[tuple, list] = {}
+    for hook in hooks:
+        if hook.fresh:
+            warm = hook.basis is not None
+            key = (hook.n_features, hook.scatter.device, hook.n_components, warm)
+            groups.setdefault(key, []).append(hook)
+    for (_, _, k, warm), members in groups.items():
+        C = torch.stack([h.scatter for h in members])
+        start = torch.stack([h.basis for h in members]) if warm else None
+        values, vectors, basis = top_eigenpairs(C, k, start)
+        components = _flip_signs(vectors.mT.contiguous())
+        singular = values.clamp_min(0).sqrt()
+        for i, hook in enumerate(members):
+            previous = hook.components_
+            # PEFT stacks its fp64 mean correction under fp32 rows from the second batch on: its
+            # components are fp64 from then on
+            dtype = torch.float32 if previous is None else torch.float64
+            hook.components_ = components[i].to(dtype)
+            hook.singular_values_ = singular[i].to(dtype)
+            total = torch.sum(hook.var_ * hook.n_samples_seen_)
+            hook.explained_variance_ratio_ = hook.singular_values_.square() / total
+            hook.basis = basis[i]
+            hook.scatter = None
+            hook.fresh = False
+            if previous is not None:
+                current = hook.components_
+                previous = previous.to(current.dtype)
+                if len(current.shape) == 1:
+                    current, previous = current.reshape(1, -1), previous.reshape(1, -1)
+                sim = torch.nn.functional.cosine_similarity(current, previous)
+                hook.converged = sim >= hook.sim_thresh
+
+
+def _rank_distribution(hooks, layer_hook_map, equal_inputs_map, rank_budget, max_components):
+    """PEFT's ``_get_rank_distribution``, on our hooks."""
+    exp_vars = {k: h.explained_variance_ratio_[: max_components[k]] for k, h in hooks.items()}
+    keys, values = zip(*[(k, c) for k, name in layer_hook_map.items() for c in exp_vars[name]])
+    idx = torch.stack(values).argsort(descending=True)
+    counts = {}
+    for i in idx[:rank_budget].tolist():
+        counts[keys[i]] = counts.get(keys[i], 0) + 1
+    counts = {k: counts.get(k, 0) for k in layer_hook_map.keys()}
+    for k, k_hook in equal_inputs_map.items():
+        rank, rank_hook = counts[k], counts[k_hook]
+        if rank_hook >= rank:
+            continue
+        counts[k_hook], counts[k] = rank, rank_hook
+    return counts
+
+
+def _refusal(gather_distributed_inputs: bool) -> str:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and gather_distributed_inputs:
+        return "torch.distributed is initialized and gather_distributed_inputs=True (inputs gathered across ranks)"
+    return ""
+
+
+def wrap_get_eva_state_dict(original: Callable) -> Callable:
+    """A replacement for ``peft.tuners.lora.eva._get_eva_state_dict`` (same signature)."""
+
+    def _get_eva_state_dict(
+        model,
+        dataloader,
+        peft_config,
+        target_module_check_fn,
+        forward_fn,
+        prepare_model_inputs_fn,
+        prepare_layer_inputs_fn,
+        gather_distributed_inputs,
+        show_progress_bar,
+    ):
+        args = (
+            model,
+            dataloader,
+            peft_config,
+            target_module_check_fn,
+            forward_fn,
+            prepare_model_inputs_fn,
+            prepare_layer_inputs_fn,
+            gather_distributed_inputs,
+            show_progress_bar,
+        )
+        reason = _refusal(gather_distributed_inputs)
+        if reason:
+            logger.info("EVA runs PEFT's own code: %s", reason)
+            return original(*args)
+        training = model.training
+        try:
+            return _eva_state_dict(*args)
+        except Exception as exc:  # bad input raises PEFT's own error there; never fail where PEFT works
+            _remove_hooks(model)
+            model.train(training)
+            logger.info("EVA runs PEFT's own code: our engine raised %s: %s", type(exc).__name__, exc)
+            return original(*args)
+
+    _get_eva_state_dict.__wrapped__ = original
+    _get_eva_state_dict.__doc__ = original.__doc__
+    return _get_eva_state_dict
+
+
+def _remove_hooks(model) -> None:
+    KeyHook, CovarianceHook = _hook_classes()
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, (KeyHook, CovarianceHook)):
+                del module._forward_hooks[key]
+
+
+@torch.no_grad()
+def _eva_state_dict(
+    model,
+    dataloader,
+    peft_config,
+    target_module_check_fn,
+    forward_fn,
+    prepare_model_inputs_fn,
+    prepare_layer_inputs_fn,
+    gather_distributed_inputs,
+    show_progress_bar,
+) -> dict:
+    """PEFT 0.21's ``_get_eva_state_dict`` step for step, with :class:`CovarianceHook` for ``SVDHook``."""
+    eva = _eva()
+    KeyHook, CovarianceHook = _hook_classes()
+    if len(dataloader) == 0:
+        raise ValueError("dataloader is empty")
+
+    rho_threshold = 1000
+    rho = peft_config.eva_config.rho
+    if rho > rho_threshold:
+        max_dim = max(max(p.shape) for p in model.parameters())
+        rho = min(rho, max_dim // peft_config.r)
+
+    training = model.training
+    device = eva.get_device_with_meta_params(model)
+    model.eval()
+
+    inputs = next(iter(dataloader))
+    if device is not None:
+        inputs = eva.move_inputs_to_device(inputs, device)
+    if prepare_model_inputs_fn is not None:
+        model_inputs_for_hooks = prepare_model_inputs_fn(inputs, peft_config)
+    else:
+        model_inputs_for_hooks = deepcopy(inputs)
+
+    # PEFT pops the per-layer functions it finds from the caller's mapping; we pop from a copy and
+    # mirror that on the caller's mapping once we are done (a fallback then sees it untouched).
+    layer_fns = dict(prepare_layer_inputs_fn) if isinstance(prepare_layer_inputs_fn, Mapping) else None
+    hooks = {}
+    max_components = {}
+    rank_budget = 0
+    for name, module in model.named_modules():
+        if not target_module_check_fn(name, module):
+            continue
+        fn = layer_fns.pop(name, None) if layer_fns is not None else prepare_layer_inputs_fn
+        hook = KeyHook(name=name, prepare_layer_inputs_fn=fn, gather_distributed_inputs=gather_distributed_inputs)
+        hook.model_input = model_inputs_for_hooks
+        hooks[name] = (hook, module.register_forward_hook(hook))
+        pattern = peft_config.rank_pattern
+        layer_rank = pattern.get(eva.get_pattern_key(pattern.keys(), name), peft_config.r)
+        max_components[name] = round(layer_rank * rho)
+        rank_budget += layer_rank
+    if layer_fns is not None and len(layer_fns) > 0:
+        raise ValueError(
+            "prepare_layer_inputs_fn is a mapping but the following module names were not found in the model: "
+            f"{layer_fns.keys()}"
+        )
+
+    forward_fn(model, inputs)
+    hash_dict = {k: h[0].hashed_inputs[0] for k, h in hooks.items()}
+    equal_inputs = list(eva.find_equal_values(hash_dict).values())
+    equal_inputs_map = {vv: v[0] for v in equal_inputs for vv in v[1:]}
+    for names in equal_inputs:
+        max_value = max(max_components[n] for n in names)
+        for n in names:
+            max_components[n] = max_value
+
+    for name in list(hooks.keys()):
+        hook, handle = hooks.pop(name)
+        handle.remove()
+        if name in equal_inputs_map:
+            continue
+        hook = CovarianceHook(
+            n_components=max_components[name],
+            sim_thresh=peft_config.eva_config.tau,
+            name=name,
+            prepare_layer_inputs_fn=hook._prepare_layer_inputs_fn,
+            gather_distributed_inputs=gather_distributed_inputs,
+        )
+        handle = model.get_submodule(name).register_forward_hook(hook)
+        hooks[name] = (hook, handle)
+    layer_hook_map = {**dict(zip(hooks.keys(), hooks.keys())), **equal_inputs_map}
+
+    dist = torch.distributed
+    if show_progress_bar and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0):
+        pbar = eva.tqdm(iter(cycle(dataloader)), position=0, leave=False)
+        use_tqdm = True
+    else:
+        pbar = iter(cycle(dataloader))
+        use_tqdm = False
+    convergence_dict = {k: False for k in hooks.keys()}
+    rank_dist = max_components.copy()
+    try:
+        for inputs in pbar:
+            if device is not None:
+                inputs = eva.move_inputs_to_device(inputs, device)
+            if prepare_model_inputs_fn is not None:
+                model_inputs_for_hooks = prepare_model_inputs_fn(inputs, peft_config)
+            else:
+                model_inputs_for_hooks = deepcopy(inputs)
+
+            for name in list(hooks.keys()):
+                hook, handle = hooks[name]
+                converged = torch.all(hook.converged[: rank_dist[name]])
+                if (not convergence_dict[name]) and converged and handle:
+                    handle.remove()
+                    handle = None
+                    convergence_dict[name] = True
+                    continue
+                elif convergence_dict[name] and not converged:
+                    handle = model.get_submodule(name).register_forward_hook(hook)
+                    convergence_dict[name] = False
+                hook.model_input = model_inputs_for_hooks
+                hooks[name] = (hook, handle)
+
+            if use_tqdm:
+                layer_converged = list(convergence_dict.values()) + [
+                    convergence_dict[v] for v in equal_inputs_map.values()
+                ]
+                pbar.set_description(f"{sum(layer_converged)}/{len(layer_converged)} layers have converged")
+
+            if all(convergence_dict.values()):
+                break
+
+            forward_fn(model, inputs)
+            solve([h for h, _ in hooks.values()])
+
+            if not all(h.components_ is not None for h, _ in hooks.values()):
+                continue
+
+            rank_dist = _rank_distribution(
+                {k: h for k, (h, _) in hooks.items()}, layer_hook_map, equal_inputs_map, rank_budget, max_components
+            )
+    finally:
+        if use_tqdm:
+            pbar.close()
+
+    remaining = {n for n, m in model.named_modules() for v in m._forward_hooks.values() if isinstance(v, eva._Hook)}
+    if remaining:
+        raise ValueError(f"Found active hooks added by EVA that weren't properly removed: {remaining}.")
+
+    eva_state_dict = {}
+    for name, rank in rank_dist.items():
+        hook = hooks[layer_hook_map[name]][0]
+        if not torch.all(hook.converged[:rank]):
+            raise ValueError(f"Layer {name} has not converged but was assigned rank {rank}.")
+        u = hook.components_[:rank]
+        if peft_config.eva_config.whiten:
+            u /= hook.singular_values_[:rank].sqrt().reshape(-1, 1)  # in place, as PEFT (shared rows too)
+        eva_state_dict[name] = u
+
+    model.train(training)
+    if device is not None:
+        eva_state_dict = {k: v.to(device) for k, v in eva_state_dict.items()}
+    if isinstance(prepare_layer_inputs_fn, Mapping) and hasattr(prepare_layer_inputs_fn, "pop"):
+        for name in list(prepare_layer_inputs_fn):
+            if name in max_components:
+                prepare_layer_inputs_fn.pop(name)
+    return eva_state_dict
