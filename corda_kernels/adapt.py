@@ -53,6 +53,19 @@ def refuse_tied(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
             )
 
 
+def _adapter_options(init, config: AdaptConfig) -> dict:
+    """The adapter's options as ``LowRankLinear`` and its ``add_adapter`` take them."""
+    return dict(
+        scale=init.scale,
+        diag=init.diag,
+        row_index=init.row_index,
+        col_index=init.col_index,
+        trainable=init.trainable,
+        dropout=config.dropout,
+        autocast_adapter_dtype=config.autocast_adapter_dtype,
+    )
+
+
 def build_module(module: nn.Module, init: LayerInit, config: AdaptConfig, name: str = "") -> LowRankLinear:
     """A ``LowRankLinear`` for ``module`` from its finished ``init``.
 
@@ -70,13 +83,7 @@ def build_module(module: nn.Module, init: LayerInit, config: AdaptConfig, name: 
         init.A,
         init.B,
         bias=module.bias.detach() if module.bias is not None else None,
-        scale=init.scale,
-        diag=init.diag,
-        row_index=init.row_index,
-        col_index=init.col_index,
-        trainable=init.trainable,
-        dropout=config.dropout,
-        autocast_adapter_dtype=config.autocast_adapter_dtype,
+        **_adapter_options(init, config),
     )
     if formed:
         layer.quantize_base(init.residual)
@@ -630,14 +637,8 @@ def add_adapter(
                 adapter_name,
                 init.A,
                 init.B,
-                scale=init.scale,
-                diag=init.diag,
-                row_index=init.row_index,
-                col_index=init.col_index,
-                trainable=init.trainable,
-                dropout=config.dropout,
-                autocast_adapter_dtype=config.autocast_adapter_dtype,
                 initial=start,
+                **_adapter_options(init, config),
             )
     except BaseException:
         for name, converted in reversed(done):
