@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import logging
 from collections.abc import Mapping
 from copy import deepcopy
@@ -225,28 +226,16 @@ def _refusal(gather_distributed_inputs: bool) -> str:
 def wrap_get_eva_state_dict(original: Callable) -> Callable:
     """A replacement for ``peft.tuners.lora.eva._get_eva_state_dict`` (same signature)."""
 
-    def _get_eva_state_dict(
-        model,
-        dataloader,
-        peft_config,
-        target_module_check_fn,
-        forward_fn,
-        prepare_model_inputs_fn,
-        prepare_layer_inputs_fn,
-        gather_distributed_inputs,
-        show_progress_bar,
-    ):
-        args = (
-            model,
-            dataloader,
-            peft_config,
-            target_module_check_fn,
-            forward_fn,
-            prepare_model_inputs_fn,
-            prepare_layer_inputs_fn,
-            gather_distributed_inputs,
-            show_progress_bar,
-        )
+    signature = inspect.signature(original)
+
+    def _get_eva_state_dict(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:  # PEFT's own error for a wrong call
+            return original(*args, **kwargs)
+        bound.apply_defaults()
+        args = tuple(bound.arguments.values())  # PEFT's nine, in order
+        model, gather_distributed_inputs = args[0], args[7]
         reason = _refusal(gather_distributed_inputs)
         if reason:
             logger.info("EVA runs PEFT's own code: %s", reason)
