@@ -685,6 +685,9 @@ def test_smollm2_eva_agrees_with_peft(smollm2):
     from corda_kernels.integrations.loading import load_model
 
     base = load_model(*smollm2)[0]
-    ours, ref, oracle = _eva_pair(lambda: base, LLAMA, _eva_batches(base.config.vocab_size, seq=64), r=16, tau=0.9)
+    # Four projections of the first two blocks (EVA cycles the batches until every layer converges:
+    # all 210 layers, three times over, is tens of minutes on 2 cores).
+    targets = r"model\.layers\.[01]\.self_attn\.(q_proj|v_proj)"
+    ours, ref, oracle = _eva_pair(lambda: base, targets, _eva_batches(base.config.vocab_size, seq=32), r=16, tau=0.9)
     assert len(_lora_layers(ref)) > 0
     assert _compare_eva(ours, ref, oracle) <= EVA_TOL
