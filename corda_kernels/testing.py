@@ -4,6 +4,7 @@ Built from configs (no download, a few milliseconds); the same helpers serve the
 bench scripts and their subprocesses, so none of them edits ``sys.path``.
 """
 
+import contextlib
 import os
 
 import torch
@@ -99,3 +100,27 @@ def bench_check() -> bool:
     GPU speed suites then pick the one-command GPU check's shapes (``bench/gpu/run.sh``: the target
     shapes only, few rounds) instead of their full grids. No effect on a CPU."""
     return not bench_small() and os.environ.get(BENCH_CHECK_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def peft_loftq_on_weight_device():
+    """PEFT's own LoftQ, computed on the weight's device: PEFT 0.21's ``loftq_init`` moves every
+    weight to ``"cuda"`` / ``"xpu"``, so on a machine without one it cannot run. Its source with
+    that one line changed is PEFT's LoftQ as the oracle of tests and the anchor of benchmarks."""
+    import inspect
+
+    from peft.tuners.lora import layer
+    from peft.utils import loftq_utils
+
+    line = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
+    source = inspect.getsource(loftq_utils.loftq_init)
+    if source.count(line) != 1:
+        raise RuntimeError(f"peft {loftq_utils.__name__}.loftq_init no longer has the line {line!r}")
+    namespace = dict(vars(loftq_utils))
+    exec(compile(source.replace(line, "compute_device = device"), inspect.getfile(loftq_utils), "exec"), namespace)
+    saved = layer.loftq_init
+    layer.loftq_init = namespace["loftq_init"]
+    try:
+        yield
+    finally:
+        layer.loftq_init = saved

@@ -1,6 +1,7 @@
 """PEFT's own initializations, unpatched (anchor) vs under ``corda_kernels.patch_peft()``, same run.
 
-Cases: ``init_lora_weights`` = ``"pissa"``, ``"pissa_niter_4"``, ``"olora"`` (``get_peft_model``)
+Cases: ``init_lora_weights`` = ``"pissa"``, ``"pissa_niter_4"``, ``"olora"``, ``"loftq"`` (NF4,
+one iteration; ``get_peft_model``)
 ``"corda"`` in both modes (``preprocess_corda`` + ``get_peft_model``, end to end) and ``"eva"``
 (``get_peft_model`` + ``initialize_lora_eva_weights`` on batches of 4 of the same sequences, with
 ``EvaConfig(tau=EVA_TAU)``: at PEFT's default 0.99 the random-weight model's flat spectra keep
@@ -14,9 +15,13 @@ PEFT cycling the data for tens of minutes on a CPU), on
 - ``llama7b``: one block at LLaMA-2-7B's widths (hidden 4096, intermediate 11008: 7 projections),
   ``"pissa"`` only, run when ``CORDA_BENCH_WIDE=1`` (PEFT's full SVDs take minutes on a CPU).
 
-Each round starts from a fresh copy of the model. For ``"pissa_niter_4"`` and ``"pissa"`` the
+PEFT 0.21's LoftQ computes on ``"cuda"`` whatever the weight's device: on a machine without one
+its anchor is PEFT's own ``loftq_init`` source with that device set to the weight's
+(:func:`corda_kernels.testing.peft_loftq_on_weight_device`). Each round starts from a fresh copy
+of the model. For ``"pissa_niter_4"`` and ``"pissa"`` the
 table's extra info records each side's error: the relative Frobenius distance of s·B·A to the exact
-top-r product (fp64 SVD), summed over the first 14 layers (2 for ``llama7b``). CorDA calibration:
+top-r product (fp64 SVD), summed over the first 14 layers (2 for ``llama7b``); for ``"loftq"``,
+each side's ``‖W − Q − s·B·A‖ / ‖W‖`` over the same layers. CorDA calibration:
 16 sequences of 64 tokens, batch size 1 (PEFT's hook squeezes the batch dim). Run::
 
     python -m pytest bench/speed/bench_peft_init.py --benchmark-enable [-k "smollm2 and pissa"]
@@ -31,14 +36,14 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model, initialize_lora_eva_weights  # noqa: E402
+from peft import LoftQConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights  # noqa: E402
 from peft.tuners.lora.config import CordaConfig, EvaConfig  # noqa: E402
 from peft.tuners.lora.corda import preprocess_corda  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import corda_kernels as ck  # noqa: E402
-from corda_kernels.testing import bench_small  # noqa: E402
+from corda_kernels.testing import bench_small, peft_loftq_on_weight_device  # noqa: E402
 
 RANK = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -47,7 +52,7 @@ SMALL = bench_small()
 if SMALL:
     RANK, SAMPLES, SEQ = 4, 4, 16
 ERROR_LAYERS = 14
-INITS = ["pissa", "pissa_niter_4", "olora", "corda-ipm", "corda-kpm", "eva"]
+INITS = ["pissa", "pissa_niter_4", "olora", "loftq", "corda-ipm", "corda-kpm", "eva"]
 EVA_TAU = 0.9
 EVA_BATCH = 4
 MODELS = ["llama"] if SMALL else ["smollm2", "llama"]  # CI's small run: the tiny stand-in only
@@ -97,6 +102,9 @@ def _config(init):
         return LoraConfig(
             r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights="eva", eva_config=EvaConfig(tau=EVA_TAU)
         )
+    if init == "loftq":
+        loftq = LoftQConfig(loftq_bits=4, loftq_iter=1)
+        return LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights=init, loftq_config=loftq)
     return LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights=init)
 
 
@@ -118,19 +126,30 @@ def _build(model, init, ids):
     return get_peft_model(model, config)
 
 
+def _lora_products(model, adapted, layers: int):
+    """``(original W fp64, base weight after init fp64, s·B·A fp64)`` of the first ``layers`` layers."""
+    originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    found = []
+    for name, layer in adapted.named_modules():
+        if isinstance(layer, LoraLayer) and len(found) < layers:
+            W = originals[name.removeprefix("base_model.model.")].detach().double()
+            product = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+            found.append((W, layer.get_base_layer().weight.detach().double(), product.detach().double().to(W.device)))
+    return found
+
+
+def _loftq_error(model, adapted, layers: int) -> float:
+    """Sum over the first ``layers`` layers of ||W − Q − s·B·A|| / ||W||."""
+    return sum(float((W - Q.to(W.device) - P).norm() / W.norm()) for W, Q, P in _lora_products(model, adapted, layers))
+
+
 def _topr_error(model, adapted, layers: int) -> float:
     """Sum over the first ``layers`` layers of ||s·B·A − exact top-r product|| / ||exact||."""
-    originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    total, count = 0.0, 0
-    for name, layer in adapted.named_modules():
-        if not isinstance(layer, LoraLayer) or count == layers:
-            continue
-        W = originals[name.removeprefix("base_model.model.")].detach().double()
+    total = 0.0
+    for W, _, product in _lora_products(model, adapted, layers):
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         exact = (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
-        product = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
-        total += float((product.detach().double() - exact).norm() / exact.norm())
-        count += 1
+        total += float((product - exact).norm() / exact.norm())
     return total
 
 
@@ -149,6 +168,9 @@ def test_peft_init(benchmark, bench_tag, models, model_name, init, impl):
         if impl == "patched":
             with ck.peft_patched():
                 adapted["model"] = _build(model, init, ids)
+        elif init == "loftq" and not torch.cuda.is_available():
+            with peft_loftq_on_weight_device():  # PEFT's own LoftQ, on the CPU
+                adapted["model"] = _build(model, init, ids)
         else:
             adapted["model"] = _build(model, init, ids)
 
@@ -158,3 +180,5 @@ def test_peft_init(benchmark, bench_tag, models, model_name, init, impl):
     if init in ("pissa", "pissa_niter_4"):
         layers = 2 if model_name == "llama7b" else ERROR_LAYERS
         benchmark.extra_info["topr_product_error_sum"] = round(_topr_error(base, adapted["model"], layers), 9)
+    if init == "loftq":
+        benchmark.extra_info["loftq_error_sum"] = round(_loftq_error(base, adapted["model"], ERROR_LAYERS), 9)

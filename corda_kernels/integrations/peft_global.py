@@ -10,14 +10,14 @@ manager :func:`peft_patched`), PEFT itself is unchanged in its public API and fi
    the injection is done; a layer it does not patch (a LoRA variant it does not run, ``lora_bias``,
    bitsandbytes storage it cannot read, ...) stays on PEFT's forward, with one log line;
 2. PEFT's weight- and data-aware initializations run on our batched engine
-   (:mod:`corda_kernels.integrations.peft_init`): ``"pissa"``, ``"pissa_niter_N"`` and ``"olora"``
-   layers are collected during the injection and initialized together, one batch per shape,
+   (:mod:`corda_kernels.integrations.peft_init`): ``"pissa"``, ``"pissa_niter_N"``, ``"olora"`` and
+   ``"loftq"`` layers are collected during the injection and initialized together, one batch per shape,
    bounded by :data:`~corda_kernels.integrations.peft_init.CHUNK_BYTES`; ``preprocess_corda``
    accumulates its covariances on our streaming op and decomposes with our CO-SVD, storing only
    the r kept components; EVA (``get_eva_state_dict`` / ``initialize_lora_eva_weights``) computes
    its components as the top eigenvectors of each layer's exact centered input covariance
    (:mod:`corda_kernels.integrations.peft_eva`), with PEFT's stopping rule and rank redistribution;
-3. anything else (``"loftq"``, other initializations, options or layer types we do not
+3. anything else (other initializations, options or layer types we do not
    implement) runs PEFT's own code, with one log line on the ``corda_kernels.peft`` logger saying why.
 
 Patching replaces a handful of attributes on PEFT's classes and modules (saved and restored
@@ -154,10 +154,8 @@ def _replacements(found) -> dict:
         ("peft.tuners.lora.layer", "LoraLayer", "olora_init"): peft_init.wrap_olora(
             found[("peft.tuners.lora.layer", "LoraLayer", "olora_init")][1]
         ),
-        ("peft.tuners.lora.layer", "LoraLayer", "loftq_init"): peft_init.logged(
-            found[("peft.tuners.lora.layer", "LoraLayer", "loftq_init")][1],
-            "init_lora_weights='loftq' runs PEFT's own LoftQ for layer %s (corda_kernels' LoftQ-style refinement "
-            "quantizes with its own formats, not PEFT's, so it does not give PEFT's result)",
+        ("peft.tuners.lora.layer", "LoraLayer", "loftq_init"): peft_init.wrap_loftq(
+            found[("peft.tuners.lora.layer", "LoraLayer", "loftq_init")][1]
         ),
         ("peft.tuners.lora.corda", None, "calib_cov_distribution"): corda[0],
         ("peft.tuners.lora.corda", None, "collect_eigens"): corda[1],

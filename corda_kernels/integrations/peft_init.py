@@ -21,6 +21,14 @@ weight's dtype); see ``peft/tuners/lora/layer.py`` and ``peft/tuners/lora/corda.
   of calls) accumulated by :func:`~corda_kernels.ops.covariance_update`; eigens from
   :func:`~corda_kernels.linalg.co_svd` (``"ipm"`` is our ``"ipa"``, ``"kpm"`` our ``"kpa"``),
   same-shape layers together, only the r kept components stored (PEFT: full U, V per layer).
+- ``loftq_init`` (``"loftq"``): PEFT's alternation, ``Q = dequant(quant(W − B·A))`` with the same
+  bitsandbytes calls (NF4 blocks of 64 without double quantization, or LLM.int8() rows from fp16),
+  ``B·A`` the top-r SVD of ``W − Q`` split as ``B = U_r·sqrt(S_r)``, ``A = sqrt(S_r)·Vh_r`` (no
+  LoRA scaling, as PEFT), ``loftq_iter`` times; the base weight becomes ``Q``. The SVD is
+  :func:`~corda_kernels.linalg.top_singular_triplets`, batched. PEFT computes on ``"cuda"`` (or
+  ``"xpu"``) whatever the weight's device, so it fails on a machine without one; ours computes
+  there when one is present and the weight is on the CPU, else on the weight's device, and leaves
+  the factors on their parameters' device.
 
 Layers are collected while PEFT injects adapters (:func:`collecting`) and run per shape in chunks
 of at most :data:`CHUNK_BYTES` (:func:`run_pending`). A layer or option these do not cover runs
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import threading
@@ -53,6 +62,7 @@ NITER_MIN_OVERSAMPLE = 8
 # memory of preprocess_corda (bench/studies/peft_corda_memory.py).
 CHUNK_BYTES = 64 << 20
 _WORK_FACTOR = 3  # the stacked W, its residual and the solver's work space
+_LOFTQ_WORK_FACTOR = 6  # W, the residual, Q, W − Q, B·A and the solver's work space
 _CORDA_WORK_FACTOR = 16  # fp64 W, C, C_d, its factor, W·C_d, Gram, QR and SVD work space (measured)
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -61,11 +71,12 @@ _local = threading.local()
 
 @dataclass
 class _Job:
-    kind: str  # "pissa" | "olora"
+    kind: str  # "pissa" | "olora" | "loftq"
     layer: nn.Module
     adapter: str
     niter: Optional[int] = None  # pissa_niter_N
     fallback: Optional[Callable[[], None]] = None  # PEFT's own init of this layer
+    loftq: Optional[tuple[int, int]] = None  # (loftq_bits, loftq_iter)
 
 
 @contextlib.contextmanager
@@ -165,16 +176,42 @@ def wrap_olora(original: Callable) -> Callable:
     return olora_init
 
 
-def logged(original: Callable, message: str) -> Callable:
-    """``original`` (a layer method taking the adapter name first), with one log line per layer."""
+def _loftq_options(config: Any) -> tuple[Optional[tuple[int, int]], str]:
+    """``(bits, iters)`` of a LoraConfig's ``loftq_config``, or why PEFT's own code should see it
+    (including its own errors: bits other than 4 / 8, iterations below 1, no bitsandbytes)."""
+    options = getattr(config, "loftq_config", None)
+    if not isinstance(options, dict):
+        return None, "its config has no loftq_config dict"
+    bits, iters = options.get("loftq_bits"), options.get("loftq_iter")
+    if isinstance(bits, bool) or bits not in (4, 8):
+        return None, f"loftq_bits={bits!r} is not 4 or 8 (PEFT's own check)"
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        return None, f"loftq_iter={iters!r} is not a positive integer (PEFT's own check)"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None, "bitsandbytes is not installed (PEFT's own error)"
+    return (int(bits), int(iters)), ""
 
-    def method(self, *args, **kwargs):
-        logger.info(message, _label(self))
-        return original(self, *args, **kwargs)
 
-    method.__wrapped__ = original
-    method.__doc__ = original.__doc__
-    return method
+def wrap_loftq(original: Callable) -> Callable:
+    """``LoraLayer.loftq_init`` on our engine, PEFT's ``original`` for what it does not cover."""
+
+    def loftq_init(self, adapter_name, config=None, *args, **kwargs):
+        options, reason = _loftq_options(config)
+        if not reason:
+            reason = _common_refusal(self, adapter_name)
+        if not reason and getattr(self, "fan_in_fan_out", False):
+            reason = "it is fan_in_fan_out (Conv1D); PEFT's LoftQ factors its stored (in, out) weight as is"
+        if not reason and (args or kwargs):
+            reason = "it was called with arguments PEFT 0.21 does not pass"
+        if reason:
+            logger.info("LoftQ of %s runs PEFT's own code: %s", _label(self), reason)
+            return original(self, adapter_name, config, *args, **kwargs)
+        fallback = lambda: original(self, adapter_name, config)  # noqa: E731
+        _defer_or_run(_Job("loftq", self, adapter_name, None, fallback, options))
+
+    loftq_init.__wrapped__ = original
+    loftq_init.__doc__ = original.__doc__
+    return loftq_init
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +224,8 @@ def _oriented(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _chunks(jobs: list[_Job], shape: torch.Size) -> Iterator[list[_Job]]:
-    per = max(1, CHUNK_BYTES // (_WORK_FACTOR * 4 * shape[0] * shape[1]))
+    factor = _LOFTQ_WORK_FACTOR if jobs[0].kind == "loftq" else _WORK_FACTOR
+    per = max(1, CHUNK_BYTES // (factor * 4 * shape[0] * shape[1]))
     for i in range(0, len(jobs), per):
         yield jobs[i : i + per]
 
@@ -220,12 +258,15 @@ def run_pending(pending: Optional[list]) -> None:
         for job in members:
             base = job.layer.get_base_layer()
             shape = _oriented(job.layer, base.weight).shape
-            key = (job.kind, job.niter, tuple(shape), base.weight.device, job.layer.r[job.adapter])
+            key = (job.kind, job.niter, job.loftq, tuple(shape), base.weight.device, job.layer.r[job.adapter])
             groups.setdefault(key, []).append(job)
-        for (kind, niter, shape, _, rank), group in groups.items():
+        for (kind, niter, loftq, shape, _, rank), group in groups.items():
             for chunk in _chunks(group, shape):
                 try:
-                    (_run_pissa if kind == "pissa" else _run_olora)(chunk, rank, niter)
+                    if kind == "loftq":
+                        _run_loftq(chunk, rank, *loftq)
+                    else:
+                        (_run_pissa if kind == "pissa" else _run_olora)(chunk, rank, niter)
                 except Exception as exc:  # never fail where PEFT would not: PEFT's own code per layer
                     logger.info(
                         "%s of %d layers %s runs PEFT's own code: our engine raised %s: %s",
@@ -279,6 +320,51 @@ def _run_olora(chunk: list[_Job], rank: int, niter: Optional[int]) -> None:
     Q, R_rr = torch.linalg.qr(W[..., :rank])
     R = torch.cat([R_rr, Q.mT @ W[..., rank:]], dim=-1)
     _write(chunk, W, R, Q, _scales(chunk, W.device))
+
+
+def _loftq_device(weight: torch.Tensor) -> torch.device:
+    """Where LoftQ computes: PEFT's accelerator when the weight is on the CPU and one is present
+    (PEFT: always ``"xpu"`` or ``"cuda"``), else the weight's device."""
+    if weight.device.type == "cpu":
+        if hasattr(torch, "xpu") and torch.xpu.is_available():
+            return torch.device("xpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+    return weight.device
+
+
+def _dequantized(res: torch.Tensor, bits: int) -> torch.Tensor:
+    """PEFT's ``loftq_init`` quantization round trip of one fp32 ``res``, by the same bitsandbytes
+    calls: NF4 (blocks of 64, fp32 absmax) or LLM.int8() (row absmax of the fp16 matrix); fp32 out."""
+    import bitsandbytes as bnb
+
+    if bits == 4:
+        codes, state = bnb.functional.quantize_4bit(
+            res.contiguous(), blocksize=64, compress_statistics=False, quant_type="nf4"
+        )
+        return bnb.functional.dequantize_4bit(codes, state).float()
+    codes, row_scales, _ = bnb.functional.int8_vectorwise_quant(res.contiguous().half())
+    return bnb.functional.int8_vectorwise_dequant(codes, row_scales).float()
+
+
+@torch.no_grad()
+def _run_loftq(chunk: list[_Job], rank: int, bits: int, iters: int) -> None:
+    weights = [j.layer.get_base_layer().weight for j in chunk]
+    device = _loftq_device(weights[0])
+    W = torch.stack([w.detach().to(device=device, dtype=torch.float32) for w in weights])
+    res = W
+    for i in range(iters):
+        Q = torch.stack([_dequantized(r, bits) for r in res])
+        U, S, Vh = top_singular_triplets(W - Q, rank)
+        root = S.sqrt()
+        B, A = U * root[..., None, :], root[..., :, None] * Vh
+        if i + 1 < iters:
+            res = W - B @ A
+    for i, job in enumerate(chunk):
+        layer, weight = job.layer, weights[i]
+        for module, value in ((layer.lora_A[job.adapter], A[i]), (layer.lora_B[job.adapter], B[i])):
+            module.weight.data = value.to(module.weight.device).contiguous()  # fp32, as PEFT leaves it
+        layer.get_base_layer().weight.data = Q[i].to(device=weight.device, dtype=weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

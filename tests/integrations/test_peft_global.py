@@ -26,7 +26,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("peft.tuners.lora.corda")  # reached as peft.tuners.lora.corda below, also in a -k subset
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoftQConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.config import CordaConfig  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 from peft.tuners.tuners_utils import BaseTuner  # noqa: E402
@@ -34,7 +34,7 @@ from peft.tuners.tuners_utils import BaseTuner  # noqa: E402
 import corda_kernels as ck  # noqa: E402
 from corda_kernels.integrations import peft_global, peft_init  # noqa: E402
 from corda_kernels.integrations.peft_patch import is_patched  # noqa: E402
-from corda_kernels.testing import tiny_gpt2, tiny_llama  # noqa: E402
+from corda_kernels.testing import peft_loftq_on_weight_device, tiny_gpt2, tiny_llama  # noqa: E402
 
 EXACT_TOL = 1e-5
 PRODUCT_TOL = 1e-3
@@ -205,6 +205,125 @@ def test_olora_conv1d_falls_back_with_a_log_line(caplog, engine_calls):
     lines = [r.getMessage() for r in caplog.records if "OLoRA" in r.getMessage()]
     assert len(lines) == len(_lora_layers(ours)) and all("fan_in_fan_out" in line for line in lines)
     assert engine_calls["olora"] == 0
+
+
+def _loftq_pair(make, targets, bits, iters, *, oracle_in_patched=False, **config):
+    """(patched, unpatched-on-the-weight's-device, original weights) for ``init_lora_weights="loftq"``."""
+    base = make()
+    other = copy.deepcopy(base)
+    originals = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def cfg():
+        loftq = LoftQConfig(loftq_bits=bits, loftq_iter=iters)
+        return LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, init_lora_weights="loftq", loftq_config=loftq, **config
+        )
+
+    with peft_loftq_on_weight_device():
+        ref = get_peft_model(base, cfg())
+    with ck.peft_patched(), peft_loftq_on_weight_device() if oracle_in_patched else contextlib.nullcontext():
+        ours = get_peft_model(other, cfg())
+    return ours, ref, originals
+
+
+def _compare_loftq(ours, ref, originals, q_tol, factor_tol=None):
+    """Per layer: quantized bases within ``q_tol`` (relative; after a refinement a block's absmax
+    one ulp apart moves the whole block), factors in PEFT's dtype and split (``sqrt(S)`` norms, to
+    ``EXACT_TOL`` after one round, ``PRODUCT_TOL`` after refinements: ``W − Q`` is small, so Q's ulps
+    move it), and B·A equal to ``PRODUCT_TOL``, or at least as close as PEFT's to the fp64 top-r of
+    ``W − Q`` (the quantization error's spectrum is flat)."""
+    a, b = _lora_layers(ours), _lora_layers(ref)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        qa, qb = a[name].get_base_layer().weight, b[name].get_base_layer().weight
+        assert qa.dtype == qb.dtype and qa.shape == qb.shape, name
+        assert _rel(qa, qb) <= q_tol, (name, _rel(qa, qb))
+        for factor in ("lora_A", "lora_B"):
+            fa, fb = getattr(a[name], factor)["default"].weight, getattr(b[name], factor)["default"].weight
+            assert (fa.dtype, fa.shape, fa.device) == (fb.dtype, fb.shape, fb.device), (name, factor)
+        # PEFT's split B = U·sqrt(S), A = sqrt(S)·Vh: row norms of A and column norms of B are sqrt(S).
+        for factor, dim in (("lora_A", 1), ("lora_B", 0)):
+            na = getattr(a[name], factor)["default"].weight.double().norm(dim=dim).sort().values
+            nb = getattr(b[name], factor)["default"].weight.double().norm(dim=dim).sort().values
+            tol = factor_tol or (EXACT_TOL if q_tol == 0 else PRODUCT_TOL)
+            assert _rel(na, nb) <= tol, (name, factor, _rel(na, nb))
+        pa, pb = _product(a[name]), _product(b[name])
+        if _rel(pa, pb) > PRODUCT_TOL:
+            U, S, Vh = torch.linalg.svd(originals[name.removeprefix("base_model.model.")].double() - qb.double())
+            r = a[name].lora_A["default"].weight.shape[0]
+            exact = b[name].scaling["default"] * (U[:, :r] * S[:r]) @ Vh[:r]
+            assert _rel(pa, exact) <= 1.1 * _rel(pb, exact) + 1e-7, (name, _rel(pa, exact), _rel(pb, exact))
+
+
+@pytest.fixture
+def loftq_calls(monkeypatch):
+    calls = []
+    real = peft_init._run_loftq
+
+    def spy(chunk, rank, bits, iters):
+        calls.append((len(chunk), bits, iters))
+        return real(chunk, rank, bits, iters)
+
+    monkeypatch.setattr(peft_init, "_run_loftq", spy)
+    return calls
+
+
+@pytest.mark.parametrize("bits,iters", [(4, 1), (8, 1), (4, 3)])
+def test_loftq_agrees_with_peft(bits, iters, loftq_calls):
+    ours, ref, originals = _loftq_pair(tiny_llama, LLAMA, bits, iters)
+    # One quantization round: the same bitsandbytes calls on the same fp32 weight, bit for bit.
+    _compare_loftq(ours, ref, originals, 0.0 if iters == 1 else EXACT_TOL)
+    assert sum(n for n, *_ in loftq_calls) == 14 and {(b, i) for _, b, i in loftq_calls} == {(bits, iters)}
+
+
+def test_loftq_bf16_base_keeps_peft_dtypes(loftq_calls):
+    ours, ref, originals = _loftq_pair(lambda: tiny_llama(dtype=torch.bfloat16), LLAMA, 4, 1)
+    # PEFT moves the fp32 factors through the bf16 base dtype after its init (one bf16 rounding);
+    # ours are written after that move, unrounded, as for PiSSA.
+    _compare_loftq(ours, ref, originals, 0.0, factor_tol=1e-2)
+    for layer in _lora_layers(ours).values():
+        assert layer.get_base_layer().weight.dtype == torch.bfloat16
+    assert sum(n for n, *_ in loftq_calls) == 14
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="PEFT's own LoftQ runs where CUDA is present")
+def test_loftq_runs_where_peft_needs_cuda():
+    def cfg():
+        return LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="loftq", loftq_config=LoftQConfig())
+
+    with pytest.raises((AssertionError, RuntimeError), match="CUDA|cuda"):
+        get_peft_model(tiny_llama(), cfg())  # PEFT 0.21 moves every weight to "cuda"
+    with ck.peft_patched():
+        model = get_peft_model(tiny_llama(), cfg())
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.device.type == "cpu"
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_loftq_conv1d_falls_back_with_a_log_line(caplog, loftq_calls):
+    # PEFT's LoftQ factors a Conv1D's stored (in, out) weight as is: PEFT's own code on both sides.
+    with caplog.at_level(logging.INFO, logger="corda_kernels.peft"):
+        ours, ref, _ = _loftq_pair(tiny_gpt2, GPT2, 4, 1, oracle_in_patched=True, fan_in_fan_out=True)
+    for name, layer in _lora_layers(ours).items():
+        other = _lora_layers(ref)[name]
+        for get in (lambda m: m.get_base_layer().weight, lambda m: m.lora_A["default"].weight):
+            assert torch.equal(get(layer), get(other)), name
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoftQ of")]
+    assert len(lines) == len(_lora_layers(ours)) and all("fan_in_fan_out" in line for line in lines)
+    assert loftq_calls == []
+
+
+@pytest.mark.parametrize(
+    "loftq,message", [(dict(loftq_bits=3), "Only nf4 and int8"), (dict(loftq_iter=0), "greater than 0")]
+)
+def test_loftq_bad_options_raise_peft_errors(loftq, message, caplog):
+    config = dict(r=4, target_modules=["q_proj"], init_lora_weights="loftq", loftq_config=LoftQConfig(**loftq))
+    with peft_loftq_on_weight_device(), pytest.raises(ValueError, match=message):
+        get_peft_model(tiny_llama(), LoraConfig(**config))
+    with caplog.at_level(logging.INFO, logger="corda_kernels.peft"), ck.peft_patched():
+        with pytest.raises(ValueError, match=message):
+            get_peft_model(tiny_llama(), LoraConfig(**config))
+    assert any("PEFT's own check" in r.getMessage() for r in caplog.records)
 
 
 def _corda_pair(make, targets, method):
@@ -678,6 +797,17 @@ def test_smollm2_agrees_with_peft(smollm2, init):
         ours = get_peft_model(other, cfg())
     assert len(_lora_layers(ours)) == 210
     _compare(ours, ref, PRODUCT_TOL if init == "pissa" else EXACT_TOL)
+
+
+@pytest.mark.slow
+def test_smollm2_loftq_agrees_with_peft(smollm2):
+    from corda_kernels.integrations.loading import load_model
+
+    base = load_model(*smollm2)[0]
+    targets = r"model\.layers\.([0-9]|1[0-4])\..*_proj"  # half the blocks: 105 projections
+    ours, ref, originals = _loftq_pair(lambda: base, targets, 4, 1)
+    assert len(_lora_layers(ours)) == 105
+    _compare_loftq(ours, ref, originals, 0.0)
 
 
 @pytest.mark.slow
