@@ -5,13 +5,13 @@ PEFT's EVA on our engine (:mod:`corda_kernels.integrations.peft_eva`), which nee
 eigenvectors of every layer's running input covariance after every batch: the covariance changes
 little from one batch to the next, so the previous basis is an excellent start.
 
-Method: without a start (or when the matrix is small next to the basis width) a full
-``torch.linalg.eigh``. With a start ``Q`` (``(..., d, p)``, ``p > rank`` columns): subspace
-iteration ``Q <- qr(C Q)`` with a Rayleigh-Ritz step each time (``eigh`` of the ``p x p``
-projection, in fp64), until every one of the top ``rank`` Ritz pairs has a residual
-``||C v - θ v|| <= tol · θ_1``; matrices that do not get there in ``max_iter`` steps get a full
-``eigh``. A residual ``ε`` bounds the eigenvalue error by ``ε`` (``ε² / gap`` in practice) and the
-angle of the eigenvector by ``ε / gap``.
+Method: without a start (or when the matrix is small next to the basis width) an exact ``eigh``
+of the top ``p`` eigenpairs only (:func:`~corda_kernels.linalg._eigh.eigh_range`). With a start
+``Q`` (``(..., d, p)``, ``p > rank`` columns): subspace iteration ``Q <- qr(C Q)`` with a
+Rayleigh-Ritz step each time (``eigh`` of the ``p x p`` projection, in fp64), until every one of
+the top ``rank`` Ritz pairs has a residual ``||C v - θ v|| <= tol · θ_1``; matrices that do not get
+there in ``max_iter`` steps get the exact ``eigh``. A residual ``ε`` bounds the eigenvalue error
+by ``ε`` (``ε² / gap`` in practice) and the angle of the eigenvector by ``ε / gap``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from ._eigh import eigh_range
 
 # Relative residual (to the largest eigenvalue) accepted per Ritz pair; fp32 products reach ~1e-6.
 TOL = 1e-5
@@ -32,7 +34,7 @@ def basis_width(rank: int, d: int) -> int:
 
 
 def _full(C: torch.Tensor, rank: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    values, vectors = torch.linalg.eigh(C)
+    values, vectors = eigh_range(C, C.shape[-1] - width, width)
     values, vectors = values.flip(-1), vectors.flip(-1)
     return values[..., :rank].contiguous(), vectors[..., :rank].contiguous(), vectors[..., :width].contiguous()
 
@@ -51,7 +53,7 @@ def top_eigenpairs(
         C: ``(..., d, d)`` fp32 or fp64, symmetric.
         rank: ``1..d``.
         start: optional ``(..., d, p)`` basis to start from (e.g. the ``basis`` of the previous
-            call), ``rank < p <= d``; ``None`` runs a full ``eigh``.
+            call), ``rank < p <= d``; ``None`` runs the exact ``eigh``.
         tol: accepted residual ``||C v - θ v||`` relative to the largest eigenvalue.
         max_iter: subspace iterations before a matrix falls back to a full ``eigh``.
 

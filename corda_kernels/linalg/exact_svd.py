@@ -19,7 +19,8 @@ geometric spectrum of condition ``1e8`` the Gram + Rayleigh–Ritz bottom values
 
 Method (all fp64; ``A`` made tall, ``p x k`` with ``p >= k``, by transposing when wide):
 
-1. ``G = A^T A``, ``eigh(G)``: the ``b = min(k, r + guard)`` smallest eigenvectors ``Z``
+1. ``G = A^T A``, ``eigh(G)`` (only the wanted range: ``_eigh.eigh_range``): the
+   ``b = min(k, r + guard)`` smallest eigenvectors ``Z``
    (``guard = max(32, r)`` extra columns), a start already close to the bottom subspace.
 2. Three steps of inverse subspace iteration with the triangular factor of ``A = QR`` (never
    ``G``): ``Z <- qr(R^{-1} R^{-T} Z)``. Triangular solves are backward stable, so this converges
@@ -42,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_finite, check_matrix, check_rank, compute_dtype
+from ._eigh import eigh_range
 
 INVERSE_ITERATIONS = 3
 MIN_GUARD = 32
@@ -81,7 +83,7 @@ def _bottom_subspace(T: torch.Tensor, rank: int) -> torch.Tensor:
     """Orthonormal ``(..., k, b)`` basis close to the bottom right singular subspace of tall ``T``."""
     k = T.shape[-1]
     width = min(k, rank + max(MIN_GUARD, rank))
-    Z = torch.linalg.eigh(T.mT @ T).eigenvectors[..., :width]
+    Z = eigh_range(T.mT @ T, 0, width)[1]
     if width == k:
         return Z  # the whole space: Rayleigh–Ritz alone is an exact SVD
     R = torch.linalg.qr(T, mode="r").R

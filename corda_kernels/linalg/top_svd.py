@@ -16,8 +16,9 @@ leading dims; ``A`` is made tall, ``p x k`` with ``p >= k``, by transposing when
 2. Krylov pays when the accepted basis is much narrower than ``k``. When ``k`` is below
    :data:`KRYLOV_MIN_SIDE`, or the basis reaches ``k / 4`` columns unaccepted (a spectrum flat well
    beyond ``σ_r``), the exact path runs instead: the fp64 eigendecomposition of the ``k x k`` Gram
-   matrix and a Rayleigh–Ritz step on ``A`` (:func:`gram_top_triplets`), more accurate than an fp32
-   SVD (Gram eigenvalues to ``1e-16 σ_1²``) for the cost of one ``eigh``.
+   matrix (only its top ``r`` eigenvectors: :func:`~corda_kernels.linalg._eigh.eigh_range`) and a
+   Rayleigh–Ritz step on ``A`` (:func:`gram_top_triplets`), more accurate than an fp32 SVD (Gram
+   eigenvalues to ``1e-16 σ_1²``) for the cost of one tridiagonal reduction.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Optional
 import torch
 
 from ._checks import check_finite, check_matrix, check_rank
+from ._eigh import eigh_range
 
 DEFAULT_TOL = 5e-7  # relative backward error ``residual / σ_1``; an fp32 SVD's is about 1e-6
 KRYLOV_MIN_SIDE = 2048  # below this smaller side the Gram eigendecomposition is as cheap
@@ -41,7 +43,7 @@ def gram_top_triplets(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     Ad = A.double()
     tall = Ad.shape[-2] >= Ad.shape[-1]
     G = Ad.mT @ Ad if tall else Ad @ Ad.mT
-    Z = torch.linalg.eigh(G).eigenvectors[..., -rank:]
+    Z = eigh_range(G, G.shape[-1] - rank, rank)[1]
     if tall:  # Z spans the top right singular vectors: svd(A Z) = U S Wᵀ, V = Z W
         U, S, Wh = torch.linalg.svd(Ad @ Z, full_matrices=False)
         Vh = Wh @ Z.mT
