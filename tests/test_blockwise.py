@@ -122,6 +122,24 @@ _CASES = [
 ]
 
 
+def _interrupt_at(monkeypatch, owner, name, at: int, after: bool) -> list:
+    """``owner.name`` raises KeyboardInterrupt at its ``at``-th call (once it ran, with ``after``);
+    returns the list its calls are appended to."""
+    real, calls = getattr(owner, name), []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at and not after:
+            raise KeyboardInterrupt
+        result = real(*args, **kwargs)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, name, interrupt)
+    return calls
+
+
 @pytest.mark.parametrize(
     "undo, quantize, stage", _CASES, ids=["-".join(map(str, case)).replace(" ", "_") for case in _CASES]
 )
@@ -135,18 +153,7 @@ def test_interrupted_at_every_stage_gives_the_original_back(undo, quantize, stag
     before = _snapshot(model)
     where, name, interrupted, after = _STAGES[stage]
     owner = {"blockwise": blockwise, "adapt": adapt, "quantized": quantized_stage}[where]
-    real, calls = getattr(owner, name), []
-
-    def interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == interrupted and not after:
-            raise KeyboardInterrupt
-        result = real(*args, **kwargs)
-        if len(calls) == interrupted:
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(owner, name, interrupt)
+    calls = _interrupt_at(monkeypatch, owner, name, interrupted, after)
     run = lambda: ck.apply_blockwise(  # noqa: E731
         model, token_batches(128, n_batches=2), "corda", rank=4, undo=undo, quantize=quantize, progress=False
     )
@@ -381,19 +388,7 @@ def test_further_adapter_failure_gives_the_model_back(stage, undo, dtype, tmp_pa
     model.model.layers[0].train()
     before = _snapshot(model)
     where, name, failing, after = _FURTHER_STAGES[stage]
-    owner = {"blockwise": blockwise, "adapt": adapt}[where]
-    real, calls = getattr(owner, name), []
-
-    def interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == failing and not after:
-            raise KeyboardInterrupt
-        result = real(*args, **kwargs)
-        if len(calls) == failing:
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(owner, name, interrupt)
+    calls = _interrupt_at(monkeypatch, {"blockwise": blockwise, "adapt": adapt}[where], name, failing, after)
     try:  # a KeyboardInterrupt escaping the test would stop the whole pytest session
         ck.apply_blockwise(
             model, batches, "corda", rank=3, adapter_name="b", initial=initial, undo=undo, progress=False
