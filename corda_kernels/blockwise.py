@@ -35,6 +35,7 @@ from .export import merged_weight
 from .integrations import hf
 from .integrations.batches import check_batch
 from .methods import InitMethod
+from .nn import LowRankLinear
 
 
 def _move(value, device):
@@ -279,13 +280,7 @@ def _add_block(further, inits, config, undo, added, residuals) -> None:
     _adapt.add_finished(further, inits, config, added)
     if undo == "reconstruct":
         for name in converted:
-            residuals[name] = _Rebuild(further.layers[name], residuals[name], rebuilt=_residual)
-
-
-def _residual(layer) -> torch.Tensor:
-    """A converted layer's residual base ``W − s·B0·A0`` (as ``restore_residual_base`` forms it)."""
-    with torch.no_grad():
-        return (layer.weight.to(layer._sum_dtype()) - layer._initial_delta(layer.A0, layer.B0)).to(layer.weight.dtype)
+            residuals[name] = _Rebuild(further.layers[name], residuals[name], rebuilt=LowRankLinear.residual_base)
 
 
 def _undo(model: nn.Module, undo_log, further=None, added=(), residuals=None) -> None:
@@ -345,7 +340,7 @@ class _Rebuild:
     (a sign change, a much larger residual). ``device``: where ``R`` was computed (computed there
     again on undo, so that it comes out the same); a fingerprint of ``W`` checks the result.
     ``rebuilt``: what forms ``R`` from the layer (default :func:`_rebuilt`; a further adapter's
-    converted layer: :func:`_residual`, its residual base from the original weight)."""
+    converted layer: :meth:`~corda_kernels.LowRankLinear.residual_base`)."""
 
     def __init__(self, layer, original: torch.Tensor, rebuilt=None):
         self.device = layer.weight.device
