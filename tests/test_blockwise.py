@@ -298,13 +298,17 @@ def _adapted(first, tmp_path, dtype=torch.float32, spiked=False):
 
 
 @pytest.mark.parametrize(
-    "first, second", [("pissa", "corda"), ("lora", "corda"), ("corda", "pissa"), ("pissa", "lora")]
+    "first, second",
+    [("pissa", "corda"), ("lora", "corda"), ("corda", "pissa"), ("pissa", "lora"), ("pissa", "partial_lora")],
 )
 def test_further_adapter_same_as_whole_model(first, second, tmp_path):
+    """Partial-LoRA too: ratios from its few-shot measure (a whole-model run), the same index sets."""
     base, batches, cal, model, initial = _adapted(first, tmp_path)
     options = dict(rank=3, adapter_name="b", initial=initial if first != "lora" else None, progress=False)
+    if second == "partial_lora":
+        options["few_shot"] = batches[:1]
     if first != "lora":  # the base as the model gives it back, W' + s·B0·A0 (one rounding off): calibrate that
-        rebuilt = ck.apply(copy.deepcopy(model), "lora", **{**options, "rank": 1, "adapter_name": "probe"})
+        rebuilt = ck.apply(copy.deepcopy(model), "lora", rank=1, adapter_name="probe", initial=initial, progress=False)
         originals = copy.deepcopy(base)
         with torch.no_grad():
             for name, layer in _adapters(rebuilt).items():
@@ -322,7 +326,10 @@ def test_further_adapter_same_as_whole_model(first, second, tmp_path):
         torch.testing.assert_close(layer.weight, base.get_submodule(name).weight, rtol=0, atol=1e-6)
         new, want = layer.adapter("b"), other.adapter("b")
         torch.testing.assert_close(new.B @ new.A, want.B @ want.A, rtol=0, atol=1e-6)
-        assert (new.A0 is None) == (second == "lora") == (want.A0 is None)
+        for index in ("row_index", "col_index"):  # Partial-LoRA's sets, from ratios measured on the original
+            assert (getattr(new, index) is None) == (getattr(want, index) is None)
+            assert getattr(new, index) is None or torch.equal(getattr(new, index), getattr(want, index))
+        assert (new.A0 is None) == (second in ("lora", "partial_lora")) == (want.A0 is None)
         if new.A0 is not None:
             torch.testing.assert_close(new.B0 @ new.A0, want.B0 @ want.A0, rtol=0, atol=1e-6)
         assert (getattr(layer, "A0", None) is None) == (first == "lora")
