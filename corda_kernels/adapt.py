@@ -257,7 +257,7 @@ def apply(
             another rank of ``process_group``.
     """
     config = AdaptConfig.build(config, where="apply", **options)
-    if adapter_name is not None and any(isinstance(m, LowRankLinear) for m in model.modules()):
+    if adds_further(model, adapter_name, initial, "apply"):
         return add_adapter(
             model,
             adapter_name,
@@ -268,10 +268,6 @@ def apply(
             process_group=process_group,
             cache_dir=cache_dir,
         )
-    if initial is not None:
-        raise ValueError("apply: initial= is for adding a further adapter (adapter_name=) to an adapted model")
-    if adapter_name is not None:
-        _check_name(adapter_name, "apply")
     method: InitMethod = config.make_method()
     targets = select_targets(model, config, covariances, "apply")
     method.prepare(model, targets.layers)
@@ -294,12 +290,29 @@ def apply(
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
         raise
-    if adapter_name is not None:
-        for name, _ in swapped:
-            layer = model.get_submodule(name)
-            layer.adapter_name = layer.active_adapter = adapter_name
+    name_adapter(model, (name for name, _ in swapped), adapter_name)
     hf.forget_gguf_quantization(model)  # GGUF weights were dequantized at load: save and train as plain
     return model
+
+
+def adds_further(model: nn.Module, adapter_name: Optional[str], initial: Optional[str], where: str) -> bool:
+    """Whether ``adapter_name`` adds a further adapter (the model already carries corda_kernels
+    adapters); else checks ``adapter_name`` and ``initial`` as a first adapter's."""
+    if adapter_name is not None and any(isinstance(m, LowRankLinear) for m in model.modules()):
+        return True
+    if initial is not None:
+        raise ValueError(f"{where}: initial= is for adding a further adapter (adapter_name=) to an adapted model")
+    if adapter_name is not None:
+        _check_name(adapter_name, where)
+    return False
+
+
+def name_adapter(model: nn.Module, names, adapter_name: Optional[str]) -> None:
+    """Name the first adapter of the layers ``names`` (and make it their active one)."""
+    if adapter_name is not None:
+        for name in names:
+            layer = model.get_submodule(name)
+            layer.adapter_name = layer.active_adapter = adapter_name
 
 
 def swap_in(
@@ -478,7 +491,7 @@ def adapter_rows(model: nn.Module, rows: Union[Sequence[Optional[str]], torch.Te
             layer.__dict__.pop("_corda_kernels_rows", None)
 
 
-def _initial_factors(initial: Optional[str], layers: Mapping[str, LowRankLinear]) -> dict:
+def _initial_factors(initial: Optional[str], layers: Mapping[str, LowRankLinear], where: str = "apply") -> dict:
     """``{layer: (A0, B0)}`` for the layers whose base is their first adapter's residual, read from
     ``initial`` (a directory :func:`~corda_kernels.save_peft_adapter` wrote right after ``apply``)."""
     need = [
@@ -489,7 +502,7 @@ def _initial_factors(initial: Optional[str], layers: Mapping[str, LowRankLinear]
     if initial is None:
         first = layers[need[0]]
         raise ValueError(
-            f"apply: layer {need[0]} holds adapter {first.adapter_name!r}'s residual W - s*B0*A0 (a subtractive "
+            f"{where}: layer {need[0]} holds adapter {first.adapter_name!r}'s residual W - s*B0*A0 (a subtractive "
             "method), not the original weight; pass initial= (the directory save_peft_adapter wrote right after "
             "the first apply) so the original weights can be restored for the new adapter"
         )
@@ -497,18 +510,20 @@ def _initial_factors(initial: Optional[str], layers: Mapping[str, LowRankLinear]
 
     path = os.path.join(os.fspath(initial), ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
-        raise ValueError(f"apply: initial={initial!r} holds no {ADAPTER_WEIGHTS} (written by save_peft_adapter)")
+        raise ValueError(f"{where}: initial={initial!r} holds no {ADAPTER_WEIGHTS} (written by save_peft_adapter)")
     start = load_file(path)
     out = {}
     for name in need:
         keys = (f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight")
         if any(k not in start for k in keys):
-            raise ValueError(f"apply: initial={initial!r} has no factors for layer {name} (saved from another model?)")
+            raise ValueError(
+                f"{where}: initial={initial!r} has no factors for layer {name} (saved from another model?)"
+            )
         layer = layers[name]
         A0, B0 = (start[k].to(layer.weight.device) for k in keys)
         if tuple(A0.shape) != (A0.shape[0], layer.in_features) or tuple(B0.shape) != (layer.out_features, A0.shape[0]):
             raise ValueError(
-                f"apply: initial={initial!r}: layer {name}'s factors {tuple(A0.shape)}, {tuple(B0.shape)} do not fit "
+                f"{where}: initial={initial!r}: layer {name}'s factors {tuple(A0.shape)}, {tuple(B0.shape)} do not fit "
                 f"its weight ({layer.out_features}, {layer.in_features})"
             )
         out[name] = (A0, B0)
@@ -542,33 +557,24 @@ def _initial_of(layer: LowRankLinear, init: LayerInit, config: AdaptConfig) -> t
         return dense_factors(A, B, layer.out_features, layer.in_features, **sparsity)
 
 
-def add_adapter(
-    model: nn.Module,
-    adapter_name: str,
-    config: Union[AdaptConfig, str, InitMethod] = "corda",
-    *,
-    covariances=None,
-    initial: Optional[str] = None,
-    progress: bool = True,
-    process_group=None,
-    cache_dir: Optional[str] = None,
-    **options,
-) -> nn.Module:
-    """Add adapter ``adapter_name`` to every corda_kernels layer of ``model`` (what
-    ``apply(model, ..., adapter_name=...)`` runs on an adapted model); all or nothing.
+class Further(NamedTuple):
+    """A further adapter, checked before anything changes (:func:`plan_further`): its name, the
+    model's adapted layers with each one's rank and alpha after the patterns (``targets``), and the
+    initial factors ``(A0, B0)`` of the layers whose base is their first adapter's residual."""
 
-    The new adapter is initialized from the original weights (the model's plain forward is the
-    original's while it decomposes, e.g. for Partial-LoRA's few-shot measure): a layer whose weight
-    is its first adapter's residual gets the original back as ``W' + s·B0·A0`` from ``initial``
-    and keeps ``A0``, ``B0`` frozen (:meth:`LowRankLinear.use_original_base`); a subtractive new
-    adapter keeps its own initial factors the same way, so every adapter computes
-    ``s·(B·A − B0·A0)`` on the shared ``W`` and reproduces the original at init. The active adapter
-    does not change; the new one's factors require grad once it is set (:func:`set_adapter`).
-    Targets must be the layers the model's adapters are on (``target_modules`` / ``exclude_modules``
-    may name them again); ``quantize`` and ``dora`` are refused.
-    """
-    where = f"apply(adapter_name={adapter_name!r})"
-    config = AdaptConfig.build(config, where=where, **options)
+    name: str
+    layers: dict
+    starts: dict
+    targets: Targets
+
+
+def plan_further(
+    model: nn.Module, adapter_name: str, config: AdaptConfig, initial: Optional[str], where: str
+) -> Further:
+    """The checks of a further adapter, shared by :func:`add_adapter` and
+    :func:`~corda_kernels.apply_blockwise`: the name, the targets (the model's adapted layers),
+    ``quantize`` / ``dora``, each layer's state and adapter dtype, ranks and alphas, and the
+    initial factors read from ``initial``. Touches no module."""
     _check_name(adapter_name, where)
     layers = _layers(model, where)
     if config.quantize is not None or config.dora:
@@ -601,20 +607,87 @@ def add_adapter(
                 f"{where}: layer {name}: adapters of mixed dtypes: its adapters' trainable factors are {train}, "
                 f"the new adapter's would be {new} (autocast_adapter_dtype={config.autocast_adapter_dtype})"
             )
-    starts = _initial_factors(initial, layers)
-    originals = {name: _original_linear(layer, starts.get(name)) for name, layer in layers.items()}
-    ranks, alphas = ranks_and_alphas(originals, config)
-    method: InitMethod = config.make_method()
-    targets = Targets(originals, ranks, alphas, None)
+    starts = _initial_factors(initial, layers, where)
+    ranks, alphas = ranks_and_alphas(layers, config)
+    return Further(adapter_name, layers, starts, Targets(layers, ranks, alphas, None))
+
+
+@contextlib.contextmanager
+def originals_in(model: nn.Module, further: Further, names) -> Iterator[Targets]:
+    """Within the block, the layers ``names`` are plain linears holding their original weights
+    (:func:`_original_linear`): the model computes the original there, e.g. for calibration or
+    Partial-LoRA's few-shot measure. Yields ``further.targets`` on those linears (what
+    :func:`finished_inits` decomposes); the adapted layers are put back on exit."""
+    originals = {name: _original_linear(further.layers[name], further.starts.get(name)) for name in names}
     swapped = []
-    try:  # the model computes the original while the new adapter is initialized
+    try:
         for name, linear in originals.items():
             hf.set_submodule(model, name, linear)
-            swapped.append((name, layers[name]))
-        method.prepare(model, originals)
+            swapped.append((name, further.layers[name]))
+        yield further.targets._replace(layers=originals)
+    finally:
+        restore(model, swapped)
+
+
+def add_finished(further: Further, inits: Mapping[str, LayerInit], config: AdaptConfig, done: list) -> None:
+    """Add the further adapter to each layer of ``inits`` from its finished init, turning a residual
+    base back into the original first (:meth:`LowRankLinear.use_original_base`). Appends
+    ``(name, converted)`` to ``done`` before changing a layer, for :func:`remove_added`."""
+    for name, init in inits.items():
+        layer = further.layers[name]
+        converted = name in further.starts
+        if converted:
+            layer.use_original_base(*further.starts[name])
+        done.append((name, converted))
+        start = _initial_of(layer, init, config) if init.subtract else None
+        layer.add_adapter(further.name, init.A, init.B, initial=start, **_adapter_options(init, config))
+
+
+def remove_added(further: Further, done: Sequence[tuple[str, bool]]) -> None:
+    """Undo :func:`add_finished` for the layers in ``done``, last first: the new adapter deleted and a
+    converted layer's residual base restored (:meth:`LowRankLinear.restore_residual_base`)."""
+    for name, converted in reversed(done):
+        layer = further.layers[name]
+        if further.name in layer.adapter_names:
+            layer.delete_adapter(further.name)
+        if converted:
+            layer.restore_residual_base()
+
+
+def add_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    config: Union[AdaptConfig, str, InitMethod] = "corda",
+    *,
+    covariances=None,
+    initial: Optional[str] = None,
+    progress: bool = True,
+    process_group=None,
+    cache_dir: Optional[str] = None,
+    **options,
+) -> nn.Module:
+    """Add adapter ``adapter_name`` to every corda_kernels layer of ``model`` (what
+    ``apply(model, ..., adapter_name=...)`` runs on an adapted model); all or nothing.
+
+    The new adapter is initialized from the original weights (the model's plain forward is the
+    original's while it decomposes, e.g. for Partial-LoRA's few-shot measure): a layer whose weight
+    is its first adapter's residual gets the original back as ``W' + s·B0·A0`` from ``initial``
+    and keeps ``A0``, ``B0`` frozen (:meth:`LowRankLinear.use_original_base`); a subtractive new
+    adapter keeps its own initial factors the same way, so every adapter computes
+    ``s·(B·A − B0·A0)`` on the shared ``W`` and reproduces the original at init. The active adapter
+    does not change; the new one's factors require grad once it is set (:func:`set_adapter`).
+    Targets must be the layers the model's adapters are on (``target_modules`` / ``exclude_modules``
+    may name them again); ``quantize`` and ``dora`` are refused.
+    """
+    where = f"apply(adapter_name={adapter_name!r})"
+    config = AdaptConfig.build(config, where=where, **options)
+    further = plan_further(model, adapter_name, config, initial, where)
+    method: InitMethod = config.make_method()
+    with originals_in(model, further, further.layers) as targets:
+        method.prepare(model, targets.layers)
         inits = finished_inits(
             targets,
-            originals,
+            targets.layers,
             method,
             config,
             covariances,
@@ -622,30 +695,11 @@ def add_adapter(
             process_group=process_group,
             cache_dir=cache_dir,
         )
-    finally:
-        restore(model, swapped)
+    del targets  # the rebuilt original weights
     done: list[tuple[str, bool]] = []
     try:
-        for name, init in inits.items():
-            layer = layers[name]
-            converted = name in starts
-            if converted:
-                layer.use_original_base(*starts[name])
-            done.append((name, converted))
-            start = _initial_of(layer, init, config) if init.subtract else None
-            layer.add_adapter(
-                adapter_name,
-                init.A,
-                init.B,
-                initial=start,
-                **_adapter_options(init, config),
-            )
+        add_finished(further, inits, config, done)
     except BaseException:
-        for name, converted in reversed(done):
-            layer = layers[name]
-            if adapter_name in layer.adapter_names:
-                layer.delete_adapter(adapter_name)
-            if converted:
-                layer.restore_residual_base()
+        remove_added(further, done)
         raise
     return model

@@ -18,6 +18,7 @@ within fp32 rounding.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -34,6 +35,7 @@ from .export import merged_weight
 from .integrations import hf
 from .integrations.batches import check_batch
 from .methods import InitMethod
+from .nn import LowRankLinear
 
 
 def _move(value, device):
@@ -100,6 +102,8 @@ def apply_blockwise(
     cache_dir: Optional[str] = None,
     undo: str = "cpu",
     offload: Optional[str] = None,
+    adapter_name: Optional[str] = None,
+    initial: Optional[str] = None,
     **options,
 ) -> nn.Module:
     """Calibrate, decompose and adapt ``model`` one block at a time (in place; returns it).
@@ -136,6 +140,17 @@ def apply_blockwise(
             (the quantization error is not one rounding): ``quantize`` with ``undo="reconstruct"``
             is refused before anything runs.
         offload: deprecated name of ``block_inputs_device``.
+        adapter_name: as for :func:`corda_kernels.apply`: the adapter's name; on a model that
+            already carries corda_kernels adapters, a new name adds a further adapter to the same
+            layers, block by block. Each block then runs with its layers' original weights (the
+            calibration :func:`corda_kernels.calibrate` gives on the base model), the new adapter
+            is decomposed from them and added (:func:`corda_kernels.adapt.add_adapter`); a failure
+            deletes what was added and gives each converted layer its residual base back bit for
+            bit (``undo="cpu"``: a copy of it on the CPU; ``"reconstruct"``: the rounding that
+            ``W − s·B0·A0`` misses, as above).
+        initial: as for :func:`corda_kernels.apply`: the directory
+            :func:`~corda_kernels.save_peft_adapter` wrote right after the first adapter's
+            ``apply``, for a model whose first adapter is subtractive.
         **options: :class:`~corda_kernels.AdaptConfig` fields and the method's own options, as for
             :func:`corda_kernels.apply`.
 
@@ -145,7 +160,8 @@ def apply_blockwise(
     Raises:
         ValueError: the model has no single stack of blocks, a target lies outside it, ``undo``
             is not ``"cpu"`` or ``"reconstruct"``, ``batches`` is empty or a batch is malformed,
-            or any of :func:`corda_kernels.apply`'s value checks fails.
+            or any of :func:`corda_kernels.apply`'s value checks fails (adding an adapter: the same
+            checks, naming ``apply_blockwise(adapter_name=...)``).
         TypeError: as for :func:`corda_kernels.apply` (and a batch that is not a dict with
             integer ``input_ids``).
         FloatingPointError: a weight, a covariance or a layer's input holds NaN or Inf.
@@ -154,6 +170,10 @@ def apply_blockwise(
     """
     block_inputs_device = renamed("apply_blockwise", "offload", offload, "block_inputs_device", block_inputs_device)
     config = AdaptConfig.build(config, where="apply_blockwise", **options)
+    further = None
+    if _adapt.adds_further(model, adapter_name, initial, "apply_blockwise"):
+        where = f"apply_blockwise(adapter_name={adapter_name!r})"
+        further = _adapt.plan_further(model, adapter_name, config, initial, where)
     method = config.make_method()
     stacks = hf.block_stacks(model)
     if len(stacks) != 1:
@@ -162,7 +182,7 @@ def apply_blockwise(
             f"{[name for name, _ in stacks]}. Use calibrate() + apply() for this model"
         )
     stack_name, stack = stacks[0]
-    targets = _adapt.select_targets(model, config, where="apply_blockwise")
+    targets = _adapt.select_targets(model, config, where="apply_blockwise") if further is None else further.targets
     outside = [n for n in targets.layers if not n.startswith(stack_name + ".")]
     if outside:
         raise ValueError(
@@ -177,13 +197,19 @@ def apply_blockwise(
             "rounding undo='reconstruct' keeps), so a failed run could not give the model back; use undo='cpu' "
             "(the default: each replaced layer waits on the CPU until the run ends)"
         )
-    method.prepare(model, targets.layers)
+    if further is None:
+        method.prepare(model, targets.layers)
+    elif type(method).prepare is not InitMethod.prepare:  # it may run the model: on the original weights
+        with _adapt.originals_in(model, further, further.layers) as originals:
+            method.prepare(model, originals.layers)
 
     pending = dict(targets.layers)  # layers not adapted yet
     modes = hf.training_modes(model)  # each module's own, put back at the end
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     model.eval()
     undo_log: list[tuple[str, nn.Module, torch.device, Optional[_Rebuild]]] = []
+    added: list[tuple[str, bool]] = []  # a further adapter: (layer, converted), as adapt.add_finished logs
+    residuals: dict = {}  # a further adapter: each converted layer's residual base (or what rebuilds it)
     try:
         inputs = capture_block_inputs(model, stack[0], batches, store=block_inputs_device, progress=progress)
         for index, block in enumerate(tqdm(stack, desc="blocks", disable=not progress)):
@@ -192,22 +218,39 @@ def apply_blockwise(
             home = next(block.parameters()).device
             device = torch.device(execution_device) if execution_device is not None else home
             block.to(device)
-            inputs, covariances = _run_block(block, block_targets, inputs, device, block_inputs_device, normalization)
-            if covariances is not None:
-                inits = _adapt.finished_inits(
-                    targets, block_targets, method, config, covariances, progress=False, cache_dir=cache_dir
+            stage = (  # a further adapter: the block computes the original, its layers plain linears
+                contextlib.nullcontext(targets)
+                if further is None
+                else _adapt.originals_in(model, further, block_targets)
+            )
+            with stage as block_in:
+                block_targets = {n: block_in.layers[n] for n in block_targets}
+                inputs, covariances = _run_block(
+                    block, block_targets, inputs, device, block_inputs_device, normalization
                 )
+                inits = None
+                if covariances is not None:
+                    inits = _adapt.finished_inits(
+                        block_in, block_targets, method, config, covariances, progress=False, cache_dir=cache_dir
+                    )
+                del covariances, block_in, block_targets
+            if inits is not None and further is None:
                 _swap_block(model, pending, inits, config, undo, home, undo_log)
-                del covariances, inits, block_targets
+            elif inits is not None:
+                _add_block(further, inits, config, undo, added, residuals)
+            del inits
             block.to(home)
-        _adapt.freeze_all_but_adapters(model)
+        if further is None:
+            _adapt.freeze_all_but_adapters(model)
     except BaseException:
-        _undo(model, undo_log)
+        _undo(model, undo_log, further, added, residuals)
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
         raise
     finally:
         hf.restore_training_modes(model, modes)
+    if further is None:
+        _adapt.name_adapter(model, targets.layers, adapter_name)
     hf.forget_gguf_quantization(model)
     return model
 
@@ -227,9 +270,33 @@ def _swap_block(model, pending, inits, config, undo, home, undo_log) -> None:
         del pending[name]
 
 
-def _undo(model: nn.Module, undo_log) -> None:
-    """Put back every adapted layer's original module: parked on the CPU, or with its weight rebuilt."""
+def _add_block(further, inits, config, undo, added, residuals) -> None:
+    """Add the further adapter to a block's layers (:func:`corda_kernels.adapt.add_finished`), first
+    keeping each converted layer's residual base: a copy on the CPU (``undo="cpu"``), or, once the
+    layer holds the original, what rebuilds the residual bit for bit from it (``"reconstruct"``)."""
+    converted = [n for n in inits if n in further.starts]
+    for name in converted:
+        residuals[name] = further.layers[name].weight.detach().to("cpu", copy=True)
+    _adapt.add_finished(further, inits, config, added)
+    if undo == "reconstruct":
+        for name in converted:
+            residuals[name] = _Rebuild(further.layers[name], residuals[name], rebuilt=LowRankLinear.residual_base)
+
+
+def _undo(model: nn.Module, undo_log, further=None, added=(), residuals=None) -> None:
+    """Put back every adapted layer's original module: parked on the CPU, or with its weight rebuilt;
+    a further adapter: deleted, and each converted layer's residual base put back as it was."""
     inexact = []
+    for name, converted in reversed(added):
+        layer, kept = further.layers[name], residuals.get(name)
+        if isinstance(kept, _Rebuild):
+            kept, exact = kept.weight(layer)
+            if not exact:
+                inexact.append(name)
+        _adapt.remove_added(further, [(name, converted)])
+        if kept is not None:
+            with torch.no_grad():
+                layer.weight.copy_(kept)
     for name, old, home, rebuild in reversed(undo_log):
         if rebuild is not None:
             weight, exact = rebuild.weight(model.get_submodule(name))
@@ -271,13 +338,17 @@ class _Rebuild:
     on the CPU: a bit mask of those entries (1/8 byte per weight), the difference of their bit
     patterns ``W − R`` as int8, and the original bits of the rare entries where it does not fit
     (a sign change, a much larger residual). ``device``: where ``R`` was computed (computed there
-    again on undo, so that it comes out the same); a fingerprint of ``W`` checks the result."""
+    again on undo, so that it comes out the same); a fingerprint of ``W`` checks the result.
+    ``rebuilt``: what forms ``R`` from the layer (default :func:`_rebuilt`; a further adapter's
+    converted layer: :meth:`~corda_kernels.LowRankLinear.residual_base`)."""
 
-    def __init__(self, layer, original: torch.Tensor):
-        self.device = original.device
+    def __init__(self, layer, original: torch.Tensor, rebuilt=None):
+        self.device = layer.weight.device
         self.shape = tuple(original.shape)
+        self.rebuilt = rebuilt if rebuilt is not None else _rebuilt
+        rebuilt = self.rebuilt
         with torch.no_grad():
-            target, rebuilt = _bits(original.detach()), _bits(_rebuilt(layer))
+            target, rebuilt = _bits(original.detach().to(self.device)), _bits(rebuilt(layer))
             differ = target != rebuilt
             index = differ.nonzero().squeeze(1)
             offset = target[index].long() - rebuilt[index].long()
@@ -296,10 +367,14 @@ class _Rebuild:
         """``(W (out, in), whether its fingerprint matches the original's)`` from the adapted ``layer``."""
         home = layer.weight.device
         try:
-            layer.to(self.device)  # the layer is discarded after this: moving it is free of side effects
+            layer.to(self.device)
         except Exception:  # the device is gone (e.g. the failure was the device's): compute where it is
             pass
-        rebuilt = _rebuilt(layer)
+        rebuilt = self.rebuilt(layer)
+        try:
+            layer.to(home)  # a further adapter's layer stays in the model
+        except Exception:
+            pass
         dtype = rebuilt.dtype
         bits = _bits(rebuilt).clone()
         if self.mask is not None:

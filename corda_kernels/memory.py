@@ -27,6 +27,13 @@ What is counted (all from shapes and dtypes; no calibration is run):
   replaced layers (on the CPU) to restore the model if a later block fails: "undo copies"
   (``undo="reconstruct"``: only what rebuilds them bit for bit, counted at
   :data:`RECONSTRUCT_BYTES_PER_WEIGHT`; measured 0.13-0.44).
+- a further adapter (``adapter_name=`` on a model that carries adapters, as ``apply`` adds it):
+  the loaded adapters (the model's factors, apart from its weights); the initial factors ``A0``,
+  ``B0`` read from ``initial=`` for layers whose base is their first adapter's residual, and those
+  layers' original weights rebuilt as ``W' + s·B0·A0`` while the new adapter is calibrated and
+  decomposed (whole-model: all at once; block-wise: one block's); the new adapter's factors, its
+  own ``A0``, ``B0`` when subtractive, and one layer's fp32 temporaries. No residual is formed;
+  block-wise undo keeps each converted layer's residual (``undo="cpu"``) or what rebuilds it.
 
 Measured against peak RSS on CPU (tests/test_memory.py, bench/results/blockwise.md). Not counted:
 allocator slack (glibc may keep freed blocks: RSS above live bytes, by 20-46% in block-wise
@@ -42,6 +49,7 @@ from typing import Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
+from . import adapt as _adapt
 from ._deprecation import renamed
 from .calibration.recorder import CovarianceRecorder
 from .calibration.storage import check_options, packed_size
@@ -50,6 +58,10 @@ from .decomposition import plan
 from .decomposition.refinement import make_quantization
 from .integrations import hf
 from .methods import InitMethod
+from .methods.lora import LoRA
+from .methods.svd_init import PiSSA
+from .nn import LowRankLinear
+from .nn.lowrank_linear import adapter_dtype
 
 MiB = 2**20
 # What apply_blockwise(undo="reconstruct") keeps per target weight (blockwise._Rebuild): a bit mask (1/8
@@ -93,7 +105,7 @@ class MemoryEstimate:
 
     def extra_bytes(self, where: Optional[str] = None) -> int:
         """Peak above the loaded model (every item but the weights and the runtime) on ``where``."""
-        return max(self.total(phase, where, exclude=("weights", "runtime + tokenizer")) for phase in self.phases)
+        return max(self.total(phase, where, exclude=_LOADED) for phase in self.phases)
 
     def add(self, item: str, where: str, nbytes: int) -> None:
         """Count ``nbytes`` of ``item`` on ``where`` in every phase (what a caller holds throughout,
@@ -134,13 +146,18 @@ class MemoryEstimate:
 _ORDER = [
     "runtime + tokenizer",
     "weights",
+    "loaded adapters",
     "covariances",
     "activations",
     "block inputs",
+    "initial factors",
+    "original weights",
     "decomposition",
     "residual copies + adapters",
+    "new adapter",
     "undo copies",
 ]
+_LOADED = ("weights", "loaded adapters", "runtime + tokenizer")  # the model as loaded, and the process
 
 
 def meta_model(model: Optional[str], gguf_file: Optional[str] = None, dtype: str = "fp32") -> nn.Module:
@@ -213,6 +230,31 @@ class _Layers:
             residuals = self.target_bytes(names)
         return residuals + factors + max(sizes, default=0) * per_weight
 
+    def add_bytes(self, names, further: _Further) -> int:
+        """A further adapter on ``names``: its factors (as decomposed, and as stored), its own
+        initial factors when subtractive (stored as the trainable ones), and one converted layer's
+        fp32 temporaries (``use_original_base``: the weight and ``s·B0·A0``)."""
+        per_rank = sum(self.ranks[n] * sum(self.shape[n]) for n in names)
+        factors = sum(self.ranks[n] * sum(self.shape[n]) * (self.weight_size[n] + 4) for n in names)
+        initial = per_rank * further.train_size if further.subtract else 0
+        converted = [self.shape[n][0] * self.shape[n][1] for n in names if n in further.converted]
+        return factors + initial + max(converted, default=0) * 2 * 4
+
+    def original_bytes(self, names, further: Optional[_Further]) -> int:
+        """The original weights rebuilt (``W' + s·B0·A0``) for the converted layers of ``names``."""
+        return 0 if further is None else self.target_bytes(n for n in names if n in further.converted)
+
+
+class _Further(NamedTuple):
+    """A further adapter's run: the layers whose residual base is converted back to the original,
+    the bytes of their initial factors, whether the new adapter is subtractive, and the bytes per
+    element of its trainable factors."""
+
+    converted: frozenset
+    start_bytes: int
+    subtract: bool
+    train_size: int
+
 
 def quantized_bytes(out_f: int, in_f: int, fmt: str) -> int:
     """Bytes of a :class:`~corda_kernels.ops.quantized.QuantizedWeight` ``(out_f, in_f)``: NF4 packed codes
@@ -245,14 +287,27 @@ def _activations(layers: _Layers, names, work: _Workload) -> int:
     return tokens * act * (outputs + 2 * hidden) + attention + update
 
 
-def _working_set(layers: _Layers, names, needs_cov: bool, budget: Optional[int]) -> int:
-    """The largest decomposition chunk over ``names``' buckets (same shape and rank)."""
+def _words_per_weight(method: InitMethod) -> Optional[int]:
+    """fp32 words per weight of a decomposition chunk for methods without a full SVD (None: the
+    plan's :func:`~corda_kernels.decomposition.plan.bytes_per_layer`): LoRA and its subclasses
+    draw their factors (the stacked fp32 weights only); PiSSA's randomized SVD works on sketches
+    (the stacked weights, the squared-norms temporary, the sketch products: 3, measured 2.9)."""
+    if isinstance(method, LoRA):
+        return 1
+    if isinstance(method, PiSSA) and method.svd == "randomized":
+        return 3
+    return None
+
+
+def _working_set(layers: _Layers, names, needs_cov: bool, budget: Optional[int], words: Optional[int] = None) -> int:
+    """The largest decomposition chunk over ``names``' buckets (same shape and rank), chunked as the
+    engine chunks them; ``words``: per weight, as :func:`_words_per_weight` gives them."""
     buckets: dict[tuple, int] = defaultdict(int)
     for n in names:
         buckets[(layers.shape[n], layers.ranks[n])] += 1
     largest = 0
     for ((in_f, out_f), _), count in buckets.items():
-        per_layer = plan.bytes_per_layer(out_f, in_f, needs_cov)
+        per_layer = 4 * words * out_f * in_f if words else plan.bytes_per_layer(out_f, in_f, needs_cov)
         per_chunk = plan.bytes_per_chunk(out_f, in_f, needs_cov)
         chunk = count if budget is None else plan.chunk_layers(out_f, in_f, needs_cov, budget)
         largest = max(largest, min(count, chunk) * per_layer + per_chunk)
@@ -273,6 +328,8 @@ def estimate_memory(
     undo: str = "cpu",
     device=None,
     offload: Optional[str] = None,
+    adapter_name: Optional[str] = None,
+    initial: Optional[str] = None,
     **options,
 ) -> MemoryEstimate:
     """Estimate the peak memory of calibrating and adapting ``model``, before running it.
@@ -301,6 +358,13 @@ def estimate_memory(
             ``"reconstruct"`` the correction that rebuilds them (:data:`RECONSTRUCT_BYTES_PER_WEIGHT`).
         device: where the run computes (default: the model's input device; ``meta`` counts as CPU).
         offload: deprecated: ``covariance_device`` (whole-model) or ``block_inputs_device`` (block-wise).
+        adapter_name: as for :func:`corda_kernels.apply`: on a model that already carries
+            corda_kernels adapters, estimate adding this further adapter (checked as ``apply``
+            checks it): the loaded adapters, the initial factors and rebuilt original weights of
+            layers whose base is a residual, the new adapter's factors. The covariances are those
+            calibrated on the base model.
+        initial: as for :func:`corda_kernels.apply`, with ``adapter_name``: the directory of the
+            first adapter's initial factors (read: their sizes are counted).
         **options: :class:`~corda_kernels.AdaptConfig` fields and the method's own options, as for
             :func:`corda_kernels.apply`.
 
@@ -310,8 +374,9 @@ def estimate_memory(
     Raises:
         ValueError: ``batch_size``, ``seq_len`` or ``n_batches`` is not a positive int;
             ``storage`` or ``covariance_device`` is not a known value; an unknown method;
-            ``target_modules`` matches nothing.
-        TypeError: an unknown method option.
+            ``target_modules`` matches nothing; a further adapter :func:`corda_kernels.apply`
+            would refuse (the message names ``estimate_memory(adapter_name=...)`` and the layer).
+        TypeError: an unknown method option; a further adapter of mixed dtypes.
     """
     if blockwise:
         block_inputs_device = renamed("estimate_memory", "offload", offload, "block_inputs_device", block_inputs_device)
@@ -329,16 +394,38 @@ def estimate_memory(
             "estimate_memory: apply_blockwise refuses undo='reconstruct' with quantize (a quantized residual "
             "cannot give the original weights back); estimate undo='cpu'"
         )
-    targets = hf.find_targets(model, config.target_modules, config.exclude_modules)
-    ranks = {n: hf.pattern_entry(config.rank_pattern, n, config.rank)[1] for n in targets}
+    further = None
+    if _adapt.adds_further(model, adapter_name, initial, "estimate_memory"):
+        adding = _adapt.plan_further(
+            model, adapter_name, config, initial, f"estimate_memory(adapter_name={adapter_name!r})"
+        )
+        targets, ranks = adding.layers, adding.targets.ranks
+        dtype = next(iter(targets.values())).weight.dtype
+        further = _Further(
+            frozenset(adding.starts),
+            sum(t.numel() * t.element_size() for pair in adding.starts.values() for t in pair),
+            method.subtracts,
+            adapter_dtype(dtype, config.autocast_adapter_dtype).itemsize,
+        )
+    else:
+        targets = hf.find_targets(model, config.target_modules, config.exclude_modules)
+        ranks = {n: hf.pattern_entry(config.rank_pattern, n, config.rank)[1] for n in targets}
     home = torch.device(device) if device is not None else hf.input_device(model)
     home = "cpu" if home.type == "meta" else str(home)
     notes = []
 
-    weights: dict[str, int] = defaultdict(int)
+    adapters = {  # the loaded adapters' tensors: every one of the adapted layers' but their weight and bias
+        id(t)
+        for m in model.modules()
+        if isinstance(m, LowRankLinear)
+        for name, t in [*m.named_parameters(), *m.named_buffers()]
+        if name not in ("weight", "bias")
+    }
+    weights: dict[tuple[str, str], int] = defaultdict(int)
     for tensor in list(model.parameters()) + list(model.buffers()):
         where = home if tensor.device.type == "meta" else str(tensor.device)
-        weights[where] += tensor.numel() * tensor.element_size()
+        item = "loaded adapters" if id(tensor) in adapters else "weights"
+        weights[(item, where)] += tensor.numel() * tensor.element_size()
     floating = [p for p in model.parameters() if p.is_floating_point()]
     act = floating[0].element_size() if floating else 4
 
@@ -365,12 +452,17 @@ def estimate_memory(
         notes.append(f"no CUDA here to read {home}'s free memory: decomposition chunks assumed unbounded")
 
     needs_cov = method.needs_covariance
-    base = {("weights", w): b for w, b in weights.items()}
+    words = _words_per_weight(method)
+    base = dict(weights)
+    if further is not None:  # read from initial= and held until the run ends
+        base[("initial factors", home)] = further.start_bytes
     names = list(targets)
     stored = covariance_device if (covariance_device and not blockwise) else home
     cov_full = sum(4 * d * d for d in layers.cov_dims(names))
     cov_kept = sum(4 * (packed_size(d) if storage == "packed" else d * d) for d in layers.cov_dims(names))
     mode = "block-wise (apply_blockwise)" if blockwise else "whole-model (calibrate + apply)"
+    if further is not None:
+        mode += f", adding adapter {adapter_name!r}"
     title = (
         f"Memory estimate: {type(model).__name__}, {method.describe()} rank {config.rank}, {mode}, {len(names)} "
         f"target layers, {n_batches} batches x {batch_size} x {seq_len} tokens, on {home}"
@@ -378,7 +470,9 @@ def estimate_memory(
     )
     if blockwise:
         inputs_at = block_inputs_device or home
-        phases = _blockwise_phases(layers, base, home, inputs_at, undo, quantization, work, needs_cov, budget)
+        phases = _blockwise_phases(
+            layers, base, home, inputs_at, undo, quantization, work, needs_cov, budget, further, words
+        )
     else:
         block_acts = [_activations(layers, b, work) for b in layers.blocks.values()]
         phases = {
@@ -386,12 +480,17 @@ def estimate_memory(
             "decompose": {
                 **base,
                 ("covariances", stored): cov_kept,
-                ("decomposition", home): _working_set(layers, names, needs_cov, budget),
+                ("original weights", home): layers.original_bytes(names, further),
+                ("decomposition", home): _working_set(layers, names, needs_cov, budget, words),
             },
             "swap": {
                 **base,
                 ("covariances", stored): cov_kept,
-                ("residual copies + adapters", home): layers.swap_bytes(names, quantization),
+                **(
+                    {("residual copies + adapters", home): layers.swap_bytes(names, quantization)}
+                    if further is None
+                    else {("new adapter", home): layers.add_bytes(names, further)}
+                ),
             },
         }
         if not needs_cov:
@@ -404,8 +503,11 @@ def estimate_memory(
     return MemoryEstimate(phases, home, title, notes)
 
 
-def _blockwise_phases(layers: _Layers, base, home, inputs_at, undo_mode, quantization, work, needs_cov, budget):
-    """Per phase, the worst block (the replaced layers of earlier blocks accumulate as undo copies)."""
+def _blockwise_phases(
+    layers: _Layers, base, home, inputs_at, undo_mode, quantization, work, needs_cov, budget, further, words
+):
+    """Per phase, the worst block (the replaced layers of earlier blocks accumulate as undo copies;
+    a further adapter's: the residuals of its converted layers)."""
     n_batches = work.n_batches
     hidden = layers.shape[next(iter(layers.shape))][0]
     per_batch_hidden = work.tokens * hidden * work.act
@@ -428,27 +530,38 @@ def _blockwise_phases(layers: _Layers, base, home, inputs_at, undo_mode, quantiz
                 ("undo copies", undo_at): undo,
                 ("block inputs", inputs_at): inputs + n_batches * per_batch_hidden,
                 ("covariances", home): covs,
+                ("original weights", home): layers.original_bytes(names, further),
                 ("activations", home): _activations(layers, names, work),
             },
             "decompose block": {
                 ("undo copies", undo_at): undo,
                 ("block inputs", inputs_at): inputs,
                 ("covariances", home): covs,
-                ("decomposition", home): _working_set(layers, names, needs_cov, budget),
+                ("original weights", home): layers.original_bytes(names, further),
+                ("decomposition", home): _working_set(layers, names, needs_cov, budget, words),
             },
         }
+        kept = names if further is None else [n for n in names if n in further.converted]
+        copies = layers.target_bytes(kept)  # further, reconstruct: copied while the block is added
         if undo_mode == "cpu":
-            undo += layers.target_bytes(names)
+            undo += copies
         else:
-            undo += int(RECONSTRUCT_BYTES_PER_WEIGHT * sum(layers.shape[n][0] * layers.shape[n][1] for n in names))
-        # the residuals replace the old weights (quantized ones are smaller: never below 0)
-        swap_new = max(0, layers.swap_bytes(names, quantization) - layers.target_bytes(names))
+            undo += int(RECONSTRUCT_BYTES_PER_WEIGHT * sum(layers.shape[n][0] * layers.shape[n][1] for n in kept))
+        if further is None:  # the residuals replace the old weights (quantized ones are smaller: never below 0)
+            swap_new = {
+                ("residual copies + adapters", home): max(
+                    0, layers.swap_bytes(names, quantization) - layers.target_bytes(names)
+                )
+            }
+        else:
+            swap_new = {("new adapter", home): layers.add_bytes(names, further)}
+        transient = copies if further is not None and undo_mode != "cpu" else 0
         candidates["swap block"] = {
-            ("undo copies", undo_at): undo,
+            ("undo copies", undo_at): undo + transient,
             ("block inputs", inputs_at): inputs,
-            ("residual copies + adapters", home): swap_new,
+            **swap_new,
         }
         for phase, items in candidates.items():
-            if sum(items.values()) >= sum(v for k, v in phases[phase].items() if k[0] != "weights"):
+            if sum(items.values()) >= sum(v for k, v in phases[phase].items() if k not in base):
                 phases[phase] = {**base, **items}
     return phases

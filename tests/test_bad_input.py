@@ -815,6 +815,36 @@ def _(model, cal, tmp):
     _apply(model, "lora", adapter_name="b", dora=True)
 
 
+@case("blockwise_add_adapter_without_initial")
+def _(model, cal, tmp):
+    prepared(_apply(model, "pissa"))
+    ck.apply_blockwise(model, token_batches(128, n_batches=1), "lora", rank=2, adapter_name="b", progress=False)
+
+
+@case("blockwise_add_adapter_quantize")
+def _(model, cal, tmp):
+    prepared(_apply(model, "lora"))
+    batches = token_batches(128, n_batches=1)
+    ck.apply_blockwise(model, batches, "lora", rank=2, adapter_name="b", quantize="int8", progress=False)
+
+
+@case("blockwise_initial_without_adapters")
+def _(model, cal, tmp):
+    ck.apply_blockwise(model, token_batches(128, n_batches=1), "lora", rank=2, initial=str(tmp), progress=False)
+
+
+@case("estimate_add_adapter_duplicate")
+def _(model, cal, tmp):
+    prepared(_apply(model, "lora"))
+    ck.estimate_memory(model, "lora", rank=2, batch_size=1, seq_len=8, n_batches=1, adapter_name="default")
+
+
+@case("estimate_add_adapter_without_initial")
+def _(model, cal, tmp):
+    prepared(_apply(model, "pissa"))
+    ck.estimate_memory(model, "lora", rank=2, batch_size=1, seq_len=8, n_batches=1, adapter_name="b")
+
+
 @case("rows_unknown_name")
 def _(model, cal, tmp):
     with ck.adapter_rows(prepared(_two(model)), ["b", "zz"]):

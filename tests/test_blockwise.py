@@ -65,7 +65,6 @@ def _snapshot(model):
 
 
 def _assert_as_before(model, before):
-    assert not _adapters(model)
     assert dict(model.named_modules()) == before["modules"]  # the very same module objects
     assert {n: m.training for n, m in model.named_modules()} == before["training"]
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before["requires_grad"]
@@ -123,6 +122,24 @@ _CASES = [
 ]
 
 
+def _interrupt_at(monkeypatch, owner, name, at: int, after: bool) -> list:
+    """``owner.name`` raises KeyboardInterrupt at its ``at``-th call (once it ran, with ``after``);
+    returns the list its calls are appended to."""
+    real, calls = getattr(owner, name), []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at and not after:
+            raise KeyboardInterrupt
+        result = real(*args, **kwargs)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, name, interrupt)
+    return calls
+
+
 @pytest.mark.parametrize(
     "undo, quantize, stage", _CASES, ids=["-".join(map(str, case)).replace(" ", "_") for case in _CASES]
 )
@@ -136,18 +153,7 @@ def test_interrupted_at_every_stage_gives_the_original_back(undo, quantize, stag
     before = _snapshot(model)
     where, name, interrupted, after = _STAGES[stage]
     owner = {"blockwise": blockwise, "adapt": adapt, "quantized": quantized_stage}[where]
-    real, calls = getattr(owner, name), []
-
-    def interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == interrupted and not after:
-            raise KeyboardInterrupt
-        result = real(*args, **kwargs)
-        if len(calls) == interrupted:
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(owner, name, interrupt)
+    calls = _interrupt_at(monkeypatch, owner, name, interrupted, after)
     run = lambda: ck.apply_blockwise(  # noqa: E731
         model, token_batches(128, n_batches=2), "corda", rank=4, undo=undo, quantize=quantize, progress=False
     )
@@ -260,3 +266,144 @@ def test_a_rebuild_that_comes_out_differently_is_reported(monkeypatch):
                 model, token_batches(128, n_batches=2), "pissa", rank=4, undo="reconstruct", progress=False
             )
     assert not _adapters(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# a further named adapter, block by block (apply_blockwise(adapter_name=, initial=))
+
+
+def _adapted(first, tmp_path, dtype=torch.float32, spiked=False):
+    """(base model, calibration batches, its covariances, the model with ``first`` as its first
+    adapter, moved off its init, and the directory of that adapter's initial factors). ``spiked``:
+    each weight gets a dominant rank-4 part, as trained weights have, so that the residual is small
+    next to ``s·B0·A0`` and ``(W' + s·B0·A0) − s·B0·A0`` rounds off some of its bits."""
+    torch.manual_seed(0)
+    base = tiny_llama(layers=3, dtype=dtype).eval()
+    if spiked:
+        with torch.no_grad():
+            for layer in base.model.layers.modules():
+                if isinstance(layer, nn.Linear):
+                    out_f, in_f = layer.weight.shape
+                    layer.weight.add_((torch.randn(out_f, 4) @ torch.randn(4, in_f)).to(dtype))
+    batches = token_batches(128, n_batches=3, batch=2, seq=12)
+    cal = ck.calibrate(base, batches, progress=False)
+    model = ck.apply(copy.deepcopy(base), first, rank=4, covariances=cal, progress=False)
+    initial = str(tmp_path / "initial")
+    ck.save_peft_adapter(model, initial)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained: block-wise must still calibrate on the original, as calibrate(base) did
+        for layer in _adapters(model).values():
+            layer.B.add_(0.05 * torch.randn(layer.B.shape, generator=g, dtype=layer.B.dtype))
+    return base, batches, cal, model, initial
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [("pissa", "corda"), ("lora", "corda"), ("corda", "pissa"), ("pissa", "lora"), ("pissa", "partial_lora")],
+)
+def test_further_adapter_same_as_whole_model(first, second, tmp_path):
+    """Partial-LoRA too: ratios from its few-shot measure (a whole-model run), the same index sets."""
+    base, batches, cal, model, initial = _adapted(first, tmp_path)
+    options = dict(rank=3, adapter_name="b", initial=initial if first != "lora" else None, progress=False)
+    if second == "partial_lora":
+        options["few_shot"] = batches[:1]
+    if first != "lora":  # the base as the model gives it back, W' + s·B0·A0 (one rounding off): calibrate that
+        rebuilt = ck.apply(copy.deepcopy(model), "lora", rank=1, adapter_name="probe", initial=initial, progress=False)
+        originals = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, layer in _adapters(rebuilt).items():
+                originals.get_submodule(name).weight.copy_(layer.weight)
+        cal = ck.calibrate(originals, batches, progress=False)
+    ref = ck.apply(copy.deepcopy(model), second, covariances=cal, **options)
+    ours = ck.apply_blockwise(copy.deepcopy(model), batches, second, **options)
+    assert ck.adapter_names(ours) == ("default", "b")
+    mine, theirs = _adapters(ours), _adapters(ref)
+    assert mine.keys() == theirs.keys() and len(mine) == 21
+    for name, layer in mine.items():
+        other = theirs[name]
+        assert layer.active_adapter == "default" and not layer.base_changed
+        torch.testing.assert_close(layer.weight, other.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.weight, base.get_submodule(name).weight, rtol=0, atol=1e-6)
+        new, want = layer.adapter("b"), other.adapter("b")
+        torch.testing.assert_close(new.B @ new.A, want.B @ want.A, rtol=0, atol=1e-6)
+        for index in ("row_index", "col_index"):  # Partial-LoRA's sets, from ratios measured on the original
+            assert (getattr(new, index) is None) == (getattr(want, index) is None)
+            assert getattr(new, index) is None or torch.equal(getattr(new, index), getattr(want, index))
+        assert (new.A0 is None) == (second in ("lora", "partial_lora")) == (want.A0 is None)
+        if new.A0 is not None:
+            torch.testing.assert_close(new.B0 @ new.A0, want.B0 @ want.A0, rtol=0, atol=1e-6)
+        assert (getattr(layer, "A0", None) is None) == (first == "lora")
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        ck.set_adapter(ours, "b")
+        torch.testing.assert_close(ours(ids).logits, base(ids).logits, rtol=0, atol=1e-4)  # at init: the original
+        ck.set_adapter(ours, "default")
+        torch.testing.assert_close(ours(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_further_adapter_refused_as_apply_refuses(tmp_path):
+    _, batches, _, model, initial = _adapted("pissa", tmp_path)
+    before = _snapshot(model)
+    cases = [
+        (
+            dict(),
+            ValueError,
+            r"apply_blockwise\(adapter_name='b'\): layer model\.layers\.0\.self_attn\.q_proj .*initial=",
+        ),
+        (dict(initial=initial, dora=True), ValueError, "dora=True cannot be used for a further adapter"),
+        (dict(initial=initial, target_modules=["q_proj"]), ValueError, r"layer model\.layers\.0\.\S+ is left out of"),
+        (dict(initial=initial, rank=999), ValueError, r"rank 999 exceeds layer model\.layers\.0\.self_attn\.q_proj"),
+    ]
+    for extra, error, message in cases:
+        with pytest.raises(error, match=message):
+            ck.apply_blockwise(model, batches, "lora", **{"rank": 2, **extra}, adapter_name="b", progress=False)
+    with pytest.raises(ValueError, match=r"apply_blockwise: initial= is for adding a further adapter"):
+        ck.apply_blockwise(tiny_llama(layers=1), batches, "lora", rank=2, initial=initial, progress=False)
+    with pytest.raises(ValueError, match=r"already holds an adapter named 'default'"):
+        ck.apply_blockwise(model, batches, "lora", rank=2, adapter_name="default", initial=initial, progress=False)
+    _assert_as_before(model, before)
+
+
+def test_first_adapter_named_block_by_block():
+    model = ck.apply_blockwise(
+        tiny_llama(layers=2), token_batches(128, n_batches=2), "lora", rank=2, adapter_name="a", progress=False
+    )
+    assert ck.adapter_names(model) == ("a",)
+    assert all(layer.active_adapter == "a" for layer in _adapters(model).values())
+
+
+# A further adapter's run stopped (an error or Ctrl-C) after block 0 got it: (module, function, the
+# call that fails, after it ran).
+_FURTHER_STAGES = {
+    "decompose block 2": ("adapt", "decompose", 3, False),
+    "add to layer 3 of block 1": ("adapt", "_adapter_options", 10, False),
+    "block 1 added": ("blockwise", "_add_block", 2, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("undo", ["cpu", "reconstruct"])
+@pytest.mark.parametrize("stage", list(_FURTHER_STAGES))
+def test_further_adapter_failure_gives_the_model_back(stage, undo, dtype, tmp_path, monkeypatch):
+    """The added adapter is deleted and every converted layer's residual base W' comes back bit for
+    bit, also where ``(W' + s·B0·A0) − s·B0·A0`` rounds differently (here: a residual off by a unit
+    in the last place from what W − s·B0·A0 gives on this machine, next to a large s·B0·A0)."""
+    _, batches, _, model, initial = _adapted("pissa", tmp_path, dtype, spiked=True)
+    with torch.no_grad():  # residuals rounded elsewhere (e.g. on a GPU): some entries a unit in the last place off
+        for layer in _adapters(model).values():
+            layer.weight.view({torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]).view(-1)[::7] += 1
+    model.model.layers[0].train()
+    before = _snapshot(model)
+    where, name, failing, after = _FURTHER_STAGES[stage]
+    calls = _interrupt_at(monkeypatch, {"blockwise": blockwise, "adapt": adapt}[where], name, failing, after)
+    try:  # a KeyboardInterrupt escaping the test would stop the whole pytest session
+        ck.apply_blockwise(
+            model, batches, "corda", rank=3, adapter_name="b", initial=initial, undo=undo, progress=False
+        )
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    assert outcome == "interrupted" and len(calls) == failing
+    assert ck.adapter_names(model) == ("default",)
+    assert all(layer.base_changed and getattr(layer, "A0", None) is None for layer in _adapters(model).values())
+    _assert_as_before(model, before)

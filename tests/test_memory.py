@@ -89,6 +89,94 @@ def test_estimate_matches_measured_peak_rss():
     assert estimates[True] < 0.6 * estimates[False]
 
 
+# A further adapter (apply(adapter_name=, initial=)) on the model adapted by PiSSA: the child warms up
+# the same paths, adapts the model, saves its initial factors, estimates, then measures the second
+# apply alone (the loaded model and first adapter are the baseline, as the estimate's extra_bytes).
+FURTHER_CHILD = """
+import json, tempfile
+import corda_kernels as ck
+from corda_kernels.testing import tiny_llama
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key))
+
+def adapted(shape):
+    model = ck.apply(tiny_llama(**shape), "pissa", rank=8, progress=False)
+    initial = tempfile.mkdtemp()
+    ck.save_peft_adapter(model, initial)
+    return model, initial
+
+warm, initial = adapted(dict(layers=1))
+ck.apply(warm, {method!r}, rank=2, adapter_name="b", initial=initial, progress=False)
+model, initial = adapted({shape!r})
+options = dict(rank=8, adapter_name="b", initial=initial)
+estimate = ck.estimate_memory(model, {method!r}, batch_size=1, seq_len=8, n_batches=1, **options)
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+ck.apply(model, {method!r}, progress=False, **options)
+print(json.dumps({{"increase": status("VmHWM") - base, "estimate": estimate.extra_bytes(),
+                  "items": {{k[0]: v for k, v in estimate.phases[estimate.peak_phase()].items()}}}}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_further_adapter_estimate_matches_measured_peak_rss():
+    """A second adapter, additive (LoRA) and subtractive (PiSSA), on PiSSA's residual base: the
+    original weights rebuilt, the initial factors and the decomposition are what the run adds."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    children = {
+        method: subprocess.Popen(
+            [sys.executable, "-c", FURTHER_CHILD.format(method=method, shape=SHAPE)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for method in ("lora", "pissa")
+    }
+    for method, child in children.items():
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err[-3000:]
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["items"]["original weights"] > 0 and report["items"]["initial factors"] > 0
+        assert abs(report["estimate"] / report["increase"] - 1) <= 0.35, (method, report)
+
+
+def test_further_adapter_items(tmp_path):
+    """What a further adapter's run holds, item by item, from the model's adapted layers."""
+    model = ck.apply(tiny_llama(layers=2), "pissa", rank=4, progress=False)
+    ck.save_peft_adapter(model, str(tmp_path))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ck.LowRankLinear)}
+    weights = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
+    factors = sum(m.A.numel() * 4 + m.B.numel() * 4 for m in layers.values())  # fp32 at rank 4
+    options = dict(batch_size=2, seq_len=12, n_batches=2, adapter_name="b", initial=str(tmp_path))
+    for method in ("lora", "pissa", "corda"):
+        whole = ck.estimate_memory(model, method, rank=4, **options)
+        assert ("calibrate" in whole.phases) == (method == "corda")
+        decompose, swap = whole.phases["decompose"], whole.phases["swap"]
+        assert decompose[("loaded adapters", "cpu")] == factors + len(layers)  # A, B (fp32), a bool merged flag
+        assert decompose[("initial factors", "cpu")] == factors  # A0, B0 as save_peft_adapter wrote them
+        assert decompose[("original weights", "cpu")] == weights  # every layer rebuilt as W' + s·B0·A0
+        assert ("original weights", "cpu") not in swap and ("residual copies + adapters", "cpu") not in swap
+        largest = max(m.weight.numel() for m in layers.values())
+        own = factors if method != "lora" else 0  # a subtractive adapter keeps its own A0, B0
+        assert swap[("new adapter", "cpu")] == 2 * factors + own + 8 * largest
+        blockwise = ck.estimate_memory(model, method, rank=4, blockwise=True, **options)
+        per_block = blockwise.phases["decompose block"][("original weights", "cpu")]
+        assert per_block == weights // 2  # one block's layers at a time
+        assert max(items.get(("undo copies", "cpu"), 0) for items in blockwise.phases.values()) == weights
+    lora = ck.apply(tiny_llama(layers=2), "lora", rank=4, progress=False)  # its base is the original
+    plain = ck.estimate_memory(lora, "lora", rank=4, batch_size=2, seq_len=12, n_batches=2, adapter_name="b")
+    assert ("original weights", "cpu") not in plain.phases["decompose"]
+    assert ("initial factors", "cpu") not in plain.phases["decompose"]
+    with pytest.raises(ValueError, match=r"estimate_memory\(adapter_name='b'\): layer model\.layers\.0\..*initial="):
+        ck.estimate_memory(model, "lora", rank=4, batch_size=2, seq_len=12, n_batches=2, adapter_name="b")
+    with pytest.raises(ValueError, match=r"estimate_memory: initial= is for adding a further adapter"):
+        ck.estimate_memory(tiny_llama(layers=1), batch_size=2, seq_len=12, n_batches=2, initial=str(tmp_path))
+
+
 def test_items_match_what_calibration_holds():
     model = tiny_llama(layers=2)
     batches = token_batches(128, n_batches=2, batch=2, seq=12)

@@ -49,7 +49,8 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 
 def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The model's stacks of repeated blocks: outermost ``nn.ModuleList``s of identical module
-    types that contain linear layers (``model.layers``, ``transformer.h``, ``encoder.layer`` ...)."""
+    types that contain linear layers, or adapted ones (``model.layers``, ``transformer.h``,
+    ``encoder.layer`` ...)."""
     stacks: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -57,7 +58,7 @@ def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         if any(name.startswith(prefix + ".") for prefix, _ in stacks):
             continue  # nested inside a block already counted (e.g. MoE experts)
         kinds = {type(child) for child in module}
-        if len(kinds) == 1 and any(is_linear_like(m) for m in module[0].modules()):
+        if len(kinds) == 1 and any(is_linear_like(m) or isinstance(m, LowRankLinear) for m in module[0].modules()):
             stacks.append((name, module))
     return stacks
 

@@ -564,12 +564,16 @@ class LowRankLinear(nn.Module):
         must hold no added adapter."""
         if len(self.adapter_names) > 1 or getattr(self, "A0", None) is None:
             raise ValueError(f"{self._where()}: restore_residual_base: no initial factors, or added adapters remain")
-        self.weight.copy_(
-            (self.weight.to(self._sum_dtype()) - self._initial_delta(self.A0, self.B0)).to(self.weight.dtype)
-        )
+        self.weight.copy_(self.residual_base())
         del self._buffers["A0"], self._buffers["B0"]
         self.base_changed = True
         return self
+
+    @torch.no_grad()
+    def residual_base(self) -> torch.Tensor:
+        """``W − s·B0·A0`` in the weight's dtype, from the original weight and the own adapter's
+        initial factors (what :meth:`restore_residual_base` stores; the layer is not changed)."""
+        return (self.weight.to(self._sum_dtype()) - self._initial_delta(self.A0, self.B0)).to(self.weight.dtype)
 
     def _sum_dtype(self) -> torch.dtype:
         """fp32, or fp64 for an fp64 weight: where base and update are summed."""
