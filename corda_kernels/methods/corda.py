@@ -15,7 +15,7 @@ of ``‖W·C_d‖_F²`` held by the adapter.
 
 from __future__ import annotations
 
-from ..linalg.co_svd import MODES, co_svd
+from ..linalg.co_svd import MODES, SVD_SOLVERS, co_svd
 from .base import InitMethod, LayerBatch, LayerInit, component_inits
 
 # Accepted spellings: the paper's IPA/KPA and PEFT's "ipm"/"kpm".
@@ -31,6 +31,8 @@ class CorDA(InitMethod):
             raise ValueError(
                 f"CorDA mode must be 'ipa' (instruction-previewed) or 'kpa' (knowledge-preserved), got {mode!r}"
             )
+        if svd not in SVD_SOLVERS:  # checked here, not after a calibration run
+            raise ValueError(f"CorDA svd must be one of {', '.join(map(repr, SVD_SOLVERS))}, got {svd!r}")
         self.mode = _ALIASES[mode]
         self.damp = damp
         self.svd = svd

@@ -130,13 +130,14 @@ def test_corda_randomized_ipa_matches_exact(setup):
         assert (e_exact - e_fast) / e_exact <= 1e-4, name
 
 
-def test_pissa_matches_peft(setup, tmp_path):
+@pytest.mark.parametrize("svd", ["exact", "top"])
+def test_pissa_matches_peft(setup, tmp_path, svd):
     model, batches, cal = setup
     theirs = _peft_model(model, cal, "pissa", tmp_path)
     ours = ck.apply(
         copy.deepcopy(model),
         "pissa",
-        svd="exact",
+        svd=svd,
         rank=RANK,
         alpha=ALPHA,
         target_modules=sorted(cal.groups),

@@ -253,6 +253,8 @@ def test_partial_lora_snip():
         ("siva", {"perc": 0.0}, "perc"),
         ("siva", {"perc": 1.5}, "perc"),
         ("siva", {"perc": "10%"}, "perc"),
+        ("pissa", {"svd": "full"}, "svd must be 'randomized', 'exact' or 'top', got 'full'"),
+        ("corda", {"svd": "full"}, "CorDA svd must be one of 'randomized', 'exact'"),
         ("lora", {"rank": 0}, "rank must be a positive integer"),
         ("asymmetric", {"rank": 65}, "exceeds"),
         ("partial_lora", {"densities": 0.5, "margin": 0.0}, "margin"),
