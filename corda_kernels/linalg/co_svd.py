@@ -24,9 +24,10 @@ import torch
 from ._checks import check_finite, check_matrix, check_rank, compute_dtype, name_suffix
 from .exact_svd import crop_svd, smallest_singular_triplets
 from .randomized_svd import randomized_svd
+from .top_svd import top_singular_triplets
 
 MODES = ("ipa", "kpa")
-SVD_SOLVERS = ("randomized", "exact")
+SVD_SOLVERS = ("randomized", "exact", "top")
 # Largest |C - C^T| accepted, relative to max |diag C|: rounding of a Gram product, not a
 # half-filled (upper-triangle-only) accumulator.
 SYMMETRY_TOL = 1e-4
@@ -221,8 +222,10 @@ def co_svd(
         svd: the solver, as CorDA's ``svd=`` option: ``"randomized"`` (ipa default:
             :func:`randomized_svd`; each result is judged per component and refined, or replaced
             by the exact SVD, until every Ritz pair's residual is at most ``CO_SVD_TOL`` times its
-            gap to the next value) or ``"exact"`` (ipa: full SVD cropped; kpa: always
-            :func:`smallest_singular_triplets`).
+            gap to the next value), ``"exact"`` (ipa: full SVD cropped; kpa: always
+            :func:`smallest_singular_triplets`) or ``"top"`` (ipa: :func:`top_singular_triplets`,
+            the top ``r`` to an fp32 SVD's accuracy without a full SVD, PEFT's ``"ipm"`` contract;
+            fp32 results whatever the input dtype).
         damp: the first damping factor, see :func:`damp_covariance` (one damp per distinct ``C``).
         growth: the factor ``damp`` grows by while the check fails, see :func:`damp_covariance`.
         oversample: extra sketch columns of the randomized solver (default ``CO_SVD_OVERSAMPLE``).
@@ -302,6 +305,8 @@ def co_svd(
         energy = WC.double().square().sum((-2, -1))
         if svd == "exact":
             U, S, Vh = crop_svd(WC, rank)
+        elif svd == "top":
+            U, S, Vh = top_singular_triplets(WC, rank, seed=seed if isinstance(seed, int) else int(seed[0]))
         else:
             n_iter = co_svd_n_iter(rank) if n_iter is None else n_iter
             oversample = CO_SVD_OVERSAMPLE if oversample is None else oversample

@@ -101,12 +101,14 @@ def model_weight(peft_model, name):
     return layer.base_layer.weight.detach().double() + layer.scaling["default"] * B @ A
 
 
-@pytest.mark.parametrize("mode,peft_method", [("ipa", "ipm"), ("kpa", "kpm")])
-def test_corda_matches_peft(setup, tmp_path, mode, peft_method):
+@pytest.mark.parametrize(
+    "mode,peft_method,svd", [("ipa", "ipm", "exact"), ("ipa", "ipm", "top"), ("kpa", "kpm", "exact")]
+)
+def test_corda_matches_peft(setup, tmp_path, mode, peft_method, svd):
     model, batches, cal = setup
     theirs = _peft_model(model, cal, "corda", tmp_path, peft_method)
     ours = ck.apply(
-        copy.deepcopy(model), "corda", mode=mode, svd="exact", rank=RANK, alpha=ALPHA, covariances=cal, progress=False
+        copy.deepcopy(model), "corda", mode=mode, svd=svd, rank=RANK, alpha=ALPHA, covariances=cal, progress=False
     )
     _compare(ours, theirs, cal, top=mode == "ipa")
     ids = batches[0]["input_ids"]

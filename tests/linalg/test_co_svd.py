@@ -206,7 +206,7 @@ def errors(U, S, V, oracle):
 
 
 @pytest.mark.parametrize("out,inn", [(160, 112), (104, 144)], ids=["tall", "wide"])
-@pytest.mark.parametrize("mode,method", [("ipa", "exact"), ("ipa", "randomized"), ("kpa", "exact")])
+@pytest.mark.parametrize("mode,method", [("ipa", "exact"), ("ipa", "randomized"), ("ipa", "top"), ("kpa", "exact")])
 def test_matches_peft(out, inn, mode, method):
     """Same damp; same S, U, V (up to sign) and product as PEFT, to within PEFT's own fp32 error.
 
@@ -256,7 +256,7 @@ def oracle(W, C, rank, mode):
     return U[:, sl], S[sl], Vh[sl].T, damped
 
 
-@pytest.mark.parametrize("mode,method", [("ipa", "exact"), ("ipa", "randomized"), ("kpa", "exact")])
+@pytest.mark.parametrize("mode,method", [("ipa", "exact"), ("ipa", "randomized"), ("ipa", "top"), ("kpa", "exact")])
 def test_matches_fp64_oracle(mode, method):
     W, C = weight(120, 150, seed=2), activation_covariance(150, 600, seed=3)
     U0, S0, Vsvd0, damped = oracle(W, C, 7, mode)
