@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from .._measure import release_free_memory
 from ..linalg import co_svd, randomized_svd, top_singular_triplets
 from ..ops.covariance import covariance_update, symmetrize_
 from . import hf
@@ -329,6 +330,8 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
                 handle.remove()
         for module, acc in sums.items():
             module.covariance_matrix = symmetrize_(acc)
+        sums.clear()
+        release_free_memory()  # the hooks' per-call temporaries (the eigens step's peak sits on top)
         if hooked_model is not model:
             targets = dict(corda.target_modules(model, config))
             for name, module in corda.target_modules(hooked_model, config):
@@ -355,30 +358,55 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
             W = _corda_weight(module)
             key = (tuple(W.shape), W.device, int(module.rank), module.corda_method)
             groups.setdefault(key, []).append((name, module))
-        for (shape, _, rank, method), members in groups.items():
-            per = max(1, CHUNK_BYTES // (_CORDA_WORK_FACTOR * 8 * shape[1] * max(shape)))
+        # Peak memory: the groups whose covariances are the largest run last, when the covariances
+        # of the layers already done have been freed (PEFT deletes them after the eigens when
+        # prune_temporary_fields is set; we do it as each chunk's eigens are stored).
+        prune = bool(getattr(config.corda_config, "prune_temporary_fields", False))
+        for (shape, device, rank, method), members in sorted(
+            groups.items(), key=lambda item: (item[0][0][1], _corda_work(item[0][0]))
+        ):
+            # On a CPU one layer per call: LAPACK loops over a batch anyway, and each layer's work
+            # space (fp64 factor, solver) adds to the peak. Seeds follow the layer's index in its
+            # group, so the result does not depend on the chunking.
+            per = 1 if device.type == "cpu" else max(1, CHUNK_BYTES // _corda_work(shape))
             for i in range(0, len(members), per):
                 chunk = members[i : i + per]
-                W = torch.stack([_corda_weight(m) for _, m in chunk])
-                C = torch.stack([m.covariance_matrix.float().to(W.device) for _, m in chunk])
+                W = _stacked([_corda_weight(m) for _, m in chunk])
+                C = _stacked([m.covariance_matrix.float().to(W.device) for _, m in chunk])
                 mode = "ipa" if method == "ipm" else "kpa"
                 try:
-                    result = co_svd(W, C, rank, mode=mode, seed=list(range(len(chunk))), name=chunk[0][0])
+                    result = co_svd(W, C, rank, mode=mode, seed=list(range(i, i + len(chunk))), name=chunk[0][0])
                 except Exception as exc:  # never fail where PEFT would not: PEFT's own code per layer
                     logger.info(
                         "CorDA eigens of %s run PEFT's own code: co_svd raised %s: %s", shape, type(exc).__name__, exc
                     )
+                    del W, C
                     for _, module in chunk:
                         module.eigens = corda.collect_eigens_for_layer(module, config)
                     continue
+                del W, C
                 for j, (_, module) in enumerate(chunk):
                     module.eigens = corda.CordaEigens(
                         S_WC=result.S[j].clone(), U_WC=result.U[j].clone(), V_WC=result.V[j].clone()
                     )
+                    if prune:
+                        del module.covariance_matrix
+                del result
+                release_free_memory()
 
     calib_cov_distribution.__wrapped__ = original_calib
     collect_eigens.__wrapped__ = original_collect
     return calib_cov_distribution, collect_eigens
+
+
+def _corda_work(shape: tuple) -> int:
+    """Bytes of co_svd work space per layer of this ``(out, in)`` shape (sizes the chunks)."""
+    return _CORDA_WORK_FACTOR * 8 * shape[1] * max(shape)
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``; one tensor as a view (no copy of a lone covariance)."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _corda_weight(module: nn.Module) -> torch.Tensor:

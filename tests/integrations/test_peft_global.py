@@ -276,6 +276,38 @@ def test_corda_stores_only_the_kept_components():
     assert seen and all(shape[1] == 4 for shape in seen.values())
 
 
+@pytest.mark.parametrize("prune", [True, False])
+def test_corda_frees_each_covariance_after_its_eigens(prune, monkeypatch):
+    """Peak memory of preprocess_corda: with prune_temporary_fields (PEFT then deletes every
+    covariance after the eigens) each layer's covariance is dropped as soon as its eigens are
+    stored, one layer per co_svd call, the largest covariances last; without it, all are kept."""
+    model = tiny_llama()
+    config = LoraConfig(
+        r=4,
+        target_modules=LLAMA,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method="ipm", prune_temporary_fields=prune),
+    )
+    corda = peft.tuners.lora.corda
+    real = peft_init.co_svd
+    alive, widths = [], []
+
+    def spy(W, C, *args, **kwargs):
+        alive.append(sum(hasattr(m, "covariance_matrix") for _, m in corda.target_modules(model, config)))
+        widths.append(C.shape[-1])
+        assert W.shape[0] == 1  # one layer per call on a CPU
+        return real(W, C, *args, **kwargs)
+
+    monkeypatch.setattr(peft_init, "co_svd", spy)
+    with ck.peft_patched():
+        corda.preprocess_corda(model, config, run_model=lambda: model(input_ids=torch.randint(0, 64, (2, 16))))
+    n = len(list(corda.target_modules(model, config)))
+    assert len(alive) == n
+    assert alive == (list(range(n, 0, -1)) if prune else [n] * n)
+    assert widths == sorted(widths)  # down_proj (the widest covariance) runs when the others are gone
+    assert all(hasattr(m, "covariance_matrix") != prune for _, m in corda.target_modules(model, config))
+
+
 # ----------------------------------------------------------------------------------------------
 # Layers run fused; fallbacks
 
