@@ -44,6 +44,9 @@ def co_svd_n_iter(rank: int) -> int:
     return 2 if rank <= 8 else 3 if rank <= 32 else 5
 
 
+_DEFERRED = object()  # damp_covariance(factor_dtype=_DEFERRED): no factor (cholesky None)
+
+
 class DampedCovariance(NamedTuple):
     """``covariance`` ``(..., n, n)`` = ``C + damp · mean(diag C) · I``; ``cholesky`` its lower
     factor; ``damp`` ``(...)`` fp64, the factor used for each matrix."""
@@ -143,7 +146,8 @@ def damp_covariance(
             f"damp={damp}, growth={growth}, tol={tol}, max_increases={max_increases}, probes={probes}"
         )
     dtype = compute_dtype(C)
-    factor_dtype = dtype if factor_dtype is None else factor_dtype
+    factor = factor_dtype is not _DEFERRED  # co_svd's: C_d now, its factor later (_factor)
+    factor_dtype = dtype if factor_dtype is None or not factor else factor_dtype
     batch, n = C.shape[:-2], C.shape[-1]
     flat = C.reshape(-1, n, n).to(dtype)
     scale = flat.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
@@ -162,7 +166,7 @@ def damp_covariance(
     # Work space (peak host memory of preprocess_corda): C_d is C plus a shift on the diagonal, added
     # in place (no identity matrix, no shift · I product); the fp32 factors are kept only when they
     # are the result. Same values as C + shift · I.
-    factor32 = torch.empty_like(flat32) if factor_dtype == torch.float32 else None
+    factor32 = torch.empty_like(flat32) if factor and factor_dtype == torch.float32 else None
     todo = torch.arange(flat.shape[0], device=C.device)
     for _ in range(max_increases + 1):
         shift = scale32[todo] * damps[todo].float()
@@ -191,19 +195,24 @@ def damp_covariance(
     damped = flat.clone()
     damped.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
     if factor32 is not None:
-        factor = factor32
+        L = factor32.reshape(C.shape)
     else:
-        # Column-major, factored in place: LAPACK's layout, so no copy in, none out (the
-        # cholesky_solve calls that use it take it as it is).
-        factor = torch.empty_like(damped, dtype=factor_dtype).mT.copy_(damped)  # C_d is symmetric
-        info = torch.empty(factor.shape[:-2], dtype=torch.int32, device=factor.device)
-        torch.linalg.cholesky_ex(factor, out=(factor, info))
-        if bool((info != 0).any()):
-            raise torch.linalg.LinAlgError(
-                f"{op}{name_suffix(name)}: the {factor_dtype} Cholesky factorization of the damped covariance "
-                "failed (its fp32 factorization succeeded)"
-            )
-    return DampedCovariance(damped.reshape(C.shape), factor.reshape(C.shape), damps.reshape(batch))
+        L = _factor(damped, factor_dtype, name).reshape(C.shape) if factor else None
+    return DampedCovariance(damped.reshape(C.shape), L, damps.reshape(batch))
+
+
+def _factor(damped: torch.Tensor, dtype: torch.dtype, name: str = "") -> torch.Tensor:
+    """The lower Cholesky factor of ``damped`` in ``dtype``, column-major and factored in place:
+    LAPACK's layout, so no copy in or out (nor in the triangular solves that use it)."""
+    factor = torch.empty_like(damped, dtype=dtype).mT.copy_(damped)  # C_d is symmetric
+    info = torch.empty(factor.shape[:-2], dtype=torch.int32, device=factor.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
+    if bool((info != 0).any()):
+        raise torch.linalg.LinAlgError(
+            f"damp_covariance{name_suffix(name)}: the {dtype} Cholesky factorization of the damped covariance "
+            "failed (its fp32 factorization succeeded)"
+        )
+    return factor
 
 
 def _trim(C: torch.Tensor) -> None:
@@ -343,11 +352,12 @@ def co_svd(
     check_finite(W, op, "W", name)
 
     out_dtype = compute_dtype(W)
-    Cd, L, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=torch.float64, name=name)
+    # Peak memory: the fp64 factor (2x C_d) is made after the solver, when W·C_d has replaced C_d.
+    Cd, _, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=_DEFERRED, name=name)
     _trim(C)
     if cov_index is not None:
         index = cov_index.to(C.device)
-        Cd, L, damps = Cd[index], L[index], damps[index]
+        Cd, damps = Cd[index], damps[index]
     if mode == "ipa":
         dtype = torch.float64 if torch.float64 in (W.dtype, C.dtype) else torch.float32
         WC = W.to(dtype) @ Cd.to(dtype)
@@ -361,8 +371,12 @@ def co_svd(
     else:
         WC = _times_fp64(W.double(), Cd)
         energy = WC.square().sum((-2, -1))
+        _trim(C)
         U, S, Vh = smallest_singular_triplets(WC, rank)
+    del WC
     _trim(C)
+    L = _factor(Cd, torch.float64, name)
+    del Cd
     V = _cholesky_solve(Vh.mT.double(), L)
     return CoSVD(
         U.to(out_dtype).contiguous(),
