@@ -87,14 +87,15 @@ def bucket_layers(jobs: Mapping[str, LayerJob]) -> dict[tuple, list[str]]:
 
 
 def bytes_per_layer(out_f: int, in_f: int, with_cov: bool) -> int:
-    """Working set of one ``(out_f, in_f)`` layer in a chunk (bytes; fp32 words from peak RSS
-    measured on CPU): with a covariance (CorDA: the stacked C, the damped C and its fp64 Cholesky
-    factor, W·C_d and the stacked W) ``6·out·in + 4·in²``; without (the SVD of W; MiLoRA's fp64
-    Gram) ``6·out·in + 4·min(out, in)²``. (It was ``8·in²`` with a covariance, plus ``2·in²`` per
-    chunk, while the damping kept an fp32 factor, built identity matrices and the solves copied the
-    factor.)"""
+    """Working set of one ``(out_f, in_f)`` layer in a chunk (bytes; fp32 words fitted to peak RSS
+    measured on CPU, ``tests/test_memory.py``): with a covariance (CorDA ipa: the stacked W, W·C_d
+    and its fp64 square for the energy; the stacked C and C_d, which the fp64 Cholesky factor
+    replaces after the solver) ``4·out·in + 2·in²``; without (the SVD of W; MiLoRA's fp64 Gram)
+    ``6·out·in + 4·min(out, in)²``. (With a covariance it was ``6·out·in + 8·in²``, plus ``2·in²``
+    per chunk, while the damping kept an fp32 factor and built identity matrices, the solves copied
+    the factor and both factors were alive during the solver.)"""
     if with_cov:
-        return 4 * (6 * out_f * in_f + 4 * in_f * in_f)
+        return 4 * (4 * out_f * in_f + 2 * in_f * in_f)
     return 4 * (6 * out_f * in_f + 4 * min(out_f, in_f) ** 2)
 
 

@@ -18,9 +18,13 @@ weight's dtype); see ``peft/tuners/lora/layer.py`` and ``peft/tuners/lora/corda.
   ``R[:r, r:] = Q_r^T W[:, r:]``, batched (no full QR).
 - ``calib_cov_distribution`` / ``collect_eigens`` (``preprocess_corda``): PEFT's covariance
   normalization (each call's input divided by ``|max x|``, summed per call, divided by the number
-  of calls) accumulated by :func:`~corda_kernels.ops.covariance_update`; eigens from
-  :func:`~corda_kernels.linalg.co_svd` (``"ipm"`` is our ``"ipa"``, ``"kpm"`` our ``"kpa"``),
-  same-shape layers together, only the r kept components stored (PEFT: full U, V per layer).
+  of calls) accumulated by :func:`~corda_kernels.ops.covariance_update`, one sum per group of
+  layers fed the same input tensor in every call (q/k/v, gate/up: :class:`_SharedInputs`; PEFT
+  keeps equal copies); eigens from :func:`~corda_kernels.linalg.co_svd` (``"ipm"`` is our
+  ``"ipa"``, ``"kpm"`` our ``"kpa"``), one layer per call on a CPU (same-shape chunks on a GPU), the
+  widest covariances last, each covariance dropped once its eigens are stored when PEFT would
+  delete it afterwards (``prune_temporary_fields``); only the r kept components stored (PEFT: full
+  U, V per layer). Peak memory: ``bench/results/peft-init.md``.
 
 Layers are collected while PEFT injects adapters (:func:`collecting`) and run per shape in chunks
 of at most :data:`CHUNK_BYTES` (:func:`run_pending`). A layer or option these do not cover runs
