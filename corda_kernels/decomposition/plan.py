@@ -88,14 +88,14 @@ def bucket_layers(jobs: Mapping[str, LayerJob]) -> dict[tuple, list[str]]:
 
 def bytes_per_layer(out_f: int, in_f: int, with_cov: bool) -> int:
     """Working set of one ``(out_f, in_f)`` layer in a chunk (bytes; fp32 words fitted to peak RSS
-    measured on CPU, ``tests/test_memory.py``): with a covariance (CorDA ipa: the stacked W, W·C_d
-    and its fp64 square for the energy; the stacked C and C_d, which the fp64 Cholesky factor
-    replaces after the solver) ``4·out·in + 2·in²``; without (the SVD of W; MiLoRA's fp64 Gram)
-    ``6·out·in + 4·min(out, in)²``. (With a covariance it was ``6·out·in + 8·in²``, plus ``2·in²``
-    per chunk, while the damping kept an fp32 factor and built identity matrices, the solves copied
-    the factor and both factors were alive during the solver.)"""
+    measured on CPU, ``tests/test_memory.py``): with a covariance (CorDA: the stacked W, W·C_d and
+    its fp64 copies (the energy; kpa's solver), the stacked C and C_d, which the fp64 Cholesky
+    factor replaces after the solver) ``5·out·in + 3·in²``, between ipa's and kpa's; without (the
+    SVD of W; MiLoRA's fp64 Gram) ``6·out·in + 4·min(out, in)²``. (With a covariance it was
+    ``6·out·in + 8·in²``, plus ``2·in²`` per chunk, while the damping kept an fp32 factor and built
+    identity matrices, the solves copied the factor and both factors were alive during the solver.)"""
     if with_cov:
-        return 4 * (4 * out_f * in_f + 2 * in_f * in_f)
+        return 4 * (5 * out_f * in_f + 3 * in_f * in_f)
     return 4 * (6 * out_f * in_f + 4 * min(out_f, in_f) ** 2)
 
 
