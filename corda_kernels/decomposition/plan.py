@@ -87,18 +87,21 @@ def bucket_layers(jobs: Mapping[str, LayerJob]) -> dict[tuple, list[str]]:
 
 
 def bytes_per_layer(out_f: int, in_f: int, with_cov: bool) -> int:
-    """Working set of one ``(out_f, in_f)`` layer in a chunk (bytes; fp32 words from peak RSS
-    measured on CPU): with a covariance (CorDA: damped C, its fp32 and fp64 Cholesky factors, W·C_d
-    and the stacked W and C) ``6·out·in + 8·in²``; without (the SVD of W; MiLoRA's fp64 Gram)
-    ``6·out·in + 4·min(out, in)²``."""
+    """Working set of one ``(out_f, in_f)`` layer in a chunk (bytes; fp32 words fitted to peak RSS
+    measured on CPU, ``tests/test_memory.py``): with a covariance (CorDA: the stacked W, W·C_d and
+    its fp64 copies (the energy; kpa's solver), the stacked C and C_d, which the fp64 Cholesky
+    factor replaces after the solver) ``5·out·in + 3·in²``, between ipa's and kpa's; without (the
+    SVD of W; MiLoRA's fp64 Gram) ``6·out·in + 4·min(out, in)²``. (With a covariance it was
+    ``6·out·in + 8·in²``, plus ``2·in²`` per chunk, while the damping kept an fp32 factor and built
+    identity matrices, the solves copied the factor and both factors were alive during the solver.)"""
     if with_cov:
-        return 4 * (6 * out_f * in_f + 8 * in_f * in_f)
+        return 4 * (5 * out_f * in_f + 3 * in_f * in_f)
     return 4 * (6 * out_f * in_f + 4 * min(out_f, in_f) ** 2)
 
 
 def bytes_per_chunk(out_f: int, in_f: int, with_cov: bool) -> int:
-    """Per-chunk extras (bytes): identity matrices and an unpacked covariance in flight (2·in²)."""
-    return 4 * 2 * in_f * in_f if with_cov else 0
+    """Per-chunk extras (bytes): an unpacked covariance in flight (``in²``)."""
+    return 4 * in_f * in_f if with_cov else 0
 
 
 def chunk_layers(out_f: int, in_f: int, with_cov: bool, budget: int) -> int:

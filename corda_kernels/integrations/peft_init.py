@@ -18,9 +18,13 @@ weight's dtype); see ``peft/tuners/lora/layer.py`` and ``peft/tuners/lora/corda.
   ``R[:r, r:] = Q_r^T W[:, r:]``, batched (no full QR).
 - ``calib_cov_distribution`` / ``collect_eigens`` (``preprocess_corda``): PEFT's covariance
   normalization (each call's input divided by ``|max x|``, summed per call, divided by the number
-  of calls) accumulated by :func:`~corda_kernels.ops.covariance_update`; eigens from
-  :func:`~corda_kernels.linalg.co_svd` (``"ipm"`` is our ``"ipa"``, ``"kpm"`` our ``"kpa"``),
-  same-shape layers together, only the r kept components stored (PEFT: full U, V per layer).
+  of calls) accumulated by :func:`~corda_kernels.ops.covariance_update`, one sum per group of
+  layers fed the same input tensor in every call (q/k/v, gate/up: :class:`_SharedInputs`; PEFT
+  keeps equal copies); eigens from :func:`~corda_kernels.linalg.co_svd` (``"ipm"`` is our
+  ``"ipa"``, ``"kpm"`` our ``"kpa"``), one layer per call on a CPU (same-shape chunks on a GPU), the
+  widest covariances last, each covariance dropped once its eigens are stored when PEFT would
+  delete it afterwards (``prune_temporary_fields``); only the r kept components stored (PEFT: full
+  U, V per layer). Peak memory: ``bench/results/peft-init.md``.
 - ``loftq_init`` (``"loftq"``): PEFT's alternation, ``Q = dequant(quant(W − B·A))`` with the same
   bitsandbytes calls (NF4 blocks of 64 without double quantization, or LLM.int8() rows from fp16),
   ``B·A`` the top-r SVD of ``W − Q`` split as ``B = U_r·sqrt(S_r)``, ``A = sqrt(S_r)·Vh_r`` (no
@@ -49,6 +53,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from .._measure import release_free_memory
 from ..linalg import co_svd, randomized_svd, top_singular_triplets
 from ..ops.covariance import covariance_update, symmetrize_
 from . import hf
@@ -390,17 +395,10 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
         if hooked_model is None:
             hooked_model = model
         hooked_model.eval()
-        sums: dict[nn.Module, torch.Tensor] = {}
+        shared = _SharedInputs()
 
         def hook(module, inputs, output):
-            x = inputs[0].detach().squeeze(0).float()
-            x = x / torch.max(x).abs()
-            if torch.isnan(x).any() or torch.isinf(x).any():
-                raise ValueError("Invalid value found in input, please check your input data.")
-            acc = sums.get(module)
-            if acc is None:
-                acc = sums[module] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-            covariance_update(acc, x, check_finite=False)
+            shared.call(module, inputs[0])
             module.sample_count += 1
 
         handles = []
@@ -410,19 +408,27 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
             handles.append(module.register_forward_hook(hook))
         try:
             run_model()
+            shared.finish()
         finally:
             for handle in handles:
                 handle.remove()
-        for module, acc in sums.items():
-            module.covariance_matrix = symmetrize_(acc)
+        # Layers fed the same input tensor in every call (q/k/v, gate/up) share one covariance
+        # object: PEFT's are equal copies.
+        for module, acc in shared.accumulators().items():
+            module.covariance_matrix = acc
+        shared.groups.clear()
+        release_free_memory()  # the hooks' per-call temporaries (the eigens step's peak sits on top)
         if hooked_model is not model:
             targets = dict(corda.target_modules(model, config))
             for name, module in corda.target_modules(hooked_model, config):
                 if name in targets:
                     targets[name].sample_count = module.sample_count
                     targets[name].covariance_matrix = module.covariance_matrix
+        divided: set[int] = set()
         for _, module in corda.target_modules(model, config):
-            module.covariance_matrix /= module.sample_count
+            if id(module.covariance_matrix) not in divided:  # a shared covariance once
+                divided.add(id(module.covariance_matrix))
+                module.covariance_matrix /= module.sample_count
         if covariance_file is not None:
             everything = {name: module.covariance_matrix for name, module in corda.target_modules(model, config)}
             os.makedirs(os.path.dirname(covariance_file), exist_ok=True)
@@ -441,30 +447,159 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
             W = _corda_weight(module)
             key = (tuple(W.shape), W.device, int(module.rank), module.corda_method)
             groups.setdefault(key, []).append((name, module))
-        for (shape, _, rank, method), members in groups.items():
-            per = max(1, CHUNK_BYTES // (_CORDA_WORK_FACTOR * 8 * shape[1] * max(shape)))
+        # Peak memory: the groups whose covariances are the largest run last, when the covariances
+        # of the layers already done have been freed (PEFT deletes them after the eigens when
+        # prune_temporary_fields is set; we do it as each chunk's eigens are stored).
+        prune = bool(getattr(config.corda_config, "prune_temporary_fields", False))
+        for (shape, device, rank, method), members in sorted(
+            groups.items(), key=lambda item: (item[0][0][1], _corda_work(item[0][0]))
+        ):
+            # On a CPU one layer per call: LAPACK loops over a batch anyway, and each layer's work
+            # space (fp64 factor, solver) adds to the peak. Seeds follow the layer's index in its
+            # group, so the result does not depend on the chunking.
+            per = 1 if device.type == "cpu" else max(1, CHUNK_BYTES // _corda_work(shape))
             for i in range(0, len(members), per):
                 chunk = members[i : i + per]
-                W = torch.stack([_corda_weight(m) for _, m in chunk])
-                C = torch.stack([m.covariance_matrix.float().to(W.device) for _, m in chunk])
+                W = _stacked([_corda_weight(m) for _, m in chunk])
+                C = _stacked([m.covariance_matrix.float().to(W.device) for _, m in chunk])
                 mode = "ipa" if method == "ipm" else "kpa"
                 try:
-                    result = co_svd(W, C, rank, mode=mode, seed=list(range(len(chunk))), name=chunk[0][0])
+                    result = co_svd(W, C, rank, mode=mode, seed=list(range(i, i + len(chunk))), name=chunk[0][0])
                 except Exception as exc:  # never fail where PEFT would not: PEFT's own code per layer
                     logger.info(
                         "CorDA eigens of %s run PEFT's own code: co_svd raised %s: %s", shape, type(exc).__name__, exc
                     )
+                    del W, C
                     for _, module in chunk:
                         module.eigens = corda.collect_eigens_for_layer(module, config)
                     continue
+                del W, C
                 for j, (_, module) in enumerate(chunk):
                     module.eigens = corda.CordaEigens(
                         S_WC=result.S[j].clone(), U_WC=result.U[j].clone(), V_WC=result.V[j].clone()
                     )
+                    if prune:
+                        del module.covariance_matrix
+                del result
+                release_free_memory()
 
     calib_cov_distribution.__wrapped__ = original_calib
     collect_eigens.__wrapped__ = original_collect
     return calib_cov_distribution, collect_eigens
+
+
+class _Group:
+    """Layers whose inputs have been the same tensors so far, and their covariance sum."""
+
+    def __init__(self, members: set, acc: Optional[torch.Tensor] = None):
+        self.members = members
+        self.acc = acc  # None: nothing summed yet
+        self.pending: Optional[torch.Tensor] = None  # the input of the round in progress
+        self.version = 0
+        self.consumed: set = set()  # members whose call has taken the pending input
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return self.pending is not None and x is self.pending and x._version == self.version
+
+
+class _SharedInputs:
+    """Covariance sums of PEFT's calibration, one per group of layers that receive the same input
+    tensor in every call (q/k/v, gate/up): one sum instead of equal copies (peak memory).
+
+    A layer's first call starts a group, or joins the group just started when its input is that
+    group's (the same tensor object, unmodified); the group's first round ends at the next call
+    that does not join. Later, a round begins when a member is called and ends, summed once
+    (PEFT's normalization: divided by ``|max x|``), when every member has been called with the
+    same tensor. A member called with another input before that splits the group: those that took
+    the pending input keep it, the others go on without it (their sums equal until then, cloned).
+    So each layer's sum is PEFT's whatever the model does; no input is held past the next call of
+    a hook once its round is complete."""
+
+    def __init__(self):
+        self.groups: dict[nn.Module, _Group] = {}
+        self.newest: Optional[_Group] = None  # in its first round: later first calls may join
+
+    def call(self, module: nn.Module, x: torch.Tensor) -> None:
+        newest, self.newest = self.newest, None
+        if newest is not None:
+            if module not in self.groups and newest.takes(x):
+                newest.members.add(module)
+                newest.consumed.add(module)
+                self.groups[module] = newest
+                self.newest = newest
+                return
+            self._close(newest)  # every member took its input
+        group = self.groups.get(module)
+        if group is None:
+            group = self.groups[module] = _Group({module})
+            self._start(group, module, x)
+            self.newest = group
+            return
+        if group.pending is not None:
+            if module not in group.consumed and group.takes(x):
+                group.consumed.add(module)
+                if group.consumed == group.members:
+                    self._close(group)
+                return
+            self._split(group)
+            group = self.groups[module]
+        self._start(group, module, x)
+        if group.consumed == group.members:
+            self._close(group)
+
+    @staticmethod
+    def _start(group: _Group, module: nn.Module, x: torch.Tensor) -> None:
+        group.pending, group.version, group.consumed = x, x._version, {module}
+
+    def _split(self, group: _Group) -> None:
+        """End ``group``'s round for the members that took its input; the others leave without it."""
+        rest = group.members - group.consumed
+        if rest:
+            other = _Group(rest, None if group.acc is None else group.acc.clone())
+            for member in rest:
+                self.groups[member] = other
+            group.members = set(group.consumed)
+        self._close(group)
+
+    @staticmethod
+    def _close(group: _Group) -> None:
+        x = group.pending.detach().squeeze(0).float()
+        group.pending, group.consumed = None, set()
+        x = x / torch.max(x).abs()
+        if torch.isnan(x).any() or torch.isinf(x).any():
+            raise ValueError("Invalid value found in input, please check your input data.")
+        if group.acc is None:
+            group.acc = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+        covariance_update(group.acc, x, check_finite=False)
+
+    def finish(self) -> None:
+        """Sum the rounds in progress (each for the members that took it)."""
+        newest, self.newest = self.newest, None
+        if newest is not None:
+            self._close(newest)
+        for group in {id(g): g for g in self.groups.values()}.values():
+            if group.pending is not None:
+                self._split(group)
+
+    def accumulators(self) -> dict:
+        """``{layer: its symmetrized sum}``, one tensor per group."""
+        out, done = {}, {}
+        for module, group in self.groups.items():
+            if group.acc is not None:
+                if id(group) not in done:
+                    done[id(group)] = symmetrize_(group.acc)
+                out[module] = done[id(group)]
+        return out
+
+
+def _corda_work(shape: tuple) -> int:
+    """Bytes of co_svd work space per layer of this ``(out, in)`` shape (sizes the chunks)."""
+    return _CORDA_WORK_FACTOR * 8 * shape[1] * max(shape)
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``; one tensor as a view (no copy of a lone covariance)."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _corda_weight(module: nn.Module) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .._measure import release_free_memory
 from ._checks import check_finite, check_matrix, check_rank, compute_dtype, name_suffix
 from .exact_svd import crop_svd, smallest_singular_triplets
 from .randomized_svd import randomized_svd
@@ -42,6 +43,9 @@ CO_SVD_TOL = 1e-3
 
 def co_svd_n_iter(rank: int) -> int:
     return 2 if rank <= 8 else 3 if rank <= 32 else 5
+
+
+_DEFERRED = object()  # damp_covariance(factor_dtype=_DEFERRED): no factor (cholesky None)
 
 
 class DampedCovariance(NamedTuple):
@@ -75,7 +79,7 @@ def _check_covariance(C, op: str, name: str) -> None:
         raise ValueError(f"{op}{name_suffix(name)}: C must be square (..., n, n), got {tuple(C.shape)}")
     check_finite(C, op, "C", name)
     diag_max = C.diagonal(dim1=-2, dim2=-1).abs().amax(dim=-1)
-    asym = (C - C.mT).abs().flatten(-2).amax(dim=-1)
+    asym = (C - C.mT).abs_().flatten(-2).amax(dim=-1)
     if bool((asym > SYMMETRY_TOL * diag_max).any()):
         raise ValueError(
             f"{op}{name_suffix(name)}: C of shape {tuple(C.shape)} is not symmetric (max |C - C^T| = "
@@ -143,7 +147,8 @@ def damp_covariance(
             f"damp={damp}, growth={growth}, tol={tol}, max_increases={max_increases}, probes={probes}"
         )
     dtype = compute_dtype(C)
-    factor_dtype = dtype if factor_dtype is None else factor_dtype
+    factor = factor_dtype is not _DEFERRED  # co_svd's: C_d now, its factor later (_factor)
+    factor_dtype = dtype if factor_dtype is None or not factor else factor_dtype
     batch, n = C.shape[:-2], C.shape[-1]
     flat = C.reshape(-1, n, n).to(dtype)
     scale = flat.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
@@ -157,18 +162,24 @@ def damp_covariance(
     generator = torch.Generator(device=C.device).manual_seed(seed)
     P = torch.randn(n, probes, generator=generator, dtype=torch.float32, device=C.device)
     P /= P.norm(dim=0)
-    eye = torch.eye(n, dtype=torch.float32, device=C.device)
     flat32, scale32 = flat.float(), scale.float()
     damps = torch.full((flat.shape[0],), float(damp), dtype=torch.float64, device=C.device)
-    factor32 = torch.empty_like(flat32)
+    # Work space (peak host memory of preprocess_corda): C_d is C plus a shift on the diagonal, added
+    # in place (no identity matrix, no shift · I product); the fp32 factors are kept only when they
+    # are the result. Same values as C + shift · I.
+    factor32 = torch.empty_like(flat32) if factor and factor_dtype == torch.float32 else None
     todo = torch.arange(flat.shape[0], device=C.device)
     for _ in range(max_increases + 1):
         shift = scale32[todo] * damps[todo].float()
-        Cd = flat32[todo] + shift[:, None, None] * eye
+        Cd = flat32[todo] if todo.numel() < flat32.shape[0] else flat32.clone()
+        Cd.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
         L, info = torch.linalg.cholesky_ex(Cd)
-        residual = (Cd @ torch.cholesky_solve(P, L) - P).flatten(-2).norm(dim=-1) * math.sqrt(n / probes)
+        residual = (Cd @ _cholesky_solve(P, L) - P).flatten(-2).norm(dim=-1) * math.sqrt(n / probes)
+        del Cd
         ok = (info == 0) & torch.isfinite(residual) & (residual < tol)
-        factor32[todo[ok]] = L[ok]
+        if factor32 is not None:
+            factor32[todo[ok]] = L[ok]
+        del L
         todo = todo[~ok]
         if todo.numel() == 0:
             break
@@ -182,9 +193,58 @@ def damp_covariance(
         )
 
     shift = (scale * damps.to(dtype)) if dtype == torch.float64 else (scale32 * damps.float())
-    damped = flat + shift[:, None, None] * torch.eye(n, dtype=dtype, device=C.device)
-    factor = factor32 if factor_dtype == torch.float32 else torch.linalg.cholesky(damped.to(factor_dtype))
-    return DampedCovariance(damped.reshape(C.shape), factor.reshape(C.shape), damps.reshape(batch))
+    damped = flat.clone()
+    damped.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
+    if factor32 is not None:
+        L = factor32.reshape(C.shape)
+    else:
+        L = _factor(damped, factor_dtype, name).reshape(C.shape) if factor else None
+    return DampedCovariance(damped.reshape(C.shape), L, damps.reshape(batch))
+
+
+def _factor(damped: torch.Tensor, dtype: torch.dtype, name: str = "") -> torch.Tensor:
+    """The lower Cholesky factor of ``damped`` in ``dtype``, column-major and factored in place:
+    LAPACK's layout, so no copy in or out (nor in the triangular solves that use it)."""
+    factor = torch.empty_like(damped, dtype=dtype).mT.copy_(damped)  # C_d is symmetric
+    info = torch.empty(factor.shape[:-2], dtype=torch.int32, device=factor.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
+    if bool((info != 0).any()):
+        raise torch.linalg.LinAlgError(
+            f"damp_covariance{name_suffix(name)}: the {dtype} Cholesky factorization of the damped covariance "
+            "failed (its fp32 factorization succeeded)"
+        )
+    return factor
+
+
+def _trim(C: torch.Tensor) -> None:
+    """Hand the C heap's free pages back (host memory, covariances of at least 1 MiB): glibc keeps
+    the n x n temporaries of the step before resident otherwise (measured: tens of MiB at n = 1376)."""
+    if C.device.type == "cpu" and C.shape[-1] ** 2 * 4 >= 1 << 20:
+        release_free_memory()
+
+
+def _cholesky_solve(B: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """``cholesky_solve(B, L)`` as its two triangular solves (LAPACK's potrs does the same), which
+    take the n x n factor as it is; ``torch.cholesky_solve`` copies it first."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
+
+
+# Columns of C_d converted to fp64 at a time by _times_fp64 (work space n x this, not n x n).
+_FP64_PANEL = 256
+
+
+def _times_fp64(W64: torch.Tensor, Cd: torch.Tensor) -> torch.Tensor:
+    """``W64 @ Cd.double()`` without an fp64 copy of ``Cd``: column panels of ``Cd`` converted and
+    multiplied in turn (each output column the same dot products; BLAS may block them differently,
+    fp64 rounding: bit-equal at 256-column panels on the shapes checked, 2e-14 relative at 7)."""
+    if Cd.dtype == torch.float64:
+        return W64 @ Cd
+    n = Cd.shape[-1]
+    batch = torch.broadcast_shapes(W64.shape[:-2], Cd.shape[:-2])
+    out = torch.empty(*batch, W64.shape[-2], n, dtype=torch.float64, device=W64.device)
+    for j in range(0, n, _FP64_PANEL):
+        out[..., j : j + _FP64_PANEL] = W64 @ Cd[..., j : j + _FP64_PANEL].double()
+    return out
 
 
 def _check_mode(value, allowed, op: str, label: str, name: str) -> None:
@@ -295,14 +355,16 @@ def co_svd(
     check_finite(W, op, "W", name)
 
     out_dtype = compute_dtype(W)
-    Cd, L, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=torch.float64, name=name)
+    # Peak memory: the fp64 factor (2x C_d) is made after the solver, when W·C_d has replaced C_d.
+    Cd, _, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=_DEFERRED, name=name)
+    _trim(C)
     if cov_index is not None:
         index = cov_index.to(C.device)
-        Cd, L, damps = Cd[index], L[index], damps[index]
+        Cd, damps = Cd[index], damps[index]
     if mode == "ipa":
         dtype = torch.float64 if torch.float64 in (W.dtype, C.dtype) else torch.float32
         WC = W.to(dtype) @ Cd.to(dtype)
-        energy = WC.double().square().sum((-2, -1))
+        energy = WC.double().square_().sum((-2, -1))
         if svd == "exact":
             U, S, Vh = crop_svd(WC, rank)
         elif svd == "top":
@@ -312,10 +374,15 @@ def co_svd(
             oversample = CO_SVD_OVERSAMPLE if oversample is None else oversample
             U, S, Vh = randomized_svd(WC, rank, oversample=oversample, n_iter=n_iter, seed=seed, tol=CO_SVD_TOL)
     else:
-        WC = W.double() @ Cd.double()
+        WC = _times_fp64(W.double(), Cd)
         energy = WC.square().sum((-2, -1))
+        _trim(C)
         U, S, Vh = smallest_singular_triplets(WC, rank)
-    V = torch.cholesky_solve(Vh.mT.double(), L)
+    del WC
+    _trim(C)
+    L = _factor(Cd, torch.float64, name)
+    del Cd
+    V = _cholesky_solve(Vh.mT.double(), L)
     return CoSVD(
         U.to(out_dtype).contiguous(),
         S.to(out_dtype).contiguous(),

@@ -395,6 +395,82 @@ def test_corda_stores_only_the_kept_components():
     assert seen and all(shape[1] == 4 for shape in seen.values())
 
 
+@pytest.mark.parametrize("prune", [True, False])
+def test_corda_frees_each_covariance_after_its_eigens(prune, monkeypatch):
+    """Peak memory of preprocess_corda: with prune_temporary_fields (PEFT then deletes every
+    covariance after the eigens) each layer's covariance is dropped as soon as its eigens are
+    stored, one layer per co_svd call, the largest covariances last; without it, all are kept."""
+    model = tiny_llama()
+    config = LoraConfig(
+        r=4,
+        target_modules=LLAMA,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method="ipm", prune_temporary_fields=prune),
+    )
+    corda = peft.tuners.lora.corda
+    real = peft_init.co_svd
+    alive, widths = [], []
+
+    def spy(W, C, *args, **kwargs):
+        alive.append(sum(hasattr(m, "covariance_matrix") for _, m in corda.target_modules(model, config)))
+        widths.append(C.shape[-1])
+        assert W.shape[0] == 1  # one layer per call on a CPU
+        return real(W, C, *args, **kwargs)
+
+    monkeypatch.setattr(peft_init, "co_svd", spy)
+    with ck.peft_patched():
+        corda.preprocess_corda(model, config, run_model=lambda: model(input_ids=torch.randint(0, 64, (2, 16))))
+    n = len(list(corda.target_modules(model, config)))
+    assert len(alive) == n
+    assert alive == (list(range(n, 0, -1)) if prune else [n] * n)
+    assert widths == sorted(widths)  # down_proj (the widest covariance) runs when the others are gone
+    assert all(hasattr(m, "covariance_matrix") != prune for _, m in corda.target_modules(model, config))
+
+
+def test_corda_shared_input_sums_equal_per_layer_sums():
+    """_SharedInputs (one covariance sum per group of layers fed the same tensors) gives every layer
+    the sum of its own calls, whatever the call pattern: shared, diverging, repeated, modified."""
+    from corda_kernels.ops.covariance import covariance_update, symmetrize_
+
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        layers = [torch.nn.Identity() for _ in range(5)]
+        inputs = [torch.randn(1, 6, 4, generator=rng) for _ in range(3)]
+        shared, ref = peft_init._SharedInputs(), {}
+        for _ in range(int(torch.randint(1, 25, (1,), generator=rng))):
+            layer = layers[int(torch.randint(0, 5, (1,), generator=rng))]
+            x = inputs[int(torch.randint(0, 3, (1,), generator=rng))]
+            if float(torch.rand((), generator=rng)) < 0.1:
+                x.mul_(1.0)  # modified in place: no longer the tensor a group took
+            shared.call(layer, x)
+            y = x.squeeze(0) / x.max().abs()
+            covariance_update(ref.setdefault(layer, torch.zeros(4, 4)), y, check_finite=False)
+        shared.finish()
+        got = shared.accumulators()
+        assert set(got) == set(ref)
+        for layer, acc in ref.items():
+            torch.testing.assert_close(got[layer], symmetrize_(acc), rtol=1e-6, atol=1e-7)
+
+
+def test_corda_q_k_v_share_one_covariance():
+    model = tiny_llama()
+    config = LoraConfig(
+        r=4,
+        target_modules=LLAMA,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method="ipm", prune_temporary_fields=False),
+    )
+    with ck.peft_patched():
+        peft.tuners.lora.corda.preprocess_corda(
+            model, config, run_model=lambda: model(input_ids=torch.randint(0, 64, (1, 16)))
+        )
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.covariance_matrix is attn.k_proj.covariance_matrix is attn.v_proj.covariance_matrix
+    assert mlp.gate_proj.covariance_matrix is mlp.up_proj.covariance_matrix
+    assert attn.o_proj.covariance_matrix is not attn.q_proj.covariance_matrix
+    assert mlp.down_proj.covariance_matrix is not mlp.up_proj.covariance_matrix
+
+
 # ----------------------------------------------------------------------------------------------
 # Layers run fused; fallbacks
 

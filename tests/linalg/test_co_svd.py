@@ -6,6 +6,7 @@ picks is recomputed by a verbatim copy of its loop (``peft_damp``), and the S it
 differ if our damp differed.
 """
 
+import importlib
 from collections import OrderedDict
 
 import pytest
@@ -19,6 +20,8 @@ from corda_kernels.linalg.co_svd import co_svd, damp_covariance
 peft_corda = pytest.importorskip("peft.tuners.lora.corda")
 from peft import LoraConfig  # noqa: E402
 from peft.tuners.lora.config import CordaConfig  # noqa: E402
+
+co_svd_module = importlib.import_module("corda_kernels.linalg.co_svd")  # the module (the package exports the function)
 
 
 def peft_damp(C):
@@ -101,6 +104,26 @@ def test_damp_matches_peft_on_ordinary_covariances(n, tokens, outliers):
     torch.testing.assert_close(damped, expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(L @ L.mT, damped, rtol=1e-5, atol=1e-5 * float(damped.diagonal().max()))
     assert torch.equal(L, L.tril())
+
+
+def test_fp64_factor_is_column_major_and_equals_torch_cholesky():
+    """Peak memory: the fp64 factor is built in LAPACK's layout and factored in place; same values
+    as torch.linalg.cholesky of the damped C, and the solves that use it as cholesky_solve."""
+    C = torch.stack([activation_covariance(48, 200), activation_covariance(48, 100)])
+    damped, L, _ = damp_covariance(C, factor_dtype=torch.float64)
+    assert L.dtype == torch.float64 and L.mT.is_contiguous()
+    assert torch.equal(L, torch.linalg.cholesky(damped.double()))
+    B = torch.randn(2, 48, 5, dtype=torch.float64)
+    torch.testing.assert_close(co_svd_module._cholesky_solve(B, L), torch.cholesky_solve(B, L), rtol=1e-12, atol=0)
+
+
+def test_fp64_product_by_panels_equals_the_whole_product(monkeypatch):
+    monkeypatch.setattr(co_svd_module, "_FP64_PANEL", 7)
+    W = torch.randn(3, 20, 30, dtype=torch.float64)
+    Cd = activation_covariance(30, 80)
+    whole = W @ Cd.double()
+    # The same sums; BLAS may block a narrow panel differently (fp64 rounding, measured 2e-14).
+    torch.testing.assert_close(co_svd_module._times_fp64(W, Cd), whole, rtol=1e-12, atol=1e-13 * whole.abs().max())
 
 
 def test_damp_doubles_like_peft_when_singular():
