@@ -21,7 +21,8 @@ weight's dtype); see ``peft/tuners/lora/layer.py`` and ``peft/tuners/lora/corda.
   of calls) accumulated by :func:`~corda_kernels.ops.covariance_update`, one sum per group of
   layers fed the same input tensor in every call (q/k/v, gate/up: :class:`_SharedInputs`; PEFT
   keeps equal copies); eigens from :func:`~corda_kernels.linalg.co_svd` (``"ipm"`` is our
-  ``"ipa"``, ``"kpm"`` our ``"kpa"``), one layer per call on a CPU (same-shape chunks on a GPU), the
+  ``"ipa"`` with ``svd="top"``, PEFT's full fp32 SVD to the same accuracy; ``"kpm"`` our
+  ``"kpa"``), one layer per call on a CPU (same-shape chunks on a GPU), the
   widest covariances last, each covariance dropped once its eigens are stored when PEFT would
   delete it afterwards (``prune_temporary_fields``); only the r kept components stored (PEFT: full
   U, V per layer). Peak memory: ``bench/results/peft-init.md``.
@@ -464,7 +465,9 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
                 C = _stacked([m.covariance_matrix.float().to(W.device) for _, m in chunk])
                 mode = "ipa" if method == "ipm" else "kpa"
                 try:
-                    result = co_svd(W, C, rank, mode=mode, seed=list(range(i, i + len(chunk))), name=chunk[0][0])
+                    svd = "top" if mode == "ipa" else "exact"  # PEFT: a full fp32 SVD; "top" is as accurate
+                    seeds = list(range(i, i + len(chunk)))
+                    result = co_svd(W, C, rank, mode=mode, svd=svd, seed=seeds, name=chunk[0][0])
                 except Exception as exc:  # never fail where PEFT would not: PEFT's own code per layer
                     logger.info(
                         "CorDA eigens of %s run PEFT's own code: co_svd raised %s: %s", shape, type(exc).__name__, exc
