@@ -356,11 +356,12 @@ def co_svd(
 
     out_dtype = compute_dtype(W)
     # Peak memory: the fp64 factor (2x C_d) is made after the solver, when W·C_d has replaced C_d.
-    Cd, _, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=_DEFERRED, name=name)
+    distinct, _, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=_DEFERRED, name=name)
     _trim(C)
+    Cd, index = distinct, None
     if cov_index is not None:
         index = cov_index.to(C.device)
-        Cd, damps = Cd[index], damps[index]
+        Cd, damps = distinct[index], damps[index]
     if mode == "ipa":
         dtype = torch.float64 if torch.float64 in (W.dtype, C.dtype) else torch.float32
         WC = W.to(dtype) @ Cd.to(dtype)
@@ -378,10 +379,12 @@ def co_svd(
         energy = WC.square().sum((-2, -1))
         _trim(C)
         U, S, Vh = smallest_singular_triplets(WC, rank)
-    del WC
+    del WC, Cd
     _trim(C)
-    L = _factor(Cd, torch.float64, name)
-    del Cd
+    L = _factor(distinct, torch.float64, name)  # each distinct covariance factored once
+    del distinct
+    if index is not None:
+        L = L[index]
     V = _cholesky_solve(Vh.mT.double(), L)
     return CoSVD(
         U.to(out_dtype).contiguous(),

@@ -385,3 +385,29 @@ def test_gpu_llama_shapes_match_cpu(mode, cuda_device):
     ref = co_svd(W[0], C, 128, mode=mode, svd="exact")
     torch.testing.assert_close(res.S[0].cpu(), ref.S, rtol=1e-4, atol=0)
     assert res.damp.tolist() == [ref.damp.item()] * 2
+
+
+@pytest.mark.parametrize("mode", ["ipa", "kpa"])
+def test_cov_index_equals_each_layer_with_its_covariance(mode, monkeypatch):
+    """Layers sharing inputs (q/k/v) pass the distinct covariances once and an index per layer: the
+    same result as each layer with its own covariance, each distinct covariance factored once."""
+    import importlib
+
+    module = importlib.import_module("corda_kernels.linalg.co_svd")  # the module (the package exports the function)
+    W = torch.stack([weight(24, 32, seed=s) for s in range(4)])
+    C = torch.stack([activation_covariance(32, 100, seed=7), nearly_singular_at_first_damp(32)])
+    index = torch.tensor([0, 1, 1, 0])
+    factored = []
+    real = module._factor
+    monkeypatch.setattr(module, "_factor", lambda d, *a, **k: factored.append(d.shape[0]) or real(d, *a, **k))
+    svd = "exact"
+    res = co_svd(W, C, 4, mode=mode, svd=svd, cov_index=index)
+    assert factored == [2]
+    assert res.damp.tolist() == [0.01, 0.02, 0.02, 0.01]
+    for i in range(4):
+        one = co_svd(W[i], C[index[i]], 4, mode=mode, svd=svd)
+        torch.testing.assert_close(res.S[i], one.S, rtol=1e-6, atol=0)
+        sign = align_signs(res.U[i], one.U)
+        torch.testing.assert_close(res.V[i] * sign, one.V, rtol=0, atol=1e-5 * float(one.V.abs().max()))
+    with pytest.raises(ValueError, match=r"cov_index must lie in \[0, 2\)"):
+        co_svd(W, C, 4, mode=mode, cov_index=torch.tensor([0, 1, 2, 0]))
