@@ -12,7 +12,11 @@ Implementations:
 - ``anchor:peft``: PEFT 0.21's forward (each LoRA layer loops over the distinct adapters with index
   masks),
 - ``ours:patched``: the same model after :func:`corda_kernels.patch_peft` (each LoRA layer one call
-  of the segmented op; the packed factors are reused between calls while they do not change).
+  of the segmented op; the packed factors are reused between calls while they do not change),
+- ``anchor:base``: the floor, the same PEFT model's forward with its adapters disabled
+  (``disable_adapter()``: every LoRA layer runs its base layer only). No mixed-batch forward can
+  go below it, so ``peft / base`` bounds the ratio any implementation can reach, and
+  ``(peft - base) / (patched - base)`` is the ratio on the adapters' own term.
 
 ``flops`` is the model's linear layers' base GEMMs, ``lm_head`` included (``2·N·Σ in·out``).
 Run: ``python -m pytest bench/speed/bench_peft_mixed.py --benchmark-enable``; ``CORDA_BENCH_SMALL=1``
@@ -32,7 +36,7 @@ peft = pytest.importorskip("peft")
 ROUNDS, HIDDEN, INTERMEDIATE, SEQS, SEQ_LEN, ADAPTERS, RANKS = 5, 512, 1376, 64, 16, (4, 16, 64), (8, 64)
 if bench_small():
     ROUNDS, HIDDEN, INTERMEDIATE, SEQS, SEQ_LEN, ADAPTERS, RANKS = 2, 64, 96, 8, 4, (4,), (2, 8)
-IMPLS = ("anchor:peft", "ours:patched")
+IMPLS = ("anchor:peft", "anchor:base", "ours:patched")
 CASES = [("llama", n) for n in ADAPTERS] + ([] if bench_small() else [("smollm2", 4), ("smollm2", 16)])
 SMOLLM2_SEQS = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -93,6 +97,10 @@ def test_peft_mixed_batch_forward(benchmark, bench_tag, which, n, impl):
 
     def forward():
         with torch.no_grad():
-            model(ids, adapter_names=names)
+            if impl == "anchor:base":
+                with model.disable_adapter():
+                    model(ids)
+            else:
+                model(ids, adapter_names=names)
 
     benchmark.pedantic(forward, rounds=ROUNDS, warmup_rounds=1)
