@@ -13,14 +13,17 @@ the same rank redistribution by explained variance ratio (``rho``, the budget, e
 The components: PEFT's ``IncrementalPCA`` (centered by the running mean, in its way) takes, after
 each batch, the top ``k`` right singular vectors of ``X = [diag(S) Vt; batch − batch mean; mean
 correction]`` (its previous ``k`` components stacked on the new data) by a randomized SVD
-(``torch.svd_lowrank``, ``q = 2k``, 4 iterations). These are the top eigenvectors of the ``d x d``
-matrix ``Xᵀ X = Vtᵀ S² Vt + (batch)ᵀ(batch) + cᵀc``: ours builds it with :func:`covariance_update`
-(fp32) and solves it exactly with :func:`~corda_kernels.linalg.eigen.top_eigenpairs`, same-width
-layers batched and warm-started from the previous batch's basis. The running mean and variance are
-PEFT's own function (fp64), so the explained variance ratios are PEFT's ``S² / Σ var·n``; components
-carry PEFT's sign rule and dtypes (fp64 from the second batch on, as PEFT's). Layers with equal
-inputs are found by a hash of the input's bytes (PEFT: a Python hash of the input as a list of
-floats; the same partition, far cheaper).
+(``torch.svd_lowrank``, ``q = 2k``, 4 iterations). Ours solves for them exactly: while ``X``
+(``n x d``, ``n = k + batch + 1``) has fewer rows than columns, from its ``n x n`` Gram matrix
+``X·Xᵀ = U S² Uᵀ`` in fp64 (top-``k`` eigenpairs, then ``V = Xᵀ U S⁻¹``); otherwise from the
+``d x d`` matrix ``Xᵀ X`` (:func:`covariance_update`, fp32) by
+:func:`~corda_kernels.linalg.eigen.top_eigenpairs`, warm-started from the previous batch's basis.
+Same-shape layers are solved together. The running mean and variance are PEFT's own function (fp64),
+so the explained variance ratios are PEFT's ``S² / Σ var·n``; components carry PEFT's sign rule and
+dtypes (fp64 from the second batch on, as PEFT's). Layers with equal inputs are found by a hash of
+the input's bytes (PEFT: a Python hash of the input as a list of floats; the same partition, far
+cheaper). With PEFT's default ``forward_fn``, each forward of the loop stops once every layer still
+collecting has had its input (PEFT discards the output): :class:`_EarlyExit`.
 
 So ours is PEFT's algorithm with an exact SVD per step: the components differ from PEFT's by its
 randomized SVD's error, and where that error moves a layer's cosine similarity across ``tau`` at
@@ -42,6 +45,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..linalg._eigh import eigh_range
 from ..linalg.eigen import top_eigenpairs
 from ..ops.covariance import covariance_update, symmetrize_
 
@@ -92,7 +96,9 @@ def _hook_classes():
             self.mean_ = self.var_ = None
             self.n_samples_seen_ = None
             self.components_ = self.singular_values_ = self.explained_variance_ratio_ = None
-            self.scatter = None  # the (d, d) matrix whose top eigenvectors are the next components
+            self.stacked = None  # (n, d) fp64: PEFT's stacked matrix, kept while n < d (row Gram solve)
+            self.scatter = None  # (d, d) fp32: its Gram matrix Xᵀ X, used instead while n >= d
+            self.early_exit = None  # the step's _EarlyExit, when the forward may stop after the hooks
             self.basis = None  # warm start for the next solve
             self.fresh = False  # data arrived since the last solve
 
@@ -101,14 +107,17 @@ def _hook_classes():
             states = self.gather_layer_inputs(self.prepare_layer_inputs(input))
             if states.size(0) < self.n_components:
                 print(f"skipping SVD for {self.name} because there are less than {self.n_components} examples")
-                return
-            if self.fresh:  # called twice in one forward: PEFT compares components after each call
-                solve([self])
-            self.add(states.to(torch.float32))
+            else:
+                if self.fresh:  # called twice in one forward: PEFT compares components after each call
+                    solve([self])
+                self.add(states.to(torch.float32))
+            if self.early_exit is not None:
+                self.early_exit.called(self.name)
 
         def add(self, X: torch.Tensor) -> None:
-            """PEFT's ``IncrementalPCA.partial_fit`` up to its SVD: the Gram matrix ``Xᵀ X`` of the
-            matrix PEFT decomposes, ``X = [diag(S) Vt; batch − batch mean; mean correction]``."""
+            """PEFT's ``IncrementalPCA.partial_fit`` up to its SVD: the matrix PEFT decomposes,
+            ``X = [diag(S) Vt; batch − batch mean; mean correction]`` (``n x d``), kept in fp64 while
+            ``n < d``, else its Gram matrix ``Xᵀ X`` (fp32)."""
             n_samples, n_features = X.shape  # PEFT's IncrementalPCA checks, same messages
             if self.n_components > n_features:
                 raise ValueError(
@@ -126,24 +135,58 @@ def _hook_classes():
             ipca = importlib.import_module("peft.utils.incremental_pca").IncrementalPCA
             col_mean, col_var, n_total = ipca._incremental_mean_and_var(X, self.mean_, self.var_, self.n_samples_seen_)
             if first or self.components_ is None:
-                X = X - col_mean.to(X.dtype)
-                C = torch.zeros(n_features, n_features, dtype=torch.float32, device=X.device)
+                stacked = X.double() - col_mean.double()
             else:
                 batch_mean = torch.mean(X, dim=0)
-                X = X - batch_mean
                 factor = torch.sqrt((self.n_samples_seen_.double() / n_total) * n_samples)
-                correction = (factor * (self.mean_ - batch_mean)).to(torch.float32)
-                V = self.components_.to(torch.float32)
-                C = (V.T * self.singular_values_.to(torch.float32).square()) @ V
-                C = C.triu() + torch.outer(correction, correction).triu()
-            covariance_update(C, X, check_finite=False)  # upper triangle
-            self.scatter = symmetrize_(C)
+                correction = factor * (self.mean_ - batch_mean)
+                previous = self.singular_values_.double()[:, None] * self.components_.double()
+                stacked = torch.cat([previous, (X - batch_mean).double(), correction.double()[None]])
+            if stacked.shape[0] < n_features:  # the (n, n) row Gram matrix is the smaller problem
+                self.stacked, self.scatter = stacked, None
+            else:
+                C = torch.zeros(n_features, n_features, dtype=torch.float32, device=X.device)
+                covariance_update(C, stacked.float(), check_finite=False)  # upper triangle
+                self.stacked, self.scatter = None, symmetrize_(C)
             self.n_samples_seen_ = n_total
             self.mean_, self.var_ = col_mean, col_var
             self.fresh = True
 
     _classes_cache["classes"] = (KeyHook, CovarianceHook)
     return KeyHook, CovarianceHook
+
+
+class _ForwardDone(Exception):
+    """Raised by the last hook a forward still had to feed: nothing after it is read."""
+
+
+class _EarlyExit:
+    """Stops each of the loop's forwards once every hooked layer still collecting has had its input.
+
+    PEFT discards the forward's output; only the hooks' inputs count. So with PEFT's default
+    ``forward_fn`` (``model(**inputs)``, no other effect) and a model whose hooked layers each ran
+    exactly once in the first forward, the rest of the forward (the later blocks, the LM head) is
+    skipped. A layer that is not called in some forward just leaves that forward to run to its end."""
+
+    def __init__(self):
+        self.waiting: set = set()
+
+    def arm(self, names) -> None:
+        self.waiting = set(names)
+
+    def called(self, name: str) -> None:
+        if name in self.waiting:
+            self.waiting.discard(name)
+            if not self.waiting:
+                raise _ForwardDone
+
+    def run(self, forward_fn, model, inputs) -> None:
+        try:
+            forward_fn(model, inputs)
+        except _ForwardDone:
+            pass
+        finally:
+            self.waiting = set()
 
 
 def _input_key(x: torch.Tensor, hook) -> Any:
@@ -166,38 +209,75 @@ def _flip_signs(components: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def solve(hooks: list) -> None:
     """Recompute the components of every hook that received data since the last solve, batched by
-    (width, device, n_components), and update their convergence flags as PEFT's ``SVDHook`` does."""
-    groups: dict[tuple, list] = {}
+    shape, and update their convergence flags as PEFT's ``SVDHook`` does."""
+    rows: dict[tuple, list] = {}
+    scatter: dict[tuple, list] = {}
     for hook in hooks:
-        if hook.fresh:
+        if not hook.fresh:
+            continue
+        if hook.stacked is not None:
+            rows.setdefault((tuple(hook.stacked.shape), hook.stacked.device, hook.n_components), []).append(hook)
+        else:
             warm = hook.basis is not None
             key = (hook.n_features, hook.scatter.device, hook.n_components, warm)
-            groups.setdefault(key, []).append(hook)
-    for (_, _, k, warm), members in groups.items():
+            scatter.setdefault(key, []).append(hook)
+    for (_, _, k), members in rows.items():
+        values, vectors, ok = _row_gram_top(torch.stack([h.stacked for h in members]), k)
+        for i, hook in enumerate(members):
+            if bool(ok[i]):
+                _store(hook, values[i], vectors[i], None)
+            else:  # a (nearly) rank-deficient stacked matrix: its d x d Gram matrix, solved exactly
+                C = torch.zeros(hook.n_features, hook.n_features, dtype=torch.float32, device=hook.stacked.device)
+                covariance_update(C, hook.stacked.float(), check_finite=False)
+                hook.scatter, hook.basis = symmetrize_(C), None
+                scatter.setdefault((hook.n_features, C.device, k, False), []).append(hook)
+    for (_, _, k, warm), members in scatter.items():
         C = torch.stack([h.scatter for h in members])
         start = torch.stack([h.basis for h in members]) if warm else None
         values, vectors, basis = top_eigenpairs(C, k, start)
-        components = _flip_signs(vectors.mT.contiguous())
-        singular = values.clamp_min(0).sqrt()
         for i, hook in enumerate(members):
-            previous = hook.components_
-            # PEFT stacks its fp64 mean correction under fp32 rows from the second batch on: its
-            # components are fp64 from then on
-            dtype = torch.float32 if previous is None else torch.float64
-            hook.components_ = components[i].to(dtype)
-            hook.singular_values_ = singular[i].to(dtype)
-            total = torch.sum(hook.var_ * hook.n_samples_seen_)
-            hook.explained_variance_ratio_ = hook.singular_values_.square() / total
-            hook.basis = basis[i]
-            hook.scatter = None
-            hook.fresh = False
-            if previous is not None:
-                current = hook.components_
-                previous = previous.to(current.dtype)
-                if len(current.shape) == 1:
-                    current, previous = current.reshape(1, -1), previous.reshape(1, -1)
-                sim = torch.nn.functional.cosine_similarity(current, previous)
-                hook.converged = sim >= hook.sim_thresh
+            _store(hook, values[i], vectors[i], basis[i])
+
+
+# The row Gram matrix X·Xᵀ is formed in fp64: its eigenvalues S² carry an error of about
+# n·eps64·S₁², so a component is recovered as Xᵀu/S to better than fp32 while S² >= ROW_GRAM_FLOOR·S₁².
+ROW_GRAM_FLOOR = 1e-8
+
+
+def _row_gram_top(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``k`` right singular pairs of each ``(m, n, d)`` fp64 ``X`` with ``n < d``, from the
+    ``(n, n)`` Gram matrix ``X·Xᵀ = U S² Uᵀ`` and ``V = Xᵀ U S⁻¹``: ``S² (m, k)`` descending,
+    ``V (m, d, k)`` and ``ok (m,)``, False where ``S_k²`` is below the floor (then ``V`` is not used)."""
+    n = X.shape[-2]
+    values, U = eigh_range(X @ X.mT, n - k, k)
+    values, U = values.flip(-1), U.flip(-1)
+    ok = values[:, -1] >= ROW_GRAM_FLOOR * values[:, 0].clamp_min(torch.finfo(values.dtype).tiny)
+    V = X.mT @ U
+    V = V / V.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(V.dtype).tiny)
+    return values, V, ok
+
+
+def _store(hook, values: torch.Tensor, vectors: torch.Tensor, basis) -> None:
+    """Set a hook's components from ``values (k,)`` (``S²``) and ``vectors (d, k)``, as PEFT's
+    ``IncrementalPCA`` and ``SVDHook`` would (dtypes, sign rule, explained variance, convergence)."""
+    previous = hook.components_
+    # PEFT stacks its fp64 mean correction under fp32 rows from the second batch on: its
+    # components are fp64 from then on
+    dtype = torch.float32 if previous is None else torch.float64
+    hook.components_ = _flip_signs(vectors.mT.contiguous()).to(dtype)
+    hook.singular_values_ = values.clamp_min(0).sqrt().to(dtype)
+    total = torch.sum(hook.var_ * hook.n_samples_seen_)
+    hook.explained_variance_ratio_ = hook.singular_values_.square() / total
+    hook.basis = basis
+    hook.stacked = hook.scatter = None
+    hook.fresh = False
+    if previous is not None:
+        current = hook.components_
+        previous = previous.to(current.dtype)
+        if len(current.shape) == 1:
+            current, previous = current.reshape(1, -1), previous.reshape(1, -1)
+        sim = torch.nn.functional.cosine_similarity(current, previous)
+        hook.converged = sim >= hook.sim_thresh
 
 
 def _rank_distribution(hooks, layer_hook_map, equal_inputs_map, rank_budget, max_components):
@@ -322,6 +402,8 @@ def _eva_state_dict(
         )
 
     forward_fn(model, inputs)
+    once = all(len(h.hashed_inputs) == 1 for h, _ in hooks.values())
+    early_exit = _EarlyExit() if once and forward_fn is eva.forward_fn_dict else None
     hash_dict = {k: h[0].hashed_inputs[0] for k, h in hooks.items()}
     equal_inputs = list(eva.find_equal_values(hash_dict).values())
     equal_inputs_map = {vv: v[0] for v in equal_inputs for vv in v[1:]}
@@ -342,6 +424,7 @@ def _eva_state_dict(
             prepare_layer_inputs_fn=hook._prepare_layer_inputs_fn,
             gather_distributed_inputs=gather_distributed_inputs,
         )
+        hook.early_exit = early_exit
         handle = model.get_submodule(name).register_forward_hook(hook)
         hooks[name] = (hook, handle)
     layer_hook_map = {**dict(zip(hooks.keys(), hooks.keys())), **equal_inputs_map}
@@ -387,7 +470,12 @@ def _eva_state_dict(
             if all(convergence_dict.values()):
                 break
 
-            forward_fn(model, inputs)
+            if early_exit is not None:
+                # (a converged layer keeps its removed handle in `hooks`, as in PEFT: the flag says)
+                early_exit.arm(name for name in hooks if not convergence_dict[name])
+                early_exit.run(forward_fn, model, inputs)
+            else:
+                forward_fn(model, inputs)
             solve([h for h, _ in hooks.values()])
 
             if not all(h.components_ is not None for h, _ in hooks.values()):

@@ -638,6 +638,83 @@ def test_eva_options_agree_with_peft(eva, eva_solves):
     assert _compare_eva(ours, ref, oracle) <= EVA_TOL
 
 
+def test_eva_row_gram_solve_agrees_with_peft(monkeypatch, eva_solves):
+    """Batches of fewer tokens than the layers' widths: every step solves the n x n row Gram matrix."""
+    from corda_kernels.integrations import peft_eva
+
+    calls = {"rows": 0}
+    real = peft_eva._row_gram_top
+
+    def spy(X, k):
+        calls["rows"] += X.shape[0]
+        return real(X, k)
+
+    monkeypatch.setattr(peft_eva, "_row_gram_top", spy)
+    ours, ref, oracle = _eva_pair(tiny_llama, LLAMA, _eva_batches(128, n_batches=8, batch=2, seq=10))
+    assert calls["rows"] > 0 and calls["rows"] == eva_solves["hooks"]
+    assert _compare_eva(ours, ref, oracle) <= EVA_TOL
+
+
+def test_eva_row_gram_top_is_the_exact_svd():
+    from corda_kernels.integrations.peft_eva import _row_gram_top
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 20, 50, dtype=torch.float64, generator=g) * torch.logspace(0, -2, 50, dtype=torch.float64)
+    values, V, ok = _row_gram_top(X, 6)
+    S, Vh = torch.linalg.svd(X, full_matrices=False)[1:]
+    assert ok.all()
+    torch.testing.assert_close(values, S[:, :6].square(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        (V.mT * Vh[:, :6]).sum(-1).abs(), torch.ones(3, 6, dtype=torch.float64), rtol=0, atol=1e-10
+    )
+    # Rank-deficient rows (a first batch of exactly k tokens, centered: rank k - 1): not accepted.
+    Y = torch.randn(2, 6, 50, dtype=torch.float64, generator=g)
+    assert not _row_gram_top(Y - Y.mean(-2, keepdim=True), 6)[2].any()
+
+
+def test_eva_rank_deficient_rows_use_the_exact_scatter_solve():
+    """A layer whose first batch has exactly k tokens: PEFT's centered matrix has rank k - 1."""
+    from corda_kernels.integrations.peft_eva import _hook_classes, solve
+
+    _, CovarianceHook = _hook_classes()
+    hook = CovarianceHook(
+        n_components=6, sim_thresh=0.99, name="layer", prepare_layer_inputs_fn=None, gather_distributed_inputs=False
+    )
+    X = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
+    hook.add(X)
+    assert hook.stacked is not None and hook.stacked.shape == (6, 40)
+    solve([hook])
+    Xc = (X - X.mean(0)).double()
+    values, vectors = torch.linalg.eigh(Xc.T @ Xc)
+    top = vectors[:, -5:].flip(-1)  # the 5 nonzero components
+    torch.testing.assert_close(hook.singular_values_[:5].double().square(), values[-5:].flip(-1), rtol=1e-5, atol=1e-6)
+    assert ((hook.components_[:5].double() @ top).abs().diagonal() - 1).abs().max() < 1e-5
+    C = hook.components_.double()
+    torch.testing.assert_close(C @ C.T, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_eva_forwards_stop_after_the_last_collecting_layer():
+    """With PEFT's default forward_fn the loop's forwards stop once every collecting layer has its
+    input (the LM head never runs after the first forward); the components are bit-equal to those
+    of full forwards (a caller's own forward_fn runs them to the end)."""
+    from peft import EvaConfig, get_eva_state_dict
+
+    config = LoraConfig(r=4, target_modules=LLAMA, init_lora_weights="eva", eva_config=EvaConfig())
+    loader = _eva_batches(128)
+    runs = {}
+    for label, kwargs in [("default", {}), ("own", {"forward_fn": lambda model, inputs: model(**inputs)})]:
+        model = tiny_llama()
+        heads = []
+        model.lm_head.register_forward_hook(lambda *args, heads=heads: heads.append(1))
+        with ck.peft_patched():
+            runs[label] = (get_eva_state_dict(model, loader, config, show_progress_bar=False, **kwargs), len(heads))
+    (early, heads_early), (full, heads_full) = runs["default"], runs["own"]
+    assert heads_early == 1 and heads_full > 2
+    assert early.keys() == full.keys()
+    for name in full:
+        assert torch.equal(early[name], full[name]), name
+
+
 def test_eva_closer_than_peft_to_its_exact_svd_version(monkeypatch, eva_solves):
     """PEFT's algorithm with an exact SVD per step (the oracle) vs PEFT's randomized one and ours."""
     from peft import EvaConfig, get_eva_state_dict
