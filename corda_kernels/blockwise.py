@@ -210,6 +210,7 @@ def apply_blockwise(
     undo_log: list[tuple[str, nn.Module, torch.device, Optional[_Rebuild]]] = []
     added: list[tuple[str, bool]] = []  # a further adapter: (layer, converted), as adapt.add_finished logs
     residuals: dict = {}  # a further adapter: each converted layer's residual base (or what rebuilds it)
+    moved = None  # (block, home, name) while a block is away on the execution device
     try:
         inputs = capture_block_inputs(model, stack[0], batches, store=block_inputs_device, progress=progress)
         for index, block in enumerate(tqdm(stack, desc="blocks", disable=not progress)):
@@ -217,6 +218,7 @@ def apply_blockwise(
             block_targets = {n: m for n, m in pending.items() if n.startswith(prefix)}
             home = next(block.parameters()).device
             device = torch.device(execution_device) if execution_device is not None else home
+            moved = (block, home, prefix[:-1])
             block.to(device)
             stage = (  # a further adapter: the block computes the original, its layers plain linears
                 contextlib.nullcontext(targets)
@@ -240,9 +242,12 @@ def apply_blockwise(
                 _add_block(further, inits, config, undo, added, residuals)
             del inits
             block.to(home)
+            moved = None
         if further is None:
             _adapt.freeze_all_but_adapters(model)
     except BaseException:
+        if moved is not None:  # the failing block goes home first (the undo then works there)
+            _return_home(*moved)
         _undo(model, undo_log, further, added, residuals)
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
@@ -253,6 +258,17 @@ def apply_blockwise(
         _adapt.name_adapter(model, targets.layers, adapter_name)
     hf.forget_gguf_quantization(model)
     return model
+
+
+def _return_home(block: nn.Module, home: torch.device, name: str) -> None:
+    """Move a failed block back from the execution device; if the device itself failed, say which
+    block stays there instead of hiding the original error."""
+    try:
+        block.to(home)
+    except Exception as exc:
+        _backend.warn(
+            f"apply_blockwise: could not move the failed block {name} back to {home} ({type(exc).__name__}: {exc})"
+        )
 
 
 def _swap_block(model, pending, inits, config, undo, home, undo_log) -> None:

@@ -407,3 +407,35 @@ def test_further_adapter_failure_gives_the_model_back(stage, undo, dtype, tmp_pa
     assert ck.adapter_names(model) == ("default",)
     assert all(layer.base_changed and getattr(layer, "A0", None) is None for layer in _adapters(model).values())
     _assert_as_before(model, before)
+
+
+@pytest.mark.parametrize("undo", ["cpu", "reconstruct"])
+def test_failed_block_comes_back_from_the_execution_device(undo, monkeypatch):
+    """A block that fails while on ``execution_device`` is moved back home before the undo (here
+    the CPU stands in for the device: each block's moves are recorded)."""
+    model = tiny_llama(layers=3)
+    before = _snapshot(model)
+    moves = {i: [] for i in range(3)}
+    for i, block in enumerate(model.model.layers):
+        real_to = block.to
+
+        def to(*args, _real=real_to, _i=i, **kwargs):
+            moves[_i].append(torch.device(args[0]))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(block, "to", to)
+    real = adapt.decompose
+
+    def fail_on_second_block(targets, *args, **kwargs):
+        if next(iter(targets)).startswith("model.layers.1."):
+            raise RuntimeError("decomposition failed")
+        return real(targets, *args, **kwargs)
+
+    monkeypatch.setattr(adapt, "decompose", fail_on_second_block)
+    with pytest.raises(RuntimeError, match="decomposition failed"):
+        ck.apply_blockwise(
+            model, token_batches(128, n_batches=2), "corda", rank=4, undo=undo, execution_device="cpu", progress=False
+        )
+    cpu = torch.device("cpu")
+    assert moves[0] == [cpu, cpu] and moves[1] == [cpu, cpu] and moves[2] == []
+    _assert_as_before(model, before)
