@@ -21,14 +21,11 @@ from torch import nn
 
 from .. import _backend
 from ..integrations import hf
+from ..integrations.hf import StopForward
 from ..ops.covariance import CovarianceAccumulator, finalize_covariance
 from . import sharding
 from . import storage as _storage
 from .result import NORMALIZATIONS, Calibration
-
-
-class StopForward(Exception):
-    """Raised after the last target layer of a forward pass when the rest need not run."""
 
 
 def _probe_slice(key: str, value, ids_shape):

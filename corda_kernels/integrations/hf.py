@@ -21,6 +21,12 @@ from torch import nn
 from .._dtypes import ACTIVATION_DTYPES
 from ..nn import LowRankLinear
 
+
+class StopForward(Exception):
+    """Raised after the last layer a forward pass was run for (calibration, EVA) when the rest need
+    not run; caught around that forward."""
+
+
 try:  # transformers' GPT-2 style linear layer, stored (in_features, out_features)
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover - transformers is a dependency, but keep the ops usable without it

@@ -48,6 +48,7 @@ import torch
 from ..linalg._eigh import eigh_range
 from ..linalg.eigen import top_eigenpairs
 from ..ops.covariance import covariance_update, symmetrize_
+from .hf import StopForward
 
 logger = logging.getLogger("corda_kernels.peft")
 
@@ -156,10 +157,6 @@ def _hook_classes():
     return KeyHook, CovarianceHook
 
 
-class _ForwardDone(Exception):
-    """Raised by the last hook a forward still had to feed: nothing after it is read."""
-
-
 class _EarlyExit:
     """Stops each of the loop's forwards once every hooked layer still collecting has had its input.
 
@@ -178,12 +175,12 @@ class _EarlyExit:
         if name in self.waiting:
             self.waiting.discard(name)
             if not self.waiting:
-                raise _ForwardDone
+                raise StopForward
 
     def run(self, forward_fn, model, inputs) -> None:
         try:
             forward_fn(model, inputs)
-        except _ForwardDone:
+        except StopForward:
             pass
         finally:
             self.waiting = set()

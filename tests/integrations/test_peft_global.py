@@ -638,7 +638,10 @@ def test_eva_options_agree_with_peft(eva, eva_solves):
     assert _compare_eva(ours, ref, oracle) <= EVA_TOL
 
 
-def test_eva_row_gram_solve_agrees_with_peft(monkeypatch, eva_solves):
+@pytest.mark.parametrize(
+    "make,targets,vocab", [(tiny_llama, LLAMA, 128), (tiny_gpt2, GPT2, 100)], ids=["llama", "gpt2"]
+)
+def test_eva_row_gram_solve_agrees_with_peft(make, targets, vocab, monkeypatch, eva_solves):
     """Batches of fewer tokens than the layers' widths: every step solves the n x n row Gram matrix."""
     from corda_kernels.integrations import peft_eva
 
@@ -650,7 +653,7 @@ def test_eva_row_gram_solve_agrees_with_peft(monkeypatch, eva_solves):
         return real(X, k)
 
     monkeypatch.setattr(peft_eva, "_row_gram_top", spy)
-    ours, ref, oracle = _eva_pair(tiny_llama, LLAMA, _eva_batches(128, n_batches=8, batch=2, seq=10))
+    ours, ref, oracle = _eva_pair(make, targets, _eva_batches(vocab, n_batches=8, batch=2, seq=10))
     assert calls["rows"] > 0 and calls["rows"] == eva_solves["hooks"]
     assert _compare_eva(ours, ref, oracle) <= EVA_TOL
 
