@@ -27,6 +27,14 @@ What is counted (all from shapes and dtypes; no calibration is run):
   replaced layers (on the CPU) to restore the model if a later block fails: "undo copies"
   (``undo="reconstruct"``: only what rebuilds them bit for bit, counted at
   :data:`RECONSTRUCT_BYTES_PER_WEIGHT`; measured 0.13-0.44).
+- Partial-LoRA's ratio derivation (without ``densities=``; before anything else, on the whole
+  model): ``score="svd"``, one layer at a time its weight copied and fully decomposed (fp32
+  SVD and the rank-k product: :func:`_svd_words`), and a no-grad forward on the largest few-shot
+  batch (one block's activations and the logits); ``score="snip"``, every target's gradient, then
+  the larger of the backward's saved activations (every block, the logits) and the largest
+  layer's scores (:data:`_SNIP_BYTES_PER_WEIGHT`). A further adapter derives them on the rebuilt
+  original weights. Methods that do not subtract (LoRA, Partial-LoRA) keep the weight itself:
+  no residual copy (Conv1D weights are copied, stored transposed).
 - a further adapter (``adapter_name=`` on a model that carries adapters, as ``apply`` adds it):
   the loaded adapters (the model's factors, apart from its weights); the initial factors ``A0``,
   ``B0`` read from ``initial=`` for layers whose base is their first adapter's residual, and those
@@ -59,6 +67,7 @@ from .decomposition.refinement import make_quantization
 from .integrations import hf
 from .methods import InitMethod
 from .methods.lora import LoRA
+from .methods.partial_lora import PartialLoRA
 from .methods.svd_init import PiSSA
 from .nn import LowRankLinear
 from .nn.lowrank_linear import adapter_dtype
@@ -67,7 +76,6 @@ MiB = 2**20
 # What apply_blockwise(undo="reconstruct") keeps per target weight (blockwise._Rebuild): a bit mask (1/8
 # byte) and an int8 per entry that W' + s·B·A misses; measured 0.13 (LoRA-style) to 0.44 (PiSSA, bf16).
 RECONSTRUCT_BYTES_PER_WEIGHT = 0.5
-_WHOLE = ("calibrate", "decompose", "swap")
 _BLOCKWISE = ("capture", "run block", "decompose block", "swap block")
 
 
@@ -81,7 +89,8 @@ class MemoryEstimate:
     Attributes:
         phases: phase -> ``{(item, where): bytes}``, ``where`` a device string (``"cpu"``,
             ``"cuda:0"``). Whole-model phases: calibrate, decompose, swap; block-wise: capture,
-            run block, decompose block, swap block.
+            run block, decompose block, swap block; both first "derive ratios" when Partial-LoRA
+            derives its ratios on few-shot batches.
         device: where the run computes.
         title: one line describing the run.
         notes: caveats printed under the table.
@@ -200,6 +209,7 @@ class _Layers:
     def __init__(self, model, targets, groups, ranks, dora: bool = False):
         self.shape = {n: hf.in_out_features(m) for n, m in targets.items()}  # (in, out)
         self.weight_size = {n: hf.weight_matrix(m).element_size() for n, m in targets.items()}
+        self.transposed = {n: hf.is_conv1d(m) for n, m in targets.items()}  # (in, out) storage: copied when built
         self.groups, self.ranks, self.dora = groups, ranks, dora
         stacks = [name for name, _ in hf.block_stacks(model)]
         self.blocks: dict[str, list[str]] = defaultdict(list)
@@ -213,11 +223,16 @@ class _Layers:
     def target_bytes(self, names) -> int:
         return sum(self.shape[n][0] * self.shape[n][1] * self.weight_size[n] for n in names)
 
-    def swap_bytes(self, names, quantization=None) -> int:
-        """New residuals (full precision, or quantized), factors (weight dtype and fp32; with DoRA the
-        fp32 magnitude and cached ``‖W_o‖²`` per output row) and one layer's build temporaries (fp32;
-        with quantization also its full-precision residual and bitsandbytes' copy, and the fp64
-        refinement's matrices)."""
+    def copied(self, names, subtracts: bool) -> list:
+        """The layers whose frozen weight becomes a new tensor when built: every one for a method
+        that subtracts its update (the residual), else only weights stored transposed (Conv1D)."""
+        return [n for n in names if subtracts or self.transposed[n]]
+
+    def swap_bytes(self, names, quantization=None, subtracts: bool = True) -> int:
+        """New residuals (full precision, or quantized; a method that does not subtract keeps the
+        weight itself), factors (weight dtype and fp32; with DoRA the fp32 magnitude and cached
+        ``‖W_o‖²`` per output row) and one layer's build temporaries (fp32; with quantization also
+        its full-precision residual and bitsandbytes' copy, and the fp64 refinement's matrices)."""
         factors = sum(self.ranks[n] * sum(self.shape[n]) * (self.weight_size[n] + 4) for n in names)
         if self.dora:
             factors += sum(2 * 4 * self.shape[n][1] for n in names)
@@ -227,7 +242,7 @@ class _Layers:
             residuals = sum(quantized_bytes(self.shape[n][1], self.shape[n][0], quantization.fmt) for n in names)
             per_weight += max(self.weight_size[n] for n in names) + 4 + (6 * 8 if quantization.iters else 0)
         else:
-            residuals = self.target_bytes(names)
+            residuals = self.target_bytes(self.copied(names, subtracts))
         return residuals + factors + max(sizes, default=0) * per_weight
 
     def add_bytes(self, names, further: _Further) -> int:
@@ -277,22 +292,87 @@ class _Workload(NamedTuple):
     attention: int
 
 
-def _activations(layers: _Layers, names, work: _Workload) -> int:
-    """One block's transient forward memory on one batch plus the covariance update's temporaries."""
-    tokens, act, attention = work.tokens, work.act, work.attention
+def _forward_bytes(layers: _Layers, names, work: _Workload) -> int:
+    """One block's transient forward memory on one batch (its targets' outputs, the hidden state
+    in and out, the attention mask and scores); also what autograd keeps of the block."""
     outputs = sum(layers.shape[n][1] for n in names)
     hidden = layers.shape[names[0]][0]
+    return work.tokens * work.act * (outputs + 2 * hidden) + work.attention
+
+
+def _activations(layers: _Layers, names, work: _Workload) -> int:
+    """One block's transient forward memory on one batch plus the covariance update's temporaries."""
     widest = max(layers.shape[n][0] for n in names)
-    update = tokens * widest * (act + 4) + widest * 256 * 4
-    return tokens * act * (outputs + 2 * hidden) + attention + update
+    update = work.tokens * widest * (work.act + 4) + widest * 256 * 4
+    return _forward_bytes(layers, names, work) + update
+
+
+def _workload(model, n_batches: int, batch_size: int, seq_len: int, act: int) -> _Workload:
+    """The sizes of ``n_batches`` forwards of ``batch_size x seq_len`` tokens."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    eager = getattr(config, "_attn_implementation", None) == "eager"
+    mask = batch_size * seq_len**2 * (act if eager else 1)  # (B, 1, S, S); eager attention adds its scores
+    attention = mask + (2 * batch_size * heads * seq_len**2 * act if eager else 0)
+    return _Workload(n_batches, batch_size * seq_len, act, mask, attention)
+
+
+# Peak fp32 words of one torch.linalg.svd(W (m x n), full_matrices=False) and the rank-k product
+# Partial-LoRA's search forms from it: 2·m·n + (m + n)·k + 2·k², k = min(m, n) (measured on CPU at
+# 2048x1024, 1024x2048, 1024² and 3000x500: 0.89-1.06x of this).
+def _svd_words(m: int, n: int) -> int:
+    k = min(m, n)
+    return 2 * m * n + (m + n) * k + 2 * k * k
+
+
+# Bytes per weight of SNIP's scores on the largest layer (partial_lora_ratios.mass_fraction):
+# |W ⊙ ∂L/∂W| in fp32, its fp64 copy, the sort's values and int64 indices, the cumulative sum.
+_SNIP_BYTES_PER_WEIGHT = 4 + 8 + 8 + 8 + 8
+
+
+def _logit_width(model: nn.Module) -> int:
+    """The LM head's output width (the vocabulary), 0 for a model without one."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    return int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+
+
+def _derivation(method: InitMethod, model: nn.Module, layers: _Layers, names, act: int) -> Optional[dict]:
+    """What Partial-LoRA's ratio derivation (``prepare``, run on the few-shot batches before any
+    decomposition) holds, item -> bytes; None when the method derives nothing (given densities).
+    ``score="svd"``: one layer at a time, its weight copied and fully decomposed, and a no-grad
+    forward (one block's activations and the logits); ``score="snip"``: every target's gradient,
+    then the larger of a backward's saved activations (every block, the logits) and the scores of
+    the largest layer."""
+    if not isinstance(method, PartialLoRA) or method.densities is not None:
+        return None
+    shapes = [tuple(batch["input_ids"].shape) for batch in method.few_shot]
+    shape = max(shapes, key=lambda s: s[0] * s[-1] if len(s) > 1 else s[0])
+    batch_size, seq_len = (shape[0], shape[-1]) if len(shape) > 1 else (1, shape[0])
+    work = _workload(model, 1, batch_size, seq_len, act)
+    head = _logit_width(model)
+    logits = work.tokens * head * (act + 4 + 4)  # the logits, their fp32 copy, the loss's softmax
+    blocks = [[n for n in block if n in names] for block in layers.blocks.values()]
+    blocks = [b for b in blocks if b]
+    sizes = {n: layers.shape[n][0] * layers.shape[n][1] for n in names}
+    if method.score == "svd":
+        search = max(layers.target_bytes([n]) + 4 * _svd_words(layers.shape[n][1], layers.shape[n][0]) for n in names)
+        forward = max((_forward_bytes(layers, b, work) for b in blocks), default=0) + logits
+        return {"ratio search": search, "activations": forward}
+    saved = sum(_forward_bytes(layers, b, work) for b in blocks) + logits
+    scores = _SNIP_BYTES_PER_WEIGHT * max(sizes.values())
+    return {"gradients": layers.target_bytes(names), "ratio search": max(saved, scores)}
 
 
 def _words_per_weight(method: InitMethod) -> Optional[int]:
     """fp32 words per weight of a decomposition chunk for methods without a full SVD (None: the
-    plan's :func:`~corda_kernels.decomposition.plan.bytes_per_layer`): LoRA and its subclasses
-    draw their factors (the stacked fp32 weights only); PiSSA's randomized SVD works on sketches
+    plan's :func:`~corda_kernels.decomposition.plan.bytes_per_layer`): LoRA, its subclasses and
+    Partial-LoRA draw their factors (the stacked fp32 weights only); PiSSA's randomized SVD works on sketches
     (the stacked weights, the squared-norms temporary, the sketch products: 3, measured 2.9)."""
-    if isinstance(method, LoRA):
+    if isinstance(method, (LoRA, PartialLoRA)):
         return 1
     if isinstance(method, PiSSA) and method.svd == "randomized":
         return 3
@@ -435,13 +515,7 @@ def estimate_memory(
         notes.append("a 2-token forward failed, so no shared inputs were assumed: covariances are an upper bound")
     layers = _Layers(model, targets, groups, ranks, dora=config.dora)
 
-    model_config = getattr(model, "config", None)
-    heads = getattr(model_config, "num_attention_heads", 0) or 0
-    eager = getattr(model_config, "_attn_implementation", None) == "eager"
-    tokens = batch_size * seq_len
-    mask = batch_size * seq_len**2 * (act if eager else 1)  # (B, 1, S, S); eager attention adds its scores
-    attention = mask + (2 * batch_size * heads * seq_len**2 * act if eager else 0)
-    work = _Workload(n_batches, tokens, act, mask, attention)
+    work = _workload(model, n_batches, batch_size, seq_len, act)
 
     budget = config.max_batch_bytes
     if budget is None and home == "cpu":
@@ -471,7 +545,7 @@ def estimate_memory(
     if blockwise:
         inputs_at = block_inputs_device or home
         phases = _blockwise_phases(
-            layers, base, home, inputs_at, undo, quantization, work, needs_cov, budget, further, words
+            layers, base, home, inputs_at, undo, quantization, work, needs_cov, budget, further, words, method.subtracts
         )
     else:
         block_acts = [_activations(layers, b, work) for b in layers.blocks.values()]
@@ -487,7 +561,7 @@ def estimate_memory(
                 **base,
                 ("covariances", stored): cov_kept,
                 **(
-                    {("residual copies + adapters", home): layers.swap_bytes(names, quantization)}
+                    {("residual copies + adapters", home): layers.swap_bytes(names, quantization, method.subtracts)}
                     if further is None
                     else {("new adapter", home): layers.add_bytes(names, further)}
                 ),
@@ -497,6 +571,11 @@ def estimate_memory(
             del phases["calibrate"]
             for phase in phases.values():
                 phase.pop(("covariances", stored))
+    derivation = _derivation(method, model, layers, names, act)
+    if derivation is not None:  # Partial-LoRA's prepare: before anything else, on the whole model
+        derive = {**base, ("original weights", home): layers.original_bytes(names, further)}
+        derive.update({(item, home): nbytes for item, nbytes in derivation.items()})
+        phases = {"derive ratios": derive, **phases}
     for phase in phases.values():
         for key in [k for k, v in phase.items() if v == 0 and k[0] != "weights"]:
             del phase[key]
@@ -504,7 +583,7 @@ def estimate_memory(
 
 
 def _blockwise_phases(
-    layers: _Layers, base, home, inputs_at, undo_mode, quantization, work, needs_cov, budget, further, words
+    layers: _Layers, base, home, inputs_at, undo_mode, quantization, work, needs_cov, budget, further, words, subtracts
 ):
     """Per phase, the worst block (the replaced layers of earlier blocks accumulate as undo copies;
     a further adapter's: the residuals of its converted layers)."""
@@ -548,9 +627,10 @@ def _blockwise_phases(
         else:
             undo += int(RECONSTRUCT_BYTES_PER_WEIGHT * sum(layers.shape[n][0] * layers.shape[n][1] for n in kept))
         if further is None:  # the residuals replace the old weights (quantized ones are smaller: never below 0)
+            replaced = names if quantization is not None else layers.copied(names, subtracts)
             swap_new = {
                 ("residual copies + adapters", home): max(
-                    0, layers.swap_bytes(names, quantization) - layers.target_bytes(names)
+                    0, layers.swap_bytes(names, quantization, subtracts) - layers.target_bytes(replaced)
                 )
             }
         else:

@@ -144,6 +144,86 @@ def test_further_adapter_estimate_matches_measured_peak_rss():
         assert abs(report["estimate"] / report["increase"] - 1) <= 0.35, (method, report)
 
 
+# Partial-LoRA derives its per-layer ratios on few-shot batches before anything is decomposed
+# (score="svd": each layer's full SVD in turn; "snip": every target's gradient at once).
+PARTIAL_CHILD = """
+import json
+import corda_kernels as ck
+from corda_kernels.testing import tiny_llama, token_batches
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key))
+
+score = {score!r}
+ck.apply(tiny_llama(layers=1), "partial_lora", rank=2, few_shot=token_batches(128, n_batches=1), score=score,
+         progress=False)
+model = tiny_llama(**{shape!r})
+few_shot = token_batches({vocab}, n_batches=2, batch=2, seq=64)
+options = dict(rank=8, few_shot=few_shot, score=score)
+estimate = ck.estimate_memory(model, "partial_lora", batch_size=1, seq_len=8, n_batches=1, **options)
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+ck.apply(model, "partial_lora", progress=False, **options)
+print(json.dumps({{"increase": status("VmHWM") - base, "estimate": estimate.extra_bytes(),
+                  "phase": estimate.peak_phase()}}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_partial_lora_derivation_estimate_matches_measured_peak_rss():
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    children = {
+        score: subprocess.Popen(
+            [sys.executable, "-c", PARTIAL_CHILD.format(score=score, shape=SHAPE, vocab=SHAPE["vocab"])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for score in ("svd", "snip")
+    }
+    for score, child in children.items():
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err[-3000:]
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["phase"] == "derive ratios", (score, report)
+        assert abs(report["estimate"] / report["increase"] - 1) <= 0.35, (score, report)
+
+
+def test_partial_lora_derivation_items(tmp_path):
+    """The derivation phase: SNIP holds every target's gradient; given densities derive nothing; a
+    further adapter derives on the rebuilt original weights; methods that do not subtract keep the
+    weight itself (no residual copy)."""
+    model = tiny_llama(layers=2)
+    layers = {n: m for n, m in model.named_modules() if n.endswith("proj")}
+    weights = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
+    few_shot = token_batches(128, n_batches=1, batch=2, seq=16)
+    options = dict(batch_size=2, seq_len=12, n_batches=1, rank=4)
+    snip = ck.estimate_memory(model, "partial_lora", few_shot=few_shot, score="snip", **options)
+    assert snip.phases["derive ratios"][("gradients", "cpu")] == weights
+    svd = ck.estimate_memory(model, "partial_lora", few_shot=few_shot, **options)
+    assert ("gradients", "cpu") not in svd.phases["derive ratios"] and svd.phases["derive ratios"][
+        ("ratio search", "cpu")
+    ]
+    given = ck.estimate_memory(model, "partial_lora", densities=0.5, **options)
+    assert "derive ratios" not in given.phases
+    swap = {
+        m: ck.estimate_memory(model, m, **options).phases["swap"][("residual copies + adapters", "cpu")]
+        for m in ("lora", "pissa")
+    }
+    assert swap["pissa"] - swap["lora"] == weights  # PiSSA's residuals are new tensors; LoRA keeps W
+    blockwise = ck.estimate_memory(model, "partial_lora", few_shot=few_shot, blockwise=True, **options)
+    assert blockwise.phases["derive ratios"] == svd.phases["derive ratios"]
+    adapted = ck.apply(tiny_llama(layers=2), "pissa", rank=4, progress=False)
+    ck.save_peft_adapter(adapted, str(tmp_path))
+    further = ck.estimate_memory(
+        adapted, "partial_lora", few_shot=few_shot, adapter_name="b", initial=str(tmp_path), **options
+    )
+    assert further.phases["derive ratios"][("original weights", "cpu")] == weights
+
+
 def test_further_adapter_items(tmp_path):
     """What a further adapter's run holds, item by item, from the model's adapted layers."""
     model = ck.apply(tiny_llama(layers=2), "pissa", rank=4, progress=False)
