@@ -65,6 +65,24 @@ def _increase(child: subprocess.Popen) -> int:
     return json.loads(out.strip().splitlines()[-1])["increase"]
 
 
+def _reports(codes: dict) -> dict:
+    """Runs each child script side by side (one thread each, glibc returning freed blocks as for
+    :func:`_start`); the JSON of each one's last line."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    children = {
+        key: subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for key, code in codes.items()
+    }
+    reports = {}
+    for key, child in children.items():
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, (key, err[-3000:])
+        reports[key] = json.loads(out.strip().splitlines()[-1])
+    return reports
+
+
 def _meta_model():
     with torch.device("meta"):
         return tiny_llama(**SHAPE)
@@ -125,21 +143,8 @@ print(json.dumps({{"increase": status("VmHWM") - base, "estimate": estimate.extr
 def test_further_adapter_estimate_matches_measured_peak_rss():
     """A second adapter, additive (LoRA) and subtractive (PiSSA), on PiSSA's residual base: the
     original weights rebuilt, the initial factors and the decomposition are what the run adds."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    children = {
-        method: subprocess.Popen(
-            [sys.executable, "-c", FURTHER_CHILD.format(method=method, shape=SHAPE)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for method in ("lora", "pissa")
-    }
-    for method, child in children.items():
-        out, err = child.communicate(timeout=300)
-        assert child.returncode == 0, err[-3000:]
-        report = json.loads(out.strip().splitlines()[-1])
+    reports = _reports({method: FURTHER_CHILD.format(method=method, shape=SHAPE) for method in ("lora", "pissa")})
+    for method, report in reports.items():
         assert report["items"]["original weights"] > 0 and report["items"]["initial factors"] > 0
         assert abs(report["estimate"] / report["increase"] - 1) <= 0.35, (method, report)
 
@@ -173,21 +178,8 @@ print(json.dumps({{"increase": status("VmHWM") - base, "estimate": estimate.extr
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_partial_lora_derivation_estimate_matches_measured_peak_rss():
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    children = {
-        score: subprocess.Popen(
-            [sys.executable, "-c", PARTIAL_CHILD.format(score=score, shape=SHAPE, vocab=SHAPE["vocab"])],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for score in ("svd", "snip")
-    }
-    for score, child in children.items():
-        out, err = child.communicate(timeout=300)
-        assert child.returncode == 0, err[-3000:]
-        report = json.loads(out.strip().splitlines()[-1])
+    codes = {score: PARTIAL_CHILD.format(score=score, shape=SHAPE, vocab=SHAPE["vocab"]) for score in ("svd", "snip")}
+    for score, report in _reports(codes).items():
         assert report["phase"] == "derive ratios", (score, report)
         assert abs(report["estimate"] / report["increase"] - 1) <= 0.35, (score, report)
 
