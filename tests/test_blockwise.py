@@ -78,6 +78,18 @@ def _assert_as_before(model, before):
             assert torch.equal(v.view(bits[v.dtype]), after[k].view(bits[v.dtype])), k
 
 
+def _fail_decomposing_block(monkeypatch, index: int) -> None:
+    """``adapt.decompose`` (block-wise runs decompose through it) raises on block ``index``'s layers."""
+    real = adapt.decompose
+
+    def fail(targets, *args, **kwargs):
+        if next(iter(targets)).startswith(f"model.layers.{index}."):
+            raise RuntimeError("decomposition failed")
+        return real(targets, *args, **kwargs)
+
+    monkeypatch.setattr(adapt, "decompose", fail)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["corda", "pissa", "milora", "siva", "lora", "asymmetric", "partial_lora"])
 @pytest.mark.parametrize("undo", ["cpu", "reconstruct"])
@@ -89,14 +101,7 @@ def test_failure_leaves_model_unchanged(undo, method, dtype, monkeypatch):
     model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
     before = _snapshot(model)
     options = {"densities": 0.5} if method == "partial_lora" else {}
-    real = adapt.decompose  # block-wise runs apply's stage functions: decomposition through adapt
-
-    def fail_on_third_block(targets, *args, **kwargs):
-        if next(iter(targets)).startswith("model.layers.2."):
-            raise RuntimeError("decomposition failed")
-        return real(targets, *args, **kwargs)
-
-    monkeypatch.setattr(adapt, "decompose", fail_on_third_block)
+    _fail_decomposing_block(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="decomposition failed"):
         ck.apply_blockwise(model, token_batches(128, n_batches=2), method, rank=4, undo=undo, progress=False, **options)
     _assert_as_before(model, before)
@@ -252,14 +257,7 @@ def test_a_rebuild_that_comes_out_differently_is_reported(monkeypatch):
         return weight
 
     monkeypatch.setattr(blockwise, "_rebuilt", drifting)
-    real_decompose = adapt.decompose
-
-    def fail_on_second_block(targets, *args, **kwargs):
-        if next(iter(targets)).startswith("model.layers.1."):
-            raise RuntimeError("decomposition failed")
-        return real_decompose(targets, *args, **kwargs)
-
-    monkeypatch.setattr(adapt, "decompose", fail_on_second_block)
+    _fail_decomposing_block(monkeypatch, 1)
     with pytest.warns(ck.CordaWarning, match=r"undo could not rebuild .*model\.layers\.0\..* bit for bit"):
         with pytest.raises(RuntimeError, match="decomposition failed"):
             ck.apply_blockwise(
@@ -424,14 +422,7 @@ def test_failed_block_comes_back_from_the_execution_device(undo, monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(block, "to", to)
-    real = adapt.decompose
-
-    def fail_on_second_block(targets, *args, **kwargs):
-        if next(iter(targets)).startswith("model.layers.1."):
-            raise RuntimeError("decomposition failed")
-        return real(targets, *args, **kwargs)
-
-    monkeypatch.setattr(adapt, "decompose", fail_on_second_block)
+    _fail_decomposing_block(monkeypatch, 1)
     with pytest.raises(RuntimeError, match="decomposition failed"):
         ck.apply_blockwise(
             model, token_batches(128, n_batches=2), "corda", rank=4, undo=undo, execution_device="cpu", progress=False
