@@ -24,7 +24,8 @@ What is counted (all from shapes and dtypes; no calibration is run):
   NF4 / int8 codes and statistics, plus one layer's full-precision residual and quantization
   temporaries; ``quantize_iters``: one layer's fp64 refinement temporaries), its factors and one
   layer's fp32 temporaries; ``apply`` holds the old weights until it returns. Block-wise keeps the
-  replaced layers (on the CPU) to restore the model if a later block fails: "undo copies"
+  replaced layers (on the CPU) to restore the model if a later block fails: "undo copies" (parked
+  where they live, only the weights the swap replaced by new tensors: none for LoRA's Linear layers)
   (``undo="reconstruct"``: only what rebuilds them bit for bit, counted at
   :data:`RECONSTRUCT_BYTES_PER_WEIGHT`; measured 0.13-0.44).
 - Partial-LoRA's ratio derivation (without ``densities=``; before anything else, on the whole
@@ -620,7 +621,12 @@ def _blockwise_phases(
                 ("decomposition", home): _working_set(layers, names, needs_cov, budget, words),
             },
         }
-        kept = names if further is None else [n for n in names if n in further.converted]
+        if further is not None:
+            kept = [n for n in names if n in further.converted]
+        elif undo_at == home:  # parked where they live: only weights the swap replaced by new tensors count
+            kept = layers.copied(names, subtracts)
+        else:
+            kept = names
         copies = layers.target_bytes(kept)  # further, reconstruct: copied while the block is added
         if undo_mode == "cpu":
             undo += copies

@@ -184,6 +184,37 @@ def test_partial_lora_derivation_estimate_matches_measured_peak_rss():
         assert abs(report["estimate"] / report["increase"] - 1) <= 0.35, (score, report)
 
 
+LORA_BLOCKWISE_CHILD = """
+import json
+import corda_kernels as ck
+from corda_kernels.testing import tiny_llama, token_batches
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key))
+
+ck.apply_blockwise(tiny_llama(layers=1), token_batches(128, n_batches=1), "lora", rank=2, progress=False)
+model = tiny_llama(**{shape!r})
+batches = token_batches({vocab}, **{data!r})
+estimate = ck.estimate_memory(model, "lora", batch_size={batch}, seq_len={seq}, n_batches={n}, rank=8, blockwise=True)
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+ck.apply_blockwise(model, batches, "lora", rank=8, progress=False)
+print(json.dumps({{"increase": status("VmHWM") - base, "estimate": estimate.extra_bytes()}}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_blockwise_lora_estimate_matches_measured_peak_rss():
+    """Block-wise LoRA: no residual and no undo copy (the swapped layer keeps the weight tensor)."""
+    code = LORA_BLOCKWISE_CHILD.format(
+        shape=SHAPE, vocab=SHAPE["vocab"], data=DATA, batch=DATA["batch"], seq=DATA["seq"], n=DATA["n_batches"]
+    )
+    report = _reports({"lora": code})["lora"]
+    assert abs(report["estimate"] / report["increase"] - 1) <= 0.35, report
+
+
 def test_partial_lora_derivation_items(tmp_path):
     """The derivation phase: SNIP holds every target's gradient; given densities derive nothing; a
     further adapter derives on the rebuilt original weights; methods that do not subtract keep the
@@ -295,6 +326,9 @@ def test_blockwise_undo_copies_follow_the_undo_mode():
     weights = sum(m.weight.numel() for m in targets.values())
     assert kept["cpu"] == 4 * weights  # at the last block's swap: every replaced fp32 weight
     assert kept["reconstruct"] == int(RECONSTRUCT_BYTES_PER_WEIGHT * weights)
+    # LoRA keeps each weight itself: parked where it lives, the old module costs nothing more
+    lora = ck.estimate_memory(model, "lora", batch_size=2, seq_len=12, n_batches=2, blockwise=True, undo="cpu")
+    assert not any(("undo copies", "cpu") in items for items in lora.phases.values())
     adapted = ck.apply(copy.deepcopy(model), "pissa", rank=8, target_modules=list(targets), progress=False)
     measured = sum(_Rebuild(adapted.get_submodule(n), m.weight).nbytes() for n, m in targets.items())
     assert measured <= kept["reconstruct"]
