@@ -374,9 +374,7 @@ def test_corda_agrees_with_peft(make, targets, method, monkeypatch):
 
 def test_corda_stores_only_the_kept_components():
     model = tiny_llama()
-    config = LoraConfig(
-        r=4, target_modules=LLAMA, init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm")
-    )
+    config = _ipm_config()
     seen = {}
     with ck.peft_patched():
         corda = peft.tuners.lora.corda
@@ -395,18 +393,20 @@ def test_corda_stores_only_the_kept_components():
     assert seen and all(shape[1] == 4 for shape in seen.values())
 
 
+def _ipm_config(**corda):
+    """PEFT's CorDA (ipm, rank 4) on every LLaMA projection, with these CordaConfig options."""
+    return LoraConfig(
+        r=4, target_modules=LLAMA, init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm", **corda)
+    )
+
+
 @pytest.mark.parametrize("prune", [True, False])
 def test_corda_frees_each_covariance_after_its_eigens(prune, monkeypatch):
     """Peak memory of preprocess_corda: with prune_temporary_fields (PEFT then deletes every
     covariance after the eigens) each layer's covariance is dropped as soon as its eigens are
     stored, one layer per co_svd call, the largest covariances last; without it, all are kept."""
     model = tiny_llama()
-    config = LoraConfig(
-        r=4,
-        target_modules=LLAMA,
-        init_lora_weights="corda",
-        corda_config=CordaConfig(corda_method="ipm", prune_temporary_fields=prune),
-    )
+    config = _ipm_config(prune_temporary_fields=prune)
     corda = peft.tuners.lora.corda
     real = peft_init.co_svd
     alive, widths = [], []
@@ -454,12 +454,7 @@ def test_corda_shared_input_sums_equal_per_layer_sums():
 
 def test_corda_q_k_v_share_one_covariance():
     model = tiny_llama()
-    config = LoraConfig(
-        r=4,
-        target_modules=LLAMA,
-        init_lora_weights="corda",
-        corda_config=CordaConfig(corda_method="ipm", prune_temporary_fields=False),
-    )
+    config = _ipm_config(prune_temporary_fields=False)
     with ck.peft_patched():
         peft.tuners.lora.corda.preprocess_corda(
             model, config, run_model=lambda: model(input_ids=torch.randint(0, 64, (1, 16)))
