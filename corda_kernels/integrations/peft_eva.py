@@ -146,9 +146,7 @@ def _hook_classes():
             if stacked.shape[0] < n_features:  # the (n, n) row Gram matrix is the smaller problem
                 self.stacked, self.scatter = stacked, None
             else:
-                C = torch.zeros(n_features, n_features, dtype=torch.float32, device=X.device)
-                covariance_update(C, stacked.float(), check_finite=False)  # upper triangle
-                self.stacked, self.scatter = None, symmetrize_(C)
+                self.stacked, self.scatter = None, _scatter(stacked)
             self.n_samples_seen_ = n_total
             self.mean_, self.var_ = col_mean, col_var
             self.fresh = True
@@ -224,16 +222,22 @@ def solve(hooks: list) -> None:
             if bool(ok[i]):
                 _store(hook, values[i], vectors[i], None)
             else:  # a (nearly) rank-deficient stacked matrix: its d x d Gram matrix, solved exactly
-                C = torch.zeros(hook.n_features, hook.n_features, dtype=torch.float32, device=hook.stacked.device)
-                covariance_update(C, hook.stacked.float(), check_finite=False)
-                hook.scatter, hook.basis = symmetrize_(C), None
-                scatter.setdefault((hook.n_features, C.device, k, False), []).append(hook)
+                hook.scatter, hook.basis = _scatter(hook.stacked), None
+                scatter.setdefault((hook.n_features, hook.scatter.device, k, False), []).append(hook)
     for (_, _, k, warm), members in scatter.items():
         C = torch.stack([h.scatter for h in members])
         start = torch.stack([h.basis for h in members]) if warm else None
         values, vectors, basis = top_eigenpairs(C, k, start)
         for i, hook in enumerate(members):
             _store(hook, values[i], vectors[i], basis[i])
+
+
+def _scatter(stacked: torch.Tensor) -> torch.Tensor:
+    """``Xᵀ X`` (``d x d``, fp32, symmetric) of a stacked ``(n, d)`` matrix, on our covariance op."""
+    d = stacked.shape[-1]
+    C = torch.zeros(d, d, dtype=torch.float32, device=stacked.device)
+    covariance_update(C, stacked.float(), check_finite=False)  # upper triangle
+    return symmetrize_(C)
 
 
 # The row Gram matrix X·Xᵀ is formed in fp64: its eigenvalues S² carry an error of about
