@@ -185,6 +185,27 @@ def test_non_finite_input_names_the_matrix():
         randomized_svd(A[2, 1], 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_check_finite_finds_every_kind(dtype, value):
+    """check_finite reads amax / amin: NaN, +Inf and -Inf each caught, in any matrix of a batch,
+    also through a transposed view; all-finite input passes."""
+    from corda_kernels.linalg._checks import check_finite
+
+    A = torch.randn(2, 3, 7, 5).to(dtype)
+    check_finite(A, "op")
+    check_finite(A[:, :, :0], "op")  # empty: nothing to check
+    for index in [(0, 0, 0, 0), (1, 2, 6, 4), (1, 0, 3, 2)]:
+        B = A.clone()
+        B[index] = value
+        with pytest.raises(FloatingPointError, match=rf"first at batch index \({index[0]}, {index[1]}\)"):
+            check_finite(B, "op")
+        with pytest.raises(FloatingPointError, match="holds NaN or Inf"):
+            check_finite(B.mT, "op")
+        with pytest.raises(FloatingPointError, match="holds NaN or Inf"):
+            check_finite(B[index[0], index[1]], "op")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n", [(4096, 4096), (11008, 4096), (4096, 11008)])
 def test_gpu_llama_shapes(m, n, cuda_device):
