@@ -49,13 +49,14 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from .._measure import release_free_memory
-from ..linalg import co_svd, randomized_svd, top_singular_triplets
+from ..linalg import co_svd, co_svd_shared, randomized_svd, top_singular_triplets
 from ..ops.covariance import covariance_update, symmetrize_
 from . import hf
 
@@ -448,43 +449,26 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
             W = _corda_weight(module)
             key = (tuple(W.shape), W.device, int(module.rank), module.corda_method)
             groups.setdefault(key, []).append((name, module))
-        # Peak memory: the groups whose covariances are the largest run last, when the covariances
-        # of the layers already done have been freed (PEFT deletes them after the eigens when
-        # prune_temporary_fields is set; we do it as each chunk's eigens are stored).
         prune = bool(getattr(config.corda_config, "prune_temporary_fields", False))
-        for (shape, device, rank, method), members in sorted(
-            groups.items(), key=lambda item: (item[0][0][1], _corda_work(item[0][0]))
-        ):
-            # On a CPU one layer per call: LAPACK loops over a batch anyway, and each layer's work
-            # space (fp64 factor, solver) adds to the peak. Seeds follow the layer's index in its
-            # group, so the result does not depend on the chunking.
-            per = 1 if device.type == "cpu" else max(1, CHUNK_BYTES // _corda_work(shape))
-            for i in range(0, len(members), per):
-                chunk = members[i : i + per]
-                W = _stacked([_corda_weight(m) for _, m in chunk])
-                C = _stacked([m.covariance_matrix.float().to(W.device) for _, m in chunk])
-                mode = "ipa" if method == "ipm" else "kpa"
-                try:
-                    svd = "top" if mode == "ipa" else "exact"  # PEFT: a full fp32 SVD; "top" is as accurate
-                    seeds = list(range(i, i + len(chunk)))
-                    result = co_svd(W, C, rank, mode=mode, svd=svd, seed=seeds, name=chunk[0][0])
-                except Exception as exc:  # never fail where PEFT would not: PEFT's own code per layer
-                    logger.info(
-                        "CorDA eigens of %s run PEFT's own code: co_svd raised %s: %s", shape, type(exc).__name__, exc
-                    )
-                    del W, C
-                    for _, module in chunk:
-                        module.eigens = corda.collect_eigens_for_layer(module, config)
-                    continue
-                del W, C
-                for j, (_, module) in enumerate(chunk):
-                    module.eigens = corda.CordaEigens(
-                        S_WC=result.S[j].clone(), U_WC=result.U[j].clone(), V_WC=result.V[j].clone()
-                    )
-                    if prune:
-                        del module.covariance_matrix
-                del result
-                release_free_memory()
+        for chunk, solve in _corda_batches(groups):
+            try:
+                results = solve()
+            except Exception as exc:  # never fail where PEFT would not: PEFT's own code per layer
+                logger.info(
+                    "CorDA eigens of %s run PEFT's own code: co_svd raised %s: %s",
+                    ", ".join(name for name, _ in chunk),
+                    type(exc).__name__,
+                    exc,
+                )
+                for _, module in chunk:
+                    module.eigens = corda.collect_eigens_for_layer(module, config)
+                continue
+            for (_, module), (U, S, V) in zip(chunk, results):
+                module.eigens = corda.CordaEigens(S_WC=S, U_WC=U, V_WC=V)
+                if prune:
+                    del module.covariance_matrix
+            del results
+            release_free_memory()
 
     calib_cov_distribution.__wrapped__ = original_calib
     collect_eigens.__wrapped__ = original_collect
@@ -593,6 +577,58 @@ class _SharedInputs:
                     done[id(group)] = symmetrize_(group.acc)
                 out[module] = done[id(group)]
         return out
+
+
+def _corda_batches(groups: dict) -> Iterator[tuple[list, Callable[[], list]]]:
+    """``(layers, solve)`` pairs in the order the eigens are computed; ``solve()`` returns each
+    layer's ``(U, S, V)``.
+
+    ``groups`` maps ``(shape, device, rank, corda_method)`` to its layers. Seeds follow a layer's
+    index in its group, so the result does not depend on the batching. On a CPU the layers that
+    share one covariance object (q/k/v, gate/up: :class:`_SharedInputs`) are solved together
+    (:func:`~corda_kernels.linalg.co_svd_shared`: the covariance checked, damped and factored
+    once); LAPACK loops over a batch anyway. Elsewhere layers of one shape are stacked in chunks of
+    ``CHUNK_BYTES`` of work (:func:`~corda_kernels.linalg.co_svd`). Peak memory: the largest
+    covariances run last, when those of the layers already done have been freed (PEFT deletes them
+    after the eigens when ``prune_temporary_fields`` is set; we do it as each batch is stored).
+    """
+    shared: dict[tuple, list] = {}
+    batches = []
+    for (shape, device, rank, method), members in groups.items():
+        mode = "ipa" if method == "ipm" else "kpa"
+        svd = "top" if mode == "ipa" else "exact"  # PEFT: a full fp32 SVD; "top" is as accurate
+        if device.type == "cpu":
+            for seed, (name, module) in enumerate(members):
+                key = (id(module.covariance_matrix), method)
+                shared.setdefault(key, []).append((name, module, rank, seed, mode, svd, shape))
+            continue
+        per = max(1, CHUNK_BYTES // _corda_work(shape))
+        for i in range(0, len(members), per):
+            chunk = members[i : i + per]
+            batches.append(((shape[1], _corda_work(shape)), chunk, partial(_stacked_co_svd, chunk, rank, mode, svd, i)))
+    for layers in shared.values():
+        chunk = [(name, module) for name, module, *_ in layers]
+        n = layers[0][1].covariance_matrix.shape[-1]
+        work = max(_corda_work(layer[-1]) for layer in layers)
+        batches.append(((n, work), chunk, partial(_shared_co_svd, layers)))
+    for _, chunk, solve in sorted(batches, key=lambda batch: batch[0]):
+        yield chunk, solve
+
+
+def _stacked_co_svd(chunk: list, rank: int, mode: str, svd: str, first: int) -> list:
+    W = _stacked([_corda_weight(m) for _, m in chunk])
+    C = _stacked([m.covariance_matrix.float().to(W.device) for _, m in chunk])
+    seeds = list(range(first, first + len(chunk)))
+    result = co_svd(W, C, rank, mode=mode, svd=svd, seed=seeds, name=chunk[0][0])
+    return [(result.U[j].clone(), result.S[j].clone(), result.V[j].clone()) for j in range(len(chunk))]
+
+
+def _shared_co_svd(layers: list) -> list:
+    names, modules, ranks, seeds, modes, solvers, _ = zip(*layers)
+    weights = [_corda_weight(m) for m in modules]
+    C = modules[0].covariance_matrix.float().to(weights[0].device)
+    results = co_svd_shared(weights, C, list(ranks), mode=modes[0], svd=solvers[0], seeds=list(seeds), names=names)
+    return [(r.U, r.S, r.V) for r in results]
 
 
 def _corda_work(shape: tuple) -> int:

@@ -23,9 +23,9 @@ import torch
 
 from .._measure import release_free_memory
 from ._checks import check_finite, check_matrix, check_rank, compute_dtype, name_suffix
-from .exact_svd import crop_svd, smallest_singular_triplets
+from .exact_svd import crop_svd, smallest_triplets
 from .randomized_svd import randomized_svd
-from .top_svd import top_singular_triplets
+from .top_svd import top_triplets
 
 MODES = ("ipa", "kpa")
 SVD_SOLVERS = ("randomized", "exact", "top")
@@ -254,6 +254,46 @@ def _check_mode(value, allowed, op: str, label: str, name: str) -> None:
         )
 
 
+def _solver(mode: str, svd: Optional[str], op: str, name: str) -> str:
+    _check_mode(mode, MODES, op, "mode (PEFT's 'ipm' is 'ipa', 'kpm' is 'kpa')", name)
+    svd = svd or ("randomized" if mode == "ipa" else "exact")
+    _check_mode(svd, SVD_SOLVERS if mode == "ipa" else ("exact",), op, f"svd for mode={mode!r}", name)
+    return svd
+
+
+def _components(W, Cd, C, rank, mode, svd, seed, n_iter, oversample):
+    """``(U, S, Vh, energy)``: the ``rank`` kept triplets of ``W · Cd`` and ``||W · Cd||_F^2``
+    (no checks; ``C`` only for :func:`_trim`)."""
+    if mode == "ipa":
+        dtype = torch.float64 if torch.float64 in (W.dtype, Cd.dtype) else torch.float32
+        WC = W.to(dtype) @ Cd.to(dtype)
+        energy = WC.double().square_().sum((-2, -1))
+        if svd == "exact":
+            return (*crop_svd(WC, rank), energy)
+        if svd == "top":
+            return (*top_triplets(WC, rank, seed=seed if isinstance(seed, int) else int(seed[0])), energy)
+        n_iter = co_svd_n_iter(rank) if n_iter is None else n_iter
+        oversample = CO_SVD_OVERSAMPLE if oversample is None else oversample
+        U, S, Vh = randomized_svd(WC, rank, oversample=oversample, n_iter=n_iter, seed=seed, tol=CO_SVD_TOL)
+        return U, S, Vh, energy
+    WC = _times_fp64(W.double(), Cd)
+    energy = WC.square().sum((-2, -1))
+    _trim(C)
+    return (*smallest_triplets(WC, rank), energy)
+
+
+def _result(U, S, Vh, L, damps, energy, out_dtype, batch) -> CoSVD:
+    """The :class:`CoSVD` of kept triplets: ``V = C_d^{-1} V_svd`` from the fp64 factor ``L``."""
+    V = _cholesky_solve(Vh.mT.double(), L)
+    return CoSVD(
+        U.to(out_dtype).contiguous(),
+        S.to(out_dtype).contiguous(),
+        V.to(out_dtype).contiguous(),
+        damps.expand(batch).clone() if damps.shape != batch else damps,
+        energy,
+    )
+
+
 def co_svd(
     W: torch.Tensor,
     C: torch.Tensor,
@@ -322,9 +362,7 @@ def co_svd(
             raise ValueError(f"{op}{name_suffix(name)}: pass svd= only (method= is its deprecated name)")
         warnings.warn("co_svd(method=...) is deprecated; use svd=...", DeprecationWarning, stacklevel=2)
         svd = method
-    _check_mode(mode, MODES, op, "mode (PEFT's 'ipm' is 'ipa', 'kpm' is 'kpa')", name)
-    svd = svd or ("randomized" if mode == "ipa" else "exact")
-    _check_mode(svd, SVD_SOLVERS if mode == "ipa" else ("exact",), op, f"svd for mode={mode!r}", name)
+    svd = _solver(mode, svd, op, name)
     check_matrix(W, op, "W", name)
     check_matrix(C, op, "C", name)
     if C.shape[-1] != W.shape[-1] or C.shape[-2] != W.shape[-1]:
@@ -354,7 +392,6 @@ def co_svd(
     check_rank(rank, W.shape, op, "W", name)
     check_finite(W, op, "W", name)
 
-    out_dtype = compute_dtype(W)
     # Peak memory: the fp64 factor (2x C_d) is made after the solver, when W·C_d has replaced C_d.
     distinct, _, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=_DEFERRED, name=name)
     _trim(C)
@@ -362,34 +399,78 @@ def co_svd(
     if cov_index is not None:
         index = cov_index.to(C.device)
         Cd, damps = distinct[index], damps[index]
-    if mode == "ipa":
-        dtype = torch.float64 if torch.float64 in (W.dtype, C.dtype) else torch.float32
-        WC = W.to(dtype) @ Cd.to(dtype)
-        energy = WC.double().square_().sum((-2, -1))
-        if svd == "exact":
-            U, S, Vh = crop_svd(WC, rank)
-        elif svd == "top":
-            U, S, Vh = top_singular_triplets(WC, rank, seed=seed if isinstance(seed, int) else int(seed[0]))
-        else:
-            n_iter = co_svd_n_iter(rank) if n_iter is None else n_iter
-            oversample = CO_SVD_OVERSAMPLE if oversample is None else oversample
-            U, S, Vh = randomized_svd(WC, rank, oversample=oversample, n_iter=n_iter, seed=seed, tol=CO_SVD_TOL)
-    else:
-        WC = _times_fp64(W.double(), Cd)
-        energy = WC.square().sum((-2, -1))
-        _trim(C)
-        U, S, Vh = smallest_singular_triplets(WC, rank)
-    del WC, Cd
+    U, S, Vh, energy = _components(W, Cd, C, rank, mode, svd, seed, n_iter, oversample)
+    del Cd
     _trim(C)
     L = _factor(distinct, torch.float64, name)  # each distinct covariance factored once
     del distinct
     if index is not None:
         L = L[index]
-    V = _cholesky_solve(Vh.mT.double(), L)
-    return CoSVD(
-        U.to(out_dtype).contiguous(),
-        S.to(out_dtype).contiguous(),
-        V.to(out_dtype).contiguous(),
-        damps.expand(batch).clone() if damps.shape != batch else damps,
-        energy,
-    )
+    return _result(U, S, Vh, L, damps, energy, compute_dtype(W), batch)
+
+
+def co_svd_shared(
+    weights: Sequence[torch.Tensor],
+    C: torch.Tensor,
+    ranks: Union[int, Sequence[int]],
+    *,
+    mode: str = "ipa",
+    svd: Optional[str] = None,
+    damp: float = 0.01,
+    growth: float = 2.0,
+    seeds: Union[int, Sequence[int]] = 0,
+    names: Sequence[str] = (),
+) -> list[CoSVD]:
+    """:func:`co_svd` of layers of any shapes that read the same input (q/k/v, gate/up) and so share
+    one covariance: ``C`` is checked, damped and factored once instead of once per layer.
+
+    Args:
+        weights: ``(out_i, in)`` matrices, any float dtypes, on ``C``'s device.
+        C: ``(in, in)``, their input covariance.
+        ranks: ``r`` for all, or one per weight.
+        mode, svd, damp, growth: as :func:`co_svd`.
+        seeds: the solver's seed for all, or one per weight.
+        names: one label per weight for error messages (the first also names ``C``).
+
+    Returns:
+        One :class:`CoSVD` per weight, equal to ``co_svd(weights[i], C, ranks[i], ...)`` (``damp``
+        and ``energy`` 0-d).
+
+    Raises:
+        As :func:`co_svd`; also ``ValueError`` for no weights, ``C`` not one ``(in, in)`` matrix, or
+        ``ranks`` / ``seeds`` / ``names`` whose length is not the number of weights.
+    """
+    op = "co_svd_shared"
+    weights = list(weights)
+    count = len(weights)
+    ranks = [ranks] * count if isinstance(ranks, int) and not isinstance(ranks, bool) else list(ranks)
+    seeds = [seeds] * count if isinstance(seeds, int) and not isinstance(seeds, bool) else list(seeds)
+    names = list(names) or [""] * count
+    label = names[0] if names else ""
+    if not count or not (len(ranks) == len(seeds) == len(names) == count):
+        raise ValueError(
+            f"{op}{name_suffix(label)}: need one or more weights and one rank, seed and name per weight (or one "
+            f"rank / seed for all); got {count} weights, {len(ranks)} ranks, {len(seeds)} seeds, {len(names)} names"
+        )
+    svd = _solver(mode, svd, op, label)
+    check_matrix(C, op, "C", label)
+    if C.dim() != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"{op}{name_suffix(label)}: C must be one (in, in) matrix, got {tuple(C.shape)}")
+    for W, rank, name in zip(weights, ranks, names):
+        check_matrix(W, op, "W", name)
+        if W.dim() != 2 or W.shape[1] != C.shape[0]:
+            raise ValueError(
+                f"{op}{name_suffix(name)}: W must be (out, in) with in = {C.shape[0]} (C's side), got {tuple(W.shape)}"
+            )
+        if W.device != C.device:
+            raise ValueError(f"{op}{name_suffix(name)}: W is on {W.device} but C is on {C.device}")
+        check_rank(rank, W.shape, op, "W", name)
+        check_finite(W, op, "W", name)
+
+    distinct, _, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=_DEFERRED, name=label)
+    _trim(C)
+    parts = [_components(W, distinct, C, r, mode, svd, s, None, None) for W, r, s in zip(weights, ranks, seeds)]
+    _trim(C)
+    L = _factor(distinct, torch.float64, label)
+    del distinct
+    return [_result(*part[:3], L, damps, part[3], compute_dtype(W), W.shape[:-2]) for W, part in zip(weights, parts)]

@@ -120,6 +120,11 @@ def smallest_singular_triplets(A: torch.Tensor, rank: int) -> tuple[torch.Tensor
     check_matrix(A, op)
     check_rank(rank, A.shape, op)
     check_finite(A, op)
+    return smallest_triplets(A, rank)
+
+
+def smallest_triplets(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`smallest_singular_triplets` without its checks (for callers that made them)."""
     out_dtype = compute_dtype(A)
     m, n = A.shape[-2:]
     A = A.to(torch.float64)

@@ -121,6 +121,13 @@ def top_singular_triplets(
     check_finite(A, op)
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0 < tol < 1:
         raise ValueError(f"{op}: tol must be a number in (0, 1), got {tol!r}")
+    return top_triplets(A, rank, tol=tol, seed=seed)
+
+
+def top_triplets(
+    A: torch.Tensor, rank: int, *, tol: float = DEFAULT_TOL, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`top_singular_triplets` without its checks (for callers that made them)."""
     if A.dtype in (torch.float16, torch.bfloat16):
         A = A.float()
     transposed = A.shape[-2] < A.shape[-1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 import os
 import subprocess
@@ -35,6 +36,8 @@ import corda_kernels as ck  # noqa: E402
 from corda_kernels.integrations import peft_global, peft_init  # noqa: E402
 from corda_kernels.integrations.peft_patch import is_patched  # noqa: E402
 from corda_kernels.testing import peft_loftq_on_weight_device, tiny_gpt2, tiny_llama  # noqa: E402
+
+co_svd_module = importlib.import_module("corda_kernels.linalg.co_svd")  # the module (the package exports the function)
 
 EXACT_TOL = 1e-5
 PRODUCT_TOL = 1e-3
@@ -361,15 +364,22 @@ def _corda_pair(make, targets, method):
 @pytest.mark.parametrize("method", ["ipm", "kpm"])
 @pytest.mark.parametrize("make,targets", [(tiny_llama, LLAMA), (tiny_gpt2, GPT2)], ids=["llama", "gpt2"])
 def test_corda_agrees_with_peft(make, targets, method, monkeypatch):
-    calls = []
-    real = peft_init.co_svd
+    calls, damped = [], []
+    real, real_shared, real_damp = peft_init.co_svd, peft_init.co_svd_shared, co_svd_module.damp_covariance
     monkeypatch.setattr(peft_init, "co_svd", lambda W, *a, **k: calls.append(W.shape[0]) or real(W, *a, **k))
+    monkeypatch.setattr(
+        peft_init, "co_svd_shared", lambda Ws, *a, **k: calls.append(len(Ws)) or real_shared(Ws, *a, **k)
+    )
+    monkeypatch.setattr(co_svd_module, "damp_covariance", lambda C, **k: damped.append(1) or real_damp(C, **k))
     ours, ref = _corda_pair(make, targets, method)
     # Random weights give W·C_d nearly tied singular values at r (products move by ~1e-4 under
     # rounding: our covariance op sums in another order); kpm's bottom components are solved in fp64
     # by us, in fp32 by PEFT. Both are compared as products to PRODUCT_TOL.
     _compare(ours, ref, PRODUCT_TOL)
     assert sum(calls) == len(_lora_layers(ours))
+    # One damping (and factor) per distinct input: q/k/v and gate/up share theirs (GPT-2: none shared).
+    blocks = len(ours.base_model.model.model.layers) if targets is LLAMA else len(ours.base_model.model.transformer.h)
+    assert len(damped) == blocks * (4 if targets is LLAMA else len(GPT2) + 1)
 
 
 def test_corda_stores_only_the_kept_components():
@@ -404,25 +414,29 @@ def _ipm_config(**corda):
 def test_corda_frees_each_covariance_after_its_eigens(prune, monkeypatch):
     """Peak memory of preprocess_corda: with prune_temporary_fields (PEFT then deletes every
     covariance after the eigens) each layer's covariance is dropped as soon as its eigens are
-    stored, one layer per co_svd call, the largest covariances last; without it, all are kept."""
+    stored, one covariance (the layers sharing it) per call on a CPU, the largest covariances last;
+    without it, all are kept."""
     model = tiny_llama()
     config = _ipm_config(prune_temporary_fields=prune)
     corda = peft.tuners.lora.corda
-    real = peft_init.co_svd
-    alive, widths = [], []
+    real = peft_init.co_svd_shared
+    alive, widths, sizes = [], [], []
 
-    def spy(W, C, *args, **kwargs):
+    def spy(weights, C, *args, **kwargs):
         alive.append(sum(hasattr(m, "covariance_matrix") for _, m in corda.target_modules(model, config)))
         widths.append(C.shape[-1])
-        assert W.shape[0] == 1  # one layer per call on a CPU
-        return real(W, C, *args, **kwargs)
+        sizes.append(len(weights))
+        assert C.dim() == 2  # one covariance per call on a CPU
+        return real(weights, C, *args, **kwargs)
 
-    monkeypatch.setattr(peft_init, "co_svd", spy)
+    monkeypatch.setattr(peft_init, "co_svd_shared", spy)
     with ck.peft_patched():
         corda.preprocess_corda(model, config, run_model=lambda: model(input_ids=torch.randint(0, 64, (2, 16))))
     n = len(list(corda.target_modules(model, config)))
-    assert len(alive) == n
-    assert alive == (list(range(n, 0, -1)) if prune else [n] * n)
+    blocks = len(model.model.layers)
+    assert sum(sizes) == n and sorted(sizes) == sorted([3, 1, 2, 1] * blocks)  # q/k/v, o, gate/up, down
+    done = [sum(sizes[:i]) for i in range(len(sizes))]
+    assert alive == ([n - d for d in done] if prune else [n] * len(sizes))
     assert widths == sorted(widths)  # down_proj (the widest covariance) runs when the others are gone
     assert all(hasattr(m, "covariance_matrix") != prune for _, m in corda.target_modules(model, config))
 

@@ -411,3 +411,76 @@ def test_cov_index_equals_each_layer_with_its_covariance(mode, monkeypatch):
         torch.testing.assert_close(res.V[i] * sign, one.V, rtol=0, atol=1e-5 * float(one.V.abs().max()))
     with pytest.raises(ValueError, match=r"cov_index must lie in \[0, 2\)"):
         co_svd(W, C, 4, mode=mode, cov_index=torch.tensor([0, 1, 2, 0]))
+
+
+@pytest.mark.parametrize("mode,svd", [("ipa", "top"), ("ipa", "randomized"), ("ipa", "exact"), ("kpa", "exact")])
+def test_shared_equals_co_svd_of_each_layer(mode, svd, monkeypatch):
+    """co_svd_shared (q/k/v-like layers of different shapes on one input): each result is co_svd's
+    for that layer alone, bit for bit, with the covariance damped and factored once."""
+    from corda_kernels.linalg import co_svd_shared
+
+    weights = [weight(40, 32, seed=1), weight(12, 32, seed=2), weight(12, 32, seed=3).bfloat16()]
+    C = nearly_singular_at_first_damp(32)
+    damped, factored = [], []
+    real_damp, real_factor = co_svd_module.damp_covariance, co_svd_module._factor
+    monkeypatch.setattr(co_svd_module, "damp_covariance", lambda C, **k: damped.append(1) or real_damp(C, **k))
+    monkeypatch.setattr(co_svd_module, "_factor", lambda d, *a, **k: factored.append(1) or real_factor(d, *a, **k))
+    ranks, seeds = [4, 3, 5], [0, 1, 2]
+    res = co_svd_shared(weights, C, ranks, mode=mode, svd=svd, seeds=seeds, names=["q", "k", "v"])
+    assert len(damped) == len(factored) == 1
+    for W, r, s, got in zip(weights, ranks, seeds, res):
+        one = co_svd(W, C, r, mode=mode, svd=svd, seed=s)
+        for a, b in zip(got, one):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert got.damp.item() == 0.02
+
+
+@pytest.mark.parametrize(
+    "weights,C,ranks,kwargs,exc,match",
+    [
+        ([], torch.eye(6), 2, {}, ValueError, "one or more weights"),
+        ([torch.randn(8, 6)] * 2, torch.eye(6), [2], {}, ValueError, "2 weights, 1 ranks"),
+        (
+            [torch.randn(8, 6)],
+            torch.eye(6),
+            2,
+            {"names": ["a", "b"]},
+            ValueError,
+            "1 weights, 1 ranks, 1 seeds, 2 names",
+        ),
+        ([torch.randn(8, 6)], torch.eye(6).expand(2, 6, 6), 2, {}, ValueError, r"one \(in, in\) matrix"),
+        (
+            [torch.randn(8, 6), torch.randn(4, 5)],
+            torch.eye(6),
+            2,
+            {"names": ["q", "k"]},
+            ValueError,
+            r"\(k\): W must be \(out, in\) with in = 6",
+        ),
+        (
+            [torch.randn(8, 6), torch.randn(4, 6)],
+            torch.eye(6),
+            [2, 5],
+            {"names": ["q", "k"]},
+            ValueError,
+            r"\(k\): rank must be",
+        ),
+        ([torch.randn(8, 6)], torch.eye(6), 2, {"mode": "kpa", "svd": "top"}, ValueError, "svd for mode"),
+        (
+            [torch.full((8, 6), float("nan"))],
+            torch.eye(6),
+            2,
+            {"names": ["l.v"]},
+            FloatingPointError,
+            r"\(l\.v\): W of shape",
+        ),
+        ([torch.randn(8, 6)], torch.full((6, 6), float("nan")), 2, {}, FloatingPointError, "C of shape"),
+    ],
+    ids=["none", "ranks", "names", "batched-c", "in-mismatch", "rank", "kpa-top", "nan-w", "nan-c"],
+)
+def test_shared_bad_input(weights, C, ranks, kwargs, exc, match):
+    from corda_kernels.linalg import co_svd_shared
+
+    with pytest.raises(exc, match=match):
+        co_svd_shared(weights, C, ranks, **kwargs)
