@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..linalg._eigh import eigh_range
+from ..linalg._eigh import eigh_range, gram_lower
 from ..linalg.eigen import top_eigenpairs
 from ..ops.covariance import covariance_update, symmetrize_
 from .hf import StopForward
@@ -250,7 +250,7 @@ def _row_gram_top(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     ``(n, n)`` Gram matrix ``X·Xᵀ = U S² Uᵀ`` and ``V = Xᵀ U S⁻¹``: ``S² (m, k)`` descending,
     ``V (m, d, k)`` and ``ok (m,)``, False where ``S_k²`` is below the floor (then ``V`` is not used)."""
     n = X.shape[-2]
-    values, U = eigh_range(X @ X.mT, n - k, k)
+    values, U = eigh_range(gram_lower(X, rows=True), n - k, k)
     values, U = values.flip(-1), U.flip(-1)
     ok = values[:, -1] >= ROW_GRAM_FLOOR * values[:, 0].clamp_min(torch.finfo(values.dtype).tiny)
     V = X.mT @ U

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_finite, check_matrix, check_rank, compute_dtype
-from ._eigh import eigh_range
+from ._eigh import eigh_range, gram_lower
 
 INVERSE_ITERATIONS = 3
 MIN_GUARD = 32
@@ -83,7 +83,7 @@ def _bottom_subspace(T: torch.Tensor, rank: int) -> torch.Tensor:
     """Orthonormal ``(..., k, b)`` basis close to the bottom right singular subspace of tall ``T``."""
     k = T.shape[-1]
     width = min(k, rank + max(MIN_GUARD, rank))
-    Z = eigh_range(T.mT @ T, 0, width)[1]
+    Z = eigh_range(gram_lower(T), 0, width)[1]
     if width == k:
         return Z  # the whole space: Rayleigh–Ritz alone is an exact SVD
     R = torch.linalg.qr(T, mode="r").R

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ._checks import check_finite, check_matrix, check_rank
-from ._eigh import eigh_range
+from ._eigh import eigh_range, gram_lower
 
 DEFAULT_TOL = 5e-7  # relative backward error ``residual / σ_1``; an fp32 SVD's is about 1e-6
 KRYLOV_MIN_SIDE = 2048  # below this smaller side the Gram eigendecomposition is as cheap
@@ -42,7 +42,7 @@ def gram_top_triplets(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     matrix and a Rayleigh–Ritz step on ``A`` (no checks; fp32 out)."""
     Ad = A.double()
     tall = Ad.shape[-2] >= Ad.shape[-1]
-    G = Ad.mT @ Ad if tall else Ad @ Ad.mT
+    G = gram_lower(Ad, rows=not tall)
     Z = eigh_range(G, G.shape[-1] - rank, rank)[1]
     if tall:  # Z spans the top right singular vectors: svd(A Z) = U S Wᵀ, V = Z W
         U, S, Wh = torch.linalg.svd(Ad @ Z, full_matrices=False)

@@ -54,3 +54,35 @@ def test_small_range_of_a_large_matrix_skips_the_full_decomposition(monkeypatch)
 def test_bad_range_names_itself(first, count):
     with pytest.raises(ValueError, match=r"eigh_range: eigenpairs .* of a 8 x 8 matrix"):
         eigh_range(_sym((), 8, torch.float64), first, count)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("shape", [(150, 90), (90, 150), (3, 150, 90), (2, 2, 70, 80), (20, 30)])
+@pytest.mark.parametrize("view", ["contiguous", "transposed"])
+def test_gram_lower_is_the_gram_lower_triangle(shape, rows, dtype, view):
+    """gram_lower (?syrk on a CPU above SYRK_MIN_SIDE, torch below): the lower triangle of Aᵀ A
+    or A Aᵀ to the product's rounding, any batch and stride; eigh_range of it is the Gram's."""
+    from corda_kernels.linalg._eigh import gram_lower
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(*shape, generator=g, dtype=dtype)
+    if view == "transposed":
+        A = A.mT.contiguous().mT  # the same values, Fortran-ordered matrices
+    G = gram_lower(A, rows=rows)
+    ref = A.double() @ A.double().mT if rows else A.double().mT @ A.double()
+    assert G.shape == ref.shape and G.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    tol = 4 * eps * shape[-1 if rows else -2] * float(ref.diagonal(dim1=-2, dim2=-1).abs().amax())
+    assert float((G.double().tril() - ref.tril()).abs().max()) <= tol
+    side = G.shape[-1]
+    values = eigh_range(G, side - 5, 5)[0]
+    torch.testing.assert_close(values.double(), torch.linalg.eigvalsh(ref)[..., -5:], rtol=0, atol=tol * side)
+
+
+def test_gram_lower_keeps_autograd():
+    from corda_kernels.linalg._eigh import gram_lower
+
+    A = torch.randn(80, 70, dtype=torch.float64, requires_grad=True)
+    gram_lower(A).sum().backward()
+    torch.testing.assert_close(A.grad, 2 * A.detach() @ torch.ones(70, 70, dtype=torch.float64))
