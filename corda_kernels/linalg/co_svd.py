@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -267,7 +267,7 @@ def _components(W, Cd, C, rank, mode, svd, seed, n_iter, oversample):
     if mode == "ipa":
         dtype = torch.float64 if torch.float64 in (W.dtype, Cd.dtype) else torch.float32
         WC = W.to(dtype) @ Cd.to(dtype)
-        energy = WC.double().square_().sum((-2, -1))
+        energy = torch.linalg.vector_norm(WC, dim=(-2, -1), dtype=torch.float64).square()  # no fp64 copy
         if svd == "exact":
             return (*crop_svd(WC, rank), energy)
         if svd == "top":
@@ -282,9 +282,25 @@ def _components(W, Cd, C, rank, mode, svd, seed, n_iter, oversample):
     return (*smallest_triplets(WC, rank), energy)
 
 
-def _result(U, S, Vh, L, damps, energy, out_dtype, batch) -> CoSVD:
-    """The :class:`CoSVD` of kept triplets: ``V = C_d^{-1} V_svd`` from the fp64 factor ``L``."""
-    V = _cholesky_solve(Vh.mT.double(), L)
+def _right_vectors(mode: str, W, U, S, Vh, factor: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``V = C_d^{-1} V_svd`` (fp64) for the kept triplets of ``W · C_d``.
+
+    ipa: ``V_svd = C_d Wᵀ U S⁻¹`` for the triplets of ``W · C_d`` (``C_d`` symmetric), so ``V = Wᵀ U
+    S⁻¹``: no factor of ``C_d`` and none of its conditioning (the solve adds ``C_d^{-1}`` times the
+    triplets' rounding). Components near an fp32 product's noise (``S <= in · eps_fp32 · S_1``) and
+    kpa, whose small ``S`` would amplify ``U``'s rounding, solve with the fp64 factor ``factor()``."""
+    B = Vh.mT.double()
+    if mode != "ipa":
+        return _cholesky_solve(B, factor())
+    S64 = S.double()
+    noise = S64 <= W.shape[-1] * torch.finfo(torch.float32).eps * S64[..., :1]
+    V = (W.double().mT @ U.double()) / S64.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
+    if bool(noise.any()):
+        V = torch.where(noise[..., None, :], _cholesky_solve(B, factor()), V)
+    return V
+
+
+def _result(U, S, V, damps, energy, out_dtype, batch) -> CoSVD:
     return CoSVD(
         U.to(out_dtype).contiguous(),
         S.to(out_dtype).contiguous(),
@@ -339,10 +355,11 @@ def co_svd(
 
     Math (PEFT's ``collect_eigens_for_layer`` + ``crop_corda_eigens``): ``C_d`` = damped ``C``;
     ``W C_d = U_f diag(S_f) V_f^T``; keep the top (ipa) or bottom (kpa) ``r`` triplets ``U, S,
-    V_svd``; ``V = C_d^{-1} V_svd`` by ``cholesky_solve`` (no inverse). Then ``U diag(S) V^T`` is
-    the part of ``W`` those components carry. Precision: ipa multiplies ``W C_d`` in fp32; kpa
-    forms ``W C_d`` and its bottom triplets in fp64 (they are ill-conditioned); both solve for
-    ``V`` with an fp64 factor of ``C_d`` (its condition reaches ``1 + n / damp``).
+    V_svd``; ``V = C_d^{-1} V_svd``. Then ``U diag(S) V^T`` is the part of ``W`` those components
+    carry. Precision: ipa multiplies ``W C_d`` in fp32 and takes ``V = Wᵀ U S⁻¹`` (the same vectors:
+    ``V_svd = C_d Wᵀ U S⁻¹``; no solve, components at the product's noise level excepted); kpa forms
+    ``W C_d`` and its bottom triplets in fp64 (they are ill-conditioned) and solves for ``V`` with
+    an fp64 Cholesky factor of ``C_d`` (its condition reaches ``1 + n / damp``; no inverse).
 
     Returns:
         :class:`CoSVD` ``(U, S, V, damp, energy)``, fp32 (fp64 when ``W`` is fp64); ``damp`` and
@@ -402,11 +419,13 @@ def co_svd(
     U, S, Vh, energy = _components(W, Cd, C, rank, mode, svd, seed, n_iter, oversample)
     del Cd
     _trim(C)
-    L = _factor(distinct, torch.float64, name)  # each distinct covariance factored once
-    del distinct
-    if index is not None:
-        L = L[index]
-    return _result(U, S, Vh, L, damps, energy, compute_dtype(W), batch)
+
+    def factor():  # each distinct covariance factored once, when needed
+        L = _factor(distinct, torch.float64, name)
+        return L if index is None else L[index]
+
+    V = _right_vectors(mode, W, U, S, Vh, factor)
+    return _result(U, S, V, damps, energy, compute_dtype(W), batch)
 
 
 def co_svd_shared(
@@ -471,6 +490,15 @@ def co_svd_shared(
     _trim(C)
     parts = [_components(W, distinct, C, r, mode, svd, s, None, None) for W, r, s in zip(weights, ranks, seeds)]
     _trim(C)
-    L = _factor(distinct, torch.float64, label)
-    del distinct
-    return [_result(*part[:3], L, damps, part[3], compute_dtype(W), W.shape[:-2]) for W, part in zip(weights, parts)]
+    factored = []
+
+    def factor():  # once for all the layers, when needed
+        if not factored:
+            factored.append(_factor(distinct, torch.float64, label))
+        return factored[0]
+
+    results = []
+    for W, (U, S, Vh, energy) in zip(weights, parts):
+        V = _right_vectors(mode, W, U, S, Vh, factor)
+        results.append(_result(U, S, V, damps, energy, compute_dtype(W), W.shape[:-2]))
+    return results

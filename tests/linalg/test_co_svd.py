@@ -402,7 +402,7 @@ def test_cov_index_equals_each_layer_with_its_covariance(mode, monkeypatch):
     monkeypatch.setattr(module, "_factor", lambda d, *a, **k: factored.append(d.shape[0]) or real(d, *a, **k))
     svd = "exact"
     res = co_svd(W, C, 4, mode=mode, svd=svd, cov_index=index)
-    assert factored == [2]
+    assert factored == ([2] if mode == "kpa" else [])  # ipa: V = Wᵀ U S⁻¹, no factor
     assert res.damp.tolist() == [0.01, 0.02, 0.02, 0.01]
     for i in range(4):
         one = co_svd(W[i], C[index[i]], 4, mode=mode, svd=svd)
@@ -427,7 +427,7 @@ def test_shared_equals_co_svd_of_each_layer(mode, svd, monkeypatch):
     monkeypatch.setattr(co_svd_module, "_factor", lambda d, *a, **k: factored.append(1) or real_factor(d, *a, **k))
     ranks, seeds = [4, 3, 5], [0, 1, 2]
     res = co_svd_shared(weights, C, ranks, mode=mode, svd=svd, seeds=seeds, names=["q", "k", "v"])
-    assert len(damped) == len(factored) == 1
+    assert len(damped) == 1 and len(factored) == (mode == "kpa")  # ipa: V = Wᵀ U S⁻¹, no factor
     for W, r, s, got in zip(weights, ranks, seeds, res):
         one = co_svd(W, C, r, mode=mode, svd=svd, seed=s)
         for a, b in zip(got, one):
@@ -484,3 +484,33 @@ def test_shared_bad_input(weights, C, ranks, kwargs, exc, match):
 
     with pytest.raises(exc, match=match):
         co_svd_shared(weights, C, ranks, **kwargs)
+
+
+@pytest.mark.parametrize("svd", ["top", "randomized", "exact"])
+def test_ipa_right_vectors_without_the_factor_equal_the_solve(svd, monkeypatch):
+    """ipa's V = Wᵀ U S⁻¹ is C_d⁻¹ V_svd (V_svd = C_d Wᵀ U S⁻¹ for the triplets of W·C_d): equal
+    to the fp64 Cholesky solve on an ill-conditioned covariance; components at noise level (a
+    rank-deficient W) are solved with the factor instead, finite."""
+    W, C = weight(60, 48, seed=4), nearly_singular_at_first_damp(48)
+    res = co_svd(W, C, 6, svd=svd)
+    damped = damp_covariance(C)
+    L = co_svd_module._factor(damped.covariance, torch.float64)
+    U, S, Vh = torch.linalg.svd(W.double() @ damped.covariance.double(), full_matrices=False)
+    solved = co_svd_module._cholesky_solve(Vh[:6].mT, L)
+    sign = align_signs(res.U.double(), U[:, :6])
+    torch.testing.assert_close(res.V.double() * sign, solved, rtol=0, atol=1e-5 * float(solved.abs().max()))
+
+    low = W.clone()
+    low[:, 2:] = 0  # rank 2: components 3.. of W·C_d are noise
+    factored = []
+    real = co_svd_module._factor
+    monkeypatch.setattr(co_svd_module, "_factor", lambda d, *a, **k: factored.append(1) or real(d, *a, **k))
+    out = co_svd(low, C, 4, svd=svd)
+    assert factored == [1] and bool(torch.isfinite(out.V).all())
+    ref = co_svd_module._cholesky_solve(
+        out.S.new_tensor(0).double()
+        + torch.linalg.svd(low.double() @ damped.covariance.double(), full_matrices=False).Vh[:2].mT,
+        L,
+    )
+    sign = align_signs(out.U[:, :2].double(), torch.linalg.svd(low.double() @ damped.covariance.double()).U[:, :2])
+    torch.testing.assert_close(out.V[:, :2].double() * sign, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
