@@ -38,9 +38,9 @@ import hashlib
 import importlib
 import inspect
 import logging
+import os
 from collections.abc import Mapping
 from copy import deepcopy
-from itertools import cycle
 from typing import Any, Callable
 
 import torch
@@ -100,20 +100,27 @@ def _hook_classes():
             self.stacked = None  # (n, d) fp64: PEFT's stacked matrix, kept while n < d (row Gram solve)
             self.scatter = None  # (d, d) fp32: its Gram matrix Xᵀ X, used instead while n >= d
             self.early_exit = None  # the step's _EarlyExit, when the forward may stop after the hooks
+            self.replay = None  # the loop's _Replay, when later passes may replay the first one's inputs
             self.basis = None  # warm start for the next solve
             self.fresh = False  # data arrived since the last solve
 
         @torch.no_grad()
         def __call__(self, model, input, output):
             states = self.gather_layer_inputs(self.prepare_layer_inputs(input))
+            if self.replay is not None:
+                self.replay.record(self.name, states)
+            self.consume(states)
+            if self.early_exit is not None:
+                self.early_exit.called(self.name)
+
+        def consume(self, states: torch.Tensor) -> None:
+            """What PEFT's ``SVDHook`` does with one input (a forward's or a replayed one)."""
             if states.size(0) < self.n_components:
                 print(f"skipping SVD for {self.name} because there are less than {self.n_components} examples")
             else:
                 if self.fresh:  # called twice in one forward: PEFT compares components after each call
                     solve([self])
                 self.add(states.to(torch.float32))
-            if self.early_exit is not None:
-                self.early_exit.called(self.name)
 
         def add(self, X: torch.Tensor) -> None:
             """PEFT's ``IncrementalPCA.partial_fit`` up to its SVD: the matrix PEFT decomposes,
@@ -182,6 +189,92 @@ class _EarlyExit:
             pass
         finally:
             self.waiting = set()
+
+
+# Most bytes of layer inputs _Replay keeps (and at most a quarter of the device's free memory).
+REPLAY_BYTES = 1 << 30
+
+
+class _Replay:
+    """The layer inputs of the loop's first pass over the dataloader, fed again to the hooks in
+    later passes instead of running the forwards.
+
+    PEFT cycles the dataloader with ``itertools.cycle``: from the second pass on the same batch
+    objects come back in the same order, and the model (put in eval mode by the loop, its weights
+    untouched, PEFT's default ``forward_fn`` and input preparation) gives every hooked layer the
+    same input again. So the inputs each hook took at position ``p`` of the first pass are kept (a
+    copy, up to :data:`REPLAY_BYTES`; beyond it the copies are dropped and every pass runs the
+    forwards) and fed, in the order the forward called the hooks, at position ``p`` of later passes:
+    the components are bit-equal to those of the forwards. A position where a layer now collecting
+    had not been called in the first pass (it had converged, then its rank grew) runs the forward."""
+
+    def __init__(self):
+        self.entries: list[list[tuple[str, torch.Tensor]]] = []  # by position in the first pass
+        self.recording: Any = None  # the entry of the forward running in the first pass
+        self.bytes = 0
+        self.budget: Any = None
+        self.enabled = True
+
+    def begin(self, position: int) -> None:
+        """A forward starts: recorded when it is the first pass's (position ``len(entries)``)."""
+        if self.enabled and position == len(self.entries):
+            self.recording = []
+            self.entries.append(self.recording)
+
+    def end(self) -> None:
+        self.recording = None
+
+    def record(self, name: str, states: torch.Tensor) -> None:
+        if self.recording is None:
+            return
+        if self.budget is None:
+            self.budget = _replay_budget(states.device)
+        size = states.numel() * states.element_size()
+        if self.bytes + size > self.budget:
+            logger.info(
+                "EVA: the first pass's layer inputs exceed %.0f MiB; later passes run the forwards",
+                self.budget / 2**20,
+            )
+            self.enabled, self.entries, self.recording, self.bytes = False, [], None, 0
+            return
+        self.recording.append((name, states.detach().clone()))
+        self.bytes += size
+
+    def feed(self, position: int, hooks: dict, active: list) -> bool:
+        """Give the active hooks their inputs at ``position`` of the first pass; False (nothing fed)
+        when that pass is not complete there or one of them was not called then."""
+        if not self.enabled or position >= len(self.entries):
+            return False
+        entry = self.entries[position]
+        if not set(active) <= {name for name, _ in entry}:
+            return False
+        wanted = set(active)
+        for name, states in entry:
+            if name in wanted:
+                hooks[name][0].consume(states)
+        return True
+
+
+def _replay_budget(device: torch.device) -> int:
+    free = None
+    try:
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        elif device.type == "cpu":
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        free = None
+    return REPLAY_BYTES if free is None else min(REPLAY_BYTES, free // 4)
+
+
+def _positions(dataloader):
+    """``itertools.cycle(dataloader)`` with each batch's position in the first pass."""
+    saved = []
+    for item in dataloader:
+        saved.append(item)
+        yield len(saved) - 1, item
+    while saved:
+        yield from enumerate(saved)
 
 
 def _input_key(x: torch.Tensor, hook) -> Any:
@@ -405,6 +498,13 @@ def _eva_state_dict(
     forward_fn(model, inputs)
     once = all(len(h.hashed_inputs) == 1 for h, _ in hooks.values())
     early_exit = _EarlyExit() if once and forward_fn is eva.forward_fn_dict else None
+    replay = None
+    if (
+        forward_fn is eva.forward_fn_dict
+        and prepare_model_inputs_fn in (None, eva.prepare_model_inputs_fn_language_modeling)
+        and prepare_layer_inputs_fn in (None, eva.prepare_layer_inputs_fn_language_modeling)
+    ):
+        replay = _Replay()
     hash_dict = {k: h[0].hashed_inputs[0] for k, h in hooks.items()}
     equal_inputs = list(eva.find_equal_values(hash_dict).values())
     equal_inputs_map = {vv: v[0] for v in equal_inputs for vv in v[1:]}
@@ -425,22 +525,22 @@ def _eva_state_dict(
             prepare_layer_inputs_fn=hook._prepare_layer_inputs_fn,
             gather_distributed_inputs=gather_distributed_inputs,
         )
-        hook.early_exit = early_exit
+        hook.early_exit, hook.replay = early_exit, replay
         handle = model.get_submodule(name).register_forward_hook(hook)
         hooks[name] = (hook, handle)
     layer_hook_map = {**dict(zip(hooks.keys(), hooks.keys())), **equal_inputs_map}
 
     dist = torch.distributed
     if show_progress_bar and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0):
-        pbar = eva.tqdm(iter(cycle(dataloader)), position=0, leave=False)
+        pbar = eva.tqdm(_positions(dataloader), position=0, leave=False)
         use_tqdm = True
     else:
-        pbar = iter(cycle(dataloader))
+        pbar = _positions(dataloader)
         use_tqdm = False
     convergence_dict = {k: False for k in hooks.keys()}
     rank_dist = max_components.copy()
     try:
-        for inputs in pbar:
+        for position, inputs in pbar:
             if device is not None:
                 inputs = eva.move_inputs_to_device(inputs, device)
             if prepare_model_inputs_fn is not None:
@@ -471,12 +571,20 @@ def _eva_state_dict(
             if all(convergence_dict.values()):
                 break
 
-            if early_exit is not None:
-                # (a converged layer keeps its removed handle in `hooks`, as in PEFT: the flag says)
-                early_exit.arm(name for name in hooks if not convergence_dict[name])
-                early_exit.run(forward_fn, model, inputs)
-            else:
-                forward_fn(model, inputs)
+            # (a converged layer keeps its removed handle in `hooks`, as in PEFT: the flag says)
+            active = [name for name in hooks if not convergence_dict[name]]
+            if replay is None or not replay.feed(position, hooks, active):
+                if replay is not None:
+                    replay.begin(position)
+                try:
+                    if early_exit is not None:
+                        early_exit.arm(active)
+                        early_exit.run(forward_fn, model, inputs)
+                    else:
+                        forward_fn(model, inputs)
+                finally:
+                    if replay is not None:
+                        replay.end()
             solve([h for h, _ in hooks.values()])
 
             if not all(h.components_ is not None for h, _ in hooks.values()):

@@ -727,6 +727,73 @@ def test_eva_forwards_stop_after_the_last_collecting_layer():
         assert torch.equal(early[name], full[name]), name
 
 
+def test_eva_later_passes_replay_the_first_passes_layer_inputs(monkeypatch, caplog):
+    """PEFT cycles the same batches: from the second pass on, the layer inputs recorded in the first
+    are fed to the hooks instead of running the model (one forward per batch of the first pass,
+    plus PEFT's equal-input forward); the components are bit-equal to those of the forwards, which
+    run every pass when the inputs exceed the budget (logged)."""
+    from peft import EvaConfig, get_eva_state_dict
+
+    from corda_kernels.integrations import peft_eva
+
+    config = LoraConfig(r=4, target_modules=LLAMA, init_lora_weights="eva", eva_config=EvaConfig())
+    loader = _eva_batches(128, n_batches=3)
+    runs = {}
+    for label, budget in [("replay", peft_eva.REPLAY_BYTES), ("forwards", 1)]:
+        monkeypatch.setattr(peft_eva, "REPLAY_BYTES", budget)
+        model = tiny_llama()
+        calls = []
+        model.model.embed_tokens.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        caplog.clear()
+        with ck.peft_patched(), caplog.at_level(logging.INFO, logger="corda_kernels.peft"):
+            state = get_eva_state_dict(model, loader, config, show_progress_bar=False)
+        runs[label] = (state, len(calls), caplog.text)
+    (replayed, n_replayed, log_replayed), (forwarded, n_forwarded, log_forwarded) = runs["replay"], runs["forwards"]
+    assert n_replayed == len(loader) + 1 and n_forwarded > 2 * len(loader) + 1  # several passes
+    assert "later passes run the forwards" in log_forwarded and "later passes" not in log_replayed
+    assert replayed.keys() == forwarded.keys()
+    for name in forwarded:
+        assert torch.equal(replayed[name], forwarded[name]), name
+
+
+def test_eva_replay_feeds_only_what_a_forward_would():
+    """_Replay: a position is fed only when the first pass recorded it and every layer now
+    collecting was called then (else the forward runs); converged layers are skipped; a recorded
+    input is a copy (a later in-place change of the activation does not reach it)."""
+    from corda_kernels.integrations.peft_eva import _Replay
+
+    fed = []
+
+    class Hook:
+        def __init__(self, name):
+            self.name = name
+
+        def consume(self, states):
+            fed.append((self.name, states.clone()))
+
+    hooks = {n: (Hook(n), None) for n in "abc"}
+    replay = _Replay()
+    x, y = torch.ones(3, 4), torch.full((3, 4), 2.0)
+    assert not replay.feed(0, hooks, ["a"])  # nothing recorded yet
+    replay.begin(0)
+    replay.record("a", x)
+    replay.record("b", y)
+    replay.record("a", y)  # a layer called twice in one forward
+    replay.end()
+    x.add_(5)
+    replay.begin(1)  # the first pass's position 1: "c" only
+    replay.record("c", y)
+    replay.end()
+    assert not replay.feed(0, hooks, ["a", "c"]) and not fed  # "c" was not called at position 0
+    assert replay.feed(0, hooks, ["a"])  # "b" has converged: skipped
+    assert [n for n, _ in fed] == ["a", "a"] and torch.equal(fed[0][1], torch.ones(3, 4))
+    assert not replay.feed(2, hooks, ["a"])  # beyond the first pass
+    replay.begin(0)  # a later pass's forward (a miss) records nothing
+    replay.record("c", x)
+    replay.end()
+    assert [n for n, _ in replay.entries[0]] == ["a", "b", "a"]
+
+
 def test_eva_closer_than_peft_to_its_exact_svd_version(monkeypatch, eva_solves):
     """PEFT's algorithm with an exact SVD per step (the oracle) vs PEFT's randomized one and ours."""
     from peft import EvaConfig, get_eva_state_dict
