@@ -23,7 +23,9 @@ so the explained variance ratios are PEFT's ``S² / Σ var·n``; components carr
 dtypes (fp64 from the second batch on, as PEFT's). Layers with equal inputs are found by a hash of
 the input's bytes (PEFT: a Python hash of the input as a list of floats; the same partition, far
 cheaper). With PEFT's default ``forward_fn``, each forward of the loop stops once every layer still
-collecting has had its input (PEFT discards the output): :class:`_EarlyExit`.
+collecting has had its input (PEFT discards the output): :class:`_EarlyExit`; with its default
+input preparation too, the passes after the first over PEFT's cycled batches feed the hooks the
+layer inputs recorded in the first instead of running the model: :class:`_Replay`.
 
 So ours is PEFT's algorithm with an exact SVD per step: the components differ from PEFT's by its
 randomized SVD's error, and where that error moves a layer's cosine similarity across ``tau`` at
