@@ -261,6 +261,20 @@ def _solver(mode: str, svd: Optional[str], op: str, name: str) -> str:
     return svd
 
 
+def _check_weight(W: torch.Tensor, C: torch.Tensor, rank: int, op: str, name: str) -> None:
+    if W.device != C.device:
+        raise ValueError(f"{op}{name_suffix(name)}: W is on {W.device} but C is on {C.device}")
+    check_rank(rank, W.shape, op, "W", name)
+    check_finite(W, op, "W", name)
+
+
+def _damped(C: torch.Tensor, damp: float, growth: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C_d, damps)`` of each distinct covariance, without its factor (made later, if needed)."""
+    distinct, _, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=_DEFERRED, name=name)
+    _trim(C)
+    return distinct, damps
+
+
 def _components(W, Cd, C, rank, mode, svd, seed, n_iter, oversample):
     """``(U, S, Vh, energy)``: the ``rank`` kept triplets of ``W · Cd`` and ``||W · Cd||_F^2``
     (no checks; ``C`` only for :func:`_trim`)."""
@@ -404,14 +418,10 @@ def co_svd(
         raise ValueError(
             f"{op}{name_suffix(name)}: C's batch dims {tuple(C.shape[:-2])} must broadcast to W's {tuple(W.shape[:-2])}"
         )
-    if W.device != C.device:
-        raise ValueError(f"{op}{name_suffix(name)}: W is on {W.device} but C is on {C.device}")
-    check_rank(rank, W.shape, op, "W", name)
-    check_finite(W, op, "W", name)
+    _check_weight(W, C, rank, op, name)
 
-    # Peak memory: the fp64 factor (2x C_d) is made after the solver, when W·C_d has replaced C_d.
-    distinct, _, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=_DEFERRED, name=name)
-    _trim(C)
+    # Peak memory: the fp64 factor (2x C_d), where needed, is made after the solver.
+    distinct, damps = _damped(C, damp, growth, name)
     Cd, index = distinct, None
     if cov_index is not None:
         index = cov_index.to(C.device)
@@ -481,13 +491,9 @@ def co_svd_shared(
             raise ValueError(
                 f"{op}{name_suffix(name)}: W must be (out, in) with in = {C.shape[0]} (C's side), got {tuple(W.shape)}"
             )
-        if W.device != C.device:
-            raise ValueError(f"{op}{name_suffix(name)}: W is on {W.device} but C is on {C.device}")
-        check_rank(rank, W.shape, op, "W", name)
-        check_finite(W, op, "W", name)
+        _check_weight(W, C, rank, op, name)
 
-    distinct, _, damps = damp_covariance(C, damp=damp, growth=growth, factor_dtype=_DEFERRED, name=label)
-    _trim(C)
+    distinct, damps = _damped(C, damp, growth, label)
     parts = [_components(W, distinct, C, r, mode, svd, s, None, None) for W, r, s in zip(weights, ranks, seeds)]
     _trim(C)
     factored = []
