@@ -47,7 +47,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..linalg._eigh import eigh_range, gram_lower
+from ..linalg._eigh import eigh_range
+from ..linalg._products import gram_lower
 from ..linalg.eigen import top_eigenpairs
 from ..ops.covariance import covariance_update, symmetrize_
 from .hf import StopForward

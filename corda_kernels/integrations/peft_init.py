@@ -292,8 +292,9 @@ def _stack(chunk: list[_Job]) -> torch.Tensor:
 
 
 def _write(chunk: list[_Job], W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor) -> None:
-    """Store ``A``, ``B`` (fp32, PEFT's values before its dtype moves) and the residual ``W − s·B·A``."""
-    residual = W - scales[:, None, None] * (B @ A)
+    """Store ``A``, ``B`` (fp32, PEFT's values before its dtype moves) and the residual ``W − s·B·A``,
+    formed in ``W`` (the chunk's stacked copy: no temporaries of its size)."""
+    residual = W.baddbmm_(B * scales[:, None, None], A, alpha=-1)
     for i, job in enumerate(chunk):
         layer = job.layer
         base = layer.get_base_layer()

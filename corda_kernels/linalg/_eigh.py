@@ -1,5 +1,4 @@
-"""A range of eigenpairs of a batch of symmetric matrices, without computing the others, and the
-Gram matrices they are usually taken of.
+"""A range of eigenpairs of a batch of symmetric matrices, without computing the others.
 
 :func:`eigh_range` ``(G, first, count)``: eigenpairs ``first .. first + count - 1`` in ascending
 order. ``torch.linalg.eigh`` computes every eigenvector (tridiagonal reduction, ``4/3 n³``, then a
@@ -17,7 +16,6 @@ import torch
 
 SUBSET_MAX_FRACTION = 0.25  # beyond this share of the spectrum the full decomposition is as cheap
 SUBSET_MIN_SIDE = 64  # below this side the full decomposition costs microseconds
-SYRK_MIN_SIDE = 64  # below this Gram side torch's GEMM is as fast as BLAS ?syrk
 
 
 def eigh_range(G: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,29 +42,3 @@ def eigh_range(G: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, t
         values[i] = torch.from_numpy(w)
         vectors[i] = torch.from_numpy(v)
     return values.reshape(*G.shape[:-2], count), vectors.reshape(*G.shape[:-2], n, count)
-
-
-def gram_lower(A: torch.Tensor, *, rows: bool = False) -> torch.Tensor:
-    """``Aᵀ A`` (``rows=False``, ``(..., n, n)``) or ``A Aᵀ`` (``rows=True``, ``(..., m, m)``) of
-    each fp32 / fp64 ``(..., m, n)`` ``A``, for :func:`eigh_range`: only the lower triangle is
-    defined (what ``eigh`` reads). On a CPU BLAS ``?syrk`` through SciPy forms only that triangle,
-    half the flops of the GEMM (the same dot products); elsewhere, for small or other dtypes, the
-    full product."""
-    side = A.shape[-2] if rows else A.shape[-1]
-    syrk = A.device.type == "cpu" and side >= SYRK_MIN_SIDE and A.dtype in (torch.float32, torch.float64)
-    if syrk:
-        try:
-            from scipy.linalg import blas
-        except ImportError:  # SciPy is a dependency; a broken install still gets the right answer
-            syrk = False
-    if not syrk or A.requires_grad:
-        return A @ A.mT if rows else A.mT @ A
-    routine = blas.dsyrk if A.dtype == torch.float64 else blas.ssyrk
-    flat = A.detach().reshape(-1, *A.shape[-2:])
-    out = A.new_empty(flat.shape[0], side, side)
-    for i, a in enumerate(flat):
-        # With B = aᵀ (Fortran-ordered when a is C-ordered: read in place), ?syrk forms B·Bᵀ = aᵀa
-        # (trans=0) or Bᵀ·B = a·aᵀ (trans=1).
-        g = routine(1.0, a.mT.numpy(), trans=1 if rows else 0, lower=1)
-        out[i] = torch.from_numpy(g)
-    return out.reshape(*A.shape[:-2], side, side)

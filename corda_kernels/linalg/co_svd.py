@@ -23,6 +23,7 @@ import torch
 
 from .._measure import release_free_memory
 from ._checks import check_finite, check_matrix, check_rank, compute_dtype, name_suffix
+from ._products import times_fp64
 from .exact_svd import crop_svd, smallest_triplets
 from .randomized_svd import randomized_svd
 from .top_svd import top_triplets
@@ -229,24 +230,6 @@ def _cholesky_solve(B: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
 
 
-# Columns of C_d converted to fp64 at a time by _times_fp64 (work space n x this, not n x n).
-_FP64_PANEL = 256
-
-
-def _times_fp64(W64: torch.Tensor, Cd: torch.Tensor) -> torch.Tensor:
-    """``W64 @ Cd.double()`` without an fp64 copy of ``Cd``: column panels of ``Cd`` converted and
-    multiplied in turn (each output column the same dot products; BLAS may block them differently,
-    fp64 rounding: bit-equal at 256-column panels on the shapes checked, 2e-14 relative at 7)."""
-    if Cd.dtype == torch.float64:
-        return W64 @ Cd
-    n = Cd.shape[-1]
-    batch = torch.broadcast_shapes(W64.shape[:-2], Cd.shape[:-2])
-    out = torch.empty(*batch, W64.shape[-2], n, dtype=torch.float64, device=W64.device)
-    for j in range(0, n, _FP64_PANEL):
-        out[..., j : j + _FP64_PANEL] = W64 @ Cd[..., j : j + _FP64_PANEL].double()
-    return out
-
-
 def _check_mode(value, allowed, op: str, label: str, name: str) -> None:
     if value not in allowed:
         raise ValueError(
@@ -290,7 +273,7 @@ def _components(W, Cd, C, rank, mode, svd, seed, n_iter, oversample):
         oversample = CO_SVD_OVERSAMPLE if oversample is None else oversample
         U, S, Vh = randomized_svd(WC, rank, oversample=oversample, n_iter=n_iter, seed=seed, tol=CO_SVD_TOL)
         return U, S, Vh, energy
-    WC = _times_fp64(W.double(), Cd)
+    WC = times_fp64(W.double(), Cd)
     energy = WC.square().sum((-2, -1))
     _trim(C)
     return (*smallest_triplets(WC, rank), energy)

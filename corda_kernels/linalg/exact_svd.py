@@ -44,7 +44,8 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_finite, check_matrix, check_rank, compute_dtype
-from ._eigh import eigh_range, gram_lower
+from ._eigh import eigh_range
+from ._products import gram_lower
 
 INVERSE_ITERATIONS = 3
 MIN_GUARD = 32

@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 
 from ._checks import check_finite, check_matrix, check_rank
-from ._eigh import eigh_range, gram_lower
+from ._eigh import eigh_range
+from ._products import gram_lower, times_fp64
 
 DEFAULT_TOL = 5e-7  # relative backward error ``residual / σ_1``; an fp32 SVD's is about 1e-6
 KRYLOV_MIN_SIDE = 2048  # below this smaller side the Gram eigendecomposition is as cheap
@@ -39,16 +40,17 @@ MAX_BASIS_FRACTION = 4  # give up on Krylov at k / 4 basis columns
 
 def gram_top_triplets(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top ``rank`` triplets of ``(..., m, n)`` ``A`` from the fp64 ``eigh`` of its smaller Gram
-    matrix and a Rayleigh–Ritz step on ``A`` (no checks; fp32 out)."""
-    Ad = A.double()
-    tall = Ad.shape[-2] >= Ad.shape[-1]
-    G = gram_lower(Ad, rows=not tall)
+    matrix and a Rayleigh–Ritz step on ``A`` (no checks; fp32 out). The fp64 products read ``A`` a
+    panel at a time (no fp64 copy of ``A``)."""
+    tall = A.shape[-2] >= A.shape[-1]
+    G = gram_lower(A, rows=not tall, dtype=torch.float64)
     Z = eigh_range(G, G.shape[-1] - rank, rank)[1]
+    del G
     if tall:  # Z spans the top right singular vectors: svd(A Z) = U S Wᵀ, V = Z W
-        U, S, Wh = torch.linalg.svd(Ad @ Z, full_matrices=False)
+        U, S, Wh = torch.linalg.svd(times_fp64(Z.mT, A.mT).mT, full_matrices=False)
         Vh = Wh @ Z.mT
     else:  # Z spans the top left singular vectors: svd(Zᵀ A) = Ur S Vh, U = Z Ur
-        Ur, S, Vh = torch.linalg.svd(Z.mT @ Ad, full_matrices=False)
+        Ur, S, Vh = torch.linalg.svd(times_fp64(Z.mT, A), full_matrices=False)
         U = Z @ Ur
     return U.float().contiguous(), S.float().contiguous(), Vh.float().contiguous()
 

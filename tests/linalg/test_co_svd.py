@@ -118,12 +118,14 @@ def test_fp64_factor_is_column_major_and_equals_torch_cholesky():
 
 
 def test_fp64_product_by_panels_equals_the_whole_product(monkeypatch):
-    monkeypatch.setattr(co_svd_module, "_FP64_PANEL", 7)
+    from corda_kernels.linalg import _products
+
+    monkeypatch.setattr(_products, "FP64_PANEL", 7)
     W = torch.randn(3, 20, 30, dtype=torch.float64)
     Cd = activation_covariance(30, 80)
     whole = W @ Cd.double()
     # The same sums; BLAS may block a narrow panel differently (fp64 rounding, measured 2e-14).
-    torch.testing.assert_close(co_svd_module._times_fp64(W, Cd), whole, rtol=1e-12, atol=1e-13 * whole.abs().max())
+    torch.testing.assert_close(_products.times_fp64(W, Cd), whole, rtol=1e-12, atol=1e-13 * whole.abs().max())
 
 
 def test_damp_doubles_like_peft_when_singular():

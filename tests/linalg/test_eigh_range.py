@@ -56,23 +56,26 @@ def test_bad_range_names_itself(first, count):
         eigh_range(_sym((), 8, torch.float64), first, count)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype,out", [(torch.float64, None), (torch.float32, None), (torch.float32, torch.float64)])
 @pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("shape", [(150, 90), (90, 150), (3, 150, 90), (2, 2, 70, 80), (20, 30)])
 @pytest.mark.parametrize("view", ["contiguous", "transposed"])
-def test_gram_lower_is_the_gram_lower_triangle(shape, rows, dtype, view):
-    """gram_lower (?syrk on a CPU above SYRK_MIN_SIDE, torch below): the lower triangle of Aᵀ A
-    or A Aᵀ to the product's rounding, any batch and stride; eigh_range of it is the Gram's."""
-    from corda_kernels.linalg._eigh import gram_lower
+def test_gram_lower_is_the_gram_lower_triangle(shape, rows, dtype, out, view, monkeypatch):
+    """gram_lower (?syrk on a CPU above SYRK_MIN_SIDE, torch below; fp32 data with an fp64 result
+    converted by panels, here of 16 rows or columns: full ones and a partial last one): the lower
+    triangle of Aᵀ A or A Aᵀ to the product's rounding, any batch and stride; eigh_range of it is
+    the Gram's."""
+    from corda_kernels.linalg import _products
 
+    monkeypatch.setattr(_products, "FP64_PANEL", 16)
     g = torch.Generator().manual_seed(3)
     A = torch.randn(*shape, generator=g, dtype=dtype)
     if view == "transposed":
         A = A.mT.contiguous().mT  # the same values, Fortran-ordered matrices
-    G = gram_lower(A, rows=rows)
+    G = _products.gram_lower(A, rows=rows, dtype=out)
     ref = A.double() @ A.double().mT if rows else A.double().mT @ A.double()
-    assert G.shape == ref.shape and G.dtype == dtype
-    eps = torch.finfo(dtype).eps
+    assert G.shape == ref.shape and G.dtype == (out or dtype)
+    eps = torch.finfo(out or dtype).eps
     tol = 4 * eps * shape[-1 if rows else -2] * float(ref.diagonal(dim1=-2, dim2=-1).abs().amax())
     assert float((G.double().tril() - ref.tril()).abs().max()) <= tol
     side = G.shape[-1]
@@ -81,7 +84,7 @@ def test_gram_lower_is_the_gram_lower_triangle(shape, rows, dtype, view):
 
 
 def test_gram_lower_keeps_autograd():
-    from corda_kernels.linalg._eigh import gram_lower
+    from corda_kernels.linalg._products import gram_lower
 
     A = torch.randn(80, 70, dtype=torch.float64, requires_grad=True)
     gram_lower(A).sum().backward()
