@@ -23,6 +23,7 @@ from .export import merge, save_merged_model, save_peft_adapter, save_residual_m
 from .integrations.peft_global import patch_peft, peft_patched, unpatch_peft
 from .linalg import (
     co_svd,
+    co_svd_shared,
     damp_covariance,
     largest_singular_triplets,
     randomized_svd,
@@ -74,6 +75,7 @@ __all__ = [
     "lowrank_linear_segmented",
     "dora_linear",
     "co_svd",
+    "co_svd_shared",
     "damp_covariance",
     "largest_singular_triplets",
     "top_singular_triplets",

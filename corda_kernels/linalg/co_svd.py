@@ -440,7 +440,10 @@ def co_svd_shared(
         weights: ``(out_i, in)`` matrices, any float dtypes, on ``C``'s device.
         C: ``(in, in)``, their input covariance.
         ranks: ``r`` for all, or one per weight.
-        mode, svd, damp, growth: as :func:`co_svd`.
+        mode: ``"ipa"`` or ``"kpa"``, as :func:`co_svd`.
+        svd: the solver, as :func:`co_svd`.
+        damp: the first damping factor, as :func:`co_svd`.
+        growth: the factor ``damp`` grows by, as :func:`co_svd`.
         seeds: the solver's seed for all, or one per weight.
         names: one label per weight for error messages (the first also names ``C``).
 
@@ -449,8 +452,11 @@ def co_svd_shared(
         and ``energy`` 0-d).
 
     Raises:
-        As :func:`co_svd`; also ``ValueError`` for no weights, ``C`` not one ``(in, in)`` matrix, or
-        ``ranks`` / ``seeds`` / ``names`` whose length is not the number of weights.
+        TypeError: a weight or ``C`` is not a float tensor.
+        ValueError: as :func:`co_svd` (mode, solver, shapes, rank, devices, damping); also no
+            weights, ``C`` not one ``(in, in)`` matrix, or ``ranks`` / ``seeds`` / ``names`` whose
+            length is not the number of weights.
+        FloatingPointError: a weight or ``C`` holds NaN or Inf.
     """
     op = "co_svd_shared"
     weights = list(weights)
