@@ -259,15 +259,28 @@ class _Replay:
 
 
 def _replay_budget(device: torch.device) -> int:
+    """:data:`REPLAY_BYTES`, or a quarter of the memory the device can still give (CUDA: free
+    memory; a CPU: ``MemAvailable``, which counts reclaimable page cache, else free pages)."""
     free = None
     try:
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
         elif device.type == "cpu":
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            free = _available_host_bytes()
     except (AttributeError, OSError, RuntimeError, ValueError):
         free = None
     return REPLAY_BYTES if free is None else min(REPLAY_BYTES, free // 4)
+
+
+def _available_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _positions(dataloader):

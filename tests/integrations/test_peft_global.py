@@ -756,6 +756,18 @@ def test_eva_later_passes_replay_the_first_passes_layer_inputs(monkeypatch, capl
         assert torch.equal(replayed[name], forwarded[name]), name
 
 
+def test_eva_replay_budget_is_a_quarter_of_available_memory(monkeypatch):
+    """The replay keeps at most REPLAY_BYTES, and at most a quarter of what the host can still give
+    (MemAvailable: page cache counts as available)."""
+    from corda_kernels.integrations import peft_eva
+
+    assert peft_eva._available_host_bytes() > 0
+    monkeypatch.setattr(peft_eva, "_available_host_bytes", lambda: 400 << 20)
+    assert peft_eva._replay_budget(torch.device("cpu")) == 100 << 20
+    monkeypatch.setattr(peft_eva, "_available_host_bytes", lambda: 64 << 30)
+    assert peft_eva._replay_budget(torch.device("cpu")) == peft_eva.REPLAY_BYTES
+
+
 def test_eva_replay_feeds_only_what_a_forward_would():
     """_Replay: a position is fed only when the first pass recorded it and every layer now
     collecting was called then (else the forward runs); converged layers are skipped; a recorded
