@@ -194,7 +194,7 @@ class _EarlyExit:
             self.waiting = set()
 
 
-# Most bytes of layer inputs _Replay keeps (and at most a quarter of the device's free memory).
+# Most bytes of layer inputs _Replay keeps (and at most a quarter of what the device can still give).
 REPLAY_BYTES = 1 << 30
 
 
