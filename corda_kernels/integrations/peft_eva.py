@@ -103,7 +103,7 @@ def _hook_classes():
             self.stacked = None  # (n, d) fp64: PEFT's stacked matrix, kept while n < d (row Gram solve)
             self.scatter = None  # (d, d) fp32: its Gram matrix Xᵀ X, used instead while n >= d
             self.early_exit = None  # the step's _EarlyExit, when the forward may stop after the hooks
-            self.replay = None  # the loop's _Replay, when later passes may replay the first one's inputs
+            self.replay = None  # the loop's _Replay (records the first pass's inputs when enabled)
             self.basis = None  # warm start for the next solve
             self.fresh = False  # data arrived since the last solve
 
@@ -211,12 +211,12 @@ class _Replay:
     the components are bit-equal to those of the forwards. A position where a layer now collecting
     had not been called in the first pass (it had converged, then its rank grew) runs the forward."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.entries: list[list[tuple[str, torch.Tensor]]] = []  # by position in the first pass
         self.recording: Any = None  # the entry of the forward running in the first pass
         self.bytes = 0
         self.budget: Any = None
-        self.enabled = True
+        self.enabled = enabled  # False: every pass runs the forwards (nothing recorded)
 
     def begin(self, position: int) -> None:
         """A forward starts: recorded when it is the first pass's (position ``len(entries)``)."""
@@ -514,13 +514,11 @@ def _eva_state_dict(
     forward_fn(model, inputs)
     once = all(len(h.hashed_inputs) == 1 for h, _ in hooks.values())
     early_exit = _EarlyExit() if once and forward_fn is eva.forward_fn_dict else None
-    replay = None
-    if (
+    replay = _Replay(
         forward_fn is eva.forward_fn_dict
         and prepare_model_inputs_fn in (None, eva.prepare_model_inputs_fn_language_modeling)
         and prepare_layer_inputs_fn in (None, eva.prepare_layer_inputs_fn_language_modeling)
-    ):
-        replay = _Replay()
+    )
     hash_dict = {k: h[0].hashed_inputs[0] for k, h in hooks.items()}
     equal_inputs = list(eva.find_equal_values(hash_dict).values())
     equal_inputs_map = {vv: v[0] for v in equal_inputs for vv in v[1:]}
@@ -589,9 +587,8 @@ def _eva_state_dict(
 
             # (a converged layer keeps its removed handle in `hooks`, as in PEFT: the flag says)
             active = [name for name in hooks if not convergence_dict[name]]
-            if replay is None or not replay.feed(position, hooks, active):
-                if replay is not None:
-                    replay.begin(position)
+            if not replay.feed(position, hooks, active):
+                replay.begin(position)
                 try:
                     if early_exit is not None:
                         early_exit.arm(active)
@@ -599,8 +596,7 @@ def _eva_state_dict(
                     else:
                         forward_fn(model, inputs)
                 finally:
-                    if replay is not None:
-                        replay.end()
+                    replay.end()
             solve([h for h, _ in hooks.values()])
 
             if not all(h.components_ is not None for h, _ in hooks.values()):

@@ -38,11 +38,13 @@ def gram_lower(A: torch.Tensor, *, rows: bool = False, dtype: Optional[torch.dty
     """``Aᵀ A`` (``rows=False``, ``(..., n, n)``) or ``A Aᵀ`` (``rows=True``, ``(..., m, m)``) of
     each fp32 / fp64 ``(..., m, n)`` ``A``, in ``dtype`` (default ``A``'s), for ``eigh``: only the
     lower triangle is defined. On a CPU BLAS ``?syrk`` forms only that triangle (the same dot
-    products), an fp32 ``A`` with an fp64 ``dtype`` converted :data:`FP64_PANEL` rows (``Aᵀ A``) or
-    columns (``A Aᵀ``) at a time into one reused buffer; elsewhere, for small or other dtypes, the
-    full product of ``A.to(dtype)``."""
+    products), an fp32 ``A`` with an fp64 ``dtype`` converted :data:`FP64_PANEL` rows of the summed
+    dimension at a time into one reused buffer; elsewhere, for small or other dtypes, the full
+    product of ``A.to(dtype)``."""
     dtype = A.dtype if dtype is None else dtype
-    side = A.shape[-2] if rows else A.shape[-1]
+    if rows:  # A Aᵀ is the Gram matrix of Aᵀ
+        A = A.mT
+    side = A.shape[-1]
     floats = (torch.float32, torch.float64)
     syrk = A.device.type == "cpu" and side >= SYRK_MIN_SIDE and A.dtype in floats and dtype in floats
     if syrk:
@@ -52,32 +54,24 @@ def gram_lower(A: torch.Tensor, *, rows: bool = False, dtype: Optional[torch.dty
             syrk = False
     if not syrk or A.requires_grad:
         Ad = A.to(dtype)
-        return Ad @ Ad.mT if rows else Ad.mT @ Ad
+        return Ad.mT @ Ad
     routine = blas.dsyrk if dtype == torch.float64 else blas.ssyrk
     flat = A.detach().reshape(-1, *A.shape[-2:])
     out = torch.empty(flat.shape[0], side, side, dtype=dtype)
     for i, a in enumerate(flat):
         if a.dtype == dtype:
-            # With B = aᵀ (Fortran-ordered when a is C-ordered: read in place), ?syrk forms B·Bᵀ = aᵀa
-            # (trans=0) or Bᵀ·B = a·aᵀ (trans=1).
-            g = routine(1.0, a.mT.numpy(), trans=1 if rows else 0, lower=1)
+            # ?syrk forms B·Bᵀ (trans=0) or Bᵀ·B (trans=1); B = aᵀ or a, whichever is Fortran-ordered
+            # (read in place).
+            g = routine(1.0, a.mT.numpy(), lower=1) if a.is_contiguous() else routine(1.0, a.numpy(), trans=1, lower=1)
         else:
             g = None
-            inner = a.shape[-1] if rows else a.shape[-2]  # the dimension summed over
-            buffer = torch.empty((side, FP64_PANEL) if rows else (FP64_PANEL, side), dtype=dtype)
-            for j in range(0, inner, FP64_PANEL):
-                w = min(FP64_PANEL, inner - j)
-                if rows:  # a[:, j:j+w] into the first w columns: b (m, w), then b·bᵀ
-                    b = buffer[:, :w] if w == FP64_PANEL else torch.empty(side, w, dtype=dtype)
-                    b.copy_(a[:, j : j + w])
-                    panel, trans = b.mT.numpy(), 1
-                else:  # a[j:j+w] into the first w rows: b (w, n), then bᵀ·b
-                    b = buffer[:w]
-                    b.copy_(a[j : j + w])
-                    panel, trans = b.mT.numpy(), 0
+            buffer = torch.empty(FP64_PANEL, side, dtype=dtype)
+            for j in range(0, a.shape[-2], FP64_PANEL):
+                b = buffer[: min(FP64_PANEL, a.shape[-2] - j)]
+                b.copy_(a[j : j + FP64_PANEL])  # rows j.. of a, then bᵀ·b
                 if g is None:
-                    g = routine(1.0, panel, trans=trans, lower=1)
+                    g = routine(1.0, b.mT.numpy(), lower=1)
                 else:
-                    g = routine(1.0, panel, beta=1.0, c=g, trans=trans, lower=1, overwrite_c=1)
+                    g = routine(1.0, b.mT.numpy(), beta=1.0, c=g, lower=1, overwrite_c=1)
         out[i] = torch.from_numpy(g)
     return out.reshape(*A.shape[:-2], side, side)

@@ -286,14 +286,13 @@ def _right_vectors(mode: str, W, U, S, Vh, factor: Callable[[], torch.Tensor]) -
     S⁻¹``: no factor of ``C_d`` and none of its conditioning (the solve adds ``C_d^{-1}`` times the
     triplets' rounding). Components near an fp32 product's noise (``S <= in · eps_fp32 · S_1``) and
     kpa, whose small ``S`` would amplify ``U``'s rounding, solve with the fp64 factor ``factor()``."""
-    B = Vh.mT.double()
     if mode != "ipa":
-        return _cholesky_solve(B, factor())
+        return _cholesky_solve(Vh.mT.double(), factor())
     S64 = S.double()
     noise = S64 <= W.shape[-1] * torch.finfo(torch.float32).eps * S64[..., :1]
     V = (W.double().mT @ U.double()) / S64.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
     if bool(noise.any()):
-        V = torch.where(noise[..., None, :], _cholesky_solve(B, factor()), V)
+        V = torch.where(noise[..., None, :], _cholesky_solve(Vh.mT.double(), factor()), V)
     return V
 
 
