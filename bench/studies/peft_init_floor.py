@@ -170,8 +170,7 @@ def main() -> None:
     for case, floor in floors.items():
         peft, ours = t[f"{case} PEFT"], t[f"{case} patched"]
         print(
-            f"  {case:<10} floor {floor:7.3f} s: PEFT / floor {peft / floor:6.2f}x, "
-            f"PEFT / patched {peft / ours:5.2f}x"
+            f"  {case:<10} floor {floor:7.3f} s: PEFT / floor {peft / floor:6.2f}x, PEFT / patched {peft / ours:5.2f}x"
         )
 
 

@@ -297,7 +297,7 @@ def _input_key(x: torch.Tensor, hook) -> Any:
     """A key equal for equal inputs as PEFT's ``hash(tuple(x.view(-1).tolist()))`` sees them (values
     compared as Python numbers: dtype and shape ignored, ``-0.0 == 0.0``, NaN never equal)."""
     flat = x.detach().cpu().view(-1)  # PEFT's .view(-1): a non-contiguous input raises the same
-    if flat.is_floating_point() and bool(torch.isnan(flat).any()):
+    if flat.is_floating_point() and flat.numel() and bool(torch.isnan(flat.amax())):  # NaN propagates
         return ("nan", id(hook), len(hook.hashed_inputs))
     values = flat.to(torch.float64) + 0.0  # -0.0 + 0.0 == +0.0
     return hashlib.blake2b(values.numpy().tobytes(), digest_size=16).digest()

@@ -74,13 +74,25 @@ class CoSVD(NamedTuple):
     energy: torch.Tensor  # (...) fp64: ||W · C_d||_F^2, the total the r components are a part of
 
 
+def _asymmetry(C: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``max |C - Cᵀ|`` of each matrix, a panel of ``block`` rows at a time against the columns
+    right of its start (every pair once, no ``n x n`` temporary)."""
+    n = C.shape[-1]
+    out = None
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        panel = (C[..., i0:i1, i0:] - C[..., i0:, i0:i1].mT).abs_().flatten(-2).amax(dim=-1)
+        out = panel if out is None else torch.maximum(out, panel)
+    return out
+
+
 def _check_covariance(C, op: str, name: str) -> None:
     check_matrix(C, op, "C", name)
     if C.shape[-1] != C.shape[-2]:
         raise ValueError(f"{op}{name_suffix(name)}: C must be square (..., n, n), got {tuple(C.shape)}")
     check_finite(C, op, "C", name)
     diag_max = C.diagonal(dim1=-2, dim2=-1).abs().amax(dim=-1)
-    asym = (C - C.mT).abs_().flatten(-2).amax(dim=-1)
+    asym = _asymmetry(C)
     if bool((asym > SYMMETRY_TOL * diag_max).any()):
         raise ValueError(
             f"{op}{name_suffix(name)}: C of shape {tuple(C.shape)} is not symmetric (max |C - C^T| = "
@@ -290,7 +302,7 @@ def _right_vectors(mode: str, W, U, S, Vh, factor: Callable[[], torch.Tensor]) -
         return _cholesky_solve(Vh.mT.double(), factor())
     S64 = S.double()
     noise = S64 <= W.shape[-1] * torch.finfo(torch.float32).eps * S64[..., :1]
-    V = (W.double().mT @ U.double()) / S64.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
+    V = times_fp64(U.double().mT, W).mT / S64.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
     if bool(noise.any()):
         V = torch.where(noise[..., None, :], _cholesky_solve(Vh.mT.double(), factor()), V)
     return V

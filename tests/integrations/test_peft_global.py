@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import logging
 import os
@@ -464,6 +465,27 @@ def test_corda_shared_input_sums_equal_per_layer_sums():
         assert set(got) == set(ref)
         for layer, acc in ref.items():
             torch.testing.assert_close(got[layer], symmetrize_(acc), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", ["nan", "+inf", "-inf", "overflow"])
+def test_corda_non_finite_input_raises_peft_error(bad):
+    """A calibration input holding NaN / ±Inf, or whose scaling by ``|max x|`` overflows, raises
+    PEFT's own ValueError under the patch too (the hook's check reads ``aminmax``)."""
+    width = tiny_llama().model.layers[0].mlp.down_proj.in_features
+    x = torch.randn(1, 8, width, generator=torch.Generator().manual_seed(0))
+    if bad == "overflow":  # max x is a tiny positive number: x / |max x| leaves fp32's range
+        x = torch.full((1, 8, width), 1e-39)
+        x[0, 3, 5] = -1.0
+    else:
+        x[0, 2, 7] = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}[bad]
+    errors = []
+    for patched in (False, True):
+        model = tiny_llama()
+        down = model.model.layers[0].mlp.down_proj
+        with ck.peft_patched() if patched else contextlib.nullcontext(), pytest.raises(ValueError) as info:
+            peft.tuners.lora.corda.preprocess_corda(model, _ipm_config(), run_model=functools.partial(down, x))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] and "Invalid value found in input" in errors[0]
 
 
 def test_corda_q_k_v_share_one_covariance():

@@ -184,6 +184,22 @@ def test_still_singular_names_the_layer():
     assert damp_covariance(C, max_increases=10).damp.item() == 0.01 * 2**10
 
 
+def test_asymmetry_by_panels_equals_the_whole_difference():
+    """_check_covariance's max |C - Cᵀ| read by row panels finds one asymmetric pair anywhere (each
+    panel against the columns right of its start, across panel borders, per matrix of a batch)."""
+    asymmetry = importlib.import_module("corda_kernels.linalg.co_svd")._asymmetry
+    n = 600  # panels of 256: 0..255, 256..511, 512..599
+    X = torch.randn(3, n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    C = X + X.mT
+    torch.testing.assert_close(asymmetry(C), torch.zeros(3, dtype=torch.float64))
+    for b, i, j in [(0, 0, 599), (1, 599, 0), (2, 300, 255), (0, 256, 256), (1, 511, 512), (2, 599, 598)]:
+        D = C.clone()
+        D[b, i, j] += 0.5
+        expected = (D - D.mT).abs().flatten(-2).amax(-1)
+        torch.testing.assert_close(asymmetry(D), expected, rtol=0, atol=0)
+        assert asymmetry(D)[b] == (0.5 if i != j else 0.0)
+
+
 @pytest.mark.parametrize(
     "C,kwargs,exc,match",
     [
