@@ -383,6 +383,53 @@ def test_corda_agrees_with_peft(make, targets, method, monkeypatch):
     assert len(damped) == blocks * (4 if targets is LLAMA else len(GPT2) + 1)
 
 
+LORA_OPTIONS = {
+    "rank_pattern": dict(rank_pattern={"q_proj": 2, "down_proj": 8}, alpha_pattern={"k_proj": 3}),
+    "rslora": dict(use_rslora=True),
+    "layers_to_transform": dict(layers_to_transform=[0]),
+    "embedding_target": dict(target_modules=["embed_tokens", "q_proj"]),
+}
+
+
+@pytest.mark.parametrize("option", sorted(LORA_OPTIONS))
+@pytest.mark.parametrize("init", ["pissa", "olora", "corda-ipm", "corda-kpm"])
+def test_lora_options_agree_with_peft(init, option, monkeypatch):
+    """LoraConfig options beside the init (per-layer ranks and alphas, rsLoRA scaling, a subset of
+    blocks, an Embedding among the targets): the patched PEFT model equals PEFT's (ranks and
+    scalings too), or both raise the same error; our engine initialized the layers it covers."""
+    ran = []
+    for name in ("_run_pissa", "_run_olora", "co_svd", "co_svd_shared"):
+        real = getattr(peft_init, name)
+        monkeypatch.setattr(peft_init, name, lambda *a, _real=real, **k: ran.append(1) or _real(*a, **k))
+    options = {"target_modules": LLAMA, **LORA_OPTIONS[option]}
+    base = tiny_llama()
+    models = (base, copy.deepcopy(base))
+    ids = [torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    built = []
+    for model, patched in zip(models, (False, True)):
+        method = init.split("-")[1] if init.startswith("corda") else None
+        corda = {"corda_config": CordaConfig(corda_method=method)} if method else {}
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=init.split("-")[0], **corda, **options)
+        with ck.peft_patched() if patched else contextlib.nullcontext():
+            try:
+                if method:
+                    run = functools.partial(lambda m: [m(input_ids=x) for x in ids], model)
+                    peft.tuners.lora.corda.preprocess_corda(model, config, run_model=run)
+                built.append(get_peft_model(model, config))
+            except Exception as exc:  # noqa: BLE001  (compared with PEFT's own below)
+                built.append(exc)
+    ref, ours = built
+    if isinstance(ref, Exception):
+        assert type(ours) is type(ref) and str(ours) == str(ref)
+        return
+    assert not isinstance(ours, Exception), ours
+    _compare(ours, ref, PRODUCT_TOL)
+    assert ran  # not PEFT's own code for every layer
+    for name, layer in _lora_layers(ours).items():
+        other = _lora_layers(ref)[name]
+        assert layer.r == other.r and layer.scaling == other.scaling, name
+
+
 def test_corda_stores_only_the_kept_components():
     model = tiny_llama()
     config = _ipm_config()
