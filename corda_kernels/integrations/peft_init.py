@@ -401,7 +401,10 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
         shared = _SharedInputs()
 
         def hook(module, inputs, output):
-            shared.call(module, inputs[0])
+            if inputs[0].squeeze(0).dim() == 2:
+                shared.call(module, inputs[0])
+            else:  # not (tokens, features) after PEFT's squeeze(0): PEFT's own arithmetic and errors
+                _peft_hook_sum(module, inputs[0])
             module.sample_count += 1
 
         handles = []
@@ -420,6 +423,10 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
         for module, acc in shared.accumulators().items():
             module.covariance_matrix = acc
         shared.groups.clear()
+        for _, module in corda.target_modules(hooked_model, config):
+            if hasattr(module, "_ck_peft_sum"):  # PEFT's += of its other calls' sums (broadcast), own copy
+                module.covariance_matrix = module.covariance_matrix + module._ck_peft_sum
+                del module._ck_peft_sum
         release_free_memory()  # the hooks' per-call temporaries (the eigens step's peak sits on top)
         if hooked_model is not model:
             targets = dict(corda.target_modules(model, config))
@@ -474,6 +481,22 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
     calib_cov_distribution.__wrapped__ = original_calib
     collect_eigens.__wrapped__ = original_collect
     return calib_cov_distribution, collect_eigens
+
+
+def _peft_hook_sum(module: nn.Module, x: torch.Tensor) -> None:
+    """PEFT's calibration hook, verbatim, for an input that is not ``(tokens, features)`` after its
+    ``squeeze(0)``: a batch of several sequences raises in ``t()``, a single vector sums ``x·x`` (a
+    scalar that PEFT's eigens step then rejects), each as PEFT does; kept in ``_ck_peft_sum``."""
+    x = x.detach().squeeze(0).float()
+    x = x / torch.max(x).abs()
+    if torch.isnan(x).any() or torch.isinf(x).any():
+        raise ValueError("Invalid value found in input, please check your input data.")
+    covariance = x.t().matmul(x)
+    if torch.isnan(covariance).any() or torch.isinf(covariance).any():
+        raise ValueError(
+            "Invalid value found in covariance. Please file an issue at https://github.com/huggingface/peft/issues."
+        )
+    module._ck_peft_sum = getattr(module, "_ck_peft_sum", 0) + covariance
 
 
 class _Group:
@@ -652,8 +675,12 @@ def _corda_refusal(module: nn.Module) -> str:
     weight = module.weight
     if weight.dtype not in _FLOAT or weight.device.type == "meta" or type(weight.data) is not torch.Tensor:
         return f"its weight is {weight.dtype} on {weight.device.type} (not a plain float tensor)"
-    if not isinstance(getattr(module, "covariance_matrix", None), torch.Tensor):
+    covariance = getattr(module, "covariance_matrix", None)
+    if not isinstance(covariance, torch.Tensor):
         return "it has no covariance matrix"
+    width = weight.shape[0 if hf.is_conv1d(module) else 1]
+    if covariance.shape != (width, width):
+        return f"its covariance has shape {tuple(covariance.shape)}, not (in, in) = {(width, width)}"
     if getattr(module, "corda_method", None) not in ("ipm", "kpm"):
         return f"corda_method {getattr(module, 'corda_method', None)!r} is not 'ipm' / 'kpm'"
     rank = getattr(module, "rank", None)

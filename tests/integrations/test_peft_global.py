@@ -479,7 +479,9 @@ def test_corda_frees_each_covariance_after_its_eigens(prune, monkeypatch):
 
     monkeypatch.setattr(peft_init, "co_svd_shared", spy)
     with ck.peft_patched():
-        corda.preprocess_corda(model, config, run_model=lambda: model(input_ids=torch.randint(0, 64, (2, 16))))
+        corda.preprocess_corda(
+            model, config, run_model=lambda: [model(input_ids=torch.randint(0, 64, (1, 16))) for _ in range(2)]
+        )
     n = len(list(corda.target_modules(model, config)))
     blocks = len(model.model.layers)
     assert sum(sizes) == n and sorted(sizes) == sorted([3, 1, 2, 1] * blocks)  # q/k/v, o, gate/up, down
@@ -533,6 +535,40 @@ def test_corda_non_finite_input_raises_peft_error(bad):
             peft.tuners.lora.corda.preprocess_corda(model, _ipm_config(), run_model=functools.partial(down, x))
         errors.append(str(info.value))
     assert errors[0] == errors[1] and "Invalid value found in input" in errors[0]
+
+
+@pytest.mark.parametrize("case", ["batch of two", "single vector", "mixed"])
+def test_corda_input_shapes_follow_peft(case):
+    """PEFT's hook squeezes the batch dim and sums ``xᵀx``: a batch of several sequences raises in
+    ``t()``, a single vector sums the scalar ``x·x`` (its eigens step then raises), and a layer fed
+    both adds that scalar to every entry. The patched calibration does the same."""
+    results = []
+    for patched in (False, True):
+        model = tiny_llama()
+        q = model.model.layers[0].self_attn.q_proj
+        ids = torch.randint(0, 64, (2 if case == "batch of two" else 1, 16), generator=torch.Generator().manual_seed(0))
+        vector = torch.randn(q.in_features, generator=torch.Generator().manual_seed(1))
+
+        def run(model=model, q=q, ids=ids, vector=vector):
+            if case != "single vector":
+                model(input_ids=ids)
+            if case != "batch of two":
+                q(vector)
+
+        targets = LLAMA if case == "mixed" else ["layers.0.self_attn.q_proj"]
+        config = LoraConfig(r=4, target_modules=targets, init_lora_weights="corda", corda_config=CordaConfig())
+        with ck.peft_patched() if patched else contextlib.nullcontext():
+            try:
+                peft.tuners.lora.corda.preprocess_corda(model, config, run_model=run)
+                results.append(get_peft_model(model, config))
+            except Exception as exc:  # noqa: BLE001  (compared with PEFT's own below)
+                results.append(exc)
+    ref, ours = results
+    if case == "mixed":
+        _compare(ours, ref, PRODUCT_TOL)
+    else:
+        expected = RuntimeError if case == "batch of two" else IndexError
+        assert type(ref) is expected and type(ours) is expected and str(ours) == str(ref)
 
 
 def test_corda_q_k_v_share_one_covariance():
