@@ -430,6 +430,63 @@ def test_lora_options_agree_with_peft(init, option, monkeypatch):
         assert layer.r == other.r and layer.scaling == other.scaling, name
 
 
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_bf16_base_keeps_peft_dtypes(method):
+    """A bf16 base: PEFT's dtypes (bf16 residual, its factor dtypes) and its products to one bf16
+    rounding (both sides' products are about 2e-3 from the fp64 CorDA of the same covariance)."""
+    base = tiny_llama(dtype=torch.bfloat16)
+    other = copy.deepcopy(base)
+    ids = [torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    built = []
+    for model, patched in ((base, False), (other, True)):
+        corda = CordaConfig(corda_method=method)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="corda", corda_config=corda)
+        with ck.peft_patched() if patched else contextlib.nullcontext():
+            run = functools.partial(lambda m: [m(input_ids=x) for x in ids], model)
+            peft.tuners.lora.corda.preprocess_corda(model, config, run_model=run)
+            built.append(get_peft_model(model, config))
+    ref, ours = built
+    _compare(ours, ref, 1e-2)  # also asserts equal residual and factor dtypes
+    assert all(layer.get_base_layer().weight.dtype == torch.bfloat16 for layer in _lora_layers(ours).values())
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_closer_to_fp64_than_peft(method):
+    """Per layer, the patched s·B·A is at least as close as PEFT's to the fp64 CorDA of PEFT's own
+    covariance and damp (the kept r triplets of W·C_d by an fp64 SVD, V = C_d⁻¹ V_svd), and close
+    to it in absolute terms (kpm's bottom components included)."""
+    base = tiny_llama()
+    other = copy.deepcopy(base)
+    ids = [torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    built, originals = [], {}
+    for model, patched in ((base, False), (other, True)):
+        corda = CordaConfig(corda_method=method, prune_temporary_fields=False)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="corda", corda_config=corda)
+        with ck.peft_patched() if patched else contextlib.nullcontext():
+            run = functools.partial(lambda m: [m(input_ids=x) for x in ids], model)
+            peft.tuners.lora.corda.preprocess_corda(model, config, run_model=run)
+            if not patched:
+                for name, module in peft.tuners.lora.corda.target_modules(model, config):
+                    originals[name] = (module.weight.detach().double().clone(), module.covariance_matrix.clone())
+            built.append(get_peft_model(model, config))
+    ref, ours = built
+    mine = _lora_layers(ours)
+    for name, layer in _lora_layers(ref).items():
+        W, C = originals[name.removeprefix("base_model.model.")]
+        damp = 0.01  # PEFT's search: doubled until its fp32 inverse is accurate
+        while True:
+            Cd = C + torch.eye(C.shape[0]) * C.diagonal().mean() * damp
+            if torch.dist(Cd @ torch.linalg.inv(Cd), torch.eye(C.shape[0])) < 0.05:
+                break
+            damp *= 2
+        Cd = C.double() + torch.eye(C.shape[0], dtype=torch.float64) * C.double().diagonal().mean() * damp
+        U, S, Vh = torch.linalg.svd(W @ Cd, full_matrices=False)
+        kept = slice(0, 4) if method == "ipm" else slice(-4, None)
+        oracle = (U[:, kept] * S[kept]) @ torch.linalg.solve(Cd, Vh[kept].T).T
+        ours_error, peft_error = _rel(_product(mine[name]), oracle), _rel(_product(layer), oracle)
+        assert ours_error <= peft_error + 1e-7 and ours_error <= 1e-4, (name, ours_error, peft_error)
+
+
 def test_corda_stores_only_the_kept_components():
     model = tiny_llama()
     config = _ipm_config()
