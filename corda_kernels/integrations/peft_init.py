@@ -407,26 +407,26 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
                 _peft_hook_sum(module, inputs[0])
             module.sample_count += 1
 
-        handles = []
+        handles, hooked = [], []
         for _, module in corda.target_modules(hooked_model, config):
             module.sample_count = 0
             module.covariance_matrix = 0
             handles.append(module.register_forward_hook(hook))
+            hooked.append(module)
         try:
             run_model()
             shared.finish()
         finally:
             for handle in handles:
                 handle.remove()
+            peft_sums = {m: m.__dict__.pop("_ck_peft_sum") for m in hooked if "_ck_peft_sum" in m.__dict__}
         # Layers fed the same input tensor in every call (q/k/v, gate/up) share one covariance
         # object: PEFT's are equal copies.
         for module, acc in shared.accumulators().items():
             module.covariance_matrix = acc
         shared.groups.clear()
-        for _, module in corda.target_modules(hooked_model, config):
-            if hasattr(module, "_ck_peft_sum"):  # PEFT's += of its other calls' sums (broadcast), own copy
-                module.covariance_matrix = module.covariance_matrix + module._ck_peft_sum
-                del module._ck_peft_sum
+        for module, extra in peft_sums.items():  # PEFT's += of the other calls' sums (broadcast), own copy
+            module.covariance_matrix = module.covariance_matrix + extra
         release_free_memory()  # the hooks' per-call temporaries (the eigens step's peak sits on top)
         if hooked_model is not model:
             targets = dict(corda.target_modules(model, config))

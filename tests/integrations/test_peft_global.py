@@ -620,6 +620,7 @@ def test_corda_input_shapes_follow_peft(case):
                 results.append(get_peft_model(model, config))
             except Exception as exc:  # noqa: BLE001  (compared with PEFT's own below)
                 results.append(exc)
+        assert not any("_ck_peft_sum" in m.__dict__ for m in model.modules())  # no state of ours left
     ref, ours = results
     if case == "mixed":
         _compare(ours, ref, PRODUCT_TOL)
