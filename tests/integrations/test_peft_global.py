@@ -487,6 +487,39 @@ def test_corda_closer_to_fp64_than_peft(method):
         assert ours_error <= peft_error + 1e-7 and ours_error <= 1e-4, (name, ours_error, peft_error)
 
 
+@pytest.mark.parametrize("option", ["covariance_file", "cache_file", "hooked_model"])
+def test_corda_files_and_hooked_model_agree_with_peft(option, tmp_path):
+    """preprocess_corda's covariance and cache files (written by either side, read by the other: one
+    format) and a separate hooked model give PEFT's adapters under the patch."""
+    base = tiny_llama()
+    ids = [torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def build(patched, path=None):
+        model, hooked = copy.deepcopy(base), copy.deepcopy(base) if option == "hooked_model" else None
+        files = {option: str(path)} if path is not None else {}
+        corda = CordaConfig(corda_method="ipm", **files)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="corda", corda_config=corda)
+        runner = model if hooked is None else hooked
+        with ck.peft_patched() if patched else contextlib.nullcontext():
+            run = functools.partial(lambda m: [m(input_ids=x) for x in ids], runner)
+            peft.tuners.lora.corda.preprocess_corda(model, config, run_model=run, hooked_model=hooked)
+            return get_peft_model(model, config)
+
+    if option == "hooked_model":
+        _compare(build(True), build(False), PRODUCT_TOL)
+        return
+    written = {side: tmp_path / f"{option}_{side}.pt" for side in (False, True)}
+    ref, ours = build(False, written[False]), build(True, written[True])
+    _compare(ours, ref, PRODUCT_TOL)
+    mine, theirs = torch.load(written[True]), torch.load(written[False])
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        if isinstance(value, torch.Tensor):
+            assert mine[key].shape == value.shape and mine[key].dtype == value.dtype, key
+    _compare(build(True, written[False]), ref, PRODUCT_TOL)  # PEFT's file read under the patch
+    _compare(build(False, written[True]), ref, PRODUCT_TOL)  # ours read by PEFT
+
+
 def test_corda_stores_only_the_kept_components():
     model = tiny_llama()
     config = _ipm_config()
