@@ -124,6 +124,8 @@ def _common_refusal(layer: nn.Module, adapter: str) -> str:
         return f"adapter {adapter!r} uses a LoRA variant ({variant}) whose own init reads the residual"
     if not isinstance(layer.lora_A[adapter], nn.Linear) or not isinstance(layer.lora_B[adapter], nn.Linear):
         return "its LoRA factors are not nn.Linear"
+    if "meta" in (layer.lora_A[adapter].weight.device.type, layer.lora_B[adapter].weight.device.type):
+        return "its LoRA factors are on the meta device (low_cpu_mem_usage); PEFT's code handles or rejects it"
     if layer.r[adapter] > min(weight.shape):
         return f"r={layer.r[adapter]} exceeds the weight's smaller side {min(weight.shape)}"
     return ""

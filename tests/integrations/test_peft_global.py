@@ -28,7 +28,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("peft.tuners.lora.corda")  # reached as peft.tuners.lora.corda below, also in a -k subset
-from peft import LoftQConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import EvaConfig, LoftQConfig, LoraConfig, PeftModel, get_peft_model, initialize_lora_eva_weights  # noqa: E402
 from peft.tuners.lora.config import CordaConfig  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 from peft.tuners.tuners_utils import BaseTuner  # noqa: E402
@@ -518,6 +518,33 @@ def test_corda_files_and_hooked_model_agree_with_peft(option, tmp_path):
             assert mine[key].shape == value.shape and mine[key].dtype == value.dtype, key
     _compare(build(True, written[False]), ref, PRODUCT_TOL)  # PEFT's file read under the patch
     _compare(build(False, written[True]), ref, PRODUCT_TOL)  # ours read by PEFT
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora", "eva"])
+def test_low_cpu_mem_usage_follows_peft(init):
+    """``low_cpu_mem_usage=True`` puts the LoRA factors on the meta device: PEFT's pissa / olora init
+    then raises, and so does the patched one (it used to fill the base with the residual and leave
+    meta factors); EVA, initialized later from data, agrees."""
+    base = tiny_llama()
+    eva = {"eva_config": EvaConfig(tau=0.9)} if init == "eva" else {}
+    built = []
+    for patched in (False, True):
+        model = copy.deepcopy(base)
+        config = LoraConfig(r=4, target_modules=LLAMA, init_lora_weights=init, **eva)
+        with ck.peft_patched() if patched else contextlib.nullcontext():
+            try:
+                built.append(get_peft_model(model, config, low_cpu_mem_usage=True))
+                if eva:
+                    seeds = [torch.Generator().manual_seed(i) for i in range(3)]
+                    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for g in seeds]
+                    initialize_lora_eva_weights(built[-1], batches, show_progress_bar=False)
+            except Exception as exc:  # noqa: BLE001  (compared with PEFT's own below)
+                built.append(exc)
+    ref, ours = built
+    if init == "eva":
+        _compare(ours, ref, EXACT_TOL)
+        return
+    assert isinstance(ref, RuntimeError) and type(ours) is type(ref) and str(ours) == str(ref)
 
 
 def test_corda_stores_only_the_kept_components():
