@@ -485,14 +485,22 @@ def corda_functions(original_calib: Callable, original_collect: Callable) -> tup
     return calib_cov_distribution, collect_eigens
 
 
-def _peft_hook_sum(module: nn.Module, x: torch.Tensor) -> None:
-    """PEFT's calibration hook, verbatim, for an input that is not ``(tokens, features)`` after its
-    ``squeeze(0)``: a batch of several sequences raises in ``t()``, a single vector sums ``x·x`` (a
-    scalar that PEFT's eigens step then rejects), each as PEFT does; kept in ``_ck_peft_sum``."""
+def _peft_scaled(x: torch.Tensor) -> torch.Tensor:
+    """PEFT's calibration input: batch dim squeezed, fp32, divided by ``|max x|``, and its error when
+    that holds NaN / ±Inf (PEFT's ``isnan`` / ``isinf`` pair read by one ``aminmax``)."""
     x = x.detach().squeeze(0).float()
     x = x / torch.max(x).abs()
-    if torch.isnan(x).any() or torch.isinf(x).any():
+    low, high = torch.aminmax(x)  # NaN propagates, ±Inf shows in one
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
         raise ValueError("Invalid value found in input, please check your input data.")
+    return x
+
+
+def _peft_hook_sum(module: nn.Module, x: torch.Tensor) -> None:
+    """PEFT's calibration hook (its arithmetic and errors) for an input that is not ``(tokens,
+    features)`` after its ``squeeze(0)``: a batch of several sequences raises in ``t()``, a single
+    vector sums ``x·x`` (a scalar that PEFT's eigens step then rejects); kept in ``_ck_peft_sum``."""
+    x = _peft_scaled(x)
     covariance = x.t().matmul(x)
     if torch.isnan(covariance).any() or torch.isinf(covariance).any():
         raise ValueError(
@@ -576,12 +584,9 @@ class _SharedInputs:
 
     @staticmethod
     def _close(group: _Group) -> None:
-        x = group.pending.detach().squeeze(0).float()
+        x = group.pending
         group.pending, group.consumed = None, set()
-        x = x / torch.max(x).abs()
-        low, high = torch.aminmax(x)  # PEFT's isnan/isinf check: NaN propagates, ±Inf shows in one
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
-            raise ValueError("Invalid value found in input, please check your input data.")
+        x = _peft_scaled(x)
         if group.acc is None:
             group.acc = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
         covariance_update(group.acc, x, check_finite=False)
