@@ -330,7 +330,22 @@ def test_loftq_bad_options_raise_peft_errors(loftq, message, caplog):
     assert any("PEFT's own check" in r.getMessage() for r in caplog.records)
 
 
-def _corda_pair(make, targets, method):
+def _peft_and_patched(build):
+    """``(unpatched, patched)`` results of ``build()``, run as is and under ``ck.peft_patched()``;
+    an exception raised is that side's result, for the caller to compare with PEFT's."""
+    results = []
+    for patched in (False, True):
+        with ck.peft_patched() if patched else contextlib.nullcontext():
+            try:
+                results.append(build())
+            except Exception as exc:  # noqa: BLE001  (compared with PEFT's own by the caller)
+                results.append(exc)
+    return tuple(results)
+
+
+def _corda_pair(make, targets, method, **corda):
+    """(patched, unpatched) CorDA PeftModels (``CordaConfig(corda_method=method, **corda)``) built
+    from two copies of one base model on the same calibration batches."""
     base = make()
     other = copy.deepcopy(base)
     g = torch.Generator().manual_seed(5)
@@ -342,7 +357,7 @@ def _corda_pair(make, targets, method):
             lora_alpha=8,
             target_modules=targets,
             init_lora_weights="corda",
-            corda_config=CordaConfig(corda_method=method),
+            corda_config=CordaConfig(corda_method=method, **corda),
         )
 
     def run(model):
@@ -403,22 +418,18 @@ def test_lora_options_agree_with_peft(init, option, monkeypatch):
         monkeypatch.setattr(peft_init, name, lambda *a, _real=real, **k: ran.append(1) or _real(*a, **k))
     options = {"target_modules": LLAMA, **LORA_OPTIONS[option]}
     base = tiny_llama()
-    models = (base, copy.deepcopy(base))
     ids = [torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    built = []
-    for model, patched in zip(models, (False, True)):
-        method = init.split("-")[1] if init.startswith("corda") else None
-        corda = {"corda_config": CordaConfig(corda_method=method)} if method else {}
+    method = init.split("-")[1] if init.startswith("corda") else None
+    corda = {"corda_config": CordaConfig(corda_method=method)} if method else {}
+
+    def build():
+        model = copy.deepcopy(base)
         config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=init.split("-")[0], **corda, **options)
-        with ck.peft_patched() if patched else contextlib.nullcontext():
-            try:
-                if method:
-                    run = functools.partial(lambda m: [m(input_ids=x) for x in ids], model)
-                    peft.tuners.lora.corda.preprocess_corda(model, config, run_model=run)
-                built.append(get_peft_model(model, config))
-            except Exception as exc:  # noqa: BLE001  (compared with PEFT's own below)
-                built.append(exc)
-    ref, ours = built
+        if method:
+            peft.tuners.lora.corda.preprocess_corda(model, config, run_model=lambda: [model(input_ids=x) for x in ids])
+        return get_peft_model(model, config)
+
+    ref, ours = _peft_and_patched(build)
     if isinstance(ref, Exception):
         assert type(ours) is type(ref) and str(ours) == str(ref)
         return
@@ -434,18 +445,7 @@ def test_lora_options_agree_with_peft(init, option, monkeypatch):
 def test_corda_bf16_base_keeps_peft_dtypes(method):
     """A bf16 base: PEFT's dtypes (bf16 residual, its factor dtypes) and its products to one bf16
     rounding (both sides' products are about 2e-3 from the fp64 CorDA of the same covariance)."""
-    base = tiny_llama(dtype=torch.bfloat16)
-    other = copy.deepcopy(base)
-    ids = [torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    built = []
-    for model, patched in ((base, False), (other, True)):
-        corda = CordaConfig(corda_method=method)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="corda", corda_config=corda)
-        with ck.peft_patched() if patched else contextlib.nullcontext():
-            run = functools.partial(lambda m: [m(input_ids=x) for x in ids], model)
-            peft.tuners.lora.corda.preprocess_corda(model, config, run_model=run)
-            built.append(get_peft_model(model, config))
-    ref, ours = built
+    ours, ref = _corda_pair(lambda: tiny_llama(dtype=torch.bfloat16), LLAMA, method)
     _compare(ours, ref, 1e-2)  # also asserts equal residual and factor dtypes
     assert all(layer.get_base_layer().weight.dtype == torch.bfloat16 for layer in _lora_layers(ours).values())
 
@@ -456,23 +456,11 @@ def test_corda_closer_to_fp64_than_peft(method):
     covariance and damp (the kept r triplets of W·C_d by an fp64 SVD, V = C_d⁻¹ V_svd), and close
     to it in absolute terms (kpm's bottom components included)."""
     base = tiny_llama()
-    other = copy.deepcopy(base)
-    ids = [torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    built, originals = [], {}
-    for model, patched in ((base, False), (other, True)):
-        corda = CordaConfig(corda_method=method, prune_temporary_fields=False)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="corda", corda_config=corda)
-        with ck.peft_patched() if patched else contextlib.nullcontext():
-            run = functools.partial(lambda m: [m(input_ids=x) for x in ids], model)
-            peft.tuners.lora.corda.preprocess_corda(model, config, run_model=run)
-            if not patched:
-                for name, module in peft.tuners.lora.corda.target_modules(model, config):
-                    originals[name] = (module.weight.detach().double().clone(), module.covariance_matrix.clone())
-            built.append(get_peft_model(model, config))
-    ref, ours = built
+    weights = {name: m.weight.detach().double().clone() for name, m in base.named_modules() if hasattr(m, "weight")}
+    ours, ref = _corda_pair(lambda: base, LLAMA, method, prune_temporary_fields=False)
     mine = _lora_layers(ours)
     for name, layer in _lora_layers(ref).items():
-        W, C = originals[name.removeprefix("base_model.model.")]
+        W, C = weights[name.removeprefix("base_model.model.")], layer.get_base_layer().covariance_matrix
         damp = 0.01  # PEFT's search: doubled until its fp32 inverse is accurate
         while True:
             Cd = C + torch.eye(C.shape[0]) * C.diagonal().mean() * damp
@@ -527,20 +515,17 @@ def test_low_cpu_mem_usage_follows_peft(init):
     meta factors); EVA, initialized later from data, agrees."""
     base = tiny_llama()
     eva = {"eva_config": EvaConfig(tau=0.9)} if init == "eva" else {}
-    built = []
-    for patched in (False, True):
-        model = copy.deepcopy(base)
+    seeds = [torch.Generator().manual_seed(i) for i in range(3)]
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for g in seeds]
+
+    def build():
         config = LoraConfig(r=4, target_modules=LLAMA, init_lora_weights=init, **eva)
-        with ck.peft_patched() if patched else contextlib.nullcontext():
-            try:
-                built.append(get_peft_model(model, config, low_cpu_mem_usage=True))
-                if eva:
-                    seeds = [torch.Generator().manual_seed(i) for i in range(3)]
-                    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for g in seeds]
-                    initialize_lora_eva_weights(built[-1], batches, show_progress_bar=False)
-            except Exception as exc:  # noqa: BLE001  (compared with PEFT's own below)
-                built.append(exc)
-    ref, ours = built
+        model = get_peft_model(copy.deepcopy(base), config, low_cpu_mem_usage=True)
+        if eva:
+            initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+        return model
+
+    ref, ours = _peft_and_patched(build)
     if init == "eva":
         _compare(ours, ref, EXACT_TOL)
         return
@@ -659,29 +644,28 @@ def test_corda_input_shapes_follow_peft(case):
     """PEFT's hook squeezes the batch dim and sums ``xᵀx``: a batch of several sequences raises in
     ``t()``, a single vector sums the scalar ``x·x`` (its eigens step then raises), and a layer fed
     both adds that scalar to every entry. The patched calibration does the same."""
-    results = []
-    for patched in (False, True):
+    ids = torch.randint(0, 64, (2 if case == "batch of two" else 1, 16), generator=torch.Generator().manual_seed(0))
+    targets = LLAMA if case == "mixed" else ["layers.0.self_attn.q_proj"]
+    models = []
+
+    def build():
         model = tiny_llama()
+        models.append(model)
         q = model.model.layers[0].self_attn.q_proj
-        ids = torch.randint(0, 64, (2 if case == "batch of two" else 1, 16), generator=torch.Generator().manual_seed(0))
         vector = torch.randn(q.in_features, generator=torch.Generator().manual_seed(1))
 
-        def run(model=model, q=q, ids=ids, vector=vector):
+        def run():
             if case != "single vector":
                 model(input_ids=ids)
             if case != "batch of two":
                 q(vector)
 
-        targets = LLAMA if case == "mixed" else ["layers.0.self_attn.q_proj"]
         config = LoraConfig(r=4, target_modules=targets, init_lora_weights="corda", corda_config=CordaConfig())
-        with ck.peft_patched() if patched else contextlib.nullcontext():
-            try:
-                peft.tuners.lora.corda.preprocess_corda(model, config, run_model=run)
-                results.append(get_peft_model(model, config))
-            except Exception as exc:  # noqa: BLE001  (compared with PEFT's own below)
-                results.append(exc)
-        assert not any("_ck_peft_sum" in m.__dict__ for m in model.modules())  # no state of ours left
-    ref, ours = results
+        peft.tuners.lora.corda.preprocess_corda(model, config, run_model=run)
+        return get_peft_model(model, config)
+
+    ref, ours = _peft_and_patched(build)
+    assert not any("_ck_peft_sum" in m.__dict__ for model in models for m in model.modules())  # none of ours left
     if case == "mixed":
         _compare(ours, ref, PRODUCT_TOL)
     else:
